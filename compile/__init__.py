@@ -1,0 +1,1 @@
+"""kiln's compile step: bake a PyTorch classifier into a self-describing AOTInductor `.pt2`."""

@@ -1,0 +1,128 @@
+"""`python -m compile`: build a kiln `.pt2` package, or inspect one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from worker.manifest import PackageError, Preprocess, read_manifest
+
+EPILOG = """\
+examples:
+  python -m compile build                                  # EfficientNet-Lite0, real ImageNet weights
+  python -m compile build resnet18 --weights r18.pth -o models/r18.pt2
+  python -m compile build efficientnet_lite0 --device cuda --dtype bfloat16 --channels-last
+  python -m compile build mypkg.models:make_net --labels classes.txt --resize 32 --crop 32 \\
+      --mean 125 123 114 --std 63 62 66
+  python -m compile inspect models/efficientnet_lite0.pt2
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m compile",
+        description="Compile an image classifier into an AOTInductor package (.pt2) that kiln workers "
+        "load, with a manifest (labels, preprocessing, batch range, device) stored inside.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser(
+        "build", help="compile a model into a .pt2", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    build.add_argument(
+        "model",
+        nargs="?",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (shipped ImageNet weights), a torchvision classifier name, or "
+        "package.module:factory returning an nn.Module (or a compile.models.ModelSpec)",
+    )
+    build.add_argument(
+        "-o", "--output", type=Path, help="where to write the package [default: models/MODEL-DEVICE-DTYPE.pt2]"
+    )
+    build.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device the package runs on")
+    build.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    build.add_argument("--channels-last", action="store_true", help="run convolutions in channels_last layout (GPU)")
+    build.add_argument(
+        "--max-batch", type=int, help="largest batch the package takes [default: 64 on cpu, 256 on cuda]"
+    )
+    build.add_argument("--max-autotune", action="store_true", help="let Inductor benchmark kernel choices (slow build)")
+    build.add_argument("--weights", help="state_dict file for the model's weights")
+    build.add_argument("--labels", type=Path, help="class names, one per line (or a JSON list)")
+    prep = build.add_argument_group("preprocessing (defaults: the model's own; ImageNet's for others)")
+    prep.add_argument("--resize", type=int, help="short side after resizing")
+    prep.add_argument("--crop", type=int, help="centre crop side")
+    prep.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"])
+    prep.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean, 0..255 units")
+    prep.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel std, 0..255 units")
+
+    inspect = commands.add_parser("inspect", help="print a package's manifest as JSON")
+    inspect.add_argument("package", type=Path)
+    commands.add_parser("models", help="list the model names `build` accepts")
+    return parser
+
+
+def _read_labels(path: Path) -> list[str]:
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        return [str(x) for x in json.loads(text)]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _build(args: argparse.Namespace) -> int:
+    from compile.models import ModelError, resolve_model
+    from compile.package import BuildOptions, build_package
+    from compile.verify import BuildError
+
+    options = BuildOptions(
+        device=args.device,
+        dtype=args.dtype,
+        channels_last=args.channels_last,
+        max_batch=args.max_batch or (256 if args.device == "cuda" else 64),
+        max_autotune=args.max_autotune,
+    )
+    output = args.output or Path("models") / f"{args.model.replace(':', '.')}-{args.device}-{args.dtype}.pt2"
+    try:
+        spec = resolve_model(args.model, args.weights)
+        overrides = {k: getattr(args, k) for k in ("resize", "crop", "interpolation", "mean", "std")}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            spec = replace(spec, preprocess=Preprocess(**{**spec.preprocess.model_dump(), **overrides}))
+        if args.labels:
+            spec = replace(spec, labels=_read_labels(args.labels))
+        manifest = build_package(spec, output, options)
+    except (ModelError, BuildError, PackageError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): {manifest.model}, {len(manifest.labels)} classes, "
+        f"{manifest.device} {manifest.compute_dtype}, batch {manifest.batch_min}..{manifest.batch_max}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "inspect":
+        try:
+            print(json.dumps(read_manifest(args.package).model_dump(), indent=2))
+        except PackageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "models":
+        from compile.models import DEFAULT_MODEL, torchvision_classifiers
+
+        print("\n".join([DEFAULT_MODEL, *torchvision_classifiers()]))
+        return 0
+    return _build(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

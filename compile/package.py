@@ -1,0 +1,135 @@
+"""Bake a model into a kiln `.pt2`: export with a dynamic batch, compile with AOTInductor, store the
+manifest inside, and check the package against the eager model before keeping it.
+
+What goes into the graph besides the model: the uint8 -> float conversion, the normalisation, the
+cast to the compute dtype and the memory format. Workers then feed plain uint8 RGB batches (4x
+fewer bytes to copy to a GPU) and cannot get the normalisation wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from compile.models import ModelSpec
+from compile.verify import BuildError, verify_package
+from worker.manifest import MANIFEST_KEY, Manifest, Preprocess
+from worker.runtime import gpu_arch
+
+log = logging.getLogger(__name__)
+
+KILN_VERSION = "0.1.0"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class PackagedModel(torch.nn.Module):
+    """uint8 RGB N x 3 x H x W -> float32 logits: the model with its input handling in front."""
+
+    def __init__(self, model: torch.nn.Module, prep: Preprocess, dtype: torch.dtype, channels_last: bool):
+        super().__init__()
+        self.model = model
+        # (x - mean) / std as one multiply-add, folded into the first kernel by the compiler.
+        std = torch.tensor(prep.std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / std)
+        self.register_buffer("shift", -torch.tensor(prep.mean).view(1, 3, 1, 1) / std)
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.to(torch.float32) * self.scale + self.shift).to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float()
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    device: str = "cpu"
+    dtype: str = "float32"
+    channels_last: bool = False
+    max_batch: int = 64
+    max_autotune: bool = False
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the state_dict, in key order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
+    """Compile `spec` into `out`. Nothing is left at `out` unless the package passed its check."""
+    if options.max_batch < 2:
+        raise BuildError("--max-batch must be at least 2")
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise BuildError("--device cuda, but this host has no usable CUDA device")
+    device = torch.device(options.device)
+    dtype = DTYPES[options.dtype]
+    side = spec.preprocess.crop
+    digest = weights_digest(spec.module)  # of the weights as given, before any dtype cast
+    wrapped = PackagedModel(spec.module.to(dtype), spec.preprocess, dtype, options.channels_last).to(device).eval()
+    example = torch.randint(0, 256, (min(8, options.max_batch), 3, side, side), dtype=torch.uint8, device=device)
+    with torch.inference_mode():
+        classes = wrapped(example).shape[1]
+    labels = spec.labels or [f"class_{i}" for i in range(classes)]
+    if not spec.labels:
+        log.warning(
+            "no labels given: naming the %d classes class_0..class_%d (use --labels FILE)", classes, classes - 1
+        )
+    if len(labels) != classes:
+        raise BuildError(f"the model has {classes} outputs but {len(labels)} labels were given")
+
+    manifest = Manifest(
+        model=spec.name,
+        labels=labels,
+        preprocess=spec.preprocess,
+        input_shape=(3, side, side),
+        compute_dtype=options.dtype,
+        memory_format="channels_last" if options.channels_last else "contiguous",
+        batch_min=2,  # the export recipe's minimum; the runtime pads a single image to 2
+        batch_max=options.max_batch,
+        device=options.device,
+        gpu_arch=gpu_arch(device) if device.type == "cuda" else None,
+        cpu_isa=torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
+        torch_version=torch.__version__,
+        weights_sha256=digest,
+        kiln_version=KILN_VERSION,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    batch = torch.export.Dim("batch", min=2, max=options.max_batch)
+    started = time.perf_counter()
+    try:
+        exported = torch.export.export(wrapped, (example,), dynamic_shapes=({0: batch},))
+    except Exception as e:  # export raises many types; all mean the model cannot be compiled
+        raise BuildError(f"torch.export failed for {spec.name}: {e}") from e
+    log.info("exported %s in %.1f s", spec.name, time.perf_counter() - started)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target and rename at the end: a failed build never leaves a package behind.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        configs = {"aot_inductor.metadata": {MANIFEST_KEY: manifest.to_json()}}
+        if options.max_autotune:
+            configs["max_autotune"] = True
+        started = time.perf_counter()
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=configs)
+        log.info("compiled with AOTInductor in %.1f s", time.perf_counter() - started)
+        verify_package(tmp, wrapped, manifest)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest

@@ -1,0 +1,137 @@
+"""Shared fixtures: compiled packages (built once, cached on disk), sample photos, a real Redis.
+
+Set KILN_TEST_DEVICE=cuda to run the runtime tests against CUDA packages on a GPU host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+PACKAGE_CACHE = Path(os.environ.get("KILN_TEST_CACHE", ROOT / "build" / "test-packages"))
+DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "compile").glob("*.py"), ROOT / "worker" / "manifest.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_cached(name: str, cli_args: list[str]) -> Path:
+    """Build a package with `python -m compile build` (in-process), cached by the compile step's
+    sources, the torch version and the arguments: compiling takes tens of seconds."""
+    import torch
+
+    key = hashlib.sha256(f"{_sources_digest()}|{torch.__version__}|{cli_args}".encode()).hexdigest()[:12]
+    path = PACKAGE_CACHE / f"{name}-{key}.pt2"
+    if not path.exists():
+        from compile.__main__ import main as compile_main
+
+        assert compile_main(["build", *cli_args, "-o", str(path)]) == 0, f"building {name} failed"
+    return path
+
+
+@pytest.fixture(scope="session")
+def lite0_package() -> Path:
+    """The shipped EfficientNet-Lite0 on the test device, small batch range so max+1 is cheap."""
+    args = ["efficientnet_lite0", "--device", DEVICE, "--max-batch", "16"]
+    if DEVICE == "cuda":
+        args += ["--dtype", "bfloat16", "--channels-last"]
+    return build_cached(f"lite0-{DEVICE}", args)
+
+
+@pytest.fixture(scope="session")
+def lite0_runtime(lite0_package: Path):
+    from worker.runtime import load_runtime
+
+    return load_runtime(lite0_package, DEVICE)
+
+
+@pytest.fixture(scope="session")
+def sample_photos() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SAMPLES.glob("*.jpg"))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    from producer.embedded import find_redis_server
+
+    return find_redis_server()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real redis-server on a free loopback port, for the whole session."""
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix="kiln-test-redis-")
+    server = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            folder,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        server.kill()
+        pytest.fail("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0"
+    server.terminate()
+    server.wait(10)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes that import kiln from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,116 @@
+"""The wire contract between producers and workers: task names, queues, messages and records.
+
+Both sides import this module, so it imports neither torch nor Celery. Messages travel as JSON
+(never pickle) and carry a version; a worker refuses a version it does not know, as a failed
+record, instead of guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+MESSAGE_VERSION = 1
+
+CHUNK_TASK = "kiln.classify_chunk"
+ONLINE_TASK = "kiln.classify_one"
+BULK_QUEUE = "kiln.bulk"
+ONLINE_QUEUE = "kiln.online"
+
+ErrorKind = Literal[
+    "bad_message",  # the task message failed validation
+    "unsupported_ref",  # a reference kiln cannot fetch (unknown scheme, ...)
+    "forbidden",  # a local path outside the worker's allowed roots
+    "not_found",  # a local file that does not exist
+    "fetch_failed",  # network or I/O error while fetching
+    "too_large",  # over the byte cap, or over the pixel cap (decompression bomb)
+    "not_an_image",  # bytes that no image decoder recognises
+    "unreadable",  # an image file that is truncated or corrupt
+    "poison",  # a message delivered too many times (its workers died on it)
+    "internal",  # a bug or a failed model run; the reason says which
+]
+
+Key = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+JobId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
+
+
+class InputError(Exception):
+    """One image could not be classified, for a reason that belongs in its record."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind: ErrorKind = kind
+
+
+class Item(BaseModel):
+    """One image of a job: a stable key (the record's identity) and where to get the bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: Key
+    ref: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
+
+
+class ChunkMessage(BaseModel):
+    """Bulk work: many image references of one job, classified in batches by one worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = MESSAGE_VERSION
+    job: JobId
+    items: list[Item] = Field(min_length=1, max_length=100_000)
+    topk: int = Field(default=5, ge=1, le=1000)
+
+
+class OnlineMessage(BaseModel):
+    """Online work: one image, by reference or inline (base64), answered on `reply_to`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = MESSAGE_VERSION
+    id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    reply_to: Annotated[str, StringConstraints(min_length=1, max_length=300)]
+    ref: str | None = None
+    data_b64: str | None = None
+    topk: int = Field(default=5, ge=1, le=1000)
+    job: JobId | None = None
+    key: Key | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OnlineMessage:
+        if (self.ref is None) == (self.data_b64 is None):
+            raise ValueError("give exactly one of ref and data_b64")
+        return self
+
+
+class Label(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class RecordError(BaseModel):
+    kind: ErrorKind
+    message: str
+
+
+class Record(BaseModel):
+    """The result for one (job, image): top-k labels, or the error that stopped it."""
+
+    v: Literal[1] = MESSAGE_VERSION
+    job: str
+    key: str
+    ref: str | None = None
+    status: Literal["ok", "error"]
+    topk: list[Label] = Field(default_factory=list)
+    error: RecordError | None = None
+    model: str | None = None
+    model_digest: str | None = None
+    worker: str | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    finished_at: float | None = Field(default=None, description="unix time")
+
+    @classmethod
+    def failure(cls, job: str, key: str, kind: ErrorKind, message: str, **fields: Any) -> Record:
+        return cls(job=job, key=key, status="error", error=RecordError(kind=kind, message=message), **fields)

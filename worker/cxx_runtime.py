@@ -1,0 +1,136 @@
+"""Make AOTInductor packages loadable where the C++ runtime would crash them.
+
+On some hosts every `aoti_load_package` ends in SIGSEGV: the compiled wrapper binds C++ runtime
+symbols (std::regex, used while parsing the device string) to copies that torch's own libraries
+export, built by another compiler. Preloading the system libstdc++ puts the real one first and
+the load works (measured on the H200 machine with torch 2.11; see FACTS.md). `LD_PRELOAD` only
+takes effect when a process starts, so kiln's entry points re-execute themselves once with it.
+
+Whether a host needs it is measured, not guessed: a child process loads the package with and
+without the preload, and the verdict is cached per host configuration (python, torch, compiler,
+libstdc++), so only the first start on a host pays for the probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PRELOAD_ENV = "LD_PRELOAD"
+_PROBE = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+
+
+class CxxRuntimeError(RuntimeError):
+    """This host cannot load AOTInductor packages, with or without the workaround."""
+
+
+class PreloadRequired(CxxRuntimeError):
+    """This process must be restarted with the C++ runtime preloaded before it loads packages."""
+
+
+def system_libstdcxx() -> str | None:
+    """The libstdc++ that this process's C++ compiler links against (realpath), if any."""
+    cxx = os.environ.get("CXX", "g++")
+    try:
+        out = subprocess.run([cxx, "-print-file-name=libstdc++.so.6"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    path = Path(out.stdout.strip())
+    return str(path.resolve()) if path.is_absolute() and path.exists() else None
+
+
+def _cache_file() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "kiln" / "cxx-runtime.json"
+
+
+def _host_key(library: str | None) -> str:
+    import torch  # late: entry points call this module before torch is needed
+
+    parts = [sys.executable, torch.__version__, os.environ.get("CXX", "g++"), str(library)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _load_in_child(package: Path, preload: str | None) -> int:
+    env = dict(os.environ)
+    if preload:
+        env[PRELOAD_ENV] = preload
+    else:
+        env.pop(PRELOAD_ENV, None)
+    return subprocess.run([sys.executable, "-c", _PROBE, str(package)], env=env, capture_output=True).returncode
+
+
+def preload_needed(package: str | Path | None) -> str | None:
+    """The library to preload for AOTInductor packages to load on this host, or None.
+
+    Linux only. Measured once per host configuration by loading `package` in child processes,
+    then cached; with no package, only the cached verdict counts."""
+    if not sys.platform.startswith("linux") or os.environ.get("KILN_CXX_PRELOAD") == "off":
+        return None
+    library = system_libstdcxx()
+    if library is None:
+        return None
+    key, cache = _host_key(library), _cache_file()
+    try:
+        verdicts = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        verdicts = {}
+    if key not in verdicts:
+        if package is None:
+            return None
+        plain = _load_in_child(Path(package), None)
+        if plain >= 0:  # loaded, or failed with an ordinary Python error that the caller will see
+            verdicts[key] = None
+        elif _load_in_child(Path(package), library) == 0:
+            log.warning(
+                "AOTInductor loads crash on this host (%s) unless %s is preloaded: kiln will preload it",
+                signal.Signals(-plain).name,
+                library,
+            )
+            verdicts[key] = library
+        else:
+            raise CxxRuntimeError(
+                f"loading {package} crashes this process ({signal.Signals(-plain).name}), "
+                f"also with {library} preloaded; check that the package was built with this host's torch"
+            )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(verdicts))
+    return verdicts[key]
+
+
+def is_preloaded(library: str) -> bool:
+    return library in os.environ.get(PRELOAD_ENV, "").split(":")
+
+
+def ensure_cxx_runtime(package: str | Path | None = None) -> None:
+    """Call from an entry point before loading `package` (or with none, to act on a verdict
+    already cached): if this host needs the preload and the process lacks it, re-execute the
+    process (same interpreter, same arguments) with it set."""
+    library = preload_needed(package)
+    if library is None or is_preloaded(library):
+        return
+    log.warning("re-executing with %s=%s so that AOTInductor packages load", PRELOAD_ENV, library)
+    env = dict(os.environ)
+    env[PRELOAD_ENV] = ":".join(filter(None, [library, env.get(PRELOAD_ENV)]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+def check_cxx_runtime(package: str | Path) -> None:
+    """Refuse, with what to do, to load a package that would crash this process."""
+    library = preload_needed(package)
+    if library is not None and not is_preloaded(library):
+        raise PreloadRequired(
+            f"AOTInductor packages crash on this host unless {library} is preloaded, and this process "
+            "started without it: call worker.cxx_runtime.ensure_cxx_runtime(package) first thing in "
+            "your program, or start it through `python -m worker` / `python -m compile`"
+        )
