@@ -123,7 +123,7 @@ def rewrite_manifest(source: Path, target: Path, **changes) -> Path:
 
 
 def test_refuses_a_file_that_is_not_a_package(tmp_path, sample_photos):
-    with pytest.raises(PackageError, match="not a .pt2 package"):
+    with pytest.raises(PackageError, match=r"not a \.pt2 package"):
         load_runtime(sample_photos["coffee"])
     with pytest.raises(PackageError, match="no such file"):
         load_runtime(tmp_path / "missing.pt2")
@@ -149,7 +149,7 @@ def test_refuses_a_corrupt_package(tmp_path, lite0_package):
         load_runtime(corrupt)
     truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(PackageError, match="not a .pt2 package"):
+    with pytest.raises(PackageError, match=r"not a \.pt2 package"):
         load_runtime(truncated)
 
 
@@ -161,7 +161,7 @@ def test_refuses_an_aoti_package_without_a_kiln_manifest(tmp_path, lite0_package
 
 def test_refuses_another_torch_version(tmp_path, lite0_package):
     path = rewrite_manifest(lite0_package, tmp_path / "old.pt2", torch_version="2.3.1+cu121")
-    with pytest.raises(PackageError, match="built with torch 2.3.1"):
+    with pytest.raises(PackageError, match=r"built with torch 2\.3\.1"):
         load_runtime(path)
 
 

@@ -1,0 +1,146 @@
+"""`python -m producer`: label images through kiln, follow jobs, export results."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+from producer.client import Kiln, SubmittedJob
+from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
+from producer.export import export_format, write_results
+from producer.settings import ProducerSettings
+from producer.sources import SourceError, default_job_id, expand, local_roots
+from worker.contract import Record
+
+EPILOG = """\
+Without KILN_REDIS_URL, `label` runs everything itself: it starts a Redis (its data kept under
+KILN_DATA_DIR, so a job can resume) and a local worker, labels the images and stops both. With
+KILN_REDIS_URL set, it only enqueues and waits for the workers running there.
+
+examples:
+  python -m producer label samples/ --out results.csv
+  python -m producer label 'photos/**/*.jpg' list.csv --job holiday --topk 3 --out holiday.parquet
+  KILN_REDIS_URL=redis://queue:6379/0 python -m producer status holiday
+  KILN_REDIS_URL=redis://queue:6379/0 python -m producer export holiday --out holiday.jsonl
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m producer",
+        description="Enqueue image-classification jobs for kiln workers and collect their results.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    label = commands.add_parser("label", help="classify images and write the results to a file")
+    label.add_argument(
+        "inputs", nargs="+", metavar="PATH", help="folders, image files, globs, URLs, CSV/JSONL manifests"
+    )
+    label.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
+    label.add_argument("--topk", type=int, default=5, help="labels per image [default: 5]")
+    label.add_argument("--job", help="job name; the same name again resumes it [default: derived from the images]")
+    label.add_argument("--model", type=Path, help="embedded mode: package for the local worker [KILN_MODEL]")
+    label.add_argument("--retry-failed", action="store_true", help="also enqueue images whose record is an error")
+    label.add_argument("--timeout", type=float, help="give up after this many seconds (the job keeps running)")
+    label.add_argument("--no-progress", action="store_true", help="no progress bar")
+    label.add_argument(
+        "--show", type=int, default=20, help="print a top-5 table when the job has at most this many images"
+    )
+
+    status = commands.add_parser("status", help="counters of a job")
+    status.add_argument("job")
+    export = commands.add_parser("export", help="write a job's results to a file")
+    export.add_argument("job")
+    export.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
+    export.add_argument("--topk", type=int, default=5, help="label columns in CSV/Parquet [default: 5]")
+    classify = commands.add_parser("classify", help="classify one image now, through the online queue")
+    classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
+    classify.add_argument("--topk", type=int, default=5)
+    return parser
+
+
+def print_table(records: list[Record], topk: int = 5) -> None:
+    """Top-k per image, one line each, sorted by key."""
+    for record in sorted(records, key=lambda r: r.key):
+        name = Path(record.key).name if "://" not in record.key else record.key
+        if record.status == "ok":
+            text = " | ".join(f"{x.label} {x.score:.2f}" for x in record.topk[:topk])
+        else:
+            text = f"ERROR {record.error.kind}: {record.error.message}"
+        print(f"{name:28.28s} {text}")
+
+
+def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
+    export_format(args.out)  # refuse a bad --out before any work
+    items = expand(args.inputs)
+    job = args.job or default_job_id(items)
+    with contextlib.ExitStack() as stack:
+        check = None
+        if settings.redis_url:
+            if args.model:
+                raise ValueError("--model only applies to the embedded mode: with KILN_REDIS_URL, the workers choose")
+        else:
+            model = ensure_default_model(
+                args.model
+                or settings.model
+                or settings.data_dir.parent / "models" / "efficientnet_lite0-cpu-float32.pt2"
+            )
+            url = stack.enter_context(embedded_redis(settings.data_dir))
+            worker = LocalWorker(model, url, local_roots(items), settings.data_dir / "worker.log")
+            stack.callback(worker.stop)
+            settings = settings.model_copy(update={"redis_url": url})
+            check = worker.check
+            print(
+                f"embedded mode: Redis and a local worker ({model.name}); data in {settings.data_dir}", file=sys.stderr
+            )
+        kiln = stack.enter_context(Kiln(settings=settings))
+        submitted: SubmittedJob = kiln.submit(items, job=job, topk=args.topk, retry_failed=args.retry_failed)
+        resumed = submitted.total - submitted.enqueued
+        print(
+            f"job {job}: {submitted.total} images" + (f" ({resumed} already done)" if resumed else ""), file=sys.stderr
+        )
+        counts = kiln.wait(job, timeout_s=args.timeout, progress=not args.no_progress, check=check)
+        records = list(kiln.results(job))
+    written = write_results(records, args.out, args.topk)
+    if len(records) <= args.show:
+        print_table(records)
+    print(f"{counts.done} labelled, {counts.failed} failed; wrote {written} records to {args.out}", file=sys.stderr)
+    return 0 if counts.failed == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = ProducerSettings()
+    try:
+        if args.command == "label":
+            return _label(args, settings)
+        with Kiln(settings=settings) as kiln:
+            if args.command == "status":
+                if not kiln.store.exists(args.job):
+                    raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
+                counts = kiln.counts(args.job)
+                state = "complete" if counts.complete else "running"
+                print(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
+            elif args.command == "export":
+                if not kiln.store.exists(args.job):
+                    raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
+                written = write_results(kiln.results(args.job), args.out, args.topk)
+                print(f"wrote {written} records to {args.out}", file=sys.stderr)
+            elif args.command == "classify":
+                path = Path(args.image)
+                image = path.read_bytes() if path.is_file() else args.image
+                print(kiln.classify(image, topk=args.topk).model_dump_json(indent=2, exclude_none=True))
+        return 0
+    except (SourceError, EmbeddedError, ValueError, OSError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: records written so far are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

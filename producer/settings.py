@@ -1,0 +1,28 @@
+"""Producer settings (`KILN_*` variables or `.env`), on top of what producers and workers share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from worker.settings import CommonSettings
+
+
+def _cache_dir() -> Path:
+    return Path.home() / ".cache" / "kiln"
+
+
+class ProducerSettings(CommonSettings):
+    chunk_size: int = Field(default=128, ge=1, le=100_000, description="images per bulk task message")
+    poll_interval_s: float = Field(default=0.25, gt=0, description="how often `wait` reads a job's counters")
+    online_timeout_s: float = Field(default=30.0, gt=0, description="how long `classify` waits for its answer")
+    data_dir: Path = Field(
+        default_factory=lambda: _cache_dir() / "embedded",
+        description="embedded mode: where its Redis keeps results between runs (so a job can resume)",
+    )
+    model: Path | None = Field(
+        default=None,
+        description="embedded mode: the package its local worker serves; default: EfficientNet-Lite0, "
+        "compiled on first use into the cache folder",
+    )

@@ -1,0 +1,133 @@
+"""`python -m worker`: start a Celery worker that serves a kiln `.pt2` from Redis."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from worker.manifest import PackageError, read_manifest
+from worker.settings import WorkerSettings
+
+EPILOG = """\
+Every option has a KILN_* environment variable (e.g. KILN_REDIS_URL, KILN_MODEL,
+KILN_CONCURRENCY, KILN_ALLOWED_ROOTS); options given here win. See README.md for all settings.
+
+examples:
+  KILN_REDIS_URL=redis://queue:6379/0 python -m worker --model models/efficientnet_lite0-cpu-float32.pt2 \\
+      --allowed-roots /data/images
+  python -m worker --model lite0-cuda.pt2 --device cuda --concurrency 4    # one process per GPU
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Serve image-classification jobs from Redis with a compiled kiln package. Each worker "
+        "process loads the package once; run as many workers on as many hosts as you like.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", help="the .pt2 package to serve [KILN_MODEL]")
+    parser.add_argument("--redis-url", help="Redis broker and result store [KILN_REDIS_URL]")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N [default: the package's device]")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        help="worker processes: 1 runs solo; more run one prefork child each "
+        "(on CUDA, one per GPU, round robin) [default: 1]",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads per process [default: cores / processes]")
+    parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
+    parser.add_argument("--allowed-roots", help="folders whose files jobs may reference (os.pathsep-separated)")
+    parser.add_argument("--loglevel", default="INFO", help="log level [default: INFO]")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> WorkerSettings:
+    given = {
+        "model": args.model,
+        "redis_url": args.redis_url,
+        "device": args.device,
+        "concurrency": args.concurrency,
+        "threads": args.threads,
+        "queues": args.queues,
+        "allowed_roots": args.allowed_roots,
+    }
+    return WorkerSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def device_for_child(settings: WorkerSettings, package_device: str, index: int) -> str:
+    """The device of prefork child `index`: GPUs round robin, so each child owns one."""
+    if package_device != "cuda" or (settings.device and ":" in settings.device):
+        return settings.device or package_device
+    import torch
+
+    return f"cuda:{index % max(torch.cuda.device_count(), 1)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
+    )
+    try:
+        settings = _settings(args)
+        if not settings.model:
+            raise ValueError("no model: pass --model PATH.pt2 (or set KILN_MODEL)")
+        if not settings.redis_url:
+            raise ValueError("no Redis: pass --redis-url or set KILN_REDIS_URL (e.g. redis://localhost:6379/0)")
+        manifest = read_manifest(settings.model)
+    except (ValueError, PackageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from worker.cxx_runtime import ensure_cxx_runtime
+
+    ensure_cxx_runtime(settings.model)  # may restart this process with the C++ runtime preloaded
+
+    from celery import signals
+
+    from worker import tasks
+    from worker.celery_app import make_app
+    from worker.scratch import remove_process_scratch_dir
+
+    app = make_app(settings)
+    tasks.register_tasks(app, settings)
+    processes = settings.concurrency
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // processes)
+    worker_args = [
+        "worker",
+        f"--hostname=kiln-{os.getpid()}@{socket.gethostname()}",
+        f"--queues={','.join(settings.queues)}",
+        f"--loglevel={args.loglevel}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    if processes == 1:
+        try:
+            tasks.init_process(settings, settings.device, threads)
+        except PackageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        worker_args += ["--pool=solo"]
+    else:
+        # Load in each child, never in the parent: CUDA must not be initialised before a fork,
+        # and a child forked after the parent ran torch ops can hang (FACTS.md).
+        @signals.worker_process_init.connect(weak=False)
+        def _load_in_child(**_: object) -> None:
+            from billiard.process import current_process
+
+            device = device_for_child(settings, manifest.device, current_process().index)
+            tasks.init_process(settings, device, threads)
+
+        signals.worker_process_shutdown.connect(lambda **_: remove_process_scratch_dir(), weak=False)
+        worker_args += ["--pool=prefork", f"--concurrency={processes}"]
+    app.worker_main(worker_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Settings, from `KILN_*` environment variables or a `.env` file (pydantic-settings).
+
+`CommonSettings` holds what producers and workers must agree on; each side extends it. This
+module imports no torch, so producers can use it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the queue and the results, e.g. redis://host:6379/0. Unset: `producer label` "
+        "starts its own Redis and a local worker (the embedded mode); workers require it.",
+    )
+    result_ttl_s: int = Field(
+        default=7 * 24 * 3600, ge=0, description="seconds a job's records are kept after its last write; 0 keeps them"
+    )
+
+
+class WorkerSettings(CommonSettings):
+    model: str | None = Field(default=None, description="the .pt2 package to serve (`--model`)")
+    device: str | None = Field(default=None, description="cpu, cuda or cuda:N; default: the package's device")
+    concurrency: int = Field(default=1, ge=1, description="worker processes (prefork children); 1 runs solo")
+    threads: int | None = Field(
+        default=None, ge=1, description="torch threads per process; default: the cores divided among the processes"
+    )
+    decode_threads: int = Field(default=2, ge=1, description="threads fetching and decoding images in each process")
+    batch_size: int | None = Field(default=None, ge=1, description="images per model call; default: the package's max")
+    queues: Annotated[list[str], NoDecode] = Field(
+        default=["kiln.bulk", "kiln.online"], description="queues to consume, comma-separated"
+    )
+    allowed_roots: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="folders (os.pathsep- or comma-separated) whose files jobs may reference; other local paths "
+        "are refused",
+    )
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="largest image file or download")
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, description="largest image, in pixels (decompression bombs)"
+    )
+    fetch_timeout_s: float = Field(default=30.0, gt=0, description="timeout of one http(s) fetch")
+    online_batch_size: int = Field(default=32, ge=1, description="online requests batched into one model call")
+    online_flush_ms: int = Field(default=20, ge=1, description="longest wait for an online batch to fill")
+    visibility_timeout_s: int = Field(
+        default=1800,
+        ge=60,
+        description="an unacknowledged task is redelivered after this long: keep it above the slowest chunk",
+    )
+    max_deliveries: int = Field(
+        default=3, ge=1, description="deliveries of one task before its images are recorded as failed (poison)"
+    )
+
+    @field_validator("queues", "allowed_roots", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for chunk in value.split(os.pathsep) for part in chunk.split(",") if part.strip()]
+        return value
