@@ -142,6 +142,4 @@ class Kiln:
 def _progress_bar(job: str, counts: JobCounts):
     from tqdm import tqdm
 
-    return tqdm(
-        total=counts.total, initial=counts.finished, desc=job, unit="img", dynamic_ncols=True, mininterval=0.5
-    )
+    return tqdm(total=counts.total, initial=counts.finished, desc=job, unit="img", dynamic_ncols=True, mininterval=0.5)

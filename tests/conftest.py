@@ -135,3 +135,50 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def work_dir(tmp_path_factory) -> Path:
+    """A folder the session's worker may read (an allowed root), for files the tests make."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="session")
+def lite0_worker(redis_url, lite0_package, work_dir, tmp_path_factory):
+    """A real `python -m worker` process serving Lite0 from the session's Redis."""
+    log_path = tmp_path_factory.mktemp("logs") / "worker.log"
+    roots = os.pathsep.join([str(SAMPLES), str(work_dir)])
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [PYTHON, "-m", "worker", "--model", str(lite0_package), "--redis-url", redis_url,
+             "--allowed-roots", roots, "--loglevel", "INFO"],
+            stdout=log, stderr=subprocess.STDOUT, env=python_env(KILN_ONLINE_FLUSH_MS="50"),
+        )  # fmt: skip
+    from producer import Kiln
+
+    with Kiln(redis_url) as kiln:
+        try:
+            kiln.submit([SAMPLES / "coffee.jpg"], job="warm-up")
+            kiln.wait("warm-up", timeout_s=120, progress=False, check=lambda: _alive(process, log_path))
+        except BaseException:
+            process.kill()
+            raise
+    yield {"process": process, "log": log_path, "redis_url": redis_url}
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def _alive(process: subprocess.Popen, log_path: Path) -> None:
+    if process.poll() is not None:
+        raise RuntimeError(f"worker exited ({process.returncode}):\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def kiln(lite0_worker):
+    from producer import Kiln
+
+    with Kiln(lite0_worker["redis_url"]) as client:
+        yield client

@@ -7,7 +7,6 @@ package, so this module never touches floats and needs no torch.
 from __future__ import annotations
 
 import io
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -16,6 +15,10 @@ from worker.contract import InputError
 from worker.manifest import Preprocess
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; a decoded RGB image of that size is 150 MB
+
+# kiln checks the pixel count itself (`max_pixels`, from the settings) right after reading the
+# header; Pillow's own global limit would otherwise override that setting in both directions.
+Image.MAX_IMAGE_PIXELS = None
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -28,27 +31,20 @@ _RESAMPLE = {
 def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes of any image format Pillow reads -> `crop x crop x 3` uint8 RGB, per `prep`."""
     try:
-        with warnings.catch_warnings():
-            # Pillow only warns below twice its own limit; kiln enforces `max_pixels` itself.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise InputError(
-                    "too_large", f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels"
-                )
-            if image.format == "JPEG":
-                # Decode at 1/2, 1/4 or 1/8 scale when the short side stays >= the resize target.
-                image.draft("RGB", (prep.resize, prep.resize))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise InputError("too_large", f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
+        if image.format == "JPEG":
+            # Decode at 1/2, 1/4 or 1/8 scale when the short side stays >= the resize target.
+            image.draft("RGB", (prep.resize, prep.resize))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
     except InputError:
         raise
     except UnidentifiedImageError:
         raise InputError("not_an_image", "not an image in any format Pillow can read") from None
-    except Image.DecompressionBombError as e:
-        raise InputError("too_large", str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError("unreadable", f"corrupt or truncated image: {e}") from None
     return np.asarray(_resize_and_crop(image, prep))

@@ -1,0 +1,70 @@
+"""`python -m compile` as a user runs it: build, inspect, and builds that must fail cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import PYTHON, build_cached, python_env
+
+from compile.__main__ import main as compile_main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "compile", *args], capture_output=True, text=True, env=python_env(), timeout=600
+    )
+
+
+def test_build_a_factory_model_and_inspect_it(tmp_path):
+    package = build_cached("tiny", ["factories:tiny", "--max-batch", "8"])
+    inspected = run_cli("inspect", str(package))
+    assert inspected.returncode == 0, inspected.stderr
+    manifest = json.loads(inspected.stdout)
+    assert manifest["model"] == "tiny" and manifest["labels"] == ["w", "x", "y", "z"]
+    assert manifest["input_shape"] == [3, 32, 32] and manifest["batch_max"] == 8
+    assert manifest["preprocess"]["mean"] == [128.0, 128.0, 128.0]
+
+
+def test_a_package_that_disagrees_with_eager_is_not_written(tmp_path, capsys):
+    out = tmp_path / "noisy.pt2"
+    assert compile_main(["build", "factories:noisy", "--max-batch", "4", "-o", str(out)]) == 1
+    assert "disagrees with the eager model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the package nor a temporary file
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["no_such_model"], "unknown model 'no_such_model'"),
+        (["factories:not_a_model"], "returned str, not an nn.Module"),
+        (["factories:missing"], "cannot import factories:missing"),
+        (["factories:tiny", "--labels", "LABELS"], "4 outputs but 2 labels"),
+        (["resnet18", "--weights", "WEIGHTS"], "do not fit the model"),
+        (["factories:tiny", "--resize", "16"], "must not exceed resize"),
+    ],
+)
+def test_bad_builds_say_why_and_leave_nothing(tmp_path, capsys, args, message):
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    import torch
+
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "w.pt")
+    args = [a.replace("LABELS", str(tmp_path / "labels.txt")).replace("WEIGHTS", str(tmp_path / "w.pt")) for a in args]
+    out = tmp_path / "out" / "model.pt2"
+    assert compile_main(["build", *args, "-o", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_inspect_refuses_a_non_package(tmp_path):
+    (tmp_path / "x.pt2").write_text("nope")
+    done = run_cli("inspect", str(tmp_path / "x.pt2"))
+    assert done.returncode == 1 and "not a .pt2 package" in done.stderr
+
+
+def test_help_explains_each_command():
+    for args in (["--help"], ["build", "--help"], ["inspect", "--help"]):
+        done = run_cli(*args)
+        assert done.returncode == 0 and "usage: python -m compile" in done.stdout
+    assert "efficientnet_lite0" in run_cli("build", "--help").stdout

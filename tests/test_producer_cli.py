@@ -1,0 +1,89 @@
+"""`python -m producer` as a user runs it: the embedded mode (its own Redis and worker), resume,
+the remote mode against running workers, and the result files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import PYTHON, SAMPLES, python_env
+
+CATS = {"tiger cat", "Egyptian cat", "tabby"}
+
+
+def producer(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = python_env(**env)
+    if "KILN_REDIS_URL" not in env:
+        environment.pop("KILN_REDIS_URL", None)
+    return subprocess.run(
+        [PYTHON, "-m", "producer", *args], capture_output=True, text=True, env=environment, timeout=300
+    )
+
+
+def test_embedded_mode_labels_and_resumes(tmp_path, lite0_package):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("chelsea", "coffee"):
+        shutil.copy(SAMPLES / f"{name}.jpg", images)
+    env = {"KILN_DATA_DIR": str(tmp_path / "data"), "KILN_MODEL": str(lite0_package)}
+
+    first = producer("label", str(images), "--job", "album", "--out", str(tmp_path / "first.csv"), **env)
+    assert first.returncode == 0, first.stderr
+    assert "embedded mode" in first.stderr and "2 labelled, 0 failed" in first.stderr
+    assert "espresso" in first.stdout  # the top-5 table
+    rows = {
+        row["key"].rsplit("/", 1)[-1]: row for row in csv.DictReader((tmp_path / "first.csv").read_text().splitlines())
+    }
+    assert rows["chelsea.jpg"]["label_1"] in CATS and rows["coffee.jpg"]["label_1"] == "espresso"
+    assert float(rows["coffee.jpg"]["score_1"]) > 0.8
+
+    for name in ("rocket", "astronaut"):
+        shutil.copy(SAMPLES / f"{name}.jpg", images)
+    second = producer("label", str(images), "--job", "album", "--out", str(tmp_path / "all.jsonl"), **env)
+    assert second.returncode == 0, second.stderr
+    assert "4 images (2 already done)" in second.stderr
+    records = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+
+
+def test_remote_mode_status_and_export(lite0_worker, tmp_path):
+    env = {"KILN_REDIS_URL": lite0_worker["redis_url"]}
+    out = tmp_path / "remote.parquet"
+    labelled = producer("label", str(SAMPLES / "coffee.jpg"), str(SAMPLES / "chelsea.jpg"), "--job", "remote",
+                        "--topk", "3", "--out", str(out), "--no-progress", **env)  # fmt: skip
+    assert labelled.returncode == 0, labelled.stderr
+    assert "embedded" not in labelled.stderr
+    table = pq.read_table(out).to_pylist()
+    assert len(table) == 2 and {"label_3", "score_3"} <= set(table[0]) and "label_4" not in table[0]
+
+    status = producer("status", "remote", **env)
+    assert status.returncode == 0 and "remote: complete, 2 done, 0 failed, 2 in all" in status.stdout
+    exported = producer("export", "remote", "--out", str(tmp_path / "remote.jsonl"), **env)
+    assert exported.returncode == 0 and len((tmp_path / "remote.jsonl").read_text().splitlines()) == 2
+
+    online = producer("classify", str(SAMPLES / "coffee.jpg"), "--topk", "1", **env)
+    assert online.returncode == 0, online.stderr
+    assert json.loads(online.stdout)["topk"][0]["label"] == "espresso"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["label", "samples", "--out", "results.xlsx"], "unknown results format"),
+        (["label", "/no/such/folder", "--out", "r.csv"], "no such file, folder"),
+        (["status", "never-ran"], "no job named 'never-ran'"),
+    ],
+)
+def test_clear_errors(lite0_worker, args, message):
+    done = producer(*args, KILN_REDIS_URL=lite0_worker["redis_url"])
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_model_option_needs_the_embedded_mode(lite0_worker, lite0_package):
+    done = producer("label", str(SAMPLES), "--out", "r.csv", "--model", str(lite0_package),
+                    KILN_REDIS_URL=lite0_worker["redis_url"])  # fmt: skip
+    assert done.returncode == 2 and "--model only applies to the embedded mode" in done.stderr

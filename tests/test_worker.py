@@ -1,0 +1,160 @@
+"""The whole path against a real redis-server and a real worker process: producer -> Redis ->
+Celery worker -> result store, for bulk jobs, online requests and messages that are wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+from conftest import SAMPLES
+from http_server import serve_folder
+
+from worker.celery_app import make_app
+from worker.contract import BULK_QUEUE, CHUNK_TASK, ONLINE_QUEUE, ONLINE_TASK
+from worker.settings import CommonSettings
+from worker.tasks import DEAD_LETTERS
+
+CATS = {"tiger cat", "Egyptian cat", "tabby"}
+
+
+def top1(kiln, job: str) -> dict[str, str]:
+    return {
+        r.key.rsplit("/", 1)[-1]: (r.topk[0].label if r.status == "ok" else r.error.kind) for r in kiln.results(job)
+    }
+
+
+def test_sample_photos_are_labelled_through_the_queue(kiln):
+    job = kiln.submit([SAMPLES], job="samples", topk=5)
+    assert (job.total, job.enqueued) == (6, 6)
+    counts = kiln.wait("samples", timeout_s=120, progress=False)
+    assert (counts.done, counts.failed) == (6, 0)
+    labels = top1(kiln, "samples")
+    assert labels["chelsea.jpg"] in CATS and labels["coffee.jpg"] == "espresso"
+    record = next(r for r in kiln.results("samples") if r.key.endswith("coffee.jpg"))
+    assert len(record.topk) == 5 and record.worker and record.model_digest and record.timings_ms["infer"] > 0
+
+
+def test_failures_are_records_with_their_reason(kiln, work_dir, tmp_path):
+    (work_dir / "broken.jpg").write_bytes((SAMPLES / "coffee.jpg").read_bytes()[:5000])
+    (work_dir / "text.png").write_text("hello")
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(SAMPLES / "coffee.jpg", outside)
+    refs = [work_dir / "broken.jpg", work_dir / "text.png", outside, SAMPLES / "chelsea.jpg"]
+    from producer import Item
+
+    items = [Item(key=p.name, ref=str(p)) for p in refs] + [Item(key="gone", ref=str(work_dir / "gone.jpg"))]
+    kiln.submit(items, job="failures")
+    counts = kiln.wait("failures", timeout_s=60, progress=False)
+    assert (counts.done, counts.failed) == (1, 4)
+    assert top1(kiln, "failures") == {
+        "broken.jpg": "unreadable",
+        "text.png": "not_an_image",
+        "outside.jpg": "forbidden",
+        "chelsea.jpg": "tiger cat",
+        "gone": "not_found",
+    }
+
+
+def test_http_references(kiln):
+    with serve_folder(SAMPLES) as base:
+        kiln.submit([f"{base}/coffee.jpg", f"{base}/missing.jpg"], job="http")
+        kiln.wait("http", timeout_s=60, progress=False)
+    assert top1(kiln, "http") == {"coffee.jpg": "espresso", "missing.jpg": "not_found"}
+
+
+def test_resume_enqueues_only_images_without_a_record(kiln, work_dir):
+    folder = work_dir / "resume"
+    folder.mkdir()
+    for name in ("chelsea", "coffee"):
+        shutil.copy(SAMPLES / f"{name}.jpg", folder)
+    first = kiln.submit([folder], job="resume")
+    kiln.wait("resume", timeout_s=60, progress=False)
+    for name in ("rocket", "astronaut"):
+        shutil.copy(SAMPLES / f"{name}.jpg", folder)
+    second = kiln.submit([folder], job="resume")
+    assert (first.enqueued, second.total, second.enqueued) == (2, 4, 2)
+    counts = kiln.wait("resume", timeout_s=60, progress=False)
+    assert (counts.total, counts.done) == (4, 4)
+    assert len(list(kiln.results("resume"))) == 4
+
+
+@pytest.fixture
+def raw_app(lite0_worker):
+    app = make_app(CommonSettings(redis_url=lite0_worker["redis_url"]))
+    yield app
+    app.close()
+
+
+def wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_invalid_messages_fail_with_the_reason_and_are_not_retried(kiln, raw_app):
+    redis = kiln.store.redis
+    redis.delete(DEAD_LETTERS)
+    kiln.store.begin_job("bad", 2)
+    items = [{"key": "a", "ref": str(SAMPLES / "coffee.jpg")}, {"key": "b", "ref": "x"}]
+    raw_app.send_task(CHUNK_TASK, args=[{"v": 1, "job": "bad", "items": items, "topk": 0}], queue=BULK_QUEUE)
+    raw_app.send_task(CHUNK_TASK, args=["just a string"], queue=BULK_QUEUE)
+    raw_app.send_task(CHUNK_TASK, args=[{"v": 99, "items": []}], queue=BULK_QUEUE)
+    raw_app.send_task(CHUNK_TASK, args=[{"v": 1}, "extra"], queue=BULK_QUEUE)
+    counts = kiln.wait("bad", timeout_s=30, progress=False)
+    assert counts.failed == 2
+    record = kiln.store.get("bad", "a")
+    assert record.error.kind == "bad_message" and "topk" in record.error.message
+    wait_for(lambda: redis.llen(DEAD_LETTERS) == 3)
+    reasons = [json.loads(entry)["reason"] for entry in redis.lrange(DEAD_LETTERS, 0, -1)]
+    assert sum("invalid task message" in r for r in reasons) == 2 and "unexpected task arguments" in reasons
+    wait_for(lambda: redis.llen(BULK_QUEUE) == 0)  # acknowledged, not redelivered
+    # The worker is still serving.
+    kiln.submit([SAMPLES / "coffee.jpg"], job="after-bad")
+    assert kiln.wait("after-bad", timeout_s=30, progress=False).done == 1
+
+
+def test_a_message_delivered_too_often_is_recorded_as_poison(kiln, raw_app):
+    """Each delivery is counted in Redis before work starts; past the cap (3) the images are
+    recorded as failed instead of crashing another worker (the count a killed worker leaves)."""
+    task_id = "poison-task-1"
+    for _ in range(3):
+        kiln.store.count_delivery("poison", task_id)  # three deliveries whose workers died
+    kiln.store.begin_job("poison", 1)
+    message = {"v": 1, "job": "poison", "items": [{"key": "k", "ref": str(SAMPLES / "coffee.jpg")}]}
+    raw_app.send_task(CHUNK_TASK, args=[message], queue=BULK_QUEUE, task_id=task_id)
+    assert kiln.wait("poison", timeout_s=30, progress=False).failed == 1
+    record = kiln.store.get("poison", "k")
+    assert record.error.kind == "poison" and "delivered 4 times" in record.error.message
+
+
+def test_online_requests_from_concurrent_callers_get_their_own_answers(kiln):
+    photos = {"chelsea": CATS, "coffee": {"espresso"}, "rocket": {"missile", "projectile"}}
+    answers: dict[int, object] = {}
+
+    def call(index: int) -> None:
+        name = list(photos)[index % len(photos)]
+        data = (SAMPLES / f"{name}.jpg").read_bytes()
+        answers[index] = (name, kiln.classify(data, topk=2 + index % 3, timeout_s=60))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert len(answers) == 12
+    for index, (name, record) in answers.items():
+        assert record.status == "ok" and record.topk[0].label in photos[name], (name, record)
+        assert len(record.topk) == 2 + index % 3
+    assert len({record.key for _, record in answers.values()}) == 12  # one answer per request
+
+
+def test_online_by_reference_and_errors(kiln, raw_app):
+    assert kiln.classify(str(SAMPLES / "coffee.jpg"), timeout_s=60).topk[0].label == "espresso"
+    assert kiln.classify(b"definitely not an image", timeout_s=60).error.kind == "not_an_image"
+    reply = "kiln:reply:bad-online"
+    raw_app.send_task(ONLINE_TASK, args=[{"v": 1, "id": "x", "reply_to": reply}], queue=ONLINE_QUEUE)
+    assert kiln.store.wait_reply(reply, 30).error.kind == "bad_message"  # neither ref nor data
