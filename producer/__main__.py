@@ -10,7 +10,7 @@ from pathlib import Path
 from producer.client import Kiln, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
 from producer.export import export_format, write_results
-from producer.settings import ProducerSettings
+from producer.settings import ProducerSettings, default_model_path
 from producer.sources import SourceError, default_job_id, expand, local_roots
 from worker.contract import Record
 
@@ -83,11 +83,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
             if args.model:
                 raise ValueError("--model only applies to the embedded mode: with KILN_REDIS_URL, the workers choose")
         else:
-            model = ensure_default_model(
-                args.model
-                or settings.model
-                or settings.data_dir.parent / "models" / "efficientnet_lite0-cpu-float32.pt2"
-            )
+            model = args.model or settings.model or ensure_default_model(default_model_path())
             url = stack.enter_context(embedded_redis(settings.data_dir))
             worker = LocalWorker(model, url, local_roots(items), settings.data_dir / "worker.log")
             stack.callback(worker.stop)

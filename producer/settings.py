@@ -13,6 +13,18 @@ def _cache_dir() -> Path:
     return Path.home() / ".cache" / "kiln"
 
 
+def default_model_path() -> Path:
+    """Where the embedded mode keeps the default package: one per torch release, since a package
+    only loads on the torch it was built with (read from the metadata: no torch import here)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch").split("+")[0]
+    except PackageNotFoundError:
+        torch_version = "none"
+    return _cache_dir() / "models" / f"efficientnet_lite0-cpu-float32-torch{torch_version}.pt2"
+
+
 class ProducerSettings(CommonSettings):
     chunk_size: int = Field(default=128, ge=1, le=100_000, description="images per bulk task message")
     poll_interval_s: float = Field(default=0.25, gt=0, description="how often `wait` reads a job's counters")

@@ -134,11 +134,16 @@ class ResultStore:
 
     def count_delivery(self, job: str, task_id: str) -> int:
         """Count one more delivery of a task; the count survives worker deaths (it is in Redis)."""
+        return self.count_deliveries(job, [task_id])[0]
+
+    def count_deliveries(self, job: str, task_ids: Sequence[str]) -> list[int]:
+        """`count_delivery` for many tasks of one job, in one round trip."""
         delivery = _key(job, "delivery")
         with self.redis.pipeline() as pipe:
-            pipe.hincrby(delivery, task_id, 1)
+            for task_id in task_ids:
+                pipe.hincrby(delivery, task_id, 1)
             pipe.expire(delivery, max(self.ttl_s, 24 * 3600))
-            return int(pipe.execute()[0])
+            return [int(n) for n in pipe.execute()[:-1]]
 
     def reply(self, answers: Iterable[tuple[str, Record]]) -> None:
         """Answer online requests: push each record on its caller's reply list."""

@@ -121,11 +121,11 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
 def classify_online(requests: list[Any]) -> None:
     """Online work, batched by celery-batches: answer each caller, and record jobs that asked."""
     current = state()
-    works, topks = [], {}
+    accepted: list[tuple[Any, OnlineMessage]] = []
     for request in requests:
         raw = request.args[0] if len(request.args) == 1 and not request.kwargs else None
         try:
-            message = OnlineMessage.model_validate(raw)
+            accepted.append((request, OnlineMessage.model_validate(raw)))
         except ValidationError as e:
             reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
             reason = f"invalid online message: {e.errors(include_url=False)[:3]}"
@@ -133,11 +133,15 @@ def classify_online(requests: list[Any]) -> None:
                 current.store.reply([(reply_to, Record.failure(ONLINE_JOB, str(raw.get("id")), "bad_message", reason))])
             else:
                 dead_letter(raw, reason)
-            continue
+    if not accepted:
+        return
+    deliveries = current.store.count_deliveries(ONLINE_JOB, [request.id for request, _ in accepted])
+    works, topks = [], {}
+    for (_, message), delivered in zip(accepted, deliveries, strict=True):
         work = Work(
             message.job or ONLINE_JOB, message.key or message.id, message.ref, message.data_b64, message.reply_to
         )
-        if current.store.count_delivery(ONLINE_JOB, request.id) > current.settings.max_deliveries:
+        if delivered > current.settings.max_deliveries:
             poison = Record.failure(work.job, work.key, "poison", "delivered too many times without finishing")
             current.store.reply([(work.reply_to, poison)])
             continue
