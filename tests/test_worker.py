@@ -158,3 +158,33 @@ def test_online_by_reference_and_errors(kiln, raw_app):
     reply = "kiln:reply:bad-online"
     raw_app.send_task(ONLINE_TASK, args=[{"v": 1, "id": "x", "reply_to": reply}], queue=ONLINE_QUEUE)
     assert kiln.store.wait_reply(reply, 30).error.kind == "bad_message"  # neither ref nor data
+
+
+def test_prefork_children_each_load_the_model_and_share_the_work(redis_url, lite0_package, tmp_path):
+    """--concurrency 2: the parent never loads torch models; each child does, and records name it."""
+    import subprocess
+
+    from conftest import PYTHON, python_env
+
+    from producer import Kiln
+    from producer.settings import ProducerSettings
+
+    url = redis_url.rsplit("/", 1)[0] + "/1"  # a database of its own: no other worker consumes it
+    log_path = tmp_path / "prefork.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen(
+            [PYTHON, "-m", "worker", "--model", str(lite0_package), "--redis-url", url, "--concurrency", "2",
+             "--threads", "1", "--queues", "kiln.bulk", "--allowed-roots", str(SAMPLES)],
+            stdout=log, stderr=subprocess.STDOUT, env=python_env(),
+        )  # fmt: skip
+    try:
+        with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=1)) as kiln:
+            kiln.submit([SAMPLES], job="prefork")
+            counts = kiln.wait("prefork", timeout_s=180, progress=False)
+            workers = {r.worker for r in kiln.results("prefork")}
+        assert counts.done == 6, log_path.read_text()[-2000:]
+        pids = {int(w.rsplit(":", 1)[1]) for w in workers}
+        assert worker.pid not in pids and len(pids) == 2, (workers, log_path.read_text()[-2000:])
+    finally:
+        worker.terminate()
+        worker.wait(60)

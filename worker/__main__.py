@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         except PackageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        worker_args += ["--pool=solo"]
+        worker_args += ["--pool=solo", "--concurrency=1"]
     else:
         # Load in each child, never in the parent: CUDA must not be initialised before a fork,
         # and a child forked after the parent ran torch ops can hang (FACTS.md).

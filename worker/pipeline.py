@@ -26,8 +26,6 @@ from worker.fetch import FetchPolicy, fetch
 from worker.preprocess import decode_image
 from worker.runtime import ModelRuntime, stack_images
 
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
-
 
 @dataclass(frozen=True)
 class Work:
@@ -64,6 +62,8 @@ class Pipeline:
         self.runtime = runtime
         self.config = config
         self.batch_size = min(config.batch_size or runtime.batch_max, runtime.batch_max)
+        # Taken here, in the process that serves: prefork children import this module in the parent.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="kiln-decode")
 
     def close(self) -> None:
@@ -116,7 +116,7 @@ class Pipeline:
             "ref": work.ref,
             "model": manifest.model,
             "model_digest": manifest.weights_sha256,
-            "worker": WORKER_ID,
+            "worker": self.worker_id,
             "finished_at": time.time(),
         }
         error = error or item.error
