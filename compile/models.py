@@ -39,7 +39,7 @@ class ModelSpec:
     module: torch.nn.Module
     labels: list[str]
     preprocess: Preprocess
-    weights_source: str = "built-in"
+    weights_source: str = "factory"
 
 
 def torchvision_classifiers() -> list[str]:
@@ -100,7 +100,7 @@ def _from_factory(target: str, weights: str | None) -> ModelSpec:
     if isinstance(made, ModelSpec):
         spec = replace(made, name=made.name or target)
     elif isinstance(made, torch.nn.Module):
-        spec = ModelSpec(target, made, [], IMAGENET_PREPROCESS, "factory")
+        spec = ModelSpec(target, made, [], IMAGENET_PREPROCESS)
     else:
         raise ModelError(f"{target} returned {type(made).__name__}, not an nn.Module or compile.models.ModelSpec")
     if weights:

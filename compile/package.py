@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -26,7 +27,14 @@ from worker.runtime import gpu_arch
 
 log = logging.getLogger(__name__)
 
-KILN_VERSION = "0.1.0"
+
+def kiln_version() -> str:
+    try:
+        return version("kiln")
+    except PackageNotFoundError:  # run from a source checkout that was never installed
+        return "unknown"
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -105,7 +113,8 @@ def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest
         cpu_isa=torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
         torch_version=torch.__version__,
         weights_sha256=digest,
-        kiln_version=KILN_VERSION,
+        weights_source=spec.weights_source,
+        kiln_version=kiln_version(),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     batch = torch.export.Dim("batch", min=2, max=options.max_batch)

@@ -25,6 +25,7 @@ def test_build_a_factory_model_and_inspect_it(tmp_path):
     assert manifest["model"] == "tiny" and manifest["labels"] == ["w", "x", "y", "z"]
     assert manifest["input_shape"] == [3, 32, 32] and manifest["batch_max"] == 8
     assert manifest["preprocess"]["mean"] == [128.0, 128.0, 128.0]
+    assert manifest["weights_source"] == "factory" and manifest["device"] == "cpu"
 
 
 def test_a_package_that_disagrees_with_eager_is_not_written(tmp_path, capsys):

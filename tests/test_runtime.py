@@ -95,7 +95,7 @@ def test_manifest_describes_the_package(lite0_package):
     assert manifest.preprocess.interpolation == "bicubic" and manifest.preprocess.mean == (127.0,) * 3
     assert (manifest.batch_min, manifest.batch_max, manifest.device) == (2, 16, DEVICE)
     assert manifest.torch_version == torch.__version__
-    assert len(manifest.weights_sha256) == 64
+    assert len(manifest.weights_sha256) == 64 and manifest.weights_source == "shipped"
     if DEVICE == "cuda":
         major, minor = torch.cuda.get_device_capability()
         assert manifest.gpu_arch == f"sm_{major}{minor}"

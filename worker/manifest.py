@@ -75,6 +75,7 @@ class Manifest(BaseModel):
     cpu_isa: str | None = Field(default=None, description="the CPU vector ISA the kernels were built for")
     torch_version: str
     weights_sha256: str
+    weights_source: str = Field(default="", description="shipped, random, factory, or the weights file given")
     kiln_version: str
     created_at: str
 
