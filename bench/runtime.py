@@ -26,21 +26,23 @@ sys.path.insert(0, str(ROOT))
 
 from worker.cxx_runtime import ensure_cxx_runtime  # noqa: E402
 
+# Each cold start imports only what that kind needs: a worker serving a package never imports
+# torchvision or the model's Python code; eager and torch.compile must build the model.
 COLD_START = {
     "eager": "m = build(); x = example(); m(x); sync()",
     "compile": "m = torch.compile(build()); x = example(); m(x); sync()",
-    "aoti": "r = load_runtime(PKG); r.predict(example().cpu())",
+    "aoti": "from worker.runtime import load_runtime; r = load_runtime(PKG); r.predict(example().cpu())",
 }
 COLD_PRELUDE = """
-import time, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
-from compile.models import resolve_model
-from compile.package import PackagedModel, DTYPES
-from worker.runtime import load_runtime
 DEV, PKG = {device!r}, {package!r}
 def build():
+    from compile.models import resolve_model
+    from compile.package import PackagedModel, DTYPES
     spec = resolve_model({model!r})
-    return PackagedModel(spec.module.to(DTYPES[{dtype!r}]), spec.preprocess, DTYPES[{dtype!r}], {cl}).to(DEV).eval()
+    dtype = DTYPES[{dtype!r}]
+    return PackagedModel(spec.module.to(dtype), spec.preprocess, dtype, {cl}).to(DEV).eval()
 def example():
     return torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, device=DEV)
 def sync():
