@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -65,55 +61,13 @@ def sample_photos() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SAMPLES.glob("*.jpg"))}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    from producer.embedded import find_redis_server
-
-    return find_redis_server()
-
-
 @pytest.fixture(scope="session")
-def redis_url():
-    """A real redis-server on a free loopback port, for the whole session."""
-    port = free_port()
-    folder = tempfile.mkdtemp(prefix="kiln-test-redis-")
-    server = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            folder,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    import redis
+def redis_url(tmp_path_factory):
+    """A real redis-server on a free loopback port for the whole session (the embedded mode's own)."""
+    from producer.embedded import embedded_redis
 
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        server.kill()
-        pytest.fail("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0"
-    server.terminate()
-    server.wait(10)
-    shutil.rmtree(folder, ignore_errors=True)
+    with embedded_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture
