@@ -7,6 +7,7 @@ import csv
 import glob
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,14 +43,21 @@ def _expand_one(source: str) -> list[Item]:
         return [Item(key=source, ref=source)]
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return [_local(p) for p in files]
+        return [Item(key=f, ref=f) for f in _images_under(os.path.realpath(path))]
     if path.is_file():
         return _read_manifest(path) if path.suffix.lower() in MANIFEST_SUFFIXES else [_local(path)]
     if glob.has_magic(source):
         matches = sorted(Path(m) for m in glob.glob(str(path), recursive=True))
         return [_local(p) for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     raise SourceError(f"{source}: no such file, folder, URL or glob match")
+
+
+def _images_under(folder: str) -> list[str]:
+    """Image files below `folder`, sorted; strings and os.walk, since data sets run to millions."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        found += [os.path.join(parent, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(found)
 
 
 def _local(path: Path) -> Item:

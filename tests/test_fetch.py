@@ -31,7 +31,8 @@ def test_local_paths_under_allowed_roots(images):
     assert data[:2] == b"\xff\xd8"
     assert fetch((images / "coffee.jpg").as_uri(), policy) == data
     assert kind_of(str(images / "missing.jpg"), policy) == "not_found"
-    assert kind_of(str(images), policy) == "fetch_failed"  # a folder
+    (images / "album").mkdir()
+    assert kind_of(str(images / "album"), policy) == "fetch_failed"  # a folder
     assert kind_of("coffee.jpg", policy) == "unsupported_ref"  # relative
 
 

@@ -10,7 +10,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 from worker.contract import InputError
 
@@ -20,13 +19,14 @@ class FetchPolicy:
     """What a worker is willing to read. Local files are refused unless they lie under one of
     `allowed_roots`: a queue message must not be able to make a worker read any file it likes."""
 
-    allowed_roots: tuple[Path, ...] = ()
+    allowed_roots: tuple[str, ...] = ()  # resolved, with a trailing separator: compared as prefixes
     max_bytes: int = 32 * 1024 * 1024
     timeout_s: float = 30.0
 
     @classmethod
     def create(cls, allowed_roots: list[str] | tuple[str, ...], max_bytes: int, timeout_s: float) -> FetchPolicy:
-        return cls(tuple(Path(r).resolve() for r in allowed_roots), max_bytes, timeout_s)
+        roots = tuple(os.path.join(os.path.realpath(r), "") for r in allowed_roots)
+        return cls(roots, max_bytes, timeout_s)
 
 
 def fetch(ref: str, policy: FetchPolicy) -> bytes:
@@ -43,21 +43,20 @@ def fetch(ref: str, policy: FetchPolicy) -> bytes:
 
 
 def _read_local(path_text: str, policy: FetchPolicy) -> bytes:
-    path = Path(path_text)
-    if not path.is_absolute():
+    if not os.path.isabs(path_text):
         raise InputError("unsupported_ref", f"relative path {path_text!r}: workers need absolute paths")
-    real = path.resolve()  # symlinks resolved, so a link cannot lead outside the roots
-    if not any(real.is_relative_to(root) for root in policy.allowed_roots):
-        roots = ", ".join(map(str, policy.allowed_roots)) or "none configured"
+    real = os.path.realpath(path_text)  # symlinks resolved, so a link cannot lead outside the roots
+    if not real.startswith(policy.allowed_roots) or not policy.allowed_roots:
+        roots = ", ".join(policy.allowed_roots) or "none configured"
         raise InputError(
             "forbidden", f"{path_text} is outside the worker's allowed roots ({roots}); see KILN_ALLOWED_ROOTS"
         )
     try:
-        size = os.stat(real).st_size
-        if size > policy.max_bytes:
-            raise InputError("too_large", f"{path_text} is {size} bytes, over the limit of {policy.max_bytes}")
         with open(real, "rb") as f:
-            return f.read(policy.max_bytes + 1)
+            size = os.fstat(f.fileno()).st_size
+            if size > policy.max_bytes:
+                raise InputError("too_large", f"{path_text} is {size} bytes, over the limit of {policy.max_bytes}")
+            return f.read(size + 1)  # sized to the file: a max_bytes buffer per image costs more than the read
     except FileNotFoundError:
         raise InputError("not_found", f"{path_text}: no such file") from None
     except OSError as e:

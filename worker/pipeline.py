@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 
@@ -128,30 +129,36 @@ class Pipeline:
     # -- the whole flow -------------------------------------------------------------------------
 
     def run(self, works: Iterable[Work], topk: int) -> Iterator[list[tuple[Work, Record]]]:
-        """Yield (work, record) pairs batch by batch; failed images ride along with the next batch."""
-        lookahead = 2 * self.batch_size + self.config.decode_threads
-        pending: deque[Future[Loaded]] = deque()
+        """Yield (work, record) pairs batch by batch; failed images ride along with the next batch.
+
+        Images are loaded in small groups, one group per thread-pool task: a task per image costs
+        more than decoding a small image does."""
+        threads = self.config.decode_threads
+        group = max(1, self.batch_size // (4 * threads))
+        lookahead = -(-2 * self.batch_size // group) + threads  # groups in flight: two batches ahead
+        pending: deque[Future[list[Loaded]]] = deque()
         ready: list[Loaded] = []
         failed: list[tuple[Work, Record]] = []
         source = iter(works)
 
         def refill() -> None:
             while len(pending) < lookahead:
-                work = next(source, None)
-                if work is None:
+                chunk = list(islice(source, group))
+                if not chunk:
                     return
-                pending.append(self._pool.submit(self.load, work))
+                pending.append(self._pool.submit(lambda items: [self.load(w) for w in items], chunk))
 
         refill()
         while pending:
-            loaded = pending.popleft().result()
+            loaded_group = pending.popleft().result()
             refill()
-            if loaded.error is not None:
-                failed.append((loaded.work, self.encode(loaded)))
-            else:
-                ready.append(loaded)
-            if len(ready) == self.batch_size:
-                yield failed + self.predict(ready, topk)
-                ready, failed = [], []
+            for loaded in loaded_group:
+                if loaded.error is not None:
+                    failed.append((loaded.work, self.encode(loaded)))
+                else:
+                    ready.append(loaded)
+                if len(ready) == self.batch_size:
+                    yield failed + self.predict(ready, topk)
+                    ready, failed = [], []
         if ready or failed:
             yield failed + (self.predict(ready, topk) if ready else [])
