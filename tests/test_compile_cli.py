@@ -69,3 +69,31 @@ def test_help_explains_each_command():
         done = run_cli(*args)
         assert done.returncode == 0 and "usage: python -m compile" in done.stdout
     assert "efficientnet_lite0" in run_cli("build", "--help").stdout
+
+
+def test_torchvision_architecture_with_a_weights_file(tmp_path):
+    """A torchvision classifier compiled with `--weights`: the package carries those weights (its
+    digest says so) and classifies like the eager model loaded from the same file."""
+    import torch
+    import torchvision
+
+    from compile.package import PackagedModel, weights_digest
+    from compile.verify import relative_error
+    from worker.runtime import load_runtime
+
+    torch.manual_seed(1)
+    model = torchvision.models.get_model("squeezenet1_1", weights=None).eval()
+    weights = tmp_path / "squeezenet.pth"
+    torch.save(model.state_dict(), weights)
+    package = tmp_path / "squeezenet.pt2"
+    assert (
+        compile_main(["build", "squeezenet1_1", "--weights", str(weights), "--max-batch", "4", "-o", str(package)]) == 0
+    )
+    runtime = load_runtime(package)
+    assert runtime.manifest.weights_sha256 == weights_digest(model)
+    assert runtime.manifest.weights_source == str(weights) and len(runtime.labels) == 1000
+    images = torch.randint(0, 256, (3, 3, 224, 224), dtype=torch.uint8)
+    eager = PackagedModel(model, runtime.manifest.preprocess, torch.float32, channels_last=False)
+    with torch.inference_mode():
+        reference = torch.softmax(eager(images), dim=1)
+    assert relative_error(runtime.predict(images), reference) < 1e-3

@@ -188,3 +188,54 @@ def test_prefork_children_each_load_the_model_and_share_the_work(redis_url, lite
     finally:
         worker.terminate()
         worker.wait(60)
+
+
+def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(redis_url, lite0_package, work_dir, tmp_path):
+    """kill -9 a worker in the middle of a chunk: after the visibility timeout another worker gets
+    the chunk again, and every image ends with exactly one record."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import PYTHON, python_env
+
+    from producer import Kiln
+    from producer.settings import ProducerSettings
+
+    url = redis_url.rsplit("/", 1)[0] + "/2"  # a database of its own
+    folder = work_dir / "redelivery"
+    folder.mkdir()
+    for i in range(60):
+        shutil.copy(SAMPLES / ("coffee.jpg" if i % 2 else "chelsea.jpg"), folder / f"{i:03d}.jpg")
+
+    def start(name: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - the child holds it
+        return subprocess.Popen(
+            [PYTHON, "-m", "worker", "--model", str(lite0_package), "--redis-url", url, "--queues", "kiln.bulk",
+             "--allowed-roots", str(folder)],
+            stdout=log, stderr=subprocess.STDOUT, env=python_env(KILN_VISIBILITY_TIMEOUT_S="5", KILN_BATCH_SIZE="4"),
+        )  # fmt: skip
+
+    first = start("first")
+    second = None
+    try:
+        with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=60)) as kiln:
+            kiln.submit([folder], job="killed")
+            wait_for(lambda: kiln.counts("killed").done >= 8, timeout_s=120)  # mid-chunk: 60 images, batches of 4
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait(10)
+            assert kiln.counts("killed").done < 60, "the chunk finished before the kill; nothing to redeliver"
+            second = start("second")
+            counts = kiln.wait("killed", timeout_s=180, progress=False)
+            records = list(kiln.results("killed"))
+            deliveries = kiln.store.redis.hvals("kiln:{killed}:delivery")
+        assert (counts.total, counts.done, counts.failed) == (60, 60, 0)
+        assert len(records) == 60 and len({r.key for r in records}) == 60
+        assert [int(n) for n in deliveries] == [2]
+        # The chunk was done again in full: its upserts replaced the first worker's records.
+        assert {r.worker.rsplit(":", 1)[1] for r in records} == {str(second.pid)}
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.terminate()
+                process.wait(60)

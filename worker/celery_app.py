@@ -34,7 +34,14 @@ def make_app(settings: CommonSettings) -> Celery:
         worker_hijack_root_logger=False,
     )
     if isinstance(settings, WorkerSettings):
-        app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+        visibility = settings.visibility_timeout_s
+        app.conf.broker_transport_options = {
+            "visibility_timeout": visibility,
+            # Sweep for the unacknowledged tasks of dead workers every few seconds (kombu's
+            # default scans about every 100 s), so they come back soon after the timeout.
+            "unacked_restore_interval": max(1, min(10, visibility // 6)),
+            "unacked_restore_throttle": 1,
+        }
         # celery-batches only sees as many online requests as the worker prefetches (FACTS.md);
         # bulk-only workers take one chunk at a time, leaving the rest to other workers.
         online = ONLINE_QUEUE in settings.queues

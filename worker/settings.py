@@ -52,7 +52,7 @@ class WorkerSettings(CommonSettings):
     online_flush_ms: int = Field(default=20, ge=1, description="longest wait for an online batch to fill")
     visibility_timeout_s: int = Field(
         default=1800,
-        ge=60,
+        ge=1,
         description="an unacknowledged task is redelivered after this long: keep it above the slowest chunk",
     )
     max_deliveries: int = Field(
