@@ -31,7 +31,7 @@ from worker.cxx_runtime import ensure_cxx_runtime  # noqa: E402
 COLD_START = {
     "eager": "m = build(); x = example(); m(x); sync()",
     "compile": "m = torch.compile(build()); x = example(); m(x); sync()",
-    "aoti": "from worker.runtime import load_runtime; r = load_runtime(PKG); r.predict(example().cpu())",
+    "aoti": "from worker.runtime import load_runtime; r = load_runtime(PKG, warmup=False); r.predict(example().cpu())",
 }
 COLD_PRELUDE = """
 import sys, torch
