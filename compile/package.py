@@ -131,7 +131,7 @@ def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        configs = {"aot_inductor.metadata": {MANIFEST_KEY: manifest.to_json()}}
+        configs = {"aot_inductor.metadata": {MANIFEST_KEY: manifest.model_dump_json()}}
         if options.max_autotune:
             configs["max_autotune"] = True
         started = time.perf_counter()

@@ -79,9 +79,6 @@ class Manifest(BaseModel):
     kiln_version: str
     created_at: str
 
-    def to_json(self) -> str:
-        return self.model_dump_json()
-
 
 def _metadata_member(path: Path, archive: zipfile.ZipFile) -> str:
     names = [n for n in archive.namelist() if n.endswith("wrapper_metadata.json")]

@@ -110,9 +110,6 @@ class ResultStore:
         meta = self.redis.hgetall(_key(job, "meta"))
         return JobCounts(*(int(meta.get(k, 0)) for k in (b"total", b"done", b"failed")))
 
-    def info(self, job: str) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.redis.hgetall(_key(job, "meta")).items()}
-
     def exists(self, job: str) -> bool:
         return bool(self.redis.exists(_key(job, "meta")))
 
