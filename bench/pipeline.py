@@ -44,8 +44,6 @@ import platform
 import random
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +51,6 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import redis  # noqa: E402
+
+from producer.embedded import LocalWorker, embedded_redis  # noqa: E402
 from worker.manifest import Preprocess  # noqa: E402
 
 SAMPLES = ROOT / "samples"
@@ -151,42 +151,6 @@ def make_dataset(folder: Path, count: int, size: tuple[int, int], seed: int) -> 
 # -- processes ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen, grace_s: float = 30) -> None:
-    """SIGTERM (Celery's warm shutdown), then SIGKILL to the process group we started."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-@contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    from producer.embedded import _wait_for_redis, find_redis_server
-
-    port = _free_port()
-    server = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-         "--save", "", "--appendonly", "no", "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        _wait_for_redis(url, server)
-        yield url, server
-    finally:
-        _stop(server)
-
-
 def _worker_env(decode_threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
@@ -203,35 +167,29 @@ class Workers:
     processes: int
     pool: str  # "solo" | "prefork"
     threads: int
-    popens: list[subprocess.Popen] = field(default_factory=list)
-    logs: list[Path] = field(default_factory=list)
+    instances: list[LocalWorker] = field(default_factory=list)
+
+    @property
+    def popens(self) -> list[subprocess.Popen]:
+        return [worker.process for worker in self.instances]
 
     def start(self, package: Path, url: str, roots: list[Path], decode_threads: int, logdir: Path) -> None:
-        instances, concurrency = (1, self.processes) if self.pool == "prefork" else (self.processes, 1)
-        for i in range(instances):
+        count, concurrency = (1, self.processes) if self.pool == "prefork" else (self.processes, 1)
+        options = ["--concurrency", str(concurrency), "--threads", str(self.threads)]
+        for i in range(count):
             log = logdir / f"worker-{self.label.replace(' ', '_')}-{i}.log"
-            command = [sys.executable, "-m", "worker", "--model", str(package), "--redis-url", url,
-                       "--allowed-roots", os.pathsep.join(map(str, roots)), "--concurrency", str(concurrency),
-                       "--threads", str(self.threads), "--loglevel", "WARNING"]  # fmt: skip
-            env = _worker_env(decode_threads)
-            with open(log, "w") as out:
-                popen = subprocess.Popen(
-                    command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            self.popens.append(popen)
-            self.logs.append(log)
+            self.instances.append(LocalWorker(package, url, log, roots, options, env=_worker_env(decode_threads)))
 
     def check(self) -> None:
-        for popen, log in zip(self.popens, self.logs, strict=True):
-            if popen.poll() is not None:
-                raise RuntimeError(f"worker exited with {popen.returncode}:\n{log.read_text()[-3000:]}")
+        for worker in self.instances:
+            worker.check()
 
     def stop(self) -> None:
-        for popen in self.popens:
+        for worker in self.popens:
             with contextlib.suppress(Exception):
-                popen.terminate()
-        for popen in self.popens:
-            _stop(popen)
+                worker.terminate()  # all at once, then wait for each
+        for worker in self.instances:
+            worker.stop()
 
 
 def _proc_table() -> dict[int, tuple[int, float]]:
@@ -610,10 +568,11 @@ def main() -> None:
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="kiln-bench-pipeline-"))
     try:
-        with redis_server(workdir) as (url, server):
+        with embedded_redis(workdir, persist=False) as url:
+            server_pid = redis.Redis.from_url(url).info("server")["process_id"]
             for model in models:
                 bench = bench_lite0 if model == "lite0" else bench_tiny
-                results["models"][model] = bench(args, (url, server.pid, workdir), cores)
+                results["models"][model] = bench(args, (url, server_pid, workdir), cores)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["total_s"] = time.perf_counter() - started

@@ -85,7 +85,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         else:
             model = args.model or settings.model or ensure_default_model(default_model_path())
             url = stack.enter_context(embedded_redis(settings.data_dir))
-            worker = LocalWorker(model, url, local_roots(items), settings.data_dir / "worker.log")
+            worker = LocalWorker(model, url, settings.data_dir / "worker.log", local_roots(items))
             stack.callback(worker.stop)
             settings = settings.model_copy(update={"redis_url": url})
             check = worker.check

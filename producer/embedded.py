@@ -12,12 +12,14 @@ import contextlib
 import fcntl
 import importlib.util
 import logging
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def embedded_redis(data_dir: Path) -> Iterator[str]:
-    """A redis-server keeping its data (append-only file) in `data_dir`; yields its URL."""
+def embedded_redis(data_dir: Path, persist: bool = True) -> Iterator[str]:
+    """A redis-server keeping its data (append-only file, unless `persist` is off) in `data_dir`;
+    yields its URL."""
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = open(data_dir / "kiln.lock", "w")  # noqa: SIM115 - held for the server's life
     try:
@@ -61,8 +64,8 @@ def embedded_redis(data_dir: Path) -> Iterator[str]:
     port = _free_port()
     server = subprocess.Popen(
         [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-         "--appendonly", "yes", "--save", "", "--logfile", str(data_dir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+         "--appendonly", "yes" if persist else "no", "--save", "", "--logfile", str(data_dir / "redis.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -90,34 +93,50 @@ def _wait_for_redis(url: str, server: subprocess.Popen, timeout_s: float = 30) -
 
 
 def _stop(process: subprocess.Popen, name: str, grace_s: float = 20) -> None:
+    """SIGTERM (a warm shutdown for Celery), then SIGKILL to the process's whole group (prefork
+    children too): kiln starts its servers and workers as leaders of their own groups."""
     if process.poll() is None:
         process.terminate()
         try:
             process.wait(grace_s)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop in %d s: killing it", name, grace_s)
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
 class LocalWorker:
-    """`python -m worker` as a child process, logging to a file; `check()` raises if it died."""
+    """`python -m worker` as a child process, logging to a file; `check()` raises if it died.
 
-    def __init__(self, model: Path, redis_url: str, allowed_roots: list[str], log_path: Path) -> None:
+    `options` are more `python -m worker` options; `env` replaces the inherited environment."""
+
+    def __init__(
+        self,
+        model: Path,
+        redis_url: str,
+        log_path: Path,
+        allowed_roots: Sequence[str | Path] = (),
+        options: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.redis_url = redis_url
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        roots = os.pathsep.join(map(str, allowed_roots))
         command = [sys.executable, "-m", "worker", "--model", str(model), "--redis-url", redis_url,
-                   "--allowed-roots", ":".join(allowed_roots), "--loglevel", "WARNING"]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+                   "--allowed-roots", roots, "--loglevel", "WARNING", *options]  # fmt: skip
+        with open(log_path, "w") as log_file:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def check(self) -> None:
         if self.process.poll() is not None:
-            tail = self.log_path.read_text()[-3000:]
+            tail = self.log_path.read_text(errors="replace")[-3000:]
             raise EmbeddedError(f"the local worker exited with status {self.process.returncode}:\n{tail}")
 
     def stop(self) -> None:
         _stop(self.process, "worker")
-        self._log.close()
 
 
 def ensure_default_model(path: Path) -> Path:

@@ -13,6 +13,7 @@ libstdc++), so only the first start on a host pays for the probe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ class PreloadRequired(CxxRuntimeError):
     """This process must be restarted with the C++ runtime preloaded before it loads packages."""
 
 
+@functools.cache  # a compiler run; asked at every entry point and every load
 def system_libstdcxx() -> str | None:
     """The libstdc++ that this process's C++ compiler links against (realpath), if any."""
     cxx = os.environ.get("CXX", "g++")
