@@ -6,8 +6,8 @@ Set KILN_TEST_DEVICE=cuda to run the runtime tests against CUDA packages on a GP
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -70,6 +70,16 @@ def redis_url(tmp_path_factory):
         yield url
 
 
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def private_redis_url(redis_url) -> str:
+    """A Redis database of its own (the session's worker consumes database 0): for tests that
+    start their own workers and must get every task themselves."""
+    return f"{redis_url.rsplit('/', 1)[0]}/{next(_databases)}"
+
+
 @pytest.fixture
 def redis_client(redis_url):
     import redis
@@ -99,40 +109,26 @@ def work_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0_worker(redis_url, lite0_package, work_dir, tmp_path_factory):
-    """A real `python -m worker` process serving Lite0 from the session's Redis."""
-    log_path = tmp_path_factory.mktemp("logs") / "worker.log"
-    roots = os.pathsep.join([str(SAMPLES), str(work_dir)])
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [PYTHON, "-m", "worker", "--model", str(lite0_package), "--redis-url", redis_url,
-             "--allowed-roots", roots, "--loglevel", "INFO"],
-            stdout=log, stderr=subprocess.STDOUT, env=python_env(KILN_ONLINE_FLUSH_MS="50"),
-        )  # fmt: skip
+    """A real `python -m worker` process serving Lite0 from the session's Redis, warmed up."""
     from producer import Kiln
+    from producer.embedded import LocalWorker
 
-    with Kiln(redis_url) as kiln:
-        try:
-            kiln.submit([SAMPLES / "coffee.jpg"], job="warm-up")
-            kiln.wait("warm-up", timeout_s=120, progress=False, check=lambda: _alive(process, log_path))
-        except BaseException:
-            process.kill()
-            raise
-    yield {"process": process, "log": log_path, "redis_url": redis_url}
-    process.terminate()
+    worker = LocalWorker(
+        lite0_package, redis_url, tmp_path_factory.mktemp("logs") / "worker.log", [SAMPLES, work_dir],
+        options=["--loglevel", "INFO"], env=python_env(KILN_ONLINE_FLUSH_MS="50"),
+    )  # fmt: skip
     try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-def _alive(process: subprocess.Popen, log_path: Path) -> None:
-    if process.poll() is not None:
-        raise RuntimeError(f"worker exited ({process.returncode}):\n{log_path.read_text()[-3000:]}")
+        with Kiln(redis_url) as kiln:
+            kiln.submit([SAMPLES / "coffee.jpg"], job="warm-up")
+            kiln.wait("warm-up", timeout_s=120, progress=False, check=worker.check)
+        yield worker
+    finally:
+        worker.stop()
 
 
 @pytest.fixture
 def kiln(lite0_worker):
     from producer import Kiln
 
-    with Kiln(lite0_worker["redis_url"]) as client:
+    with Kiln(lite0_worker.redis_url) as client:
         yield client

@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import gzip
 import signal
-import subprocess
 import time
 from collections import Counter
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PACKAGE_CACHE, PYTHON, ROOT, build_cached, python_env
+from conftest import PACKAGE_CACHE, build_cached, python_env
 from fashion_cnn import CLASSES, make_model, train
 from PIL import Image
 
 from compile.models import load_state_dict
 from compile.package import PackagedModel, weights_digest
 from producer import Kiln
+from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
 from worker.celery_app import make_app
 from worker.contract import BULK_QUEUE
@@ -127,47 +126,30 @@ def eager_probabilities(package: Path, weights: Path, folder: Path) -> dict[str,
     return {str(p): row for p, row in zip(paths, probs, strict=True)}
 
 
-def start_workers(
-    stack: ExitStack, package: Path, redis_url: str, folder: Path, logs: Path
-) -> list[tuple[subprocess.Popen, Path]]:
-    command = [PYTHON, "-m", "worker", "--model", str(package), "--redis-url", redis_url]
-    command += ["--allowed-roots", str(folder), "--threads", "1", "--loglevel", "WARNING"]
-    command += ["--queues", BULK_QUEUE]  # bulk only: one chunk prefetched at a time, so the work spreads
-    workers: list[tuple[subprocess.Popen, Path]] = []
-    processes: list[subprocess.Popen] = []
-    stack.callback(stop, processes)  # registered first: also stops those started before a failure
-    for n in range(WORKERS):
-        log_file = logs / f"worker-{n}.log"
-        with open(log_file, "wb") as out:  # the child keeps its own descriptor
-            process = subprocess.Popen(
-                command, env=python_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        processes.append(process)
-        workers.append((process, log_file))
-    return workers
+def start_workers(package: Path, redis_url: str, folder: Path, logs: Path) -> list[LocalWorker]:
+    # Bulk only: one chunk prefetched at a time, so the work spreads over both workers.
+    options = ["--threads", "1", "--queues", BULK_QUEUE]
+    return [
+        LocalWorker(package, redis_url, logs / f"worker-{n}.log", [folder], options, env=python_env())
+        for n in range(WORKERS)
+    ]
 
 
-def stop(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM (Celery's warm shutdown) to all at once, then SIGKILL to any still there after 30 s."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    for process in processes:
-        try:
-            process.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+def check_alive(workers: list[LocalWorker]) -> None:
+    for worker in workers:
+        worker.check()
 
 
-def check_alive(workers: list[tuple[subprocess.Popen, Path]]) -> None:
-    for process, log_file in workers:
-        if process.poll() is not None:
-            raise RuntimeError(f"worker {process.pid} exited with status {process.returncode} (log: {log_file})")
+def stop(workers: list[LocalWorker]) -> None:
+    """SIGTERM (Celery's warm shutdown) to all at once, then wait for each."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+    for worker in workers:
+        worker.stop()
 
 
-def wait_until_ready(redis_url: str, workers: list[tuple[subprocess.Popen, Path]], timeout_s: float = 180) -> None:
+def wait_until_ready(redis_url: str, workers: list[LocalWorker], timeout_s: float = 180) -> None:
     """Until every worker answers a Celery ping: each has loaded the model and consumes."""
     app = make_app(ProducerSettings(redis_url=redis_url))
     deadline = time.monotonic() + timeout_s
@@ -181,7 +163,8 @@ def wait_until_ready(redis_url: str, workers: list[tuple[subprocess.Popen, Path]
         app.close()
 
 
-def test_fashion_mnist_bulk_run_matches_eager(fashion, fashion_package, png_folder, redis_url, redis_client):
+def test_fashion_mnist_bulk_run_matches_eager(fashion, fashion_package, png_folder, private_redis_url):
+    redis_url = private_redis_url  # no other worker of the session takes these chunks
     package, weights = fashion_package
     with timed("eager reference"):
         eager = eager_probabilities(package, weights, png_folder)
@@ -189,25 +172,23 @@ def test_fashion_mnist_bulk_run_matches_eager(fashion, fashion_package, png_fold
 
     logs = png_folder.parent / "logs"
     logs.mkdir(exist_ok=True)
-    workers: list[tuple[subprocess.Popen, Path]] = []
-    stack = ExitStack()
+    workers: list[LocalWorker] = []
     try:
         with timed("workers start"):
-            workers = start_workers(stack, package, redis_url, png_folder, logs)
+            workers = start_workers(package, redis_url, png_folder, logs)
             wait_until_ready(redis_url, workers)
-        with timed("bulk run"):
-            kiln = stack.enter_context(Kiln(settings=ProducerSettings(redis_url=redis_url, chunk_size=CHUNK)))
+        with timed("bulk run"), Kiln(settings=ProducerSettings(redis_url=redis_url, chunk_size=CHUNK)) as kiln:
             submitted = kiln.submit([png_folder], job=JOB, topk=1)
             assert (submitted.total, submitted.enqueued) == (TEST_IMAGES, TEST_IMAGES)
             counts = kiln.wait(JOB, timeout_s=600, progress=False, check=lambda: check_alive(workers))
-        records = list(kiln.results(JOB))
+            records = list(kiln.results(JOB))
     except BaseException:
-        for _, log_file in workers:
-            print(f"----- {log_file.name} -----\n{log_file.read_text(errors='replace')[-20000:]}")
+        for worker in workers:
+            print(f"----- {worker.log_path.name} -----\n{worker.log_path.read_text(errors='replace')[-20000:]}")
         raise
     finally:
         with timed("workers stop"):
-            stack.close()
+            stop(workers)
 
     # Exactly one record per PNG, all successful, from both workers, from this model.
     assert (counts.total, counts.done, counts.failed) == (TEST_IMAGES, TEST_IMAGES, 0)

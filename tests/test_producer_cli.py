@@ -51,7 +51,7 @@ def test_embedded_mode_labels_and_resumes(tmp_path, lite0_package):
 
 
 def test_remote_mode_status_and_export(lite0_worker, tmp_path):
-    env = {"KILN_REDIS_URL": lite0_worker["redis_url"]}
+    env = {"KILN_REDIS_URL": lite0_worker.redis_url}
     out = tmp_path / "remote.parquet"
     labelled = producer("label", str(SAMPLES / "coffee.jpg"), str(SAMPLES / "chelsea.jpg"), "--job", "remote",
                         "--topk", "3", "--out", str(out), "--no-progress", **env)  # fmt: skip
@@ -79,11 +79,11 @@ def test_remote_mode_status_and_export(lite0_worker, tmp_path):
     ],
 )
 def test_clear_errors(lite0_worker, args, message):
-    done = producer(*args, KILN_REDIS_URL=lite0_worker["redis_url"])
+    done = producer(*args, KILN_REDIS_URL=lite0_worker.redis_url)
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_model_option_needs_the_embedded_mode(lite0_worker, lite0_package):
     done = producer("label", str(SAMPLES), "--out", "r.csv", "--model", str(lite0_package),
-                    KILN_REDIS_URL=lite0_worker["redis_url"])  # fmt: skip
+                    KILN_REDIS_URL=lite0_worker.redis_url)  # fmt: skip
     assert done.returncode == 2 and "--model only applies to the embedded mode" in done.stderr

@@ -4,14 +4,19 @@ Celery worker -> result store, for bulk jobs, online requests and messages that 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, python_env
 from http_server import serve_folder
 
+from producer import Item, Kiln
+from producer.embedded import LocalWorker
+from producer.settings import ProducerSettings
 from worker.celery_app import make_app
 from worker.contract import BULK_QUEUE, CHUNK_TASK, ONLINE_QUEUE, ONLINE_TASK
 from worker.settings import CommonSettings
@@ -43,8 +48,6 @@ def test_failures_are_records_with_their_reason(kiln, work_dir, tmp_path):
     outside = tmp_path / "outside.jpg"
     shutil.copy(SAMPLES / "coffee.jpg", outside)
     refs = [work_dir / "broken.jpg", work_dir / "text.png", outside, SAMPLES / "chelsea.jpg"]
-    from producer import Item
-
     items = [Item(key=p.name, ref=str(p)) for p in refs] + [Item(key="gone", ref=str(work_dir / "gone.jpg"))]
     kiln.submit(items, job="failures")
     counts = kiln.wait("failures", timeout_s=60, progress=False)
@@ -83,7 +86,7 @@ def test_resume_enqueues_only_images_without_a_record(kiln, work_dir):
 
 @pytest.fixture
 def raw_app(lite0_worker):
-    app = make_app(CommonSettings(redis_url=lite0_worker["redis_url"]))
+    app = make_app(CommonSettings(redis_url=lite0_worker.redis_url))
     yield app
     app.close()
 
@@ -160,82 +163,58 @@ def test_online_by_reference_and_errors(kiln, raw_app):
     assert kiln.store.wait_reply(reply, 30).error.kind == "bad_message"  # neither ref nor data
 
 
-def test_prefork_children_each_load_the_model_and_share_the_work(redis_url, lite0_package, tmp_path):
+def test_prefork_children_each_load_the_model_and_share_the_work(private_redis_url, lite0_package, tmp_path):
     """--concurrency 2: the parent never loads torch models; each child does, and records name it."""
-    import subprocess
-
-    from conftest import PYTHON, python_env
-
-    from producer import Kiln
-    from producer.settings import ProducerSettings
-
-    url = redis_url.rsplit("/", 1)[0] + "/1"  # a database of its own: no other worker consumes it
-    log_path = tmp_path / "prefork.log"
-    with open(log_path, "w") as log:
-        worker = subprocess.Popen(
-            [PYTHON, "-m", "worker", "--model", str(lite0_package), "--redis-url", url, "--concurrency", "2",
-             "--threads", "1", "--queues", "kiln.bulk", "--allowed-roots", str(SAMPLES)],
-            stdout=log, stderr=subprocess.STDOUT, env=python_env(),
-        )  # fmt: skip
+    url = private_redis_url
+    options = ["--concurrency", "2", "--threads", "1", "--queues", "kiln.bulk"]
+    worker = LocalWorker(lite0_package, url, tmp_path / "prefork.log", [SAMPLES], options, env=python_env())
     try:
         with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=1)) as kiln:
             kiln.submit([SAMPLES], job="prefork")
-            counts = kiln.wait("prefork", timeout_s=180, progress=False)
+            counts = kiln.wait("prefork", timeout_s=180, progress=False, check=worker.check)
             workers = {r.worker for r in kiln.results("prefork")}
-        assert counts.done == 6, log_path.read_text()[-2000:]
+        log = worker.log_path.read_text()[-2000:]
+        assert counts.done == 6, log
         pids = {int(w.rsplit(":", 1)[1]) for w in workers}
-        assert worker.pid not in pids and len(pids) == 2, (workers, log_path.read_text()[-2000:])
+        assert worker.process.pid not in pids and len(pids) == 2, (workers, log)
     finally:
-        worker.terminate()
-        worker.wait(60)
+        worker.stop()
 
 
-def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(redis_url, lite0_package, work_dir, tmp_path):
+def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(private_redis_url, lite0_package, work_dir, tmp_path):
     """kill -9 a worker in the middle of a chunk: after the visibility timeout another worker gets
     the chunk again, and every image ends with exactly one record."""
-    import os
-    import signal
-    import subprocess
-
-    from conftest import PYTHON, python_env
-
-    from producer import Kiln
-    from producer.settings import ProducerSettings
-
-    url = redis_url.rsplit("/", 1)[0] + "/2"  # a database of its own
+    url = private_redis_url
     folder = work_dir / "redelivery"
     folder.mkdir()
     for i in range(60):
         shutil.copy(SAMPLES / ("coffee.jpg" if i % 2 else "chelsea.jpg"), folder / f"{i:03d}.jpg")
+    env = python_env(KILN_VISIBILITY_TIMEOUT_S="5", KILN_BATCH_SIZE="4")
+    workers = []
 
-    def start(name: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - the child holds it
-        return subprocess.Popen(
-            [PYTHON, "-m", "worker", "--model", str(lite0_package), "--redis-url", url, "--queues", "kiln.bulk",
-             "--allowed-roots", str(folder)],
-            stdout=log, stderr=subprocess.STDOUT, env=python_env(KILN_VISIBILITY_TIMEOUT_S="5", KILN_BATCH_SIZE="4"),
-        )  # fmt: skip
+    def start(name: str) -> LocalWorker:
+        workers.append(
+            LocalWorker(lite0_package, url, tmp_path / f"{name}.log", [folder], ["--queues", "kiln.bulk"], env)
+        )
+        return workers[-1]
 
-    first = start("first")
-    second = None
     try:
+        first = start("first")
         with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=60)) as kiln:
             kiln.submit([folder], job="killed")
             wait_for(lambda: kiln.counts("killed").done >= 8, timeout_s=120)  # mid-chunk: 60 images, batches of 4
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait(10)
+            os.kill(first.process.pid, signal.SIGKILL)
+            first.process.wait(10)
             assert kiln.counts("killed").done < 60, "the chunk finished before the kill; nothing to redeliver"
             second = start("second")
-            counts = kiln.wait("killed", timeout_s=180, progress=False)
+            counts = kiln.wait("killed", timeout_s=180, progress=False, check=second.check)
             records = list(kiln.results("killed"))
             deliveries = kiln.store.redis.hvals("kiln:{killed}:delivery")
         assert (counts.total, counts.done, counts.failed) == (60, 60, 0)
         assert len(records) == 60 and len({r.key for r in records}) == 60
         assert [int(n) for n in deliveries] == [2]
         # The chunk was done again in full: its upserts replaced the first worker's records.
-        assert {r.worker.rsplit(":", 1)[1] for r in records} == {str(second.pid)}
+        assert {r.worker.rsplit(":", 1)[1] for r in records} == {str(second.process.pid)}
     finally:
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                process.wait(60)
+        for worker in workers:
+            worker.stop()
