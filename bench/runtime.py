@@ -53,23 +53,32 @@ print("READY")
 """
 
 
-def images_per_second(fn, batch, device: str, seconds: float) -> float:
+def images_per_second(runners: dict, batch, device: str, seconds: float) -> dict[str, float]:
+    """Median images/s of each runner over 5 timed rounds. The rounds of all runners interleave, so
+    a drift of the clock or of the machine's load falls on each of them alike."""
     import torch
 
-    def run() -> None:
-        fn(batch)
-        if device == "cuda":
-            torch.cuda.synchronize()
+    def synced(fn):
+        def run() -> None:
+            fn(batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
 
-    for _ in range(3):
-        run()
-    rounds, per_round = [], max(1, int(seconds / 5 / _time_once(run)))
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(per_round):
+        return run
+
+    runs = {name: synced(fn) for name, fn in runners.items()}
+    for run in runs.values():
+        for _ in range(3):
             run()
-        rounds.append(batch.shape[0] * per_round / (time.perf_counter() - start))
-    return statistics.median(rounds)
+    per_round = {name: max(1, int(seconds / 5 / _time_once(run))) for name, run in runs.items()}
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(5):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(per_round[name]):
+                run()
+            rounds[name].append(batch.shape[0] * per_round[name] / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rounds.items()}
 
 
 def _time_once(run) -> float:
@@ -105,6 +114,12 @@ def main() -> None:
     parser.add_argument("--batches", help="comma-separated [cpu: 1,8,32; cuda: 64,256]")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on CPU")
+    parser.add_argument("--tune-batch", type=int, help="build the packages with this --tune-batch [default: max]")
+    parser.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="build the packages with --max-autotune, and torch.compile with max-autotune-no-cudagraphs",
+    )
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--out", type=Path, help="JSON path [default: bench/results/runtime-DEVICE.json]")
     args = parser.parse_args()
@@ -134,36 +149,34 @@ def main() -> None:
         "host": platform.node(),
         "cpu": platform.processor(),
         "gpu": torch.cuda.get_device_name() if cuda else None,
+        "max_autotune": args.max_autotune,
         "models": {},
     }
     for model in args.models.split(","):
         max_batch = max(max(batches), 2)
         # Kept between runs (and across the restart below): compiling takes a minute or more.
-        package = (
-            ROOT / "build" / "bench-packages" / f"{model}-{args.device}-{dtype}-{max_batch}-{torch.__version__}.pt2"
-        )
-        entry = {"throughput": {}, "cold_start_s": {}}
+        options = BuildOptions(args.device, dtype, channels_last, max_batch, args.max_autotune, args.tune_batch)
+        variant = f"{max_batch}-tune{options.example_batch}{'-autotune' * args.max_autotune}"
+        package = ROOT / "build" / "bench-packages" / f"{model}-{args.device}-{dtype}-{variant}-{torch.__version__}.pt2"
+        entry = {"throughput": {}, "cold_start_s": {}, "tune_batch": options.example_batch}
         if not package.exists():
             built = time.perf_counter()
-            build_package(resolve_model(model), package, BuildOptions(args.device, dtype, channels_last, max_batch))
+            build_package(resolve_model(model), package, options)
             entry["package_build_s"] = time.perf_counter() - built
         ensure_cxx_runtime(package)  # restarts this benchmark where the host needs the preload
         runtime = load_runtime(package, args.device)
         spec = resolve_model(model)
         eager = PackagedModel(spec.module.to(DTYPES[dtype]), spec.preprocess, DTYPES[dtype], channels_last)
         eager = eager.to(args.device).eval()
-        compiled = torch.compile(eager)
-        runners = {"eager": eager, "compile": compiled, "aoti": runtime._model}
+        compiled = torch.compile(eager, mode="max-autotune-no-cudagraphs" if args.max_autotune else None)
         for batch_size in batches:
+            runners = {"eager": eager, "compile": compiled, "aoti": runtime._model}
             x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8, device=args.device)
-            row = {}
+            if batch_size < runtime.manifest.batch_min:
+                # Below the exported range: the runtime pads (and adds softmax): time that.
+                runners["aoti"] = runtime.predict
             with torch.inference_mode():
-                for name, fn in runners.items():
-                    if name == "aoti" and batch_size < runtime.manifest.batch_min:
-                        # Below the exported range: the runtime pads (and adds softmax): time that.
-                        row[name] = images_per_second(runtime.predict, x, args.device, args.seconds)
-                    else:
-                        row[name] = images_per_second(fn, x, args.device, args.seconds)
+                row = images_per_second(runners, x, args.device, args.seconds)
             row["aoti_vs_eager"] = row["aoti"] / row["eager"]
             row["aoti_vs_compile"] = row["aoti"] / row["compile"]
             entry["throughput"][str(batch_size)] = row

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--max-batch", type=int, help="largest batch the package takes [default: 64 on cpu, 256 on cuda]"
     )
+    build.add_argument(
+        "--tune-batch", type=int, help="batch size Inductor tunes its kernels for [default: --max-batch]"
+    )
     build.add_argument("--max-autotune", action="store_true", help="let Inductor benchmark kernel choices (slow build)")
     build.add_argument("--weights", help="state_dict file for the model's weights")
     build.add_argument("--labels", type=Path, help="class names, one per line (or a JSON list)")
@@ -85,6 +88,7 @@ def _build(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         max_batch=args.max_batch or (256 if args.device == "cuda" else 64),
         max_autotune=args.max_autotune,
+        tune_batch=args.tune_batch,
     )
     output = args.output or Path("models") / f"{args.model.replace(':', '.')}-{args.device}-{args.dtype}.pt2"
     try:

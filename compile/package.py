@@ -65,6 +65,13 @@ class BuildOptions:
     channels_last: bool = False
     max_batch: int = 64
     max_autotune: bool = False
+    # Inductor picks kernel configurations for the example's batch size (the hint of the dynamic
+    # dimension): default to the largest, the batch a worker runs by default.
+    tune_batch: int | None = None
+
+    @property
+    def example_batch(self) -> int:
+        return self.tune_batch or self.max_batch
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -81,6 +88,8 @@ def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest
     """Compile `spec` into `out`. Nothing is left at `out` unless the package passed its check."""
     if options.max_batch < 2:
         raise BuildError("--max-batch must be at least 2")
+    if not 2 <= options.example_batch <= options.max_batch:
+        raise BuildError(f"--tune-batch must be between 2 and --max-batch ({options.max_batch})")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise BuildError("--device cuda, but this host has no usable CUDA device")
     device = torch.device(options.device)
@@ -88,9 +97,9 @@ def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest
     side = spec.preprocess.crop
     digest = weights_digest(spec.module)  # of the weights as given, before any dtype cast
     wrapped = PackagedModel(spec.module.to(dtype), spec.preprocess, dtype, options.channels_last).to(device).eval()
-    example = torch.randint(0, 256, (min(8, options.max_batch), 3, side, side), dtype=torch.uint8, device=device)
+    example = torch.randint(0, 256, (options.example_batch, 3, side, side), dtype=torch.uint8, device=device)
     with torch.inference_mode():
-        classes = wrapped(example).shape[1]
+        classes = wrapped(example[:2]).shape[1]
     labels = spec.labels or [f"class_{i}" for i in range(classes)]
     if not spec.labels:
         log.warning(
@@ -108,6 +117,7 @@ def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest
         memory_format="channels_last" if options.channels_last else "contiguous",
         batch_min=2,  # the export recipe's minimum; the runtime pads a single image to 2
         batch_max=options.max_batch,
+        tune_batch=options.example_batch,
         device=options.device,
         gpu_arch=gpu_arch(device) if device.type == "cuda" else None,
         cpu_isa=torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,

@@ -18,12 +18,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_build_a_factory_model_and_inspect_it(tmp_path):
-    package = build_cached("tiny", ["factories:tiny", "--max-batch", "8"])
+    package = build_cached("tiny", ["factories:tiny", "--max-batch", "8", "--tune-batch", "4"])
     inspected = run_cli("inspect", str(package))
     assert inspected.returncode == 0, inspected.stderr
     manifest = json.loads(inspected.stdout)
     assert manifest["model"] == "tiny" and manifest["labels"] == ["w", "x", "y", "z"]
-    assert manifest["input_shape"] == [3, 32, 32] and manifest["batch_max"] == 8
+    assert manifest["input_shape"] == [3, 32, 32] and manifest["batch_max"] == 8 and manifest["tune_batch"] == 4
     assert manifest["preprocess"]["mean"] == [128.0, 128.0, 128.0]
     assert manifest["weights_source"] == "factory" and manifest["device"] == "cpu"
 
@@ -44,6 +44,7 @@ def test_a_package_that_disagrees_with_eager_is_not_written(tmp_path, capsys):
         (["factories:tiny", "--labels", "LABELS"], "4 outputs but 2 labels"),
         (["resnet18", "--weights", "WEIGHTS"], "do not fit the model"),
         (["factories:tiny", "--resize", "16"], "must not exceed resize"),
+        (["factories:tiny", "--max-batch", "4", "--tune-batch", "8"], "--tune-batch must be between 2"),
     ],
 )
 def test_bad_builds_say_why_and_leave_nothing(tmp_path, capsys, args, message):

@@ -93,7 +93,7 @@ def test_manifest_describes_the_package(lite0_package):
     assert manifest.model == "efficientnet_lite0"
     assert len(manifest.labels) == 1000 and manifest.labels[285] == "Egyptian cat"
     assert manifest.preprocess.interpolation == "bicubic" and manifest.preprocess.mean == (127.0,) * 3
-    assert (manifest.batch_min, manifest.batch_max, manifest.device) == (2, 16, DEVICE)
+    assert (manifest.batch_min, manifest.batch_max, manifest.tune_batch, manifest.device) == (2, 16, 16, DEVICE)
     assert manifest.torch_version == torch.__version__
     assert len(manifest.weights_sha256) == 64 and manifest.weights_source == "shipped"
     if DEVICE == "cuda":

@@ -70,6 +70,7 @@ class Manifest(BaseModel):
     memory_format: Literal["contiguous", "channels_last"]
     batch_min: int = Field(ge=1)
     batch_max: int = Field(ge=1)
+    tune_batch: int | None = Field(default=None, description="the batch size kernels were tuned for")
     device: Literal["cpu", "cuda"]
     gpu_arch: str | None = Field(default=None, description="e.g. sm_90, for CUDA packages")
     cpu_isa: str | None = Field(default=None, description="the CPU vector ISA the kernels were built for")
