@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -32,7 +33,11 @@ def kiln_version() -> str:
     try:
         return version("kiln")
     except PackageNotFoundError:  # run from a source checkout that was never installed
-        return "unknown"
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"] + "+source"
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import PYTHON, build_cached, python_env
+from conftest import PYTHON, ROOT, build_cached, python_env
 
 from compile.__main__ import main as compile_main
 
@@ -98,3 +98,19 @@ def test_torchvision_architecture_with_a_weights_file(tmp_path):
     with torch.inference_mode():
         reference = torch.softmax(eager(images), dim=1)
     assert relative_error(runtime.predict(images), reference) < 1e-3
+
+
+def test_kiln_version_from_a_source_checkout(monkeypatch):
+    """Run from a checkout that was never pip-installed (as on a bare GPU host), the manifest still
+    names the kiln version, from pyproject.toml."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError
+
+    import compile.package
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(compile.package, "version", not_installed)
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert compile.package.kiln_version() == f"{declared}+source"
