@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from compile.models import ModelSpec
-from compile.verify import BuildError, verify_package
+from compile.verify import BatchRangeError, BuildError, verify_package
 from worker.manifest import MANIFEST_KEY, Manifest, Preprocess
 from worker.runtime import gpu_arch
 
@@ -97,6 +97,19 @@ def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest
         raise BuildError(f"--tune-batch must be between 2 and --max-batch ({options.max_batch})")
     if options.device == "cuda" and not torch.cuda.is_available():
         raise BuildError("--device cuda, but this host has no usable CUDA device")
+    try:
+        return _build_once(spec, out, options)
+    except BatchRangeError as e:
+        if options.tune_batch is not None or options.max_batch < 4:
+            raise
+        # Tuning on the range's edge can make torch fix the batch there (a guard of ATen's
+        # convolution refines the range to one value). Half the range keeps it open.
+        retry = replace(options, tune_batch=options.max_batch // 2)
+        log.warning("%s. Compiling again with --tune-batch %d.", e, retry.tune_batch)
+        return _build_once(spec, out, retry)
+
+
+def _build_once(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
     device = torch.device(options.device)
     dtype = DTYPES[options.dtype]
     side = spec.preprocess.crop

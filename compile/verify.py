@@ -1,15 +1,18 @@
 """Check a freshly compiled package against the eager model before it is kept.
 
-The check loads the package with the worker's own loader. Where this host needs the C++ runtime
-preloaded to load packages (worker/cxx_runtime.py) and this process started without it, the
-check runs in a child process that has it, so the compile step never has to restart and compile
-twice. The child is this module: `python -m compile.verify PACKAGE EAGER_MODULE.pt`.
+The build process computes the eager model's answers; a fresh child process (this module,
+`python -m compile.verify PACKAGE CASES.pt`) loads the package with the worker's own loader and
+compares. A fresh process is what a worker is: a package can pass inside the process that built
+it and still crash in a new one (an out-of-bounds read that happens to land in mapped memory).
+The child also gets the C++ runtime preloaded where this host needs it (worker/cxx_runtime.py),
+so the compile step never has to restart and compile twice.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from worker.cxx_runtime import PRELOAD_ENV, is_preloaded, preload_needed
-from worker.manifest import Manifest, read_manifest
+from worker.cxx_runtime import PRELOAD_ENV, preload_needed
+from worker.manifest import Manifest, PackageError, read_manifest
 from worker.runtime import load_runtime, stack_images
 
 log = logging.getLogger(__name__)
@@ -29,11 +32,17 @@ SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 # eager reference runs in the same dtype; float32 kernels only reorder sums (~1e-6 seen), while
 # bfloat16 kernels round differently from eager's (FACTS.md: 6.4e-3 for ResNet-18 logits).
 ERROR_BOUND = {"float32": 1e-3, "bfloat16": 5e-2}
-_CHECK_FAILED = 3  # the child's exit status when the package fails the check
+# The child's exit statuses, besides 0.
+_DISAGREES, _BATCH_RANGE = 3, 4
 
 
 class BuildError(RuntimeError):
     """The package could not be built, or failed its check against the eager model."""
+
+
+class BatchRangeError(BuildError):
+    """The package does not run every batch size of its range: torch fixed the batch dimension
+    while compiling (seen on CPU when the tune batch sat on a threshold of ATen's convolution)."""
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -48,57 +57,85 @@ def sample_batch(manifest: Manifest, folder: Path = SAMPLES_DIR) -> torch.Tensor
     return stack_images(arrays) if arrays else None
 
 
-def verify_package(path: Path, eager: torch.nn.Module, manifest: Manifest) -> None:
-    """Compare the package with the eager model on random batches of the extreme sizes and on
-    the sample photos; raise `BuildError` past the dtype's bound."""
-    library = preload_needed(path)
-    if library is not None and not is_preloaded(library):
-        _verify_in_child(path, eager, library)
-        return
-    runtime = load_runtime(path, warmup=False)
+def reference_cases(eager: torch.nn.Module, manifest: Manifest) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs and the eager model's class probabilities: random batches of the extreme sizes, an
+    odd one and the tune batch, and the sample photos."""
     c, h, w = manifest.input_shape
     generator = torch.Generator().manual_seed(0)
+    top = manifest.batch_max
+    sizes = sorted({1, 2, min(3, top), manifest.tune_batch or top, top})
     inputs = {
-        f"random batch {n}": torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=generator)
-        for n in sorted({1, 2, manifest.batch_max})
+        f"random batch {n}": torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=generator) for n in sizes
     }
     photos = sample_batch(manifest)
     if photos is not None and photos.shape[1:] == (c, h, w):
         inputs["sample photos"] = photos
+    device = torch.device(manifest.device)
+    cases = {}
+    with torch.inference_mode():
+        for what, images in inputs.items():
+            cases[what] = (images, torch.softmax(eager(images.to(device)).float(), dim=1).cpu())
+    return cases
+
+
+def check_package(path: Path, cases: dict[str, tuple[torch.Tensor, torch.Tensor]], manifest: Manifest) -> None:
+    """Run the package on each case and compare; raise `BuildError` past the dtype's bound."""
+    runtime = load_runtime(path, warmup=False)
     bound = ERROR_BOUND[manifest.compute_dtype]
-    for what, images in inputs.items():
-        with torch.inference_mode():
-            reference = torch.softmax(eager(images.to(runtime.device)).float(), dim=1).cpu()
-        error = relative_error(runtime.predict(images), reference)
+    for what, (images, reference) in cases.items():
+        try:
+            probs = runtime.predict(images)
+        except PackageError as e:
+            raise BatchRangeError(f"{what}: {e}") from e
+        error = relative_error(probs, reference)
         log.info("check %-16s relative error %.2e (bound %.0e)", what, error, bound)
         if not error <= bound:
             raise BuildError(
                 f"the compiled package disagrees with the eager model on {what}: relative error "
-                f"{error:.3g} > {bound:g} for {manifest.compute_dtype}; no package was written"
+                f"{error:.3g} > {bound:g} for {manifest.compute_dtype}"
             )
 
 
-def _verify_in_child(path: Path, eager: torch.nn.Module, library: str) -> None:
-    log.info("checking the package in a child process with %s preloaded", library)
+def verify_package(path: Path, eager: torch.nn.Module, manifest: Manifest) -> None:
+    """Check the package in a fresh child process against the eager model's answers."""
+    cases = reference_cases(eager, manifest)
+    env = dict(os.environ)
+    library = preload_needed(path)
+    if library is not None:
+        log.info("checking the package with %s preloaded", library)
+        env[PRELOAD_ENV] = ":".join(filter(None, [library, env.get(PRELOAD_ENV)]))
     with tempfile.TemporaryDirectory(prefix="kiln-verify-") as folder:
-        saved = Path(folder) / "eager.pt"
-        torch.save(eager, saved)
-        env = {**os.environ, PRELOAD_ENV: ":".join(filter(None, [library, os.environ.get(PRELOAD_ENV)]))}
-        child = subprocess.run([sys.executable, "-m", "compile.verify", str(path), str(saved)], env=env)
-    if child.returncode == _CHECK_FAILED:
-        raise BuildError("the compiled package failed its check against the eager model; no package was written")
+        saved = Path(folder) / "cases.pt"
+        torch.save(cases, saved)
+        child = subprocess.run(
+            [sys.executable, "-m", "compile.verify", str(path), str(saved)], env=env, stderr=subprocess.PIPE, text=True
+        )
+    sys.stderr.write(child.stderr)  # its log: one line per check
+    errors = [line.removeprefix("error: ") for line in child.stderr.splitlines() if line.startswith("error: ")]
+    if child.returncode == _DISAGREES:
+        raise BuildError(errors[-1] if errors else "the compiled package failed its check against the eager model")
+    if child.returncode == _BATCH_RANGE:
+        raise BatchRangeError(errors[-1] if errors else "the compiled package does not take every batch size")
+    if child.returncode < 0:
+        raise BatchRangeError(
+            f"the compiled package crashed ({signal.Signals(-child.returncode).name}) on the check after the "
+            "last one above: torch may have compiled it for one batch size only; try another --tune-batch"
+        )
     if child.returncode != 0:
-        raise BuildError(f"checking the package failed (exit status {child.returncode}); no package was written")
+        raise BuildError(f"checking the package failed (exit status {child.returncode}, see above)")
 
 
-def _main(package: str, eager_path: str) -> int:
+def _main(package: str, cases_path: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    eager = torch.load(eager_path, weights_only=False)  # our own file, written a moment ago
+    cases = torch.load(cases_path, weights_only=True)
     try:
-        verify_package(Path(package), eager, read_manifest(package))
+        check_package(Path(package), cases, read_manifest(package))
+    except BatchRangeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return _BATCH_RANGE
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
-        return _CHECK_FAILED
+        return _DISAGREES
     return 0
 
 

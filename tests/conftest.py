@@ -43,7 +43,7 @@ def build_cached(name: str, cli_args: list[str]) -> Path:
 @pytest.fixture(scope="session")
 def lite0_package() -> Path:
     """The shipped EfficientNet-Lite0 on the test device, small batch range so max+1 is cheap."""
-    args = ["efficientnet_lite0", "--device", DEVICE, "--max-batch", "16"]
+    args = ["efficientnet_lite0", "--device", DEVICE, "--max-batch", "12"]
     if DEVICE == "cuda":
         args += ["--dtype", "bfloat16", "--channels-last"]
     return build_cached(f"lite0-{DEVICE}", args)

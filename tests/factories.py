@@ -35,3 +35,13 @@ def noisy() -> ModelSpec:
 
 def not_a_model() -> str:
     return "a string"
+
+
+def depthwise() -> ModelSpec:
+    """A depthwise convolution, as in MobileNets and EfficientNets: ATen picks its CPU backend by
+    batch size, which torch.export's shape guards can turn into a fixed batch."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.Conv2d(8, 8, 3, groups=8),
+                                 torch.nn.Conv2d(8, 16, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                 torch.nn.Linear(16, 4))  # fmt: skip
+    return ModelSpec("depthwise", module, ["w", "x", "y", "z"], SMALL)

@@ -35,6 +35,35 @@ def test_a_package_that_disagrees_with_eager_is_not_written(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # neither the package nor a temporary file
 
 
+def test_a_batch_fixed_by_the_compiler_is_caught_and_rebuilt(tmp_path, caplog):
+    """Tuned for its maximum of 16, a depthwise convolution makes torch fix the batch at 16 (ATen
+    picks the CPU convolution backend by batch size). The check in a fresh process sees the
+    package return 16 rows for 2 images; the build compiles again tuned for half the range."""
+    import torch
+
+    from worker.runtime import load_runtime
+
+    out = tmp_path / "depthwise.pt2"
+    assert compile_main(["build", "factories:depthwise", "--max-batch", "16", "-o", str(out)]) == 0
+    # If a torch ever stops fixing the batch here, this fails: then the retry can go.
+    assert "returned 16 rows for a batch of 2" in caplog.text
+    assert "Compiling again with --tune-batch 8" in caplog.text
+    runtime = load_runtime(out)
+    assert runtime.manifest.tune_batch == 8
+    for count in (1, 2, 3, 16):
+        assert runtime.predict(torch.zeros((count, 3, 32, 32), dtype=torch.uint8)).shape == (count, 4)
+
+
+def test_a_fixed_batch_with_an_explicit_tune_batch_fails_cleanly(tmp_path, capsys):
+    out = tmp_path / "depthwise.pt2"
+    code = compile_main(["build", "factories:depthwise", "--max-batch", "16", "--tune-batch", "16", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "returned 16 rows for a batch of 2" in err or "crashed" in err
+    assert "another --tune-batch" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -116,6 +116,11 @@ class ModelRuntime:
             # Contiguous NCHW on the device, whatever came in: the compiled code assumes it.
             x = part.to(self.device, non_blocking=True).contiguous()
             logits = self._model(x)
+            if logits.shape[0] != x.shape[0]:
+                raise PackageError(
+                    f"the package returned {logits.shape[0]} rows for a batch of {x.shape[0]}: torch compiled it "
+                    "for one batch size only; rebuild it with another --tune-batch"
+                )
             outputs.append(torch.softmax(logits[:real].float(), dim=1))
         return torch.cat(outputs).cpu()
 
