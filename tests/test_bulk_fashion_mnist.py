@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PACKAGE_CACHE, build_cached, python_env
+from conftest import python_env
 from fashion_cnn import CLASSES, make_model, train
+from packages import PACKAGE_CACHE, build_cached
 from PIL import Image
 
 from compile.models import load_state_dict

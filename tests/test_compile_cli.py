@@ -6,7 +6,8 @@ import json
 import subprocess
 
 import pytest
-from conftest import PYTHON, ROOT, build_cached, python_env
+from conftest import PYTHON, python_env
+from packages import ROOT, build_cached
 
 from compile.__main__ import main as compile_main
 

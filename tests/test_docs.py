@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import ROOT
+from packages import ROOT
 
 from producer.settings import ProducerSettings
 from worker.settings import WorkerSettings

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, PYTHON, python_env
+from conftest import PYTHON, python_env
+from packages import DEVICE
 
 from compile.models import resolve_model
 from compile.package import DTYPES, PackagedModel

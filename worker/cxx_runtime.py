@@ -70,21 +70,35 @@ def _load_in_child(package: Path, preload: str | None) -> int:
     return subprocess.run([sys.executable, "-c", _PROBE, str(package)], env=env, capture_output=True).returncode
 
 
+def _verdicts() -> dict[str, str | None]:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _relevant_library() -> str | None:
+    """The library that a preload would use, or None where the question does not arise."""
+    if not sys.platform.startswith("linux") or os.environ.get("KILN_CXX_PRELOAD") == "off":
+        return None
+    return system_libstdcxx()
+
+
+def verdict_known() -> bool:
+    """Whether `preload_needed` can answer without a package to probe with."""
+    library = _relevant_library()
+    return library is None or _host_key(library) in _verdicts()
+
+
 def preload_needed(package: str | Path | None) -> str | None:
     """The library to preload for AOTInductor packages to load on this host, or None.
 
     Linux only. Measured once per host configuration by loading `package` in child processes,
     then cached; with no package, only the cached verdict counts."""
-    if not sys.platform.startswith("linux") or os.environ.get("KILN_CXX_PRELOAD") == "off":
-        return None
-    library = system_libstdcxx()
+    library = _relevant_library()
     if library is None:
         return None
-    key, cache = _host_key(library), _cache_file()
-    try:
-        verdicts = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        verdicts = {}
+    key, verdicts = _host_key(library), _verdicts()
     if key not in verdicts:
         if package is None:
             return None
@@ -103,6 +117,7 @@ def preload_needed(package: str | Path | None) -> str | None:
                 f"loading {package} crashes this process ({signal.Signals(-plain).name}), "
                 f"also with {library} preloaded; check that the package was built with this host's torch"
             )
+        cache = _cache_file()
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(verdicts))
     return verdicts[key]
