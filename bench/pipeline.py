@@ -60,11 +60,11 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
+from bench.packages import cached_package  # noqa: E402
 from producer.embedded import LocalWorker, embedded_redis  # noqa: E402
 from worker.manifest import Preprocess  # noqa: E402
 
 SAMPLES = ROOT / "samples"
-PACKAGES = ROOT / "build" / "bench-packages"
 TINY_FACTORY = "bench.pipeline:tiny_model"
 TINY_PREPROCESS = Preprocess(resize=32, crop=32, interpolation="bilinear", mean=(127.0,) * 3, std=(128.0,) * 3)
 LITE0_SIZE, TINY_SIZE = (640, 480), (64, 64)
@@ -90,32 +90,17 @@ def tiny_model():
 # -- packages and data ----------------------------------------------------------------------------
 
 
-def package_path(model: str, max_batch: int) -> Path:
-    """Built once and kept, like bench/runtime.py's packages (same naming for Lite0)."""
-    import torch
-
+def ensure_package(model: str, max_batch: int) -> tuple[Path, float | None]:
+    """Lite0 or the tiny model, cpu float32; the tiny one's file is named by a digest of its spec."""
     from compile.models import resolve_model
+    from compile.package import BuildOptions
 
+    options = BuildOptions(device="cpu", dtype="float32", max_batch=max_batch)
     if model == "lite0":
-        return PACKAGES / f"efficientnet_lite0-cpu-float32-{max_batch}-{torch.__version__}.pt2"
+        return cached_package("efficientnet_lite0", options)
     spec = resolve_model(TINY_FACTORY)
     digest = hashlib.sha256(f"{spec.module!r}|{spec.preprocess.model_dump_json()}|{spec.labels}".encode())
-    name = f"bench.pipeline.tiny_model-{digest.hexdigest()[:8]}-cpu-float32-{max_batch}-{torch.__version__}.pt2"
-    return PACKAGES / name
-
-
-def ensure_package(model: str, max_batch: int) -> tuple[Path, float | None]:
-    path = package_path(model, max_batch)
-    if path.exists():
-        return path, None
-    from compile.models import resolve_model
-    from compile.package import BuildOptions, build_package
-
-    print(f"building {path.name} (once)...", flush=True)
-    started = time.perf_counter()
-    spec = resolve_model("efficientnet_lite0" if model == "lite0" else TINY_FACTORY)
-    build_package(spec, path, BuildOptions(device="cpu", dtype="float32", max_batch=max_batch))
-    return path, time.perf_counter() - started
+    return cached_package(TINY_FACTORY, options, name=f"bench.pipeline.tiny_model-{digest.hexdigest()[:8]}")
 
 
 def make_dataset(folder: Path, count: int, size: tuple[int, int], seed: int) -> list[Path]:

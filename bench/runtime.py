@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.packages import cached_package  # noqa: E402
 from worker.cxx_runtime import ensure_cxx_runtime  # noqa: E402
 
 # Each cold start imports only what that kind needs: a worker serving a package never imports
@@ -130,7 +131,7 @@ def main() -> None:
     import torch
 
     from compile.models import resolve_model
-    from compile.package import DTYPES, BuildOptions, PackagedModel, build_package
+    from compile.package import DTYPES, BuildOptions, PackagedModel
     from worker.runtime import load_runtime
 
     logging.basicConfig(level=logging.WARNING)
@@ -154,15 +155,11 @@ def main() -> None:
     }
     for model in args.models.split(","):
         max_batch = max(max(batches), 2)
-        # Kept between runs (and across the restart below): compiling takes a minute or more.
         options = BuildOptions(args.device, dtype, channels_last, max_batch, args.max_autotune, args.tune_batch)
-        variant = f"{max_batch}-tune{options.example_batch}{'-autotune' * args.max_autotune}"
-        package = ROOT / "build" / "bench-packages" / f"{model}-{args.device}-{dtype}-{variant}-{torch.__version__}.pt2"
+        package, build_s = cached_package(model, options)
         entry = {"throughput": {}, "cold_start_s": {}, "tune_batch": options.example_batch}
-        if not package.exists():
-            built = time.perf_counter()
-            build_package(resolve_model(model), package, options)
-            entry["package_build_s"] = time.perf_counter() - built
+        if build_s is not None:
+            entry["package_build_s"] = build_s
         ensure_cxx_runtime(package)  # restarts this benchmark where the host needs the preload
         runtime = load_runtime(package, args.device)
         spec = resolve_model(model)

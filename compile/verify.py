@@ -11,7 +11,6 @@ so the compile step never has to restart and compile twice.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from worker.cxx_runtime import PRELOAD_ENV, preload_needed
+from worker.cxx_runtime import environ_with_preload, preload_needed
 from worker.manifest import Manifest, PackageError, read_manifest
 from worker.runtime import load_runtime, stack_images
 
@@ -99,11 +98,10 @@ def check_package(path: Path, cases: dict[str, tuple[torch.Tensor, torch.Tensor]
 def verify_package(path: Path, eager: torch.nn.Module, manifest: Manifest) -> None:
     """Check the package in a fresh child process against the eager model's answers."""
     cases = reference_cases(eager, manifest)
-    env = dict(os.environ)
-    library = preload_needed(path)
+    env, library = None, preload_needed(path)
     if library is not None:
         log.info("checking the package with %s preloaded", library)
-        env[PRELOAD_ENV] = ":".join(filter(None, [library, env.get(PRELOAD_ENV)]))
+        env = environ_with_preload(library)
     with tempfile.TemporaryDirectory(prefix="kiln-verify-") as folder:
         saved = Path(folder) / "cases.pt"
         torch.save(cases, saved)
@@ -130,12 +128,9 @@ def _main(package: str, cases_path: str) -> int:
     cases = torch.load(cases_path, weights_only=True)
     try:
         check_package(Path(package), cases, read_manifest(package))
-    except BatchRangeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return _BATCH_RANGE
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
-        return _DISAGREES
+        return _BATCH_RANGE if isinstance(e, BatchRangeError) else _DISAGREES
     return 0
 
 

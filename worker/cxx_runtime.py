@@ -127,6 +127,13 @@ def is_preloaded(library: str) -> bool:
     return library in os.environ.get(PRELOAD_ENV, "").split(":")
 
 
+def environ_with_preload(library: str) -> dict[str, str]:
+    """This process's environment, with `library` first in the preload list."""
+    env = dict(os.environ)
+    env[PRELOAD_ENV] = ":".join(filter(None, [library, env.get(PRELOAD_ENV)]))
+    return env
+
+
 def ensure_cxx_runtime(package: str | Path | None = None) -> None:
     """Call from an entry point before loading `package` (or with none, to act on a verdict
     already cached): if this host needs the preload and the process lacks it, re-execute the
@@ -135,11 +142,9 @@ def ensure_cxx_runtime(package: str | Path | None = None) -> None:
     if library is None or is_preloaded(library):
         return
     log.warning("re-executing with %s=%s so that AOTInductor packages load", PRELOAD_ENV, library)
-    env = dict(os.environ)
-    env[PRELOAD_ENV] = ":".join(filter(None, [library, env.get(PRELOAD_ENV)]))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    os.execve(sys.executable, sys.orig_argv, environ_with_preload(library))
 
 
 def check_cxx_runtime(package: str | Path) -> None:
