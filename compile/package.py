@@ -91,8 +91,8 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 def build_package(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
     """Compile `spec` into `out`. Nothing is left at `out` unless the package passed its check."""
-    if options.max_batch < 2:
-        raise BuildError("--max-batch must be at least 2")
+    if options.max_batch < 3:  # torch.export refuses a range of one value (min=2, max=2)
+        raise BuildError("--max-batch must be at least 3: the batch dimension is exported as a range from 2")
     if not 2 <= options.example_batch <= options.max_batch:
         raise BuildError(f"--tune-batch must be between 2 and --max-batch ({options.max_batch})")
     if options.device == "cuda" and not torch.cuda.is_available():

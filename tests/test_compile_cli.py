@@ -74,6 +74,7 @@ def test_a_fixed_batch_with_an_explicit_tune_batch_fails_cleanly(tmp_path, capsy
         (["factories:tiny", "--labels", "LABELS"], "4 outputs but 2 labels"),
         (["resnet18", "--weights", "WEIGHTS"], "do not fit the model"),
         (["factories:tiny", "--resize", "16"], "must not exceed resize"),
+        (["factories:tiny", "--max-batch", "2"], "--max-batch must be at least 3"),
         (["factories:tiny", "--max-batch", "4", "--tune-batch", "8"], "--tune-batch must be between 2"),
     ],
 )
