@@ -15,7 +15,7 @@ CATS = {"tiger cat", "Egyptian cat", "tabby"}
 @pytest.fixture
 def pipeline(lite0_runtime, sample_photos):
     policy = FetchPolicy.create([str(sample_photos["chelsea"].parent)], 10**7, 5)
-    pipe = Pipeline(lite0_runtime, PipelineConfig(policy=policy, decode_threads=2, batch_size=2))
+    pipe = Pipeline(lite0_runtime, PipelineConfig(policy=policy, fetch_threads=2, batch_size=2))
     yield pipe
     pipe.close()
 

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         "(on CUDA, one per GPU, round robin) [default: 1]",
     )
     parser.add_argument("--threads", type=int, help="torch threads per process [default: cores / processes]")
+    parser.add_argument(
+        "--decode-processes", type=int, help="CPU decoding processes per worker process [default: sized to the host]"
+    )
+    parser.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs on the GPU [default: auto]")
     parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
     parser.add_argument("--allowed-roots", help="folders whose files jobs may reference (os.pathsep-separated)")
     parser.add_argument("--loglevel", default="INFO", help="log level [default: INFO]")
@@ -55,6 +59,8 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         "threads": args.threads,
         "queues": args.queues,
         "allowed_roots": args.allowed_roots,
+        "decode_processes": args.decode_processes,
+        "gpu_decode": args.gpu_decode,
     }
     return WorkerSettings(**{k: v for k, v in given.items() if v is not None})
 
@@ -97,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     app = make_app(settings)
     tasks.register_tasks(app, settings)
     processes = settings.concurrency
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // processes)
     worker_args = [
         "worker",
         f"--hostname=kiln-{os.getpid()}@{socket.gethostname()}",
@@ -108,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if processes == 1:
         try:
-            tasks.init_process(settings, settings.device, threads)
+            tasks.init_process(settings, settings.device, processes)
         except PackageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        worker_args += ["--pool=solo", "--concurrency=1"]
+        # Threads, not solo: while one chunk's last batch runs, the next chunk's images load.
+        worker_args += ["--pool=threads", f"--concurrency={settings.tasks_in_flight}"]
     else:
         # Load in each child, never in the parent: CUDA must not be initialised before a fork,
         # and a child forked after the parent ran torch ops can hang (FACTS.md).
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             from billiard.process import current_process
 
             device = device_for_child(settings, manifest.device, current_process().index)
-            tasks.init_process(settings, device, threads)
+            tasks.init_process(settings, device, processes)
 
         signals.worker_process_shutdown.connect(lambda **_: remove_process_scratch_dir(), weak=False)
         worker_args += ["--pool=prefork", f"--concurrency={processes}"]

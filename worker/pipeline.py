@@ -1,31 +1,50 @@
 """The classification pipeline inside one worker process, with no broker in sight:
 
-    load (fetch + decode, on a thread pool) -> batch -> predict -> unbatch -> encode (records)
+    fetch (threads) -> route -> decode -> batch -> predict -> unbatch -> encode (records)
+                               ├─ GPU: JPEGs in batches (nvJPEG) + batched resize/crop
+                               ├─ CPU processes: other formats, CMYK, and JPEGs while a process is idle
+                               └─ fetch threads: where there are neither
 
-Loading runs ahead of inference by a bounded number of images, so fetching and decoding the next
-batch overlaps with the model running on this one (Pillow and torch release the GIL). Every image
-ends as exactly one record: top-k labels, or the error that stopped it.
+Each stage has its own workers and a bounded queue in front, so fetching, both decoders, the
+model and the callers' result writes all run at once. Many callers (Celery task threads) may
+`run` at the same time: their images share model batches, so a chunk boundary never drains the
+GPU. Every image ends as exactly one record: top-k labels, or the error that stopped it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
+import queue
 import socket
+import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
+import torch
 
-from worker.contract import InputError, Record
+from worker.contract import InputError, Label, Record
+from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy, fetch
-from worker.preprocess import decode_image
-from worker.runtime import ModelRuntime, stack_images
+from worker.gpu_decode import JpegBatchDecoder, gpu_decodable
+from worker.preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, ImageHeader, decode_image, read_header
+from worker.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+# How long a stage waits for more images before it runs a batch that is not full: long enough to
+# gather what is already on its way, short enough to be invisible to an online request.
+LINGER_S = 0.003
+
+# CUDA errors after which the context is unusable: the process exits at once, unacknowledged,
+# so its tasks are delivered to another worker instead of failing healthy images.
+_FATAL_CUDA = ("device-side assert", "illegal memory access", "unspecified launch failure", "illegal instruction")
 
 
 @dataclass(frozen=True)
@@ -39,53 +58,172 @@ class Work:
     reply_to: str | None = None  # online requests: the caller's reply list
 
 
-@dataclass
-class Loaded:
-    work: Work
-    pixels: np.ndarray | None = None
-    error: InputError | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class PipelineConfig:
     policy: FetchPolicy = field(default_factory=FetchPolicy)
-    max_pixels: int = 50_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_inline_bytes: int = 8 * 1024 * 1024
-    decode_threads: int = 2
+    formats: frozenset[str] = DEFAULT_FORMATS
+    fetch_threads: int = 2  # fetching, and decoding where no other decoder takes the image
+    decode_processes: int = 0  # CPU decoding processes; 0 decodes in the fetch threads
+    gpu_decode: bool = False  # decode JPEGs on the model's GPU (needs a CUDA package)
     batch_size: int | None = None  # default: the package's largest batch
 
 
+class _Request:
+    """One `run` call: its top-k and where its records go back to."""
+
+    def __init__(self, topk: int) -> None:
+        self.topk = topk
+        self.out: queue.SimpleQueue[list[tuple[Work, Record]]] = queue.SimpleQueue()
+
+
+@dataclass
+class _Image:
+    """One image on its way through the stages."""
+
+    work: Work
+    request: _Request
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    data: bytes | None = None
+    header: ImageHeader | None = None
+    pixels: np.ndarray | None = None  # decoded in a fetch thread: crop x crop x 3
+    slot: int | None = None  # decoded by the decode pool, into this slot
+
+
+@dataclass
+class _Rows:
+    """Images decoded on the GPU: row i of `tensor` (N x 3 x crop x crop, on the device) is images[i]."""
+
+    images: list[_Image]
+    tensor: torch.Tensor
+
+    def split(self, count: int) -> tuple[_Rows, _Rows]:
+        return _Rows(self.images[:count], self.tensor[:count]), _Rows(self.images[count:], self.tensor[count:])
+
+
 class Pipeline:
-    """Classifies `Work` items with one loaded model. One per process; not thread-safe."""
+    """Classifies `Work` items with one loaded model; one per process, thread-safe `run`."""
 
     def __init__(self, runtime: ModelRuntime, config: PipelineConfig) -> None:
         self.runtime = runtime
         self.config = config
+        self.prep = runtime.manifest.preprocess
         self.batch_size = min(config.batch_size or runtime.batch_max, runtime.batch_max)
         # Taken here, in the process that serves: prefork children import this module in the parent.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self._pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="kiln-decode")
+        self._fetchers = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-fetch")
+        self._pool = (
+            DecodePool(
+                config.decode_processes,
+                self.prep,
+                config.max_pixels,
+                config.formats,
+                slots=2 * self.batch_size + 4 * config.decode_processes,
+            )
+            if config.decode_processes
+            else None
+        )
+        self._gpu = JpegBatchDecoder(runtime.device, self.prep) if config.gpu_decode else None
+        self._gpu_queue: queue.Queue[_Image] = queue.Queue(maxsize=2 * self.batch_size)
+        self._ready: queue.Queue[_Image | _Rows] = queue.Queue()
+        crop = self.prep.crop
+        pin = runtime.device.type == "cuda"
+        self._staging = torch.empty((self.batch_size, crop, crop, 3), dtype=torch.uint8, pin_memory=pin)
+        self._stop = threading.Event()
+        fault = os.environ.get("KILN_TEST_CUDA_FAULT_AFTER")
+        self._fault_after = int(fault) if fault else None
+        self._threads = [threading.Thread(target=self._serve, args=(self._infer_loop,), name="kiln-infer", daemon=True)]
+        if self._gpu is not None:
+            self._threads.append(
+                threading.Thread(target=self._serve, args=(self._gpu_loop,), name="kiln-gpu-decode", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stop.set()
+        self._fetchers.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
 
-    # -- stages ---------------------------------------------------------------------------------
+    # -- the callers' side ----------------------------------------------------------------------
 
-    def load(self, work: Work) -> Loaded:
-        """Fetch and decode one image; errors become part of the result, never exceptions."""
-        loaded = Loaded(work)
-        try:
-            started = time.perf_counter()
-            data = self._bytes(work)
-            fetched = time.perf_counter()
-            loaded.pixels = decode_image(data, self.runtime.manifest.preprocess, self.config.max_pixels)
-            loaded.timings_ms = {"fetch": (fetched - started) * 1e3, "decode": (time.perf_counter() - fetched) * 1e3}
-        except InputError as e:
-            loaded.error = e
-        except Exception as e:  # a decoder bug must fail one image, not the batch
-            loaded.error = InputError("internal", f"{type(e).__name__}: {e}")
-        return loaded
+    def run(self, works: Iterable[Work], topk: int) -> Iterator[list[tuple[Work, Record]]]:
+        """Yield (work, record) pairs as images finish, a batch or more at a time, until every
+        work has its record. At most two batches of this caller's images are in flight."""
+        request = _Request(topk)
+        source = iter(works)
+        window = 2 * self.batch_size
+        group = max(1, self.batch_size // (4 * self.config.fetch_threads))
+        submitted = finished = 0
+
+        def feed() -> None:
+            nonlocal submitted
+            while submitted - finished < window:
+                images = [_Image(w, request) for w in islice(source, group)]
+                if not images:
+                    return
+                self._fetchers.submit(self._load_all, images)
+                submitted += len(images)
+
+        feed()
+        while finished < submitted:
+            pairs = request.out.get()
+            with_more = [pairs]
+            while True:  # whatever else is done already goes in the same write
+                try:
+                    with_more.append(request.out.get_nowait())
+                except queue.Empty:
+                    break
+            pairs = [pair for part in with_more for pair in part]
+            finished += len(pairs)
+            feed()
+            yield pairs
+
+    # -- fetch and route (fetch threads) --------------------------------------------------------
+
+    def _load_all(self, images: list[_Image]) -> None:
+        for image in images:
+            try:
+                self._load(image)
+            except InputError as e:
+                self._fail(image, e)
+            except Exception as e:  # a bug must fail one image, not the caller
+                log.exception("loading %s failed", image.work.key)
+                self._fail(image, InputError("internal", f"{type(e).__name__}: {e}"))
+
+    def _load(self, image: _Image) -> None:
+        started = time.perf_counter()
+        data = self._bytes(image.work)
+        header = read_header(data, self.config.max_pixels, self.config.formats)
+        image.timings_ms["fetch"] = (time.perf_counter() - started) * 1e3
+        pool = self._pool
+        if self._gpu is not None and gpu_decodable(data, header) and not (pool is not None and pool.idle):
+            image.data, image.header = data, header
+            self._gpu_queue.put(image)
+        else:
+            self._decode_on_cpu(image, data)
+
+    def _decode_on_cpu(self, image: _Image, data: bytes) -> None:
+        """Decode in the pool when there is one (the result comes back on its own thread), else here."""
+        started = time.perf_counter()
+        if self._pool is None:
+            image.pixels = decode_image(data, self.prep, self.config.max_pixels, self.config.formats)
+            image.timings_ms["decode"] = (time.perf_counter() - started) * 1e3
+            self._ready.put(image)
+            return
+
+        def decoded(future: Future[int]) -> None:
+            image.timings_ms["decode"] = (time.perf_counter() - started) * 1e3
+            try:
+                image.slot = future.result()
+            except InputError as e:
+                self._fail(image, e)
+                return
+            self._ready.put(image)
+
+        self._pool.submit(data).add_done_callback(decoded)
 
     def _bytes(self, work: Work) -> bytes:
         if work.data_b64 is None:
@@ -97,68 +235,176 @@ class Pipeline:
         except (binascii.Error, ValueError):
             raise InputError("bad_message", "data_b64 is not valid base64") from None
 
-    def predict(self, batch: Sequence[Loaded], topk: int) -> list[tuple[Work, Record]]:
-        """Run the model on decoded images and encode one record per image."""
+    # -- GPU decoding (one thread) ----------------------------------------------------------------
+
+    def _gpu_loop(self) -> None:
+        images = self._gather(self._gpu_queue, self.batch_size)
+        if not images:
+            return
         started = time.perf_counter()
+        result = self._gpu.decode([(image.data, image.header) for image in images])
+        per_image_ms = (time.perf_counter() - started) * 1e3 / len(images)
+        decoded = [images[i] for i in result.decoded]
+        for image in decoded:
+            image.data = None
+            image.timings_ms["decode"] = per_image_ms
+        if decoded:
+            self._ready.put(_Rows(decoded, result.images))
+        for index in result.refused:  # nvJPEG said no: Pillow decides, for this image alone
+            image = images[index]
+            data, image.data = image.data, None
+            self._fetchers.submit(self._refused_on_cpu, image, data)
+
+    def _refused_on_cpu(self, image: _Image, data: bytes) -> None:
         try:
-            labels = self.runtime.top_k(self.runtime.predict(stack_images([x.pixels for x in batch])), topk)
-        except Exception as e:  # a failed model run fails these images, with the reason
+            self._decode_on_cpu(image, data)
+        except InputError as e:
+            self._fail(image, e)
+
+    # -- batch, predict, unbatch, encode (one thread) -----------------------------------------------
+
+    def _infer_loop(self) -> None:
+        units = self._gather(self._ready, self.batch_size, size=_count)
+        if not units:
+            return
+        rows = [unit for unit in units if isinstance(unit, _Rows)]
+        singles = sorted((unit for unit in units if isinstance(unit, _Image)), key=lambda image: image.slot is None)
+        images = [image for part in rows for image in part.images] + singles
+        try:
+            batch = self._assemble(rows, singles)
+            self._inject_fault()
+            started = time.perf_counter()
+            probs = self.runtime.predict(batch)
+            infer_ms = (time.perf_counter() - started) * 1e3
+        except Exception as e:
+            if _is_fatal_cuda_error(e):
+                raise
+            log.exception("a model run failed")
             error = InputError("internal", f"model run failed: {type(e).__name__}: {e}")
-            return [(item.work, self.encode(item, error=error)) for item in batch]
-        infer_ms = (time.perf_counter() - started) * 1e3
-        return [
-            (item.work, self.encode(item, labels=top, infer_ms=infer_ms))
-            for item, top in zip(batch, labels, strict=True)
-        ]
+            for image in images:
+                self._fail(image, error)
+            return
+        finally:
+            if self._pool is not None:
+                self._pool.release([image.slot for image in singles if image.slot is not None])
+        self._deliver_predictions(images, probs, infer_ms)
 
-    def encode(self, item: Loaded, labels=None, error: InputError | None = None, infer_ms: float = 0.0) -> Record:
-        work, manifest = item.work, self.runtime.manifest
-        common = {
-            "ref": work.ref,
-            "model": manifest.model,
-            "model_digest": manifest.weights_sha256,
-            "worker": self.worker_id,
-            "finished_at": time.time(),
-        }
-        error = error or item.error
-        if error is not None:
-            return Record.failure(work.job, work.key, error.kind, str(error), timings_ms=item.timings_ms, **common)
-        timings = {**item.timings_ms, "infer": infer_ms}
-        return Record(job=work.job, key=work.key, status="ok", topk=labels, timings_ms=timings, **common)
+    def _assemble(self, rows: list[_Rows], singles: list[_Image]) -> torch.Tensor:
+        """One uint8 N x 3 x crop x crop batch on the model's device: GPU rows as they are, CPU
+        crops (`singles`, those in pool slots first) through one pinned staging buffer and one
+        non-blocking copy. The buffer is reused at once: `predict` synchronises before returning."""
+        parts = [part.tensor for part in rows]
+        if singles:
+            staging = self._staging[: len(singles)]
+            slots = [image.slot for image in singles if image.slot is not None]
+            if slots:
+                self._pool.gather(slots, staging.numpy())
+            host_view = staging.numpy()
+            for i in range(len(slots), len(singles)):
+                host_view[i] = singles[i].pixels
+            device = self.runtime.device
+            host = staging.to(device, non_blocking=True) if device.type == "cuda" else staging
+            parts.append(host.permute(0, 3, 1, 2))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    # -- the whole flow -------------------------------------------------------------------------
+    def _inject_fault(self) -> None:
+        """Tests only (`KILN_TEST_CUDA_FAULT_AFTER=N`): a device-side assert in batch N + 1."""
+        if self._fault_after is None or self.runtime.device.type != "cuda":
+            return
+        if self._fault_after == 0:
+            index = torch.tensor([1 << 20], device=self.runtime.device)
+            torch.zeros(1, device=self.runtime.device)[index].item()
+        self._fault_after -= 1
 
-    def run(self, works: Iterable[Work], topk: int) -> Iterator[list[tuple[Work, Record]]]:
-        """Yield (work, record) pairs batch by batch; failed images ride along with the next batch.
+    def _deliver_predictions(self, images: list[_Image], probs: torch.Tensor, infer_ms: float) -> None:
+        k = max(image.request.topk for image in images)
+        scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        labels = self.runtime.labels
+        by_request: dict[int, list[tuple[Work, Record]]] = {}
+        for image, row_scores, row_indices in zip(images, scores.tolist(), indices.tolist(), strict=True):
+            topk = [
+                Label.model_construct(label=labels[i], index=i, score=s)
+                for s, i in zip(row_scores[: image.request.topk], row_indices, strict=False)
+            ]
+            record = self._record(image, status="ok", topk=topk, timings_ms={**image.timings_ms, "infer": infer_ms})
+            by_request.setdefault(id(image.request), []).append((image.work, record))
+        requests = {id(image.request): image.request for image in images}
+        for key, pairs in by_request.items():
+            requests[key].out.put(pairs)
 
-        Images are loaded in small groups, one group per thread-pool task: a task per image costs
-        more than decoding a small image does."""
-        threads = self.config.decode_threads
-        group = max(1, self.batch_size // (4 * threads))
-        lookahead = -(-2 * self.batch_size // group) + threads  # groups in flight: two batches ahead
-        pending: deque[Future[list[Loaded]]] = deque()
-        ready: list[Loaded] = []
-        failed: list[tuple[Work, Record]] = []
-        source = iter(works)
+    # -- shared helpers -------------------------------------------------------------------------------
 
-        def refill() -> None:
-            while len(pending) < lookahead:
-                chunk = list(islice(source, group))
-                if not chunk:
-                    return
-                pending.append(self._pool.submit(lambda items: [self.load(w) for w in items], chunk))
+    def _record(self, image: _Image, **fields: object) -> Record:
+        manifest = self.runtime.manifest
+        # Built from values kiln made itself: validating them again costs more than the model.
+        return Record.model_construct(
+            job=image.work.job,
+            key=image.work.key,
+            ref=image.work.ref,
+            model=manifest.model,
+            model_digest=manifest.weights_sha256,
+            worker=self.worker_id,
+            finished_at=time.time(),
+            **fields,
+        )
 
-        refill()
-        while pending:
-            loaded_group = pending.popleft().result()
-            refill()
-            for loaded in loaded_group:
-                if loaded.error is not None:
-                    failed.append((loaded.work, self.encode(loaded)))
-                else:
-                    ready.append(loaded)
-                if len(ready) == self.batch_size:
-                    yield failed + self.predict(ready, topk)
-                    ready, failed = [], []
-        if ready or failed:
-            yield failed + (self.predict(ready, topk) if ready else [])
+    def _fail(self, image: _Image, error: InputError) -> None:
+        record = Record.failure(
+            image.work.job,
+            image.work.key,
+            error.kind,
+            str(error),
+            ref=image.work.ref,
+            model=self.runtime.manifest.model,
+            model_digest=self.runtime.manifest.weights_sha256,
+            worker=self.worker_id,
+            timings_ms=image.timings_ms,
+            finished_at=time.time(),
+        )
+        image.request.out.put([(image.work, record)])
+
+    def _gather(self, source: queue.Queue, limit: int, size=lambda _: 1) -> list:
+        """Block for one item, then take what arrives within `LINGER_S`, up to `limit` in all
+        (measured by `size`). Returns [] when the pipeline is closing."""
+        while True:
+            try:
+                first = source.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self._stop.is_set():
+                    return []
+        items, count = [first], size(first)
+        deadline = time.perf_counter() + LINGER_S
+        while count < limit:
+            try:
+                item = source.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if isinstance(item, _Rows) and count + len(item.images) > limit:  # keep batches full-size
+                item, rest = item.split(limit - count)
+                source.put(rest)
+            items.append(item)
+            count += size(item)
+        return items
+
+    def _serve(self, loop) -> None:
+        """Run a stage's loop for the life of the pipeline. A CUDA error that poisons the context
+        ends the process without acknowledging its tasks: another worker gets them."""
+        while not self._stop.is_set():
+            try:
+                loop()
+            except Exception as e:
+                if _is_fatal_cuda_error(e):
+                    log.critical("CUDA error, this GPU context is unusable; exiting so another worker redoes it: %s", e)
+                    logging.shutdown()
+                    os._exit(70)  # EX_SOFTWARE; no acknowledgement, no cleanup that could touch CUDA
+                log.exception("%s failed; it carries on", threading.current_thread().name)
+
+
+def _count(unit: _Image | _Rows) -> int:
+    return len(unit.images) if isinstance(unit, _Rows) else 1
+
+
+def _is_fatal_cuda_error(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in _FATAL_CUDA)

@@ -7,6 +7,7 @@ package, so this module never touches floats and needs no torch.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,10 +29,59 @@ _RESAMPLE = {
 }
 
 
-def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes of any image format Pillow reads -> `crop x crop x 3` uint8 RGB, per `prep`."""
+DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read before any pixels are decoded."""
+
+    format: str  # Pillow's format name: "JPEG", "MPO", "PNG", ...
+    width: int  # as stored, before EXIF orientation
+    height: int
+    mode: str  # Pillow's mode as opened: "RGB", "L", "CMYK", ...
+    orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
+    progressive: bool  # JPEG and MPO only
+
+
+def _openers(formats: frozenset[str]) -> list[str]:
+    """Pillow's openers for `formats`: MPO has none of its own (the JPEG opener returns MPOs)."""
+    Image.init()
+    return [f for f in sorted(formats) if f in Image.OPEN]
+
+
+def read_header(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: frozenset[str] = DEFAULT_FORMATS
+) -> ImageHeader:
+    """Parse an image's header (no pixel decoding). Raises `InputError`: `not_an_image`,
+    `unreadable`, or `too_large` past `max_pixels`."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_openers(formats))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise InputError("too_large", f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
+        try:
+            orientation = int(image.getexif().get(0x0112, 1))
+        except Exception:  # broken EXIF must not cost the pixels
+            orientation = 1
+        progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+        return ImageHeader(
+            image.format, width, height, image.mode, orientation if 1 <= orientation <= 8 else 1, progressive
+        )
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError("not_an_image", "not an image in any format Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise InputError("unreadable", f"corrupt or truncated image: {e}") from None
+
+
+def decode_image(
+    data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS, formats: frozenset[str] = DEFAULT_FORMATS
+) -> np.ndarray:
+    """Bytes of an image in one of `formats` -> `crop x crop x 3` uint8 RGB, per `prep`."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=_openers(formats))
         width, height = image.size
         if width * height > max_pixels:
             raise InputError("too_large", f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")

@@ -7,7 +7,7 @@ module imports no torch, so producers can use it.
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,7 +33,29 @@ class WorkerSettings(CommonSettings):
     threads: int | None = Field(
         default=None, ge=1, description="torch threads per process; default: the cores divided among the processes"
     )
-    decode_threads: int = Field(default=2, ge=1, description="threads fetching and decoding images in each process")
+    fetch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="threads fetching images (and decoding them where no other decoder does) in each process; "
+        "default: 8 with a GPU, else 2",
+    )
+    decode_processes: int | None = Field(
+        default=None,
+        ge=0,
+        description="processes decoding images on the CPU (Pillow) for each worker process; 0 decodes in the "
+        "fetch threads; default: the cores less 4 with a GPU (less 2 per extra GPU process), else 0",
+    )
+    gpu_decode: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="decode JPEGs on the GPU (nvJPEG): auto uses it with CUDA packages where torchvision can; "
+        "on refuses to start without it",
+    )
+    tasks_in_flight: int = Field(
+        default=2,
+        ge=1,
+        description="chunk tasks each worker process runs at once (threads), so that one chunk's tail "
+        "overlaps the next chunk's start",
+    )
     batch_size: int | None = Field(default=None, ge=1, description="images per model call; default: the package's max")
     queues: Annotated[list[str], NoDecode] = Field(
         default=["kiln.bulk", "kiln.online"], description="queues to consume, comma-separated"

@@ -35,21 +35,27 @@ class ProcessState:
 _state: ProcessState | None = None
 
 
-def init_process(settings: WorkerSettings, device: str | None, threads: int) -> ProcessState:
-    """Load the model and connect the store, once per worker process."""
+def init_process(settings: WorkerSettings, device: str | None, processes: int) -> ProcessState:
+    """Load the model, plan the data path and connect the store, once per worker process
+    (`processes`: how many worker processes share this host)."""
     global _state
     import torch
 
+    from worker.plan import plan_data_path
     from worker.runtime import load_runtime
 
-    torch.set_num_threads(threads)
     runtime = load_runtime(settings.model, device)
+    plan = plan_data_path(settings, runtime.device, runtime.batch_max, processes)
+    torch.set_num_threads(plan.torch_threads)
+    log.info("%s", plan.describe())
     config = PipelineConfig(
         policy=FetchPolicy.create(settings.allowed_roots, settings.max_image_bytes, settings.fetch_timeout_s),
         max_pixels=settings.max_image_pixels,
         max_inline_bytes=settings.max_image_bytes,
-        decode_threads=settings.decode_threads,
-        batch_size=settings.batch_size,
+        fetch_threads=plan.fetch_threads,
+        decode_processes=plan.decode_processes,
+        gpu_decode=plan.gpu_decode,
+        batch_size=plan.batch_size,
     )
     _state = ProcessState(
         settings, Pipeline(runtime, config), ResultStore.from_url(settings.redis_url, settings.result_ttl_s)

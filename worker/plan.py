@@ -1,0 +1,86 @@
+"""The data-path plan of one worker process: which decoders, how many threads and processes, what
+batch size, sized to the host unless the settings say otherwise. Logged in one line at start.
+
+Why these defaults (measured on the H200 host, 16 cores, FACTS.md and bench/results/gpu-h200.json):
+the GPU decodes 640x480 JPEGs 5x faster than Pillow on all 16 cores, but camera-size JPEGs only
+about as fast as Pillow's DCT-scaled `draft` decode in 16 processes, so a GPU worker runs both;
+the worker process itself keeps ~3 cores for fetching, routing, the model and the result writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from worker.manifest import PackageError
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+RESERVED_CORES = 3  # the worker process's own threads: fetch and route, GPU decode, model, writes
+
+
+@dataclass(frozen=True)
+class DataPathPlan:
+    device: str
+    gpu_decode: bool
+    decode_processes: int
+    fetch_threads: int
+    torch_threads: int
+    batch_size: int
+    tasks_in_flight: int
+
+    def describe(self) -> str:
+        decoders = " + ".join(
+            part
+            for part in (
+                "GPU (nvJPEG) for JPEGs" if self.gpu_decode else "",
+                f"{self.decode_processes} CPU decode processes" if self.decode_processes else "",
+                "" if self.decode_processes else f"decoding in the {self.fetch_threads} fetch threads",
+            )
+            if part
+        )
+        return (
+            f"data path on {self.device}: {decoders}; {self.fetch_threads} fetch threads, batch {self.batch_size}, "
+            f"{self.torch_threads} torch threads, {self.tasks_in_flight} chunk tasks in flight"
+        )
+
+
+def host_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a container's or taskset's limit)."""
+    return len(os.sched_getaffinity(0))
+
+
+def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: int, processes: int) -> DataPathPlan:
+    """The plan for one of `processes` worker processes on this host serving a package whose
+    largest batch is `batch_max`. Raises `PackageError` when `gpu_decode="on"` cannot be met."""
+    from worker.gpu_decode import decoder_available
+
+    cores = host_cores()
+    share = max(1, cores // processes)
+    cuda = device.type == "cuda"
+    gpu_decode = False
+    if cuda and settings.gpu_decode != "off":
+        why_not = decoder_available(device)
+        if why_not is None:
+            gpu_decode = True
+        elif settings.gpu_decode == "on":
+            raise PackageError(f"KILN_GPU_DECODE=on, but torchvision cannot decode JPEGs on {device}: {why_not}")
+        else:
+            log.warning("no GPU JPEG decoder on %s (%s): decoding on the CPU", device, why_not)
+    if settings.decode_processes is not None:
+        decode_processes = settings.decode_processes
+    else:
+        decode_processes = max(1, share - RESERVED_CORES) if cuda else 0
+    return DataPathPlan(
+        device=str(device),
+        gpu_decode=gpu_decode,
+        decode_processes=decode_processes,
+        fetch_threads=settings.fetch_threads or (8 if cuda else 2),
+        torch_threads=settings.threads or share,
+        batch_size=min(settings.batch_size or batch_max, batch_max),
+        tasks_in_flight=settings.tasks_in_flight,
+    )
