@@ -10,7 +10,7 @@ noisy, so absolute numbers from different runs do not compare):
    JPEG photos (the samples/ photos, randomly cropped, flipped and resized to 640x480, re-encoded at
    quality 90). The *ceiling* is the worker's own decode + model loop run directly in this process:
    `worker.pipeline.Pipeline(load_runtime(pkg), PipelineConfig(...)).run(works, topk=5)` over every
-   file as one stream, with the worker's torch threads (cores / processes) and decode threads. The
+   file as one stream, with the worker's torch threads (cores / processes) and fetch threads. The
    *queue path* is a real redis-server (loopback, no persistence) and a real `python -m worker`
    subprocess: `Kiln.submit([folder])` + `Kiln.wait()`, timed from the submit call until the job's
    counters say every image has a record (so it includes expanding the folder, the Celery
@@ -136,10 +136,10 @@ def make_dataset(folder: Path, count: int, size: tuple[int, int], seed: int) -> 
 # -- processes ------------------------------------------------------------------------------------
 
 
-def _worker_env(decode_threads: int) -> dict[str, str]:
+def _worker_env(fetch_threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["KILN_DECODE_THREADS"] = str(decode_threads)
+    env["KILN_FETCH_THREADS"] = str(fetch_threads)
     return env
 
 
@@ -158,12 +158,12 @@ class Workers:
     def popens(self) -> list[subprocess.Popen]:
         return [worker.process for worker in self.instances]
 
-    def start(self, package: Path, url: str, roots: list[Path], decode_threads: int, logdir: Path) -> None:
+    def start(self, package: Path, url: str, roots: list[Path], fetch_threads: int, logdir: Path) -> None:
         count, concurrency = (1, self.processes) if self.pool == "prefork" else (self.processes, 1)
         options = ["--concurrency", str(concurrency), "--threads", str(self.threads)]
         for i in range(count):
             log = logdir / f"worker-{self.label.replace(' ', '_')}-{i}.log"
-            self.instances.append(LocalWorker(package, url, log, roots, options, env=_worker_env(decode_threads)))
+            self.instances.append(LocalWorker(package, url, log, roots, options, env=_worker_env(fetch_threads)))
 
     def check(self) -> None:
         for worker in self.instances:
@@ -220,7 +220,7 @@ def self_cpu_s() -> float:
 class Ceiling:
     """The worker's decode + model loop, in this process, over the whole data set as one stream."""
 
-    def __init__(self, package: Path, roots: list[Path], decode_threads: int) -> None:
+    def __init__(self, package: Path, roots: list[Path], fetch_threads: int) -> None:
         from worker.fetch import FetchPolicy
         from worker.pipeline import Pipeline, PipelineConfig
         from worker.runtime import load_runtime
@@ -233,7 +233,7 @@ class Ceiling:
             policy=policy,
             max_pixels=defaults.max_image_pixels,
             max_inline_bytes=defaults.max_image_bytes,
-            decode_threads=decode_threads,
+            fetch_threads=fetch_threads,
         )
         self.pipeline = Pipeline(runtime, config)
 
@@ -341,11 +341,11 @@ def measure(args, package: Path, folder: Path, files: list[Path], setups, ceilin
     ceiling_runs: dict[int, list[dict]] = {t: [] for t in ceiling_threads}
     variants = []
     for index, (workers, chunks) in enumerate(setups):
-        workers.start(package, url, [folder], args.decode_threads, workdir)
+        workers.start(package, url, [folder], args.fetch_threads, workdir)
         ceiling = None
         try:
             if index == 0:
-                ceiling = Ceiling(package, [folder], args.decode_threads)
+                ceiling = Ceiling(package, [folder], args.fetch_threads)
                 ceiling.run(files[: 2 * ceiling.pipeline.batch_size], ceiling_threads[0])  # warm-up
             ready_s = warm_up_workers(url, workers, files)
             runs: dict[int, list[dict]] = {c: [] for c in chunks}
@@ -371,7 +371,7 @@ def measure(args, package: Path, folder: Path, files: list[Path], setups, ceilin
                     "processes": workers.processes,
                     "pool": workers.pool,
                     "threads": workers.threads,
-                    "decode_threads": args.decode_threads,
+                    "fetch_threads": args.fetch_threads,
                     "chunk_size": chunk,
                     "worker_warmup_s": ready_s,
                     **_best(chunk_runs),
@@ -382,7 +382,7 @@ def measure(args, package: Path, folder: Path, files: list[Path], setups, ceilin
             "name": f"in-process ceiling, {threads} thr",
             "processes": 1,
             "threads": threads,
-            "decode_threads": args.decode_threads,
+            "fetch_threads": args.fetch_threads,
             **_best(ceiling_runs[threads]),
         }
         for threads in ceiling_threads
@@ -467,7 +467,7 @@ def bench_tiny(args, env, cores: int) -> dict:
 def print_table(results: dict) -> None:
     print(
         f"\nkiln pipeline benchmark: {results['cores']} cores ({results['cpu'] or 'cpu'}), torch {results['torch']}, "
-        f"decode threads {results['decode_threads']}, best of {results['repeats']}"
+        f"fetch threads {results['fetch_threads']}, best of {results['repeats']}"
     )
     header = (
         "model",
@@ -509,7 +509,7 @@ def main() -> None:
     parser.add_argument("--tiny-images", type=int, default=10_000, help="tiny-model data set: 64x64 JPEGs")
     parser.add_argument("--only", choices=["lite0", "tiny"], help="run one of the two benchmarks")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant; the best counts")
-    parser.add_argument("--decode-threads", type=int, default=2, help="fetch+decode threads per process (worker's)")
+    parser.add_argument("--fetch-threads", type=int, default=2, help="fetch threads per worker process")
     parser.add_argument("--lite0-batch", type=int, default=64, help="Lite0 package's max batch (kiln's cpu default)")
     parser.add_argument("--lite0-chunks", default="128", help="chunk sizes for Lite0 (128: the producer default)")
     parser.add_argument("--tiny-batch", type=int, default=256, help="tiny package's max batch (kiln's cuda default)")
@@ -543,10 +543,10 @@ def main() -> None:
         "cpu": platform.processor(),
         "cores": cores,
         "load_avg_at_start": os.getloadavg(),
-        "decode_threads": args.decode_threads,
+        "fetch_threads": args.fetch_threads,
         "repeats": args.repeats,
         "method": "best of `repeats` runs; queue: Kiln.submit([folder]) until every image has a record; "
-        "ceiling: worker.pipeline.Pipeline.run in this process, same torch and decode threads as the worker; "
+        "ceiling: worker.pipeline.Pipeline.run in this process, same torch and fetch threads as the worker; "
         "cpu: worker CPU seconds / (seconds x cores), from /proc",
         "models": {},
     }

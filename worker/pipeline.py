@@ -21,6 +21,7 @@ import queue
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,6 +132,8 @@ class Pipeline:
         pin = runtime.device.type == "cuda"
         self._staging = torch.empty((self.batch_size, crop, crop, 3), dtype=torch.uint8, pin_memory=pin)
         self._stop = threading.Event()
+        self.decoded_by: Counter[str] = Counter()  # images per decoder: "gpu", "processes", "threads"
+        self._count_lock = threading.Lock()
         fault = os.environ.get("KILN_TEST_CUDA_FAULT_AFTER")
         self._fault_after = int(fault) if fault else None
         self._threads = [threading.Thread(target=self._serve, args=(self._infer_loop,), name="kiln-infer", daemon=True)]
@@ -211,6 +214,7 @@ class Pipeline:
         if self._pool is None:
             image.pixels = decode_image(data, self.prep, self.config.max_pixels, self.config.formats)
             image.timings_ms["decode"] = (time.perf_counter() - started) * 1e3
+            self._count("threads")
             self._ready.put(image)
             return
 
@@ -221,6 +225,7 @@ class Pipeline:
             except InputError as e:
                 self._fail(image, e)
                 return
+            self._count("processes")
             self._ready.put(image)
 
         self._pool.submit(data).add_done_callback(decoded)
@@ -249,6 +254,7 @@ class Pipeline:
             image.data = None
             image.timings_ms["decode"] = per_image_ms
         if decoded:
+            self._count("gpu", len(decoded))
             self._ready.put(_Rows(decoded, result.images))
         for index in result.refused:  # nvJPEG said no: Pillow decides, for this image alone
             image = images[index]
@@ -347,6 +353,10 @@ class Pipeline:
             finished_at=time.time(),
             **fields,
         )
+
+    def _count(self, decoder: str, images: int = 1) -> None:
+        with self._count_lock:
+            self.decoded_by[decoder] += images
 
     def _fail(self, image: _Image, error: InputError) -> None:
         record = Record.failure(

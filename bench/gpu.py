@@ -1,0 +1,475 @@
+"""GPU benchmark: the whole data path on one GPU host, in one run.
+
+    python bench/gpu.py --wheels .whl                 # everything, on a CUDA host
+    python bench/gpu.py --sections e2e,cold           # some sections; packages and data are cached
+
+Sections, each measured in this run (ratios only compare numbers from the same run):
+- build:  ResNet-18, ResNet-50 and EfficientNet-Lite0 packages (bf16, channels_last, batch 2..256),
+          built in parallel processes and cached under build/bench-packages/.
+- model:  model-only images/s of the AOTI package, eager and torch.compile at batch 64 and 256,
+          uint8 input already on the GPU (bench/runtime.py's interleaved rounds).
+- decode: decode ceilings on 640x480 and 4000x3000 JPEGs: `worker.preprocess.decode_image` (Pillow,
+          `draft`) in one process per core; torchvision's `decode_jpeg` on the GPU in batches of 256,
+          alone and with kiln's batched resize + crop (`worker.gpu_decode`); nvImageCodec when it
+          is installed.
+- e2e:    kiln end to end: a real Redis (the embedded mode's), `python -m worker --model
+          resnet18.pt2` with default settings, `Kiln.submit(folder)` until every record is
+          written; on 640x480 JPEGs, 4000x3000 JPEGs and a mixed folder (JPEG sizes, progressive,
+          greyscale, CMYK, PNG, WebP). The in-process pipeline (no broker) is timed too.
+- cold:   fresh process to the first prediction of the ResNet-18 package.
+- gpus:   with more than one GPU visible: one worker process per GPU against one GPU, end to end.
+
+`--wheels DIR` installs the wheels the host lacks (celery, redis, pydantic-settings, ...) into a
+private folder first and re-executes with it on the path. Prints a table and merges its sections
+into the JSON file (default bench/results/gpu-h200.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DATA = ROOT / "build" / "gpu-bench-data"
+MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
+SECTIONS = ("build", "model", "decode", "e2e", "cold", "gpus")
+SMALL, LARGE = (640, 480), (4000, 3000)
+
+
+def install_wheels(folder: Path) -> None:
+    """pip install --target a private folder, once, then re-execute with it on PYTHONPATH."""
+    if os.environ.get("KILN_BENCH_WHEELS_DONE"):
+        return
+    target = Path("/tmp/kiln-bench-site")
+    wheels = sorted(str(p) for p in folder.glob("*.whl"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
+         "--target", str(target), *wheels],
+        check=True,
+    )  # fmt: skip
+    env = dict(os.environ, KILN_BENCH_WHEELS_DONE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), str(ROOT), env.get("PYTHONPATH")]))
+    nvjpeg = target / "nvidia" / "nvjpeg" / "lib"  # nvImageCodec's nvJPEG, when carried
+    if nvjpeg.is_dir():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(nvjpeg), env.get("LD_LIBRARY_PATH")]))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def _make_part(args: tuple[str, int, tuple[int, int], int]) -> int:
+    from bench.pipeline import make_dataset
+
+    folder, count, size, seed = args
+    return len(make_dataset(Path(folder), count, size, seed))
+
+
+def dataset(name: str, count: int, size: tuple[int, int]) -> Path:
+    """`count` JPEGs of `size` from bench/pipeline.py's make_dataset, made in parallel, cached."""
+    folder = DATA / f"{name}-{size[0]}x{size[1]}-{count}"
+    if folder.is_dir() and sum(1 for _ in folder.rglob("*.jpg")) == count:
+        return folder
+    parts = max(1, min(os.cpu_count() or 1, count // 16))
+    jobs = [(str(folder / f"p{i:02d}"), count // parts + (i < count % parts), size, 1000 + i) for i in range(parts)]
+    with multiprocessing.get_context("spawn").Pool(parts) as pool:
+        pool.map(_make_part, jobs)
+    return folder
+
+
+def mixed_dataset(small: Path, large: Path, count: int) -> Path:
+    """A folder like a user's: mostly 640x480 JPEGs, some camera-size ones, progressive,
+    greyscale and CMYK JPEGs, PNGs and WebPs."""
+    from PIL import Image
+
+    folder = DATA / f"mixed-{count}"
+    if folder.is_dir() and sum(1 for _ in folder.iterdir()) == count:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    smalls, larges = sorted(small.rglob("*.jpg")), sorted(large.rglob("*.jpg"))
+    for i in range(count):
+        kind = i % 20
+        if kind < 2:
+            (folder / f"{i:05d}-large.jpg").write_bytes(larges[i % len(larges)].read_bytes())
+            continue
+        source = smalls[i % len(smalls)]
+        if kind < 12:
+            (folder / f"{i:05d}.jpg").write_bytes(source.read_bytes())
+            continue
+        image = Image.open(source)
+        if kind < 14:
+            image.save(folder / f"{i:05d}-progressive.jpg", "JPEG", quality=90, progressive=True)
+        elif kind < 15:
+            image.convert("L").save(folder / f"{i:05d}-grey.jpg", "JPEG", quality=90)
+        elif kind < 16:
+            image.convert("CMYK").save(folder / f"{i:05d}-cmyk.jpg", "JPEG", quality=90)
+        elif kind < 18:
+            image.save(folder / f"{i:05d}.png")
+        else:
+            image.save(folder / f"{i:05d}.webp", quality=90)
+    return folder
+
+
+# -- sections ---------------------------------------------------------------------------------------
+
+
+def _build_one(model: str) -> tuple[str, str, float | None]:
+    from bench.packages import cached_package
+    from compile.package import BuildOptions
+
+    path, seconds = cached_package(model, BuildOptions("cuda", "bfloat16", True, 256))
+    return model, str(path), seconds
+
+
+def build_packages(models: tuple[str, ...]) -> dict[str, dict]:
+    """All packages at once, one process each: compiling is CPU-bound and single-threaded for long spells."""
+    with multiprocessing.get_context("spawn").Pool(len(models)) as pool:
+        built = pool.map(_build_one, models)
+    return {model: {"path": path, "build_s": seconds} for model, path, seconds in built}
+
+
+def bench_models(packages: dict[str, dict], seconds: float) -> dict:
+    import torch
+
+    from bench.runtime import images_per_second
+    from compile.models import resolve_model
+    from compile.package import DTYPES, PackagedModel
+    from worker.runtime import load_runtime
+
+    torch.backends.cudnn.benchmark = True
+    results = {}
+    for model, info in packages.items():
+        runtime = load_runtime(info["path"], "cuda")
+        spec = resolve_model(model)
+        eager = PackagedModel(spec.module.to(DTYPES["bfloat16"]), spec.preprocess, DTYPES["bfloat16"], True)
+        eager = eager.to("cuda").eval()
+        compiled = torch.compile(eager)
+        results[model] = {}
+        for batch in (64, 256):
+            x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
+            with torch.inference_mode():
+                runners = {"eager": eager, "compile": compiled, "aoti": runtime._model}
+                row = images_per_second(runners, x, "cuda", seconds)
+            results[model][str(batch)] = row
+            print(f"  model {model} batch {batch}: " + ", ".join(f"{k} {v:,.0f}" for k, v in row.items()), flush=True)
+        del runtime, eager, compiled
+        torch.cuda.empty_cache()
+    return results
+
+
+def _decode_files(args: tuple[list[str], object]) -> int:
+    from worker.preprocess import decode_image
+
+    paths, prep = args
+    for path in paths:
+        decode_image(Path(path).read_bytes(), prep)
+    return len(paths)
+
+
+def cpu_decode_rate(files: list[Path], processes: int) -> float:
+    """images/s of `decode_image` (Pillow + draft + resize/crop) in `processes` processes."""
+    from worker.manifest import IMAGENET_PREPROCESS
+
+    groups = [([str(f) for f in files[i::processes]], IMAGENET_PREPROCESS) for i in range(processes)]
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_decode_files, [([str(files[0])], IMAGENET_PREPROCESS)] * processes)  # start-up out of the timing
+        started = time.perf_counter()
+        done = sum(pool.map(_decode_files, groups))
+    return done / (time.perf_counter() - started)
+
+
+def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
+    """images/s on the GPU: torchvision decode only; kiln's decoder (decode + orient + resize/crop);
+    nvImageCodec decode only, where installed. Bytes are in memory; each is timed twice, best kept."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from worker.gpu_decode import JpegBatchDecoder
+    from worker.manifest import IMAGENET_PREPROCESS
+    from worker.preprocess import read_header
+
+    datas = [f.read_bytes() for f in files]
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    headers = [read_header(d) for d in datas]
+    decoder = JpegBatchDecoder(torch.device("cuda"), IMAGENET_PREPROCESS)
+
+    def timed(step) -> float:
+        best = 0.0
+        for _ in range(2):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for start in range(0, len(datas), batch):
+                step(start)
+            torch.cuda.synchronize()
+            best = max(best, len(datas) / (time.perf_counter() - started))
+        return best
+
+    rates = {
+        "torchvision_decode_only": timed(
+            lambda s: decode_jpeg(tensors[s : s + batch], mode=ImageReadMode.RGB, device="cuda")
+        ),
+        "kiln_gpu_decoder": timed(
+            lambda s: decoder.decode(list(zip(datas[s : s + batch], headers[s : s + batch], strict=True)))
+        ),
+    }
+    try:
+        from nvidia import nvimgcodec
+
+        nv = nvimgcodec.Decoder()
+        rates["nvimagecodec_decode_only"] = timed(lambda s: nv.decode(datas[s : s + batch]))
+    except Exception as e:  # not carried, or no usable backend
+        rates["nvimagecodec_error"] = f"{type(e).__name__}: {e}"[:300]
+    return rates
+
+
+def bench_decode(small: Path, large: Path) -> dict:
+    cores = len(os.sched_getaffinity(0))
+    results = {"cpu_processes": cores}
+    for name, folder, limit in (("640x480", small, 4096), ("4000x3000", large, 384)):
+        files = sorted(folder.rglob("*.jpg"))[:limit]
+        row = {"cpu_processes": cpu_decode_rate(files, cores), **gpu_decode_rates(files)}
+        results[name] = row
+        print(f"  decode {name}: " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in row.items()), flush=True)  # fmt: skip
+    return results
+
+
+def _worker(package: str, url: str, roots: list[Path], log: Path, env_extra: dict | None = None):
+    from producer.embedded import LocalWorker
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+    env.update(env_extra or {})
+    return LocalWorker(Path(package), url, log, roots, ["--loglevel", "INFO"], env=env)
+
+
+def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300) -> dict:
+    import uuid
+
+    from bench.pipeline import _kiln
+
+    job = f"gpu-{uuid.uuid4().hex[:10]}"
+    with _kiln(url, chunk_size=128) as kiln:
+        started = time.perf_counter()
+        submitted = kiln.submit([folder], job=job, topk=5)
+        counts = kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
+        seconds = time.perf_counter() - started
+        kinds: dict[str, int] = {}
+        if counts.failed:
+            for record in kiln.results(job):
+                if record.status != "ok":
+                    kinds[record.error.kind] = kinds.get(record.error.kind, 0) + 1
+    return {"images": submitted.total, "seconds": seconds, "images_per_s": submitted.total / seconds,
+            "failed": counts.failed, "failed_kinds": kinds}  # fmt: skip
+
+
+def warm(url: str, folder: Path, workers: list) -> None:
+    from bench.pipeline import _kiln
+    from worker.contract import Item
+
+    files = sorted(folder.rglob("*.jpg"))[:512]
+    with _kiln(url, chunk_size=64) as kiln:
+        kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job="gpu-warm-up")
+        kiln.wait("gpu-warm-up", timeout_s=300, progress=False, check=lambda: [w.check() for w in workers])
+
+
+def plan_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "data path on" in line]
+    return lines[-1].split("] ", 1)[-1] if lines else "(no plan logged)"
+
+
+def bench_e2e(package: str, folders: dict[str, Path], workdir: Path) -> dict:
+    from producer.embedded import embedded_redis
+
+    results = {}
+    with embedded_redis(workdir / "redis", persist=False) as url:
+        worker = _worker(package, url, list(folders.values()), workdir / "worker-e2e.log")
+        try:
+            started = time.perf_counter()
+            warm(url, folders["640x480"], [worker])
+            results["worker_ready_and_warm_s"] = time.perf_counter() - started
+            results["plan"] = plan_line(worker.log_path)
+            print(f"  {results['plan']}", flush=True)
+            for name, folder in folders.items():
+                row = e2e_rate(url, folder, [worker])
+                results[name] = row
+                print(f"  e2e {name}: {row['images_per_s']:,.0f} img/s ({row['images']} images, "
+                      f"{row['failed']} failed {row['failed_kinds']})", flush=True)  # fmt: skip
+        finally:
+            worker.stop()
+    return results
+
+
+def bench_in_process(package: str, folder: Path) -> dict:
+    """The pipeline alone (no Redis, no Celery), planned as the worker plans it: what the queue costs."""
+    import torch
+
+    from worker.fetch import FetchPolicy
+    from worker.pipeline import Pipeline, PipelineConfig, Work
+    from worker.plan import plan_data_path
+    from worker.runtime import load_runtime
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings(_env_file=None)
+    runtime = load_runtime(package, "cuda")
+    plan = plan_data_path(settings, runtime.device, runtime.batch_max, 1)
+    torch.set_num_threads(plan.torch_threads)
+    config = PipelineConfig(
+        policy=FetchPolicy.create([str(folder)], settings.max_image_bytes, settings.fetch_timeout_s),
+        fetch_threads=plan.fetch_threads,
+        decode_processes=plan.decode_processes,
+        gpu_decode=plan.gpu_decode,
+    )
+    pipeline = Pipeline(runtime, config)
+    files = sorted(folder.rglob("*.jpg"))
+    works = [Work("p", str(f), ref=str(f)) for f in files]
+    list(pipeline.run(works[:1024], 5))  # warm-up: decode processes started, kernels loaded
+    started = time.perf_counter()
+    done = sum(len(pairs) for pairs in pipeline.run(works, 5))
+    rate = done / (time.perf_counter() - started)
+    pipeline.close()
+    print(f"  in-process pipeline: {rate:,.0f} img/s", flush=True)
+    return {"images": done, "images_per_s": rate, "plan": plan.describe()}
+
+
+def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
+    """One worker process per GPU (`CUDA_VISIBLE_DEVICES`, cores split) against one GPU alone."""
+    import torch
+
+    from producer.embedded import embedded_redis
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return {"skipped": f"{count} GPU visible"}
+    cores = sorted(os.sched_getaffinity(0))
+    results = {}
+    with embedded_redis(workdir / "redis-gpus", persist=False) as url:
+        for gpus in (1, count):
+            workers = []
+            share = len(cores) // gpus
+            for gpu in range(gpus):
+                env = {"CUDA_VISIBLE_DEVICES": str(gpu), "KILN_DECODE_PROCESSES": str(max(1, share - 3))}
+                worker = _worker(package, url, [folder], workdir / f"worker-gpus{gpus}-{gpu}.log", env)
+                os.sched_setaffinity(worker.process.pid, cores[gpu * share : (gpu + 1) * share])
+                workers.append(worker)
+            try:
+                warm(url, folder, workers)
+                results[f"{gpus}_gpu"] = e2e_rate(url, folder, workers)
+                print(f"  {gpus} GPU(s): {results[f'{gpus}_gpu']['images_per_s']:,.0f} img/s", flush=True)
+            finally:
+                for worker in workers:
+                    worker.stop()
+    results["ratio"] = results[f"{count}_gpu"]["images_per_s"] / results["1_gpu"]["images_per_s"]
+    return results
+
+
+def cold_start_s(package: str) -> float:
+    from bench.runtime import cold_start
+
+    return cold_start("aoti", "resnet18", Path(package), "cuda", "bfloat16", True)
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+
+def summarise(results: dict) -> list[str]:
+    lines = []
+    decode, e2e = results.get("decode", {}), results.get("e2e", {})
+    for name in ("640x480", "4000x3000"):
+        if name in decode and name in e2e:
+            d = decode[name]
+            gpu = max(v for k, v in d.items() if k.endswith(("decode_only", "gpu_decoder")) and isinstance(v, float))
+            cpu = d["cpu_processes"]
+            rate = e2e[name]["images_per_s"]
+            lines.append(
+                f"{name}: kiln {rate:,.0f} img/s; ceilings: GPU decode {gpu:,.0f}, CPU {cpu:,.0f} "
+                f"-> {rate / max(gpu, cpu):.2f}x the better one, {rate / (gpu + cpu):.2f}x their sum"
+            )
+    if "mixed" in e2e:
+        lines.append(f"mixed folder: kiln {e2e['mixed']['images_per_s']:,.0f} img/s")
+    if "gpus" in results and "ratio" in results["gpus"]:
+        lines.append(f"GPUs: {results['gpus']['ratio']:.2f}x one GPU")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--wheels", type=Path, help="folder of wheels to install first (packages the host lacks)")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--small-images", type=int, default=8192)
+    parser.add_argument("--large-images", type=int, default=384)
+    parser.add_argument("--mixed-images", type=int, default=2048)
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model measurement")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-h200.json")
+    args = parser.parse_args()
+    if args.wheels:
+        install_wheels(args.wheels)
+    from worker.cxx_runtime import ensure_cxx_runtime
+
+    sections = args.sections.split(",")
+    models = tuple(args.models.split(","))
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    import torch
+
+    results["host"] = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpus": torch.cuda.device_count(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    workdir = ROOT / "build" / "gpu-bench-work"
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def section(name: str, fn) -> None:
+        if name not in sections:
+            return
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()[-3000:]}
+            print(results[name]["error"], flush=True)
+        results.setdefault("seconds", {})[name] = time.perf_counter() - started
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+    started = time.perf_counter()
+    packages = build_packages(models if "build" in sections else ("resnet18",))  # cached: fast when built
+    if "build" in sections:
+        results["build"] = {**packages, "wall_s": time.perf_counter() - started}
+    ensure_cxx_runtime(packages["resnet18"]["path"])  # may re-execute this benchmark with the preload
+    small = dataset("jpeg", args.small_images, SMALL)
+    large = dataset("jpeg", args.large_images, LARGE)
+    mixed = mixed_dataset(small, large, args.mixed_images)
+    resnet18 = packages["resnet18"]["path"]
+    section("model", lambda: bench_models(packages, args.seconds))
+    section("decode", lambda: bench_decode(small, large))
+    section(
+        "e2e",
+        lambda: {
+            **bench_e2e(resnet18, {"640x480": small, "4000x3000": large, "mixed": mixed}, workdir),
+            "in_process_640x480": bench_in_process(resnet18, small),
+        },
+    )
+    section("cold", lambda: {"aoti_first_prediction_s": cold_start_s(resnet18)})
+    section("gpus", lambda: bench_gpus(resnet18, small, workdir))
+    results["summary"] = summarise(results)
+    args.out.write_text(json.dumps(results, indent=2))
+    print("\n".join(["", "kiln GPU benchmark", *results["summary"], f"wrote {args.out}"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()

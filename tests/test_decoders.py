@@ -1,0 +1,302 @@
+"""The GPU data path's parts, on the test device: batched resize/crop against Pillow, EXIF
+orientation, the batch JPEG decoder against the CPU path, the decode process pool, and the
+pipeline's routing between decoders. In CI (no GPU) the "GPU" decoder runs on CPU tensors
+(torchvision's libjpeg-turbo); with KILN_TEST_DEVICE=cuda the same tests run on nvJPEG.
+
+Pixel bounds (uint8 levels, measured, see bench/results/gpu-tests-h200.log for the GPU):
+- resize + crop of the same decoded image: at most 2 levels from Pillow's, mean under 0.01 (each
+  of the two passes may round the other way);
+- whole path, where the CPU path decodes at full scale (short side < 2 x resize): at most
+  `FULL_SCALE_MAX` levels, mean under `FULL_SCALE_MEAN` (on the CPU, libjpeg-turbo both sides,
+  only the rounding above);
+- where Pillow decodes at 1/2..1/8 scale (`draft`) and the GPU at full scale: mean under
+  `DRAFT_MEAN` levels (a DCT-domain downscale against an antialiased one).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLES
+from packages import DEVICE
+from PIL import Image, ImageOps
+
+from worker.decode_pool import DecodePool
+from worker.fetch import FetchPolicy
+from worker.gpu_decode import JpegBatchDecoder, gpu_decodable, orient
+from worker.manifest import IMAGENET_PREPROCESS, Preprocess
+from worker.pipeline import Pipeline, PipelineConfig, Work
+from worker.preprocess import DEFAULT_FORMATS, decode_image, read_header
+from worker.resample import crop_plan, resample
+
+CUDA = DEVICE == "cuda"
+FULL_SCALE_MAX = 12 if CUDA else 1  # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's
+FULL_SCALE_MEAN = 1.0 if CUDA else 0.25
+DRAFT_MEAN = 3.0
+
+
+def jpeg(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def corrupt_scan(data: bytes) -> bytes:
+    """A JPEG whose headers parse but whose entropy-coded data is noise (decoders refuse it)."""
+    start = data.index(b"\xff\xda") + 20
+    noise = random.Random(0).randbytes(3000)
+    return data[:start] + noise + b"\xff\xd9"
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in sorted(SAMPLES.glob("*.jpg"))}
+
+
+@pytest.fixture(scope="module")
+def decoder() -> JpegBatchDecoder:
+    return JpegBatchDecoder(torch.device(DEVICE), IMAGENET_PREPROCESS)
+
+
+# -- resize and crop ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "lanczos"])
+@pytest.mark.parametrize("size", [(451, 300), (640, 480), (300, 451), (1999, 1001), (150, 100), (224, 224)])
+def test_resample_matches_pillow(interpolation, size):
+    """Same decoded pixels in: the batched matmul resize + crop is within two levels of Pillow's
+    `resize(box=...)` (its 22-bit fixed-point weights against float32, rounded after each pass),
+    including upscaling."""
+    from worker.preprocess import _resize_and_crop
+
+    rng = np.random.default_rng(sum(size))
+    # Smooth noise: real images, not the worst case for rounding that white noise is.
+    small = rng.integers(0, 256, (size[1] // 8 + 2, size[0] // 8 + 2, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    prep = IMAGENET_PREPROCESS.model_copy(update={"interpolation": interpolation})
+    expected = np.asarray(_resize_and_crop(image, prep)).astype(int)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(DEVICE)
+    got = resample(pixels.expand(3, -1, -1, -1), crop_plan(size[1], size[0], prep))
+    assert got.shape == (3, 3, 224, 224) and got.dtype == torch.uint8
+    for row in got.cpu():
+        diff = np.abs(row.permute(1, 2, 0).numpy().astype(int) - expected)
+        assert diff.max() <= 2 and diff.mean() < 0.2
+
+
+def test_crop_plan_reads_only_the_region_the_crop_covers():
+    plan = crop_plan(480, 640, Preprocess(resize=256, crop=224, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert plan.wy.shape == (224, 420 + 2) and plan.wx.shape[0] == 224
+    assert plan.left > 100 and plan.wx.shape[1] < 430  # the sides the crop drops are never read
+    assert torch.allclose(plan.wx.sum(1), torch.ones(224)) and torch.allclose(plan.wy.sum(1), torch.ones(224))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_exif_transpose(orientation):
+    pixels = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG", exif=exif)
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(buffer)))
+    got = orient(torch.from_numpy(pixels).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    assert got.shape == expected.shape and (got == expected).all()
+
+
+# -- the batch decoder --------------------------------------------------------------------------------
+
+
+def _compare(decoder, datas: list[bytes]) -> list[np.ndarray]:
+    """|GPU path - CPU path| per image, uint8 levels, H x W x 3."""
+    result = decoder.decode([(d, read_header(d)) for d in datas])
+    assert result.refused == [] and result.decoded == list(range(len(datas)))
+    assert result.images.device.type == DEVICE and result.images.dtype == torch.uint8
+    diffs = []
+    for data, row in zip(datas, result.images.cpu(), strict=True):
+        expected = decode_image(data, IMAGENET_PREPROCESS).astype(int)
+        diffs.append(np.abs(row.permute(1, 2, 0).numpy().astype(int) - expected))
+    return diffs
+
+
+def _full_scale(data: bytes) -> bool:
+    header = read_header(data)
+    return min(header.width, header.height) < 2 * IMAGENET_PREPROCESS.resize
+
+
+def test_batch_decoder_agrees_with_the_cpu_path(decoder, photos):
+    datas = list(photos.values())
+    for data, diff in zip(datas, _compare(decoder, datas), strict=True):
+        if _full_scale(data):
+            assert diff.max() <= FULL_SCALE_MAX and diff.mean() < FULL_SCALE_MEAN
+        else:
+            assert diff.mean() < DRAFT_MEAN
+
+
+@pytest.mark.parametrize("variant", ["grey", "progressive", "rotated", "mirrored", "odd-size", "422", "444"])
+def test_jpeg_variants_come_out_as_on_the_cpu(decoder, photos, variant):
+    """Greyscale, progressive, EXIF-oriented, odd sizes and chroma subsamplings: what Pillow gives."""
+    image = Image.open(io.BytesIO(photos["chelsea"]))
+    exif = Image.Exif()
+    if variant == "grey":
+        data = jpeg(image.convert("L"))
+    elif variant == "progressive":
+        data = jpeg(image, progressive=True)
+    elif variant in ("rotated", "mirrored"):
+        exif[0x0112] = 6 if variant == "rotated" else 2
+        data = jpeg(image, exif=exif)
+    elif variant == "odd-size":
+        data = jpeg(image.resize((333, 257)))
+    else:
+        data = jpeg(image, subsampling={"422": 1, "444": 0}[variant])
+    header = read_header(data)
+    assert gpu_decodable(data, header)
+    (diff,) = _compare(decoder, [data])
+    assert diff.max() <= FULL_SCALE_MAX and diff.mean() < FULL_SCALE_MEAN
+
+
+def test_cmyk_truncated_and_non_jpegs_are_left_to_the_cpu(photos):
+    image = Image.open(io.BytesIO(photos["coffee"]))
+    cmyk = jpeg(image.convert("CMYK"))
+    truncated = photos["coffee"][: len(photos["coffee"]) // 2]
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    assert gpu_decodable(photos["coffee"], read_header(photos["coffee"]))
+    assert not gpu_decodable(cmyk, read_header(cmyk))
+    assert not gpu_decodable(truncated, read_header(truncated))
+    assert not gpu_decodable(png.getvalue(), read_header(png.getvalue()))
+
+
+def test_one_corrupt_jpeg_is_refused_alone(decoder, photos):
+    """A batch with a bad image in it: the decoder splits it until the bad one is alone."""
+    good = list(photos.values())
+    bad = corrupt_scan(photos["coffee"])
+    datas = [*good[:3], bad, *good[3:], corrupt_scan(photos["rocket"])]
+    result = decoder.decode([(d, read_header(d)) for d in datas])
+    assert result.refused == [3, len(datas) - 1]
+    assert result.decoded == [i for i in range(len(datas)) if i not in result.refused]
+    alone = decoder.decode([(d, read_header(d)) for d in good]).images
+    assert torch.equal(result.images.cpu(), alone.cpu())
+
+
+# -- the decode process pool ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pool():
+    pool = DecodePool(2, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=8)
+    yield pool
+    pool.close()
+
+
+def test_decode_pool_decodes_into_shared_memory(pool, photos):
+    futures = {name: pool.submit(data) for name, data in photos.items()}
+    futures["text"] = pool.submit(b"hello")
+    futures["broken"] = pool.submit(photos["coffee"][:5000])
+    slots = {}
+    for name, future in futures.items():
+        try:
+            slots[name] = future.result(timeout=120)
+        except Exception as e:
+            slots[name] = e.kind
+    assert slots["text"] == "not_an_image" and slots["broken"] == "unreadable"
+    for name, data in photos.items():
+        assert np.array_equal(pool.pixels(slots[name]), decode_image(data, IMAGENET_PREPROCESS))
+    pool.release([slots[name] for name in photos])
+
+
+def test_decode_pool_survives_a_dead_process(pool, photos):
+    """A decoder that takes its process down fails the images in flight, alone; the pool restarts."""
+    pool.submit(photos["coffee"]).result(timeout=120)  # processes started
+    victim = next(iter(pool._executor._processes))
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.5)
+    outcomes = []
+    for _ in range(3):
+        try:
+            pool.release([pool.submit(photos["chelsea"]).result(timeout=120)])
+            outcomes.append("ok")
+        except Exception as e:
+            outcomes.append(getattr(e, "kind", type(e).__name__))
+    assert outcomes[-1] == "ok" and set(outcomes) <= {"ok", "internal"}
+
+
+# -- routing in the pipeline ----------------------------------------------------------------------------
+
+
+def _pipeline(runtime, folder, **config) -> Pipeline:
+    policy = FetchPolicy.create([str(folder), str(SAMPLES)], 10**8, 10)
+    return Pipeline(runtime, PipelineConfig(policy=policy, **config))
+
+
+def _labels(pipeline: Pipeline, paths) -> dict[str, str]:
+    works = [Work("j", str(p), ref=str(p)) for p in paths]
+    records = [r for pairs in pipeline.run(works, topk=1) for _, r in pairs]
+    assert sorted(r.key for r in records) == sorted(w.key for w in works)  # one record each
+    return {r.key: r.topk[0].label if r.status == "ok" else r.error.kind for r in records}
+
+
+@pytest.fixture
+def mixed_folder(tmp_path, photos) -> dict[str, str]:
+    """Every kind of input a folder holds, and which decoder should take it."""
+    image = Image.open(io.BytesIO(photos["coffee"]))
+    files = {
+        "coffee.jpg": photos["coffee"],
+        "chelsea.jpg": photos["chelsea"],
+        "progressive.jpg": jpeg(image, progressive=True),
+        "cmyk.jpg": jpeg(image.convert("CMYK")),
+        "corrupt.jpg": corrupt_scan(photos["coffee"]),
+        "truncated.jpg": photos["coffee"][:5000],
+    }
+    for fmt in ("PNG", "WEBP"):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        files[f"coffee.{fmt.lower()}"] = buffer.getvalue()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_pipeline_routes_each_image_and_isolates_failures(lite0_runtime, mixed_folder, processes):
+    files = sorted(mixed_folder.iterdir())
+    cpu_only = _pipeline(lite0_runtime, mixed_folder)
+    both = _pipeline(lite0_runtime, mixed_folder, gpu_decode=True, decode_processes=processes, batch_size=4)
+    try:
+        expected, got = _labels(cpu_only, files), _labels(both, files)
+        assert got == expected
+        assert expected[str(mixed_folder / "corrupt.jpg")] == "unreadable"
+        assert expected[str(mixed_folder / "truncated.jpg")] == "unreadable"
+        assert expected[str(mixed_folder / "coffee.png")] == "espresso"
+        assert both.decoded_by["gpu"] >= 2  # the plain JPEGs, unless the pool took them while idle
+        cpu_side = both.decoded_by["processes" if processes else "threads"]
+        assert cpu_side >= 3  # CMYK, PNG, WebP never go to the GPU decoder
+    finally:
+        cpu_only.close()
+        both.close()
+
+
+@pytest.mark.slow
+def test_top1_agreement_on_1000_jpegs(lite0_runtime, tmp_path):
+    """The acceptance bar of the GPU path: top-1 equal on at least 99% of 1,000 photos made by the
+    benchmark's generator (640x480 crops of the sample photos), and on every sample photo."""
+    from bench.pipeline import make_dataset
+
+    files = make_dataset(tmp_path / "photos", 1000, (640, 480), seed=7) + sorted(SAMPLES.glob("*.jpg"))
+    cpu_only = _pipeline(lite0_runtime, tmp_path)
+    gpu = _pipeline(lite0_runtime, tmp_path, gpu_decode=True)
+    try:
+        expected, got = _labels(cpu_only, files), _labels(gpu, files)
+    finally:
+        cpu_only.close()
+        gpu.close()
+    assert gpu.decoded_by["gpu"] == len(files)
+    same = sum(expected[k] == got[k] for k in expected)
+    assert same / len(files) >= 0.99, f"top-1 agrees on {same} of {len(files)}"
+    for photo in SAMPLES.glob("*.jpg"):
+        assert got[str(photo)] == expected[str(photo)]
