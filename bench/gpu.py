@@ -47,12 +47,12 @@ SECTIONS = ("build", "model", "decode", "e2e", "cold", "gpus")
 SMALL, LARGE = (640, 480), (4000, 3000)
 
 
-def install_wheels(folder: Path) -> None:
+def install_wheels(folders: list[Path]) -> None:
     """pip install --target a private folder, once, then re-execute with it on PYTHONPATH."""
     if os.environ.get("KILN_BENCH_WHEELS_DONE"):
         return
     target = Path("/tmp/kiln-bench-site")
-    wheels = sorted(str(p) for p in folder.glob("*.whl"))
+    wheels = sorted(str(p) for folder in folders for p in folder.glob("*.whl"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade",
          "--target", str(target), *wheels],
@@ -405,7 +405,9 @@ def summarise(results: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
-    parser.add_argument("--wheels", type=Path, help="folder of wheels to install first (packages the host lacks)")
+    parser.add_argument(
+        "--wheels", type=Path, action="append", help="folder of wheels to install first (packages the host lacks)"
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--small-images", type=int, default=8192)
     parser.add_argument("--large-images", type=int, default=384)
