@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -265,12 +266,15 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300) -> d
         counts = kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
         seconds = time.perf_counter() - started
         kinds: dict[str, int] = {}
-        if counts.failed:
-            for record in kiln.results(job):
-                if record.status != "ok":
-                    kinds[record.error.kind] = kinds.get(record.error.kind, 0) + 1
+        timings: dict[str, list[float]] = {}
+        for record in kiln.results(job):
+            if record.status != "ok":
+                kinds[record.error.kind] = kinds.get(record.error.kind, 0) + 1
+            for stage, ms in record.timings_ms.items():
+                timings.setdefault(stage, []).append(ms)
+    medians = {stage: statistics.median(values) for stage, values in timings.items()}
     return {"images": submitted.total, "seconds": seconds, "images_per_s": submitted.total / seconds,
-            "failed": counts.failed, "failed_kinds": kinds}  # fmt: skip
+            "failed": counts.failed, "failed_kinds": kinds, "median_ms": medians}  # fmt: skip
 
 
 def warm(url: str, folder: Path, workers: list) -> None:
@@ -303,19 +307,24 @@ def bench_e2e(package: str, folders: dict[str, Path], workdir: Path) -> dict:
             for name, folder in folders.items():
                 row = e2e_rate(url, folder, [worker])
                 results[name] = row
-                print(f"  e2e {name}: {row['images_per_s']:,.0f} img/s ({row['images']} images, "
-                      f"{row['failed']} failed {row['failed_kinds']})", flush=True)  # fmt: skip
+                print(f"  e2e {name}: {row['images_per_s']:,.0f} img/s ({row['images']} images, {row['failed']} "
+                      f"failed {row['failed_kinds']}), median ms {row['median_ms']}", flush=True)  # fmt: skip
         finally:
             worker.stop()
     return results
 
 
-def bench_in_process(package: str, folder: Path) -> dict:
-    """The pipeline alone (no Redis, no Celery), planned as the worker plans it: what the queue costs."""
+def bench_in_process(package: str, folder: Path, workdir: Path) -> dict:
+    """The pipeline alone (no Redis, no Celery), planned as the worker plans it: what the queue
+    costs. Also two variants, for the record: no CPU decode processes, and Python's default GIL
+    switch interval. With py-spy on the PATH the first run is profiled (raw stacks, to workdir)."""
+    import shutil
+    from dataclasses import asdict
+
     import torch
 
     from worker.fetch import FetchPolicy
-    from worker.pipeline import Pipeline, PipelineConfig, Work
+    from worker.pipeline import SWITCH_INTERVAL_S, Pipeline, PipelineConfig, Work
     from worker.plan import plan_data_path
     from worker.runtime import load_runtime
     from worker.settings import WorkerSettings
@@ -324,22 +333,47 @@ def bench_in_process(package: str, folder: Path) -> dict:
     runtime = load_runtime(package, "cuda")
     plan = plan_data_path(settings, runtime.device, runtime.batch_max, 1)
     torch.set_num_threads(plan.torch_threads)
-    config = PipelineConfig(
-        policy=FetchPolicy.create([str(folder)], settings.max_image_bytes, settings.fetch_timeout_s),
-        fetch_threads=plan.fetch_threads,
-        decode_processes=plan.decode_processes,
-        gpu_decode=plan.gpu_decode,
-    )
-    pipeline = Pipeline(runtime, config)
     files = sorted(folder.rglob("*.jpg"))
     works = [Work("p", str(f), ref=str(f)) for f in files]
-    list(pipeline.run(works[:1024], 5))  # warm-up: decode processes started, kernels loaded
-    started = time.perf_counter()
-    done = sum(len(pairs) for pairs in pipeline.run(works, 5))
-    rate = done / (time.perf_counter() - started)
-    pipeline.close()
-    print(f"  in-process pipeline: {rate:,.0f} img/s", flush=True)
-    return {"images": done, "images_per_s": rate, "plan": plan.describe()}
+    results = {"plan": plan.describe()}
+    variants = {
+        "default": (plan.decode_processes, SWITCH_INTERVAL_S),
+        "no_decode_processes": (0, SWITCH_INTERVAL_S),
+        "switch_interval_5ms": (plan.decode_processes, 0.005),
+    }
+    for name, (processes, interval) in variants.items():
+        config = PipelineConfig(
+            policy=FetchPolicy.create([str(folder)], settings.max_image_bytes, settings.fetch_timeout_s),
+            fetch_threads=plan.fetch_threads,
+            decode_processes=processes,
+            gpu_decode=plan.gpu_decode,
+        )
+        pipeline = Pipeline(runtime, config)
+        sys.setswitchinterval(interval)
+        list(pipeline.run(works[:1024], 5))  # warm-up: decode processes started, kernels loaded
+        profiler = None
+        if name == "default" and shutil.which("py-spy"):
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "250",
+                 "--output", str(workdir / "inproc-profile.txt"), "--nonblocking", "--threads"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)
+        started = time.perf_counter()
+        done = sum(len(pairs) for pairs in pipeline.run(works, 5))
+        seconds = time.perf_counter() - started
+        if profiler is not None:
+            profiler.send_signal(2)  # SIGINT: py-spy writes what it has
+            profiler.wait(30)
+        pipeline.close()
+        row = {
+            "images_per_s": done / seconds,
+            "decoded_by": dict(pipeline.decoded_by),
+            "stages": {stage: asdict(stats) for stage, stats in pipeline.stages.items()},
+        }
+        results[name] = row
+        print(f"  in-process {name}: {row['images_per_s']:,.0f} img/s, {row['decoded_by']}, {row['stages']}")
+    return results
 
 
 def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
@@ -463,7 +497,7 @@ def main() -> None:
         "e2e",
         lambda: {
             **bench_e2e(resnet18, {"640x480": small, "4000x3000": large, "mixed": mixed}, workdir),
-            "in_process_640x480": bench_in_process(resnet18, small),
+            "in_process_640x480": bench_in_process(resnet18, small, workdir),
         },
     )
     section("cold", lambda: {"aoti_first_prediction_s": cold_start_s(resnet18)})

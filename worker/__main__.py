@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if processes == 1:
         try:
-            tasks.init_process(settings, settings.device, processes)
+            state = tasks.init_process(settings, settings.device, processes)
         except PackageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        # Threads, not solo: while one chunk's last batch runs, the next chunk's images load.
-        worker_args += ["--pool=threads", f"--concurrency={settings.tasks_in_flight}"]
+        # Threads, not solo: while one chunk's last batch runs, the next chunks' images load.
+        worker_args += ["--pool=threads", f"--concurrency={state.plan.tasks_in_flight}"]
     else:
         # Load in each child, never in the parent: CUDA must not be initialised before a fork,
         # and a child forked after the parent ran torch ops can hang (FACTS.md).

@@ -79,7 +79,7 @@ class JpegBatchDecoder:
         self._decode_or_split(items, list(range(len(items))), frames, refused)
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, frame in frames.items():
-            frame = orient(frame, items[index][1].orientation)
+            frame = orient(reduce_like_draft(frame, self.prep.resize), items[index][1].orientation)
             frames[index] = frame
             by_size[(frame.shape[1], frame.shape[2])].append(index)
         order: list[int] = []
@@ -122,6 +122,24 @@ class JpegBatchDecoder:
             self._decode_or_split(items, indices[middle:], frames, refused)
             return
         frames.update(zip(indices, decoded, strict=True))
+
+
+def draft_factor(width: int, height: int, resize: int) -> int:
+    """The scale Pillow's `draft("RGB", (resize, resize))` decodes a JPEG at: 8, 4, 2 or 1, the
+    largest that keeps both sides at least `resize` (`PIL.JpegImagePlugin.JpegImageFile.draft`)."""
+    scale = min(width // resize, height // resize)
+    return next(factor for factor in (8, 4, 2, 1) if scale >= factor)
+
+
+def reduce_like_draft(frame: torch.Tensor, resize: int) -> torch.Tensor:
+    """Shrink a decoded C x H x W uint8 image as the CPU path's `draft` does, by averaging blocks
+    of 2, 4 or 8 pixels a side (libjpeg's DCT scaling keeps each block's mean, up to its IDCT's
+    rounding): the GPU then resamples a camera photo as the CPU path does, and 64x fewer pixels."""
+    factor = draft_factor(frame.shape[2], frame.shape[1], resize)
+    if factor == 1:
+        return frame
+    pooled = torch.nn.functional.avg_pool2d(frame[None].float(), factor, ceil_mode=True)[0]
+    return pooled.round_().to(torch.uint8)
 
 
 def orient(frame: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -33,7 +34,7 @@ import torch
 from worker.contract import InputError, Label, Record
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy, fetch
-from worker.gpu_decode import JpegBatchDecoder, gpu_decodable
+from worker.gpu_decode import JpegBatchDecoder, draft_factor, gpu_decodable
 from worker.preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, ImageHeader, decode_image, read_header
 from worker.runtime import ModelRuntime
 
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # How long a stage waits for more images before it runs a batch that is not full: long enough to
 # gather what is already on its way, short enough to be invisible to an online request.
 LINGER_S = 0.003
+SWITCH_INTERVAL_S = 0.0005
 
 # CUDA errors after which the context is unusable: the process exits at once, unacknowledged,
 # so its tasks are delivered to another worker instead of failing healthy images.
@@ -77,6 +79,18 @@ class _Request:
     def __init__(self, topk: int) -> None:
         self.topk = topk
         self.out: queue.SimpleQueue[list[tuple[Work, Record]]] = queue.SimpleQueue()
+
+
+@dataclass
+class StageStats:
+    batches: int = 0
+    images: int = 0
+    busy_s: float = 0.0
+
+    def add(self, images: int, seconds: float) -> None:
+        self.batches += 1
+        self.images += images
+        self.busy_s += seconds
 
 
 @dataclass
@@ -132,7 +146,12 @@ class Pipeline:
         pin = runtime.device.type == "cuda"
         self._staging = torch.empty((self.batch_size, crop, crop, 3), dtype=torch.uint8, pin_memory=pin)
         self._stop = threading.Event()
+        # Stages hand the GIL to each other thousands of times a second; with Python's default
+        # 5 ms switch interval, a thread back from a CUDA call waits behind the fetch threads.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.decoded_by: Counter[str] = Counter()  # images per decoder: "gpu", "processes", "threads"
+        # Per stage: batches, images and busy seconds (each stage updates its own, from one thread).
+        self.stages = {name: StageStats() for name in ("gpu_decode", "infer")}
         self._count_lock = threading.Lock()
         fault = os.environ.get("KILN_TEST_CUDA_FAULT_AFTER")
         self._fault_after = int(fault) if fault else None
@@ -201,12 +220,18 @@ class Pipeline:
         data = self._bytes(image.work)
         header = read_header(data, self.config.max_pixels, self.config.formats)
         image.timings_ms["fetch"] = (time.perf_counter() - started) * 1e3
-        pool = self._pool
-        if self._gpu is not None and gpu_decodable(data, header) and not (pool is not None and pool.idle):
+        if self._gpu is not None and gpu_decodable(data, header) and not self._cpu_takes(header):
             image.data, image.header = data, header
             self._gpu_queue.put(image)
         else:
             self._decode_on_cpu(image, data)
+
+    def _cpu_takes(self, header: ImageHeader) -> bool:
+        """Whether a JPEG the GPU could decode goes to an idle CPU process instead: only one that
+        `draft` decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does (FACTS.md);
+        at full scale the GPU is five times faster and the hand-over would cost more than it saves."""
+        pool = self._pool
+        return pool is not None and pool.idle and draft_factor(header.width, header.height, self.prep.resize) > 1
 
     def _decode_on_cpu(self, image: _Image, data: bytes) -> None:
         """Decode in the pool when there is one (the result comes back on its own thread), else here."""
@@ -248,7 +273,9 @@ class Pipeline:
             return
         started = time.perf_counter()
         result = self._gpu.decode([(image.data, image.header) for image in images])
-        per_image_ms = (time.perf_counter() - started) * 1e3 / len(images)
+        seconds = time.perf_counter() - started
+        self.stages["gpu_decode"].add(len(images), seconds)
+        per_image_ms = seconds * 1e3 / len(images)
         decoded = [images[i] for i in result.decoded]
         for image in decoded:
             image.data = None
@@ -273,6 +300,7 @@ class Pipeline:
         units = self._gather(self._ready, self.batch_size, size=_count)
         if not units:
             return
+        loop_started = time.perf_counter()
         rows = [unit for unit in units if isinstance(unit, _Rows)]
         singles = sorted((unit for unit in units if isinstance(unit, _Image)), key=lambda image: image.slot is None)
         images = [image for part in rows for image in part.images] + singles
@@ -294,6 +322,7 @@ class Pipeline:
             if self._pool is not None:
                 self._pool.release([image.slot for image in singles if image.slot is not None])
         self._deliver_predictions(images, probs, infer_ms)
+        self.stages["infer"].add(len(images), time.perf_counter() - loop_started)
 
     def _assemble(self, rows: list[_Rows], singles: list[_Image]) -> torch.Tensor:
         """One uint8 N x 3 x crop x crop batch on the model's device: GPU rows as they are, CPU
@@ -400,6 +429,8 @@ class Pipeline:
     def _serve(self, loop) -> None:
         """Run a stage's loop for the life of the pipeline. A CUDA error that poisons the context
         ends the process without acknowledging its tasks: another worker gets them."""
+        if self.runtime.device.type == "cuda":
+            torch.cuda.set_device(self.runtime.device)  # each thread has its own current device
         while not self._stop.is_set():
             try:
                 loop()

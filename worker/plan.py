@@ -82,5 +82,6 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
         fetch_threads=settings.fetch_threads or (8 if cuda else 2),
         torch_threads=settings.threads or share,
         batch_size=min(settings.batch_size or batch_max, batch_max),
-        tasks_in_flight=settings.tasks_in_flight,
+        # Chunks (128 images by default) in flight: two model batches ahead, as in-process.
+        tasks_in_flight=settings.tasks_in_flight or (8 if cuda else 2),
     )

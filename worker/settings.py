@@ -50,11 +50,11 @@ class WorkerSettings(CommonSettings):
         description="decode JPEGs on the GPU (nvJPEG): auto uses it with CUDA packages where torchvision can; "
         "on refuses to start without it",
     )
-    tasks_in_flight: int = Field(
-        default=2,
+    tasks_in_flight: int | None = Field(
+        default=None,
         ge=1,
-        description="chunk tasks each worker process runs at once (threads), so that one chunk's tail "
-        "overlaps the next chunk's start",
+        description="chunk tasks each worker process runs at once (threads): enough that the stages never "
+        "wait for a chunk boundary; default: 8 with a GPU, else 2",
     )
     batch_size: int | None = Field(default=None, ge=1, description="images per model call; default: the package's max")
     queues: Annotated[list[str], NoDecode] = Field(

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from worker.contract import CHUNK_TASK, ONLINE_TASK, ChunkMessage, OnlineMessage, Record
 from worker.fetch import FetchPolicy
 from worker.pipeline import Pipeline, PipelineConfig, Work
+from worker.plan import DataPathPlan, plan_data_path
 from worker.settings import WorkerSettings
 from worker.store import ResultStore
 
@@ -28,6 +29,7 @@ ONLINE_JOB = "online"
 @dataclass
 class ProcessState:
     settings: WorkerSettings
+    plan: DataPathPlan
     pipeline: Pipeline
     store: ResultStore
 
@@ -41,7 +43,6 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
     global _state
     import torch
 
-    from worker.plan import plan_data_path
     from worker.runtime import load_runtime
 
     runtime = load_runtime(settings.model, device)
@@ -58,7 +59,7 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
         batch_size=plan.batch_size,
     )
     _state = ProcessState(
-        settings, Pipeline(runtime, config), ResultStore.from_url(settings.redis_url, settings.result_ttl_s)
+        settings, plan, Pipeline(runtime, config), ResultStore.from_url(settings.redis_url, settings.result_ttl_s)
     )
     return _state
 
