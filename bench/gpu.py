@@ -390,7 +390,7 @@ def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
     with embedded_redis(workdir / "redis-gpus", persist=False) as url:
         for gpus in (1, count):
             workers = []
-            share = len(cores) // gpus
+            share = len(cores) // count  # one GPU's share of the host, alone or not
             for gpu in range(gpus):
                 env = {"CUDA_VISIBLE_DEVICES": str(gpu), "KILN_DECODE_PROCESSES": str(max(1, share - 3))}
                 worker = _worker(package, url, [folder], workdir / f"worker-gpus{gpus}-{gpu}.log", env)
