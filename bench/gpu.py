@@ -60,6 +60,7 @@ def install_wheels(folders: list[Path]) -> None:
         check=True,
     )  # fmt: skip
     env = dict(os.environ, KILN_BENCH_WHEELS_DONE="1")
+    env["PATH"] = os.pathsep.join([str(target / "bin"), env.get("PATH", "")])  # py-spy, when carried
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), str(ROOT), env.get("PYTHONPATH")]))
     nvjpeg = target / "nvidia" / "nvjpeg" / "lib"  # nvImageCodec's nvJPEG, when carried
     if nvjpeg.is_dir():
@@ -190,9 +191,13 @@ def cpu_decode_rate(files: list[Path], processes: int) -> float:
     return done / (time.perf_counter() - started)
 
 
-def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
-    """images/s on the GPU: torchvision decode only; kiln's decoder (decode + orient + resize/crop);
-    nvImageCodec decode only, where installed. Bytes are in memory; each is timed twice, best kept."""
+def gpu_decode_rates(files: list[Path], runtime=None, batch: int = 256) -> dict[str, float]:
+    """images/s on the GPU: torchvision decode only; kiln's decoder (decode + draft-like reduce +
+    orient + resize/crop); nvImageCodec decode only, where installed. Bytes are in memory; each is
+    timed twice, best kept. With `runtime`, kiln's decoder also runs in a thread, beside a thread
+    running the model and beside 8 threads parsing headers: what the pipeline's neighbours cost it."""
+    import threading
+
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -216,14 +221,46 @@ def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
             best = max(best, len(datas) / (time.perf_counter() - started))
         return best
 
+    def kiln(start: int) -> None:
+        decoder.decode(list(zip(datas[start : start + batch], headers[start : start + batch], strict=True)))
+
     rates = {
         "torchvision_decode_only": timed(
             lambda s: decode_jpeg(tensors[s : s + batch], mode=ImageReadMode.RGB, device="cuda")
         ),
-        "kiln_gpu_decoder": timed(
-            lambda s: decoder.decode(list(zip(datas[s : s + batch], headers[s : s + batch], strict=True)))
-        ),
+        "kiln_gpu_decoder": timed(kiln),
     }
+    if runtime is not None:
+        stop = threading.Event()
+
+        def in_thread(neighbours) -> float:
+            stop.clear()
+            threads = [threading.Thread(target=n, daemon=True) for n in neighbours]
+            for thread in threads:
+                thread.start()
+            result: list[float] = []
+            worker = threading.Thread(target=lambda: result.append(timed(kiln)))
+            worker.start()
+            worker.join()
+            stop.set()
+            for thread in threads:
+                thread.join()
+            return result[0]
+
+        def model() -> None:
+            torch.cuda.set_device(0)
+            x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
+            while not stop.is_set():
+                runtime.predict_top_k(x, 5)
+
+        def headers_loop() -> None:
+            while not stop.is_set():
+                for d in datas[:64]:
+                    read_header(d)
+
+        rates["kiln_gpu_decoder_in_thread"] = in_thread([])
+        rates["kiln_gpu_decoder_beside_model"] = in_thread([model])
+        rates["kiln_gpu_decoder_beside_8_header_threads"] = in_thread([headers_loop] * 8)
     try:
         from nvidia import nvimgcodec
 
@@ -234,12 +271,16 @@ def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
     return rates
 
 
-def bench_decode(small: Path, large: Path) -> dict:
+def bench_decode(small: Path, large: Path, package: str) -> dict:
+    from worker.runtime import load_runtime
+
     cores = len(os.sched_getaffinity(0))
     results = {"cpu_processes": cores}
+    runtime = load_runtime(package, "cuda")
     for name, folder, limit in (("640x480", small, 4096), ("4000x3000", large, 384)):
         files = sorted(folder.rglob("*.jpg"))[:limit]
-        row = {"cpu_processes": cpu_decode_rate(files, cores), **gpu_decode_rates(files)}
+        rates = gpu_decode_rates(files, runtime if name == "640x480" else None)
+        row = {"cpu_processes": cpu_decode_rate(files, cores), **rates}
         results[name] = row
         print(f"  decode {name}: " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items()), flush=True)  # fmt: skip
@@ -422,7 +463,7 @@ def summarise(results: dict) -> list[str]:
     for name in ("640x480", "4000x3000"):
         if name in decode and name in e2e:
             d = decode[name]
-            gpu = max(v for k, v in d.items() if k.endswith(("decode_only", "gpu_decoder")) and isinstance(v, float))
+            gpu = max(v for k, v in d.items() if k.endswith(("decode_only", "_decoder")) and isinstance(v, float))
             cpu = d["cpu_processes"]
             rate = e2e[name]["images_per_s"]
             lines.append(
@@ -492,7 +533,7 @@ def main() -> None:
     mixed = mixed_dataset(small, large, args.mixed_images)
     resnet18 = packages["resnet18"]["path"]
     section("model", lambda: bench_models(packages, args.seconds))
-    section("decode", lambda: bench_decode(small, large))
+    section("decode", lambda: bench_decode(small, large, resnet18))
     section(
         "e2e",
         lambda: {

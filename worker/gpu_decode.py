@@ -3,8 +3,8 @@ resize + crop of `worker.resample`: bytes in, the model's uint8 input out, never
 
     decoder = JpegBatchDecoder(torch.device("cuda:0"), manifest.preprocess)
     result = decoder.decode([(data, header), ...])
-    result.images        # uint8 N_ok x 3 x crop x crop on the device, in input order
-    result.decoded       # indices (into the input) of those rows
+    result.images        # uint8 N_ok x 3 x crop x crop on the device
+    result.decoded       # which input each row is
     result.refused       # indices nvJPEG would not decode: the caller decodes them on the CPU
 
 Why torchvision's `decode_jpeg`: measured on the H200 (FACTS.md) it decodes 17.7k 640x480
@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from worker.manifest import Preprocess
-from worker.resample import crop_plan, resample
+from worker.resample import CropPlan, crop_plan, resample
 
 if TYPE_CHECKING:
     from worker.preprocess import ImageHeader
@@ -59,8 +59,8 @@ def decoder_available(device: torch.device) -> str | None:
 @dataclass
 class DecodeResult:
     images: torch.Tensor  # uint8 N x 3 x crop x crop, on the decoder's device
-    decoded: list[int]
-    refused: list[int]
+    decoded: list[int]  # row i of `images` is item decoded[i]
+    refused: list[int]  # items nvJPEG would not decode, in input order
 
 
 class JpegBatchDecoder:
@@ -70,10 +70,13 @@ class JpegBatchDecoder:
     def __init__(self, device: torch.device, prep: Preprocess) -> None:
         self.device = device
         self.prep = prep
+        self._plans: dict[tuple[int, int], CropPlan] = {}
 
     def decode(self, items: Sequence[tuple[bytes, ImageHeader]]) -> DecodeResult:
         """Decode, orient, resize and crop `items`. An image nvJPEG refuses lands in `refused`
-        alone: a failing batch is split in halves until the failures are single images."""
+        alone: a failing batch is split in halves until the failures are single images. Rows come
+        grouped by image size (`decoded` says which item each is), and nothing here waits for
+        the GPU: a host-to-device copy from pageable memory would (CUDA's API sync rules)."""
         frames: dict[int, torch.Tensor] = {}
         refused: list[int] = []
         self._decode_or_split(items, list(range(len(items))), frames, refused)
@@ -85,18 +88,23 @@ class JpegBatchDecoder:
         order: list[int] = []
         outputs: list[torch.Tensor] = []
         for (height, width), indices in by_size.items():
-            plan = crop_plan(height, width, self.prep)
-            outputs.append(resample(torch.stack([frames[i] for i in indices]), plan))
+            outputs.append(resample(torch.stack([frames[i] for i in indices]), self._plan(height, width)))
             order += indices
         if not outputs:
             crop = self.prep.crop
             return DecodeResult(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=self.device), [], refused)
         images = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-        if order != sorted(order):  # back to input order, so callers can zip rows with items
-            ranks = sorted(range(len(order)), key=order.__getitem__)
-            images = images[torch.tensor(ranks, device=images.device)]
-            order = sorted(order)
         return DecodeResult(images, order, sorted(refused))
+
+    def _plan(self, height: int, width: int) -> CropPlan:
+        """`crop_plan` with its weights on this decoder's device, copied there once per size."""
+        key = (height, width)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = crop_plan(height, width, self.prep)
+            plan = replace(plan, wy=plan.wy.to(self.device), wx=plan.wx.to(self.device))
+            self._plans[key] = plan
+        return plan
 
     def _decode_or_split(
         self,

@@ -108,13 +108,16 @@ class _Image:
 
 @dataclass
 class _Rows:
-    """Images decoded on the GPU: row i of `tensor` (N x 3 x crop x crop, on the device) is images[i]."""
+    """Images decoded on the GPU: row i of `tensor` (N x 3 x crop x crop, on the device) is
+    images[i]; `ready` is recorded on the decoding stream once the rows are written."""
 
     images: list[_Image]
     tensor: torch.Tensor
+    ready: torch.cuda.Event | None = None
 
     def split(self, count: int) -> tuple[_Rows, _Rows]:
-        return _Rows(self.images[:count], self.tensor[:count]), _Rows(self.images[count:], self.tensor[count:])
+        head = _Rows(self.images[:count], self.tensor[:count], self.ready)
+        return head, _Rows(self.images[count:], self.tensor[count:], self.ready)
 
 
 class Pipeline:
@@ -140,6 +143,8 @@ class Pipeline:
             else None
         )
         self._gpu = JpegBatchDecoder(runtime.device, self.prep) if config.gpu_decode else None
+        cuda = runtime.device.type == "cuda"
+        self._decode_stream = torch.cuda.Stream(runtime.device) if self._gpu is not None and cuda else None
         self._gpu_queue: queue.Queue[_Image] = queue.Queue(maxsize=2 * self.batch_size)
         self._ready: queue.Queue[_Image | _Rows] = queue.Queue()
         crop = self.prep.crop
@@ -272,7 +277,14 @@ class Pipeline:
         if not images:
             return
         started = time.perf_counter()
-        result = self._gpu.decode([(image.data, image.header) for image in images])
+        ready = None
+        if self._decode_stream is not None:  # its own stream: decoding never queues behind the model
+            with torch.cuda.stream(self._decode_stream):
+                result = self._gpu.decode([(image.data, image.header) for image in images])
+                ready = torch.cuda.Event()
+                ready.record()
+        else:
+            result = self._gpu.decode([(image.data, image.header) for image in images])
         seconds = time.perf_counter() - started
         self.stages["gpu_decode"].add(len(images), seconds)
         per_image_ms = seconds * 1e3 / len(images)
@@ -282,7 +294,7 @@ class Pipeline:
             image.timings_ms["decode"] = per_image_ms
         if decoded:
             self._count("gpu", len(decoded))
-            self._ready.put(_Rows(decoded, result.images))
+            self._ready.put(_Rows(decoded, result.images, ready))
         for index in result.refused:  # nvJPEG said no: Pillow decides, for this image alone
             image = images[index]
             data, image.data = image.data, None
@@ -308,7 +320,8 @@ class Pipeline:
             batch = self._assemble(rows, singles)
             self._inject_fault()
             started = time.perf_counter()
-            probs = self.runtime.predict(batch)
+            k = max(image.request.topk for image in images)
+            scores, indices = self.runtime.predict_top_k(batch, k)
             infer_ms = (time.perf_counter() - started) * 1e3
         except Exception as e:
             if _is_fatal_cuda_error(e):
@@ -321,14 +334,19 @@ class Pipeline:
         finally:
             if self._pool is not None:
                 self._pool.release([image.slot for image in singles if image.slot is not None])
-        self._deliver_predictions(images, probs, infer_ms)
+        self._deliver_predictions(images, scores, indices, infer_ms)
         self.stages["infer"].add(len(images), time.perf_counter() - loop_started)
 
     def _assemble(self, rows: list[_Rows], singles: list[_Image]) -> torch.Tensor:
         """One uint8 N x 3 x crop x crop batch on the model's device: GPU rows as they are, CPU
         crops (`singles`, those in pool slots first) through one pinned staging buffer and one
         non-blocking copy. The buffer is reused at once: `predict` synchronises before returning."""
-        parts = [part.tensor for part in rows]
+        parts = []
+        for part in rows:
+            if part.ready is not None:  # written on the decoding stream: wait for it, on the GPU
+                torch.cuda.current_stream().wait_event(part.ready)
+                part.tensor.record_stream(torch.cuda.current_stream())
+            parts.append(part.tensor)
         if singles:
             staging = self._staging[: len(singles)]
             slots = [image.slot for image in singles if image.slot is not None]
@@ -351,9 +369,9 @@ class Pipeline:
             torch.zeros(1, device=self.runtime.device)[index].item()
         self._fault_after -= 1
 
-    def _deliver_predictions(self, images: list[_Image], probs: torch.Tensor, infer_ms: float) -> None:
-        k = max(image.request.topk for image in images)
-        scores, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+    def _deliver_predictions(
+        self, images: list[_Image], scores: torch.Tensor, indices: torch.Tensor, infer_ms: float
+    ) -> None:
         labels = self.runtime.labels
         by_request: dict[int, list[tuple[Work, Record]]] = {}
         for image, row_scores, row_indices in zip(images, scores.tolist(), indices.tolist(), strict=True):

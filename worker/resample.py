@@ -118,8 +118,7 @@ def resample(images: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     torch's default keeps CUDA matmuls (TF32 off): TF32 or bf16 would cost a few levels."""
     rows, cols = plan.wy.shape[1], plan.wx.shape[1]
     region = images[:, :, plan.top : plan.top + rows, plan.left : plan.left + cols]
-    wx = plan.wx.to(images.device, non_blocking=True)
-    wy = plan.wy.to(images.device, non_blocking=True)
+    wx, wy = plan.wx.to(images.device), plan.wy.to(images.device)  # no copy where the plan is there already
     horizontal = torch.matmul(region.float(), wx.T).add_(0.5).floor_().clamp_(0, 255)
     vertical = torch.matmul(wy, horizontal).add_(0.5).floor_().clamp_(0, 255)
     return vertical.to(torch.uint8)

@@ -97,15 +97,25 @@ class ModelRuntime:
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (N x C x H x W, any N >= 1, any strides) -> class probabilities, N x K
-        float32 on the CPU."""
+        """uint8 images (N x C x H x W, any N >= 1, any strides, any device) -> class
+        probabilities, N x K float32 on the CPU."""
+        return self._probabilities(images).cpu()
+
+    @torch.inference_mode()
+    def predict_top_k(self, images: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `k` best classes of each image: scores (N x k float32) and class indices (N x k
+        int64), on the CPU. Ranked on the model's device, so only N x k values are copied back."""
+        scores, indices = self._probabilities(images).topk(min(k, len(self.labels)), dim=1)
+        return scores.cpu(), indices.cpu()
+
+    def _probabilities(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8 RGB (0..255), got {images.dtype}")
         if images.dim() != 4 or tuple(images.shape[1:]) != self._input_shape:
             raise ValueError(f"images must be N x {' x '.join(map(str, self._input_shape))}, got {tuple(images.shape)}")
         count = images.shape[0]
         if count == 0:
-            return torch.empty((0, len(self.labels)))
+            return torch.empty((0, len(self.labels)), device=self.device)
         lo, hi = self.manifest.batch_min, self.manifest.batch_max
         outputs = []
         for start in range(0, count, hi):
@@ -122,7 +132,7 @@ class ModelRuntime:
                     "for one batch size only; rebuild it with another --tune-batch"
                 )
             outputs.append(torch.softmax(logits[:real].float(), dim=1))
-        return torch.cat(outputs).cpu()
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[Label]]:
         k = min(k, probs.shape[1])
