@@ -8,6 +8,7 @@ Sections, each measured in this run (ratios only compare numbers from the same r
           built in parallel processes and cached under build/bench-packages/.
 - model:  model-only images/s of the AOTI package, eager and torch.compile at batch 64 and 256,
           uint8 input already on the GPU (bench/runtime.py's interleaved rounds).
+- agree:  pixel differences between the GPU path and the CPU path (the tests' bounds).
 - decode: decode ceilings on 640x480 and 4000x3000 JPEGs: `worker.preprocess.decode_image` (Pillow,
           `draft`) in one process per core; torchvision's `decode_jpeg` on the GPU in batches of 256,
           alone and with kiln's batched resize + crop (`worker.gpu_decode`); nvImageCodec when it
@@ -44,7 +45,7 @@ if str(ROOT) not in sys.path:
 
 DATA = ROOT / "build" / "gpu-bench-data"
 MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
-SECTIONS = ("build", "model", "decode", "e2e", "cold", "gpus")
+SECTIONS = ("build", "model", "decode", "agree", "e2e", "cold", "gpus")
 SMALL, LARGE = (640, 480), (4000, 3000)
 
 
@@ -191,13 +192,10 @@ def cpu_decode_rate(files: list[Path], processes: int) -> float:
     return done / (time.perf_counter() - started)
 
 
-def gpu_decode_rates(files: list[Path], runtime=None, batch: int = 256) -> dict[str, float]:
+def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
     """images/s on the GPU: torchvision decode only; kiln's decoder (decode + draft-like reduce +
     orient + resize/crop); nvImageCodec decode only, where installed. Bytes are in memory; each is
-    timed twice, best kept. With `runtime`, kiln's decoder also runs in a thread, beside a thread
-    running the model and beside 8 threads parsing headers: what the pipeline's neighbours cost it."""
-    import threading
-
+    timed twice, best kept."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -230,37 +228,6 @@ def gpu_decode_rates(files: list[Path], runtime=None, batch: int = 256) -> dict[
         ),
         "kiln_gpu_decoder": timed(kiln),
     }
-    if runtime is not None:
-        stop = threading.Event()
-
-        def in_thread(neighbours) -> float:
-            stop.clear()
-            threads = [threading.Thread(target=n, daemon=True) for n in neighbours]
-            for thread in threads:
-                thread.start()
-            result: list[float] = []
-            worker = threading.Thread(target=lambda: result.append(timed(kiln)))
-            worker.start()
-            worker.join()
-            stop.set()
-            for thread in threads:
-                thread.join()
-            return result[0]
-
-        def model() -> None:
-            torch.cuda.set_device(0)
-            x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
-            while not stop.is_set():
-                runtime.predict_top_k(x, 5)
-
-        def headers_loop() -> None:
-            while not stop.is_set():
-                for d in datas[:64]:
-                    read_header(d)
-
-        rates["kiln_gpu_decoder_in_thread"] = in_thread([])
-        rates["kiln_gpu_decoder_beside_model"] = in_thread([model])
-        rates["kiln_gpu_decoder_beside_8_header_threads"] = in_thread([headers_loop] * 8)
     try:
         from nvidia import nvimgcodec
 
@@ -271,16 +238,48 @@ def gpu_decode_rates(files: list[Path], runtime=None, batch: int = 256) -> dict[
     return rates
 
 
-def bench_decode(small: Path, large: Path, package: str) -> dict:
-    from worker.runtime import load_runtime
+def bench_agreement(small: Path, large: Path) -> dict:
+    """|GPU path - CPU path| in uint8 levels, per image: kiln's GPU decoder against
+    `decode_image`, on 1,000 640x480 and 100 4000x3000 JPEGs (the bound the tests state)."""
+    import numpy as np
+    import torch
 
+    from worker.gpu_decode import JpegBatchDecoder
+    from worker.manifest import IMAGENET_PREPROCESS
+    from worker.preprocess import decode_image, read_header
+
+    decoder = JpegBatchDecoder(torch.device("cuda"), IMAGENET_PREPROCESS)
+    results = {}
+    for name, folder, count in (("640x480", small, 1000), ("4000x3000", large, 100)):
+        datas = [f.read_bytes() for f in sorted(folder.rglob("*.jpg"))[:count]]
+        maxima, means, p99 = [], [], []
+        for start in range(0, len(datas), 128):
+            part = datas[start : start + 128]
+            result = decoder.decode([(d, read_header(d)) for d in part])
+            for index, row in zip(result.decoded, result.images.cpu(), strict=True):
+                expected = decode_image(part[index], IMAGENET_PREPROCESS).astype(np.int16)
+                diff = np.abs(row.permute(1, 2, 0).numpy().astype(np.int16) - expected)
+                maxima.append(int(diff.max()))
+                means.append(float(diff.mean()))
+                p99.append(float(np.percentile(diff, 99)))
+        results[name] = {
+            "images": len(means),
+            "max_of_max": max(maxima),
+            "median_of_max": float(np.median(maxima)),
+            "max_of_mean": max(means),
+            "median_of_mean": float(np.median(means)),
+            "max_of_p99": max(p99),
+        }
+        print(f"  agreement {name}: {results[name]}", flush=True)
+    return results
+
+
+def bench_decode(small: Path, large: Path) -> dict:
     cores = len(os.sched_getaffinity(0))
     results = {"cpu_processes": cores}
-    runtime = load_runtime(package, "cuda")
     for name, folder, limit in (("640x480", small, 4096), ("4000x3000", large, 384)):
         files = sorted(folder.rglob("*.jpg"))[:limit]
-        rates = gpu_decode_rates(files, runtime if name == "640x480" else None)
-        row = {"cpu_processes": cpu_decode_rate(files, cores), **rates}
+        row = {"cpu_processes": cpu_decode_rate(files, cores), **gpu_decode_rates(files)}
         results[name] = row
         print(f"  decode {name}: " + ", ".join(f"{k} {v:,.0f}" if isinstance(v, float) else f"{k} {v}"
                                                for k, v in row.items()), flush=True)  # fmt: skip
@@ -533,7 +532,8 @@ def main() -> None:
     mixed = mixed_dataset(small, large, args.mixed_images)
     resnet18 = packages["resnet18"]["path"]
     section("model", lambda: bench_models(packages, args.seconds))
-    section("decode", lambda: bench_decode(small, large, resnet18))
+    section("decode", lambda: bench_decode(small, large))
+    section("agree", lambda: bench_agreement(small, large))
     section(
         "e2e",
         lambda: {

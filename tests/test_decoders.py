@@ -37,8 +37,8 @@ from worker.preprocess import DEFAULT_FORMATS, decode_image, read_header
 from worker.resample import crop_plan, resample
 
 CUDA = DEVICE == "cuda"
-FULL_SCALE_MAX = 12 if CUDA else 1  # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's
-FULL_SCALE_MEAN = 1.0 if CUDA else 0.25
+FULL_SCALE_MAX = 40 if CUDA else 1  # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's
+FULL_SCALE_MEAN = 1.5 if CUDA else 0.25
 DRAFT_MEAN = 3.0
 
 

@@ -17,6 +17,7 @@ is how CI tests the batching, the fallbacks and the error isolation.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
     from worker.preprocess import ImageHeader
 
 log = logging.getLogger(__name__)
+
+# torch warns that a tensor over immutable `bytes` must not be written to; nvJPEG only reads it,
+# and a copy per image would cost more than the warning is worth.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 GPU_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: camera JPEGs with extra frames; the first is a JPEG
 GPU_MODES = frozenset({"RGB", "L"})  # CMYK and YCCK JPEGs go to Pillow, which knows Adobe's inversion
@@ -81,8 +86,13 @@ class JpegBatchDecoder:
         refused: list[int] = []
         self._decode_or_split(items, list(range(len(items))), frames, refused)
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        resize = self.prep.resize
         for index, frame in frames.items():
-            frame = orient(reduce_like_draft(frame, self.prep.resize), items[index][1].orientation)
+            header = items[index][1]
+            if min(header.width, header.height) >= 2 * resize:  # per-image work only where it does something
+                frame = reduce_like_draft(frame, resize)
+            if header.orientation != 1:
+                frame = orient(frame, header.orientation)
             frames[index] = frame
             by_size[(frame.shape[1], frame.shape[2])].append(index)
         order: list[int] = []
@@ -117,7 +127,7 @@ class JpegBatchDecoder:
 
         if not indices:
             return
-        encoded = [torch.frombuffer(bytearray(items[i][0]), dtype=torch.uint8) for i in indices]
+        encoded = [torch.frombuffer(items[i][0], dtype=torch.uint8) for i in indices]  # read, never written
         try:
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError as e:

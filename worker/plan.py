@@ -79,7 +79,7 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
         device=str(device),
         gpu_decode=gpu_decode,
         decode_processes=decode_processes,
-        fetch_threads=settings.fetch_threads or (8 if cuda else 2),
+        fetch_threads=settings.fetch_threads or (4 if cuda else 2),
         torch_threads=settings.threads or share,
         batch_size=min(settings.batch_size or batch_max, batch_max),
         # Chunks (128 images by default) in flight: two model batches ahead, as in-process.

@@ -37,7 +37,7 @@ class WorkerSettings(CommonSettings):
         default=None,
         ge=1,
         description="threads fetching images (and decoding them where no other decoder does) in each process; "
-        "default: 8 with a GPU, else 2",
+        "default: 4 with a GPU, else 2",
     )
     decode_processes: int | None = Field(
         default=None,
