@@ -160,10 +160,18 @@ def _load_compiled(path: Path, device: torch.device) -> Callable[[torch.Tensor],
 
     It calls the C++ loader that `torch._inductor.aoti_load_package` wraps: importing that wrapper
     pulls in all of Inductor, about 2 s of every worker's cold start, for nothing a package needs.
-    A torch whose loader takes other arguments gets the documented wrapper instead."""
+    A torch whose loader takes other arguments gets the documented wrapper instead.
+
+    On CUDA the package gets two model instances. The loader's `run` holds the GIL throughout
+    (its pybind binding, torch/csrc/inductor/aoti_package/pybind.cpp, releases nothing), and a
+    container with one instance makes each run wait, inside `run`, for the previous run to
+    finish on the GPU: every other thread of the worker stalls meanwhile (seen in a py-spy profile
+    on the H200). With two, a run only waits for the run before last, which the caller has
+    already synchronised on."""
     index = device.index if device.type == "cuda" else -1
+    instances = 2 if device.type == "cuda" else 1
     try:
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, instances, index)
     except TypeError:
         return torch._inductor.aoti_load_package(str(path), device_index=index)
     return lambda batch: loader.run([batch])[0]  # the closure keeps the loader (and its files) alive
