@@ -16,6 +16,7 @@ from typing import TypeVar
 import redis
 from kombu.exceptions import OperationalError
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthorizationError, NoPermissionError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,7 +47,7 @@ def redis_error(error: BaseException) -> redis.RedisError | None:
 def transient(error: BaseException) -> bool:
     """A fault that may pass: Redis down, restarting, loading its data, paused or full."""
     cause = redis_error(error)
-    if isinstance(cause, redis.AuthenticationError | redis.AuthorizationError):
+    if isinstance(cause, redis.AuthenticationError | AuthorizationError):
         return False
     if cause is None:
         return isinstance(error, OperationalError)  # kombu lost its connection
@@ -58,7 +59,7 @@ def describe(error: BaseException, url: str) -> str:
     where = f"Redis at {mask_url(url)}"
     cause = redis_error(error) or error
     detail = mask_url(str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__)
-    if isinstance(cause, redis.AuthenticationError | redis.AuthorizationError | redis.NoPermissionError):
+    if isinstance(cause, redis.AuthenticationError | AuthorizationError | NoPermissionError):
         return f"{where} refused the credentials ({detail}): check the user and password in KILN_REDIS_URL"
     if isinstance(cause, redis.OutOfMemoryError):
         return (
@@ -90,5 +91,7 @@ def retrying(call: Callable[[], T], url: str, budget_s: float, deadline: float |
             delay = _BACKOFF.compute(attempt)
             if not transient(error) or time.monotonic() + delay > give_up:
                 raise RedisUnavailable(describe(error, url)) from error
-            log.warning("Redis at %s: %s; retrying in %.1f s", mask_url(url), mask_url(str(error)), delay)
+            if attempt == 1:  # once per outage: the retries themselves would flood the terminal
+                left = "until the deadline" if budget_s == float("inf") else f"for up to {budget_s:g} s"
+                log.warning("Redis at %s: %s; retrying %s", mask_url(url), mask_url(str(error)), left)
             time.sleep(delay)
