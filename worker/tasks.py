@@ -13,7 +13,7 @@ from celery import Celery, Task
 from celery_batches import Batches
 from pydantic import ValidationError
 
-from worker.contract import CHUNK_TASK, ONLINE_TASK, ChunkMessage, OnlineMessage, Record, is_reply_key
+from worker.contract import CHUNK_TASK, ONLINE_TASK, ChunkMessage, OnlineMessage, Record, is_reply_key, reply_key
 from worker.fetch import FetchPolicy
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.settings import WorkerSettings
@@ -131,9 +131,10 @@ def classify_online(requests: list[Any]) -> None:
             accepted.append((request, OnlineMessage.model_validate(raw)))
         except ValidationError as e:
             reason = f"invalid online message: {e.errors(include_url=False)[:3]}"
-            reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
-            if is_reply_key(reply_to):
-                _answer([(reply_to, Record.failure(ONLINE_JOB, str(raw.get("id")), "bad_message", reason))])
+            # Answered only on the message's own reply key: a bad message must not reach another caller.
+            own = reply_key(str(raw.get("id"))) if isinstance(raw, dict) else None
+            if is_reply_key(own) and raw.get("reply_to") == own:
+                _answer([(own, Record.failure(ONLINE_JOB, str(raw.get("id")), "bad_message", reason))])
             else:
                 dead_letter(raw, reason)
     accepted = _refuse_foreign_jobs(accepted)
