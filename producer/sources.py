@@ -44,12 +44,12 @@ class Expansion:
     skipped: Counter[str] = field(default_factory=Counter)
 
     def skipped_summary(self) -> str:
-        """e.g. "skipped 3 files that are not images: .txt 2, (no extension) 1"; "" when none."""
+        """e.g. "skipped 3 files without an image extension: .txt 2, (no extension) 1"; "" when none."""
         if not self.skipped:
             return ""
         parts = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in self.skipped.most_common())
         total = sum(self.skipped.values())
-        return f"skipped {total} file{'s' * (total != 1)} that are not images: {parts}"
+        return f"skipped {total} {'file' if total == 1 else 'files'} without an image extension: {parts}"
 
 
 def expand(inputs: Iterable[str | Path]) -> Expansion:

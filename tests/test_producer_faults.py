@@ -256,6 +256,7 @@ def test_a_job_name_used_again_with_other_images(lite0_worker, work_dir, tmp_pat
         (first / f"{name}.jpg").write_text("not an image")
     for name in ("rocket", "astronaut"):
         shutil.copy(SAMPLES / f"{name}.jpg", second)
+    (second / "notes.txt").write_text("not a photo")
     env = {"KILN_REDIS_URL": lite0_worker.redis_url}
     out_a, out_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     done_a = producer("label", str(first), "--job", "reused", "--out", str(out_a), "--no-progress", **env)
@@ -264,6 +265,7 @@ def test_a_job_name_used_again_with_other_images(lite0_worker, work_dir, tmp_pat
     assert done_b.returncode == 0, done_b.stderr
     assert "job reused: 2 images; the job also holds 4 images of other submissions" in done_b.stderr
     assert "2 labelled, 0 failed" in done_b.stderr
+    assert done_b.stderr.rstrip().endswith("skipped 1 file without an image extension: .txt 1")  # the summary
     keys = sorted(json.loads(line)["key"] for line in out_b.read_text().splitlines())
     assert keys == [str(second / "astronaut.jpg"), str(second / "rocket.jpg")]
     status = producer("status", "reused", **env)

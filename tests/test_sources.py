@@ -43,9 +43,9 @@ def test_no_file_is_skipped_silently(tree):
     assert {k.rsplit("/", 1)[1] for k in (i.key for i in found.items)} >= {"4.heic", "5.HEIF", "6.avif"}
     assert found.skipped == {".txt": 2, ".cr2": 1, "": 2}
     summary = found.skipped_summary()
-    assert summary.startswith("skipped 5 files that are not images: .txt 2, ") and "(no extension) 2" in summary
+    assert summary.startswith("skipped 5 files without an image extension: .txt 2, ") and "(no extension) 2" in summary
     assert expand([str(tree / "a" / "*")]).skipped == {".txt": 2, ".cr2": 1, "": 1}
-    with pytest.raises(SourceError, match=r"no images found .*skipped 2 files that are not images: .txt 2"):
+    with pytest.raises(SourceError, match=r"no images found .*skipped 2 files without an image extension: .txt 2"):
         expand([str(tree / "a" / "*.txt")])
 
 
