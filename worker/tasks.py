@@ -121,7 +121,7 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
 def classify_online(requests: list[Any]) -> None:
     """Online work, batched by celery-batches: answer each caller, and record jobs that allow it.
 
-    Every request stands alone: a bad one is answered (on a valid kiln reply key) or
+    Every request stands alone: a bad one is answered (on its own kiln reply key) or
     dead-lettered, and never costs the other requests of the batch their answers or records."""
     current = state()
     accepted: list[tuple[Any, OnlineMessage]] = []
