@@ -21,7 +21,8 @@ from redis.exceptions import AuthorizationError, NoPermissionError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s@]*@")
+# scheme://user:PASSWORD@ - up to the last @ of the authority, since a password may hold a raw @
+_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@")
 _BACKOFF = ExponentialWithJitterBackoff(base=0.1, cap=2.0)
 
 
