@@ -1,7 +1,21 @@
 """kiln's producer side: enqueue jobs, follow them, read and export results. Imports no torch."""
 
-from producer.client import JobTimeout, Kiln, SubmittedJob
-from producer.sources import expand
+from producer.client import JobTimeout, Kiln, SubmitIncomplete, SubmittedJob
+from producer.faults import RedisUnavailable
+from producer.sources import Expansion, SourceError, expand
 from worker.contract import Item, Record
+from worker.store import JobConflict
 
-__all__ = ["Item", "JobTimeout", "Kiln", "Record", "SubmittedJob", "expand"]
+__all__ = [
+    "Expansion",
+    "Item",
+    "JobConflict",
+    "JobTimeout",
+    "Kiln",
+    "Record",
+    "RedisUnavailable",
+    "SourceError",
+    "SubmitIncomplete",
+    "SubmittedJob",
+    "expand",
+]

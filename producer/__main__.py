@@ -7,11 +7,15 @@ import contextlib
 import sys
 from pathlib import Path
 
+import redis
+from kombu.exceptions import OperationalError
+
 from producer.client import Kiln, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
 from producer.export import export_format, write_results
+from producer.faults import describe, mask_url
 from producer.settings import ProducerSettings, default_model_path
-from producer.sources import SourceError, default_job_id, expand, local_roots
+from producer.sources import SourceError, expand, local_roots
 from worker.contract import Record
 
 EPILOG = """\
@@ -41,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     label.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     label.add_argument("--topk", type=int, default=5, help="labels per image [default: 5]")
-    label.add_argument("--job", help="job name; the same name again resumes it [default: derived from the images]")
+    label.add_argument(
+        "--job",
+        help="job name; the same name again resumes it, or adds new images to it [default: derived from the images]",
+    )
     label.add_argument("--model", type=Path, help="embedded mode: package for the local worker [KILN_MODEL]")
     label.add_argument("--retry-failed", action="store_true", help="also enqueue images whose record is an error")
     label.add_argument("--timeout", type=float, help="give up after this many seconds (the job keeps running)")
@@ -59,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     classify = commands.add_parser("classify", help="classify one image now, through the online queue")
     classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
     classify.add_argument("--topk", type=int, default=5)
+    classify.add_argument("--timeout", type=float, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
     return parser
 
 
@@ -75,8 +83,9 @@ def print_table(records: list[Record], topk: int = 5) -> None:
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
     export_format(args.out)  # refuse a bad --out before any work
-    items = expand(args.inputs)
-    job = args.job or default_job_id(items)
+    expansion = expand(args.inputs)
+    if expansion.skipped:
+        print(expansion.skipped_summary(), file=sys.stderr)
     with contextlib.ExitStack() as stack:
         check = None
         if settings.redis_url:
@@ -85,7 +94,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         else:
             model = args.model or settings.model or ensure_default_model(default_model_path())
             url = stack.enter_context(embedded_redis(settings.data_dir))
-            worker = LocalWorker(model, url, settings.data_dir / "worker.log", local_roots(items))
+            worker = LocalWorker(model, url, settings.data_dir / "worker.log", local_roots(expansion.items))
             stack.callback(worker.stop)
             settings = settings.model_copy(update={"redis_url": url})
             check = worker.check
@@ -93,17 +102,23 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 f"embedded mode: Redis and a local worker ({model.name}); data in {settings.data_dir}", file=sys.stderr
             )
         kiln = stack.enter_context(Kiln(settings=settings))
-        submitted: SubmittedJob = kiln.submit(items, job=job, topk=args.topk, retry_failed=args.retry_failed)
+        submitted: SubmittedJob = kiln.submit(expansion, job=args.job, topk=args.topk, retry_failed=args.retry_failed)
         resumed = submitted.total - submitted.enqueued
+        others = submitted.job_total - submitted.total
         print(
-            f"job {job}: {submitted.total} images" + (f" ({resumed} already done)" if resumed else ""), file=sys.stderr
+            f"job {submitted.id}: {submitted.total} images"
+            + (f" ({resumed} already done)" if resumed else "")
+            + (f"; the job also holds {others} images of other submissions" if others > 0 else ""),
+            file=sys.stderr,
         )
-        counts = kiln.wait(job, timeout_s=args.timeout, progress=not args.no_progress, check=check)
-        records = list(kiln.results(job))
+        counts = kiln.wait(submitted, timeout_s=args.timeout, progress=not args.no_progress, check=check)
+        records = kiln.results(submitted)
     written = write_results(records, args.out, args.topk)
     if len(records) <= args.show:
         print_table(records)
     print(f"{counts.done} labelled, {counts.failed} failed; wrote {written} records to {args.out}", file=sys.stderr)
+    if expansion.skipped:
+        print(expansion.skipped_summary(), file=sys.stderr)
     return 0 if counts.failed == 0 else 1
 
 
@@ -114,24 +129,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "label":
             return _label(args, settings)
         with Kiln(settings=settings) as kiln:
+            if args.command in ("status", "export") and not kiln.exists(args.job):
+                raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
             if args.command == "status":
-                if not kiln.store.exists(args.job):
-                    raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
                 counts = kiln.counts(args.job)
                 state = "complete" if counts.complete else "running"
                 print(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
             elif args.command == "export":
-                if not kiln.store.exists(args.job):
-                    raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
                 written = write_results(kiln.results(args.job), args.out, args.topk)
                 print(f"wrote {written} records to {args.out}", file=sys.stderr)
             elif args.command == "classify":
                 path = Path(args.image)
+                if path.is_file():
+                    kiln.check_inline(path.stat().st_size)  # before reading a huge file into memory
                 image = path.read_bytes() if path.is_file() else args.image
-                print(kiln.classify(image, topk=args.topk).model_dump_json(indent=2, exclude_none=True))
+                record = kiln.classify(image, topk=args.topk, timeout_s=args.timeout)
+                print(record.model_dump_json(indent=2, exclude_none=True))
         return 0
+    except (redis.RedisError, OperationalError) as e:  # one the retries did not describe
+        print(f"error: {describe(e, settings.redis_url or '')}", file=sys.stderr)
+        return 2
     except (SourceError, EmbeddedError, ValueError, OSError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask_url(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: records written so far are kept; run the same command again to resume", file=sys.stderr)

@@ -29,6 +29,19 @@ class ProducerSettings(CommonSettings):
     chunk_size: int = Field(default=128, ge=1, le=100_000, description="images per bulk task message")
     poll_interval_s: float = Field(default=0.25, gt=0, description="how often `wait` reads a job's counters")
     online_timeout_s: float = Field(default=30.0, gt=0, description="how long `classify` waits for its answer")
+    max_inline_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1,
+        description="largest image `classify` sends inline; keep it at most the workers' KILN_MAX_IMAGE_BYTES",
+    )
+    redis_retry_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how long a call with no timeout of its own keeps retrying a Redis that does not answer",
+    )
+    redis_timeout_s: float = Field(
+        default=10.0, gt=0, description="socket timeout of one Redis command (a paused Redis fails after this long)"
+    )
     data_dir: Path = Field(
         default_factory=lambda: _cache_dir() / "embedded",
         description="embedded mode: where its Redis keeps results between runs (so a job can resume)",

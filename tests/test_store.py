@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import threading
 
-from worker.contract import Label, Record
-from worker.store import ResultStore
+import pytest
+import redis
+
+from worker.contract import Item, Label, Record
+from worker.store import JobConflict, ResultStore
 
 
 def ok(key: str, label: str = "espresso") -> Record:
@@ -73,6 +76,77 @@ def test_keys_expire(store, redis_client):
 def test_delivery_counts_and_replies(store):
     assert [store.count_delivery("j", "task-1") for _ in range(3)] == [1, 2, 3]
     assert store.count_delivery("j", "task-2") == 1
-    store.reply([("kiln:reply:r1", ok("a"))])
+    assert store.reply([("kiln:reply:r1", ok("a"))]) == []
     assert store.wait_reply("kiln:reply:r1", 1).key == "a"
     assert store.wait_reply("kiln:reply:r1", 0.1) is None
+
+
+def items(*keys: str, folder: str = "/data") -> list[Item]:
+    return [Item(key=k, ref=f"{folder}/{k}.jpg") for k in keys]
+
+
+def test_a_job_counts_every_image_registered_in_it(store):
+    """Two submissions under one name: the total is the images of both, so done + failed never
+    exceeds it ("5 done, 5 failed, 4 in all" cannot happen)."""
+    assert store.register("j", items("a", "b", "c")) == ["a", "b", "c"]
+    store.write([ok("a"), ok("b"), failed("c")])
+    assert store.register("j", items("b", "d")) == ["d"]  # b again: a resume, not a new image
+    counts = store.counts("j")
+    assert (counts.total, counts.done, counts.failed, counts.complete) == (4, 2, 1, False)
+    store.write([ok("d")])
+    assert store.counts("j").complete
+
+
+def test_a_key_for_another_image_is_refused_whole(store):
+    store.register("j", items("a", "b"))
+    with pytest.raises(JobConflict, match=r"already holds image key 'b' for /data/b\.jpg"):
+        store.register("j", [*items("c"), *items("b", folder="/elsewhere")])
+    assert store.counts("j").total == 2 and store.registered_refs("j", ["a", "c"]) == ["/data/a.jpg", None]
+
+
+def test_unregister_takes_images_out_of_the_total(store):
+    store.register("j", items("a", "b", "c"))
+    store.unregister("j", ["b", "c"])
+    assert store.counts("j").total == 1 and store.registered_refs("j", ["b"]) == [None]
+
+
+def test_online_writes_only_into_jobs_that_allow_them(store):
+    store.register("bulk", items("a"))
+    store.register("live", items("a"), online=True)
+    refusals = store.online_refusals([("bulk", "a"), ("live", "a"), ("live", "zz"), ("nothing", "a")])
+    assert "does not accept online requests" in refusals[0] and refusals[1] is None
+    assert "holds no image key 'zz'" in refusals[2] and "does not accept online" in refusals[3]
+    with pytest.raises(JobConflict, match="bulk work only"):
+        store.register("bulk", items("b"), online=True)
+    store.register("live", items("b"))  # bulk images may join an online job
+    assert store.counts("live").total == 2
+
+
+def test_each_reply_stands_alone(store, redis_client):
+    """A reply key that is not kiln's, or that holds another type, fails on its own: no EXPIRE
+    lands on it, and the other answers of the batch are delivered."""
+    redis_client.hset("kiln:{victim}:records", "k", "precious")
+    redis_client.set("kiln:reply:taken", "a string")
+    failures = store.reply(
+        [
+            ("kiln:{victim}:records", ok("x")),
+            ("kiln:reply:taken", ok("y")),
+            ("kiln:reply:fine", ok("z")),
+            ("kiln:reply:../x", ok("w")),
+        ]
+    )
+    assert [to for to, _ in failures] == ["kiln:{victim}:records", "kiln:reply:../x", "kiln:reply:taken"]
+    assert "WRONGTYPE" in dict(failures)["kiln:reply:taken"]
+    assert redis_client.ttl("kiln:{victim}:records") == -1 and redis_client.ttl("kiln:reply:taken") == -1
+    assert redis_client.hgetall("kiln:{victim}:records") == {b"k": b"precious"}
+    assert store.wait_reply("kiln:reply:fine", 1).key == "z"
+
+
+def test_a_reply_wait_longer_than_the_socket_timeout(redis_url, redis_client):
+    """redis-py's socket timeout (here 1 s; 5 s by default) must not cut a longer wait short."""
+    store = ResultStore(redis.Redis.from_url(redis_url, socket_timeout=1), ttl_s=60)
+    assert store.wait_reply("kiln:reply:slow", 2.5) is None
+    later = threading.Timer(2.0, lambda: ResultStore(redis_client).reply([("kiln:reply:slow", ok("late"))]))
+    later.start()
+    assert store.wait_reply("kiln:reply:slow", 30).key == "late"
+    later.join()

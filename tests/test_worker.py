@@ -159,7 +159,7 @@ def test_online_by_reference_and_errors(kiln, raw_app):
     assert kiln.classify(str(SAMPLES / "coffee.jpg"), timeout_s=60).topk[0].label == "espresso"
     assert kiln.classify(b"definitely not an image", timeout_s=60).error.kind == "not_an_image"
     reply = "kiln:reply:bad-online"
-    raw_app.send_task(ONLINE_TASK, args=[{"v": 1, "id": "x", "reply_to": reply}], queue=ONLINE_QUEUE)
+    raw_app.send_task(ONLINE_TASK, args=[{"v": 1, "id": "bad-online", "reply_to": reply}], queue=ONLINE_QUEUE)
     assert kiln.store.wait_reply(reply, 30).error.kind == "bad_message"  # neither ref nor data
 
 

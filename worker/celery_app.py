@@ -41,7 +41,11 @@ def make_app(settings: CommonSettings) -> Celery:
             # default scans about every 100 s), so they come back soon after the timeout.
             "unacked_restore_interval": max(1, min(10, visibility // 6)),
             "unacked_restore_throttle": 1,
+            "max_message_bytes": settings.max_message_bytes,
         }
+        if settings.redis_url.startswith("redis://"):
+            # Refuses an oversized message before parsing it (worker/transport.py).
+            app.conf.broker_transport = "worker.transport:Transport"
         # celery-batches only sees as many online requests as the worker prefetches (FACTS.md);
         # bulk-only workers take one chunk at a time, leaving the rest to other workers.
         online = ONLINE_QUEUE in settings.queues

@@ -7,6 +7,7 @@ record, instead of guessing.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -30,6 +31,21 @@ ErrorKind = Literal[
     "poison",  # a message delivered too many times (its workers died on it)
     "internal",  # a bug or a failed model run; the reason says which
 ]
+
+REPLY_PREFIX = "kiln:reply:"
+RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")]
+_REPLY_KEY = re.compile(r"kiln:reply:[A-Za-z0-9_-]{1,128}")
+
+
+def reply_key(request_id: str) -> str:
+    """The Redis list an online request's answer goes to."""
+    return REPLY_PREFIX + request_id
+
+
+def is_reply_key(name: object) -> bool:
+    """Whether `name` has the shape of kiln's reply keys: workers write to no other key for a caller."""
+    return isinstance(name, str) and _REPLY_KEY.fullmatch(name) is not None
+
 
 Key = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 JobId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
@@ -64,12 +80,15 @@ class ChunkMessage(BaseModel):
 
 
 class OnlineMessage(BaseModel):
-    """Online work: one image, by reference or inline (base64), answered on `reply_to`."""
+    """Online work: one image, by reference or inline (base64), answered on `reply_to`, which
+    must be `reply_key(id)`: a message cannot make a worker write into any other key. With `job`
+    (and `key`, default: the id), the record is also written into that job, if the job allows it
+    (created with online=True, holding that key)."""
 
     model_config = ConfigDict(extra="forbid")
 
     v: Literal[1] = MESSAGE_VERSION
-    id: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    id: RequestId
     reply_to: Annotated[str, StringConstraints(min_length=1, max_length=300)]
     ref: str | None = None
     data_b64: str | None = None
@@ -81,6 +100,10 @@ class OnlineMessage(BaseModel):
     def _one_source(self) -> OnlineMessage:
         if (self.ref is None) == (self.data_b64 is None):
             raise ValueError("give exactly one of ref and data_b64")
+        if self.reply_to != reply_key(self.id):
+            raise ValueError(f"reply_to must be {reply_key(self.id)!r}, the reply key of this request's id")
+        if self.key is not None and self.job is None:
+            raise ValueError("key needs a job")
         return self
 
 

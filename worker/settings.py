@@ -69,6 +69,12 @@ class WorkerSettings(CommonSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, description="largest image, in pixels (decompression bombs)"
     )
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="largest task message, as stored in Redis; larger ones are dead-lettered unread. An inline "
+        "image grows by 16/9 on the way (base64 twice): keep this above 1.8 x max_image_bytes",
+    )
     fetch_timeout_s: float = Field(default=30.0, gt=0, description="timeout of one http(s) fetch")
     online_batch_size: int = Field(default=32, ge=1, description="online requests batched into one model call")
     online_flush_ms: int = Field(default=20, ge=1, description="longest wait for an online batch to fill")

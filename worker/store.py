@@ -3,7 +3,8 @@
 Keys of a job share the hash tag `{job}`, so they live on one Redis Cluster slot and one Lua
 script can update them together:
 
-    kiln:{job}:meta      hash: total, done, failed, created_at, ...
+    kiln:{job}:meta      hash: total, done, failed, created_at, online, topk
+    kiln:{job}:items     hash: image key -> reference   (the job's images; total is its length)
     kiln:{job}:records   hash: image key -> record JSON
     kiln:{job}:status    hash: image key -> "ok" | "error"   (what the counters count)
     kiln:{job}:delivery  hash: task id -> deliveries so far  (the poison-message cap)
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from worker.contract import Record
+from worker.contract import Item, Record, is_reply_key
 
 _UPSERT = """
 local ttl = tonumber(ARGV[1])
@@ -44,15 +45,60 @@ if ttl > 0 then
 end
 """
 
+# Register images in a job, all or nothing: a key that the job already holds with another
+# reference refuses the whole call. `total` is the number of images the job holds, whoever
+# registered them, so done + failed never exceeds it. Returns {'ok', {new keys}}, or a refusal.
+_REGISTER = """
+local ttl, now, online, topk = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+for i = 5, #ARGV, 2 do
+  local old = redis.call('HGET', KEYS[2], ARGV[i])
+  if old and old ~= ARGV[i + 1] then return {'conflict', ARGV[i], old} end
+end
+if redis.call('HSETNX', KEYS[1], 'created_at', now) == 1 then
+  redis.call('HSET', KEYS[1], 'online', online, 'topk', topk)
+elseif online == '1' and redis.call('HGET', KEYS[1], 'online') ~= '1' then
+  return {'bulk_only'}
+end
+local added = {}
+for i = 5, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then added[#added + 1] = ARGV[i] end
+end
+redis.call('HSET', KEYS[1], 'total', redis.call('HLEN', KEYS[2]))
+redis.call('HINCRBY', KEYS[1], 'done', 0)
+redis.call('HINCRBY', KEYS[1], 'failed', 0)
+if ttl > 0 then
+  for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
+end
+return {'ok', added}
+"""
+
+_UNREGISTER = """
+for i = 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
+redis.call('HSET', KEYS[1], 'total', redis.call('HLEN', KEYS[2]))
+"""
+
+# One online answer, all or nothing: never an EXPIRE on a key the push did not land on.
+_REPLY = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'none' and kind ~= 'list' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a reply list')
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 REPLY_TTL_S = 300
+_REPLY_POLL_S = 2.0  # longest single BLPOP: below any sane socket timeout, so a long wait never trips it
 
 
 def _key(job: str, part: str) -> str:
     return f"kiln:{{{job}}}:{part}"
 
 
-def reply_key(request_id: str) -> str:
-    return f"kiln:reply:{request_id}"
+class JobConflict(ValueError):
+    """A submission that a job refuses: a key it holds for another image, or online writes into a
+    job created for bulk work only."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +123,9 @@ class ResultStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._upsert = client.register_script(_UPSERT)
+        self._register = client.register_script(_REGISTER)
+        self._unregister = client.register_script(_UNREGISTER)
+        self._reply = client.register_script(_REPLY)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 0) -> ResultStore:
@@ -94,6 +143,59 @@ class ResultStore:
                 for part in ("meta", "records", "status"):
                     pipe.expire(_key(job, part), self.ttl_s)
             pipe.execute()
+
+    def register(self, job: str, items: Sequence[Item], topk: int = 5, online: bool = False) -> list[str]:
+        """Add images to a job (creating it), all or nothing; return the keys that were new.
+
+        `online` creates a job that online requests may write into; asking it of a job created
+        without it raises JobConflict, as does a key the job holds with another reference."""
+        args = [arg for item in items for arg in (item.key, item.ref)]
+        keys = [_key(job, part) for part in ("meta", "items", "records", "status")]
+        answer = self._register(keys=keys, args=[self.ttl_s, time.time(), int(online), topk, *args])
+        verdict = answer[0].decode()
+        if verdict == "conflict":
+            key, old = answer[1].decode(), answer[2].decode()
+            raise JobConflict(
+                f"job {job} already holds image key {key!r} for {old}; this submission names another image for it. "
+                "Use a new job name, or give the images other keys"
+            )
+        if verdict == "bulk_only":
+            raise JobConflict(f"job {job} was created for bulk work only; online requests may not write into it")
+        return [key.decode() for key in answer[1]]
+
+    def unregister(self, job: str, keys: Sequence[str]) -> None:
+        """Take images out of a job again (those a failed submission registered but never enqueued)."""
+        if keys:
+            self._unregister(keys=[_key(job, "meta"), _key(job, "items")], args=list(keys))
+
+    def registered_refs(self, job: str, keys: Sequence[str]) -> list[str | None]:
+        """The reference the job holds for each key (None where it holds none), in order."""
+        raw = self.redis.hmget(_key(job, "items"), list(keys)) if keys else []
+        return [None if ref is None else ref.decode() for ref in raw]
+
+    def statuses(self, job: str, keys: Sequence[str]) -> list[str | None]:
+        """ "ok", "error" or None (no record yet) for each key, in order."""
+        raw = self.redis.hmget(_key(job, "status"), list(keys)) if keys else []
+        return [None if status is None else status.decode() for status in raw]
+
+    def online_refusals(self, targets: Sequence[tuple[str, str]]) -> list[str | None]:
+        """For (job, key) pairs that online requests want to write: why each is refused, or None.
+
+        A job accepts online writes only if it was created with `online` (see `register`), and
+        only for keys it holds: a message cannot write into someone else's bulk job."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job, key in targets:
+                pipe.hget(_key(job, "meta"), "online").hexists(_key(job, "items"), key)
+            answers = pipe.execute()
+        refusals: list[str | None] = []
+        for (job, key), online, holds in zip(targets, answers[::2], answers[1::2], strict=True):
+            if online != b"1":
+                refusals.append(f"job {job} does not accept online requests (create it with online=True)")
+            elif not holds:
+                refusals.append(f"job {job} holds no image key {key!r} (register it with Kiln.classify(job=, key=))")
+            else:
+                refusals.append(None)
+        return refusals
 
     def write(self, records: Sequence[Record]) -> None:
         """Upsert records: one round trip for a whole batch, whatever the jobs."""
@@ -142,14 +244,30 @@ class ResultStore:
             pipe.expire(delivery, max(self.ttl_s, 24 * 3600))
             return [int(n) for n in pipe.execute()[:-1]]
 
-    def reply(self, answers: Iterable[tuple[str, Record]]) -> None:
-        """Answer online requests: push each record on its caller's reply list."""
+    def reply(self, answers: Iterable[tuple[str, Record]]) -> list[tuple[str, str]]:
+        """Answer online requests: push each record on its caller's reply list, each push on its
+        own, so one bad reply key costs only its own answer. Returns (reply_to, reason) for each
+        answer not delivered; only kiln's reply keys (`kiln:reply:<id>`) are ever written."""
+        answers = list(answers)
+        failed = [(to, "not a kiln reply key") for to, _ in answers if not is_reply_key(to)]
+        valid = [(to, record) for to, record in answers if is_reply_key(to)]
         with self.redis.pipeline(transaction=False) as pipe:
-            for reply_to, record in answers:
-                pipe.rpush(reply_to, record.model_dump_json(exclude_none=True))
-                pipe.expire(reply_to, REPLY_TTL_S)
-            pipe.execute()
+            for reply_to, record in valid:
+                self._reply(keys=[reply_to], args=[record.model_dump_json(exclude_none=True), REPLY_TTL_S], client=pipe)
+            outcomes = pipe.execute(raise_on_error=False) if valid else []
+        failed += [(to, str(out)) for (to, _), out in zip(valid, outcomes, strict=True) if isinstance(out, Exception)]
+        return failed
 
     def wait_reply(self, reply_to: str, timeout_s: float) -> Record | None:
-        popped = self.redis.blpop([reply_to], timeout=timeout_s)
-        return None if popped is None else Record.model_validate_json(popped[1])
+        """Wait up to `timeout_s` for the answer on `reply_to`; None if none came.
+
+        The wait is a series of short BLPOPs, so a timeout of any length works with the client's
+        socket timeout (redis-py's default is 5 s, and a BLPOP longer than it fails)."""
+        socket_timeout = self.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        longest = min(_REPLY_POLL_S, socket_timeout / 2) if socket_timeout else _REPLY_POLL_S
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0.001:
+            popped = self.redis.blpop([reply_to], timeout=min(left, longest))
+            if popped is not None:
+                return Record.model_validate_json(popped[1])
+        return None

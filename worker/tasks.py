@@ -13,7 +13,7 @@ from celery import Celery, Task
 from celery_batches import Batches
 from pydantic import ValidationError
 
-from worker.contract import CHUNK_TASK, ONLINE_TASK, ChunkMessage, OnlineMessage, Record
+from worker.contract import CHUNK_TASK, ONLINE_TASK, ChunkMessage, OnlineMessage, Record, is_reply_key, reply_key
 from worker.fetch import FetchPolicy
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.plan import DataPathPlan, plan_data_path
@@ -126,7 +126,10 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
 
 
 def classify_online(requests: list[Any]) -> None:
-    """Online work, batched by celery-batches: answer each caller, and record jobs that asked."""
+    """Online work, batched by celery-batches: answer each caller, and record jobs that allow it.
+
+    Every request stands alone: a bad one is answered (on its own kiln reply key) or
+    dead-lettered, and never costs the other requests of the batch their answers or records."""
     current = state()
     accepted: list[tuple[Any, OnlineMessage]] = []
     for request in requests:
@@ -134,12 +137,14 @@ def classify_online(requests: list[Any]) -> None:
         try:
             accepted.append((request, OnlineMessage.model_validate(raw)))
         except ValidationError as e:
-            reply_to = raw.get("reply_to") if isinstance(raw, dict) else None
             reason = f"invalid online message: {e.errors(include_url=False)[:3]}"
-            if isinstance(reply_to, str):
-                current.store.reply([(reply_to, Record.failure(ONLINE_JOB, str(raw.get("id")), "bad_message", reason))])
+            # Answered only on the message's own reply key: a bad message must not reach another caller.
+            own = reply_key(str(raw.get("id"))) if isinstance(raw, dict) else None
+            if is_reply_key(own) and raw.get("reply_to") == own:
+                _answer([(own, Record.failure(ONLINE_JOB, str(raw.get("id")), "bad_message", reason))])
             else:
                 dead_letter(raw, reason)
+    accepted = _refuse_foreign_jobs(accepted)
     if not accepted:
         return
     deliveries = current.store.count_deliveries(ONLINE_JOB, [request.id for request, _ in accepted])
@@ -150,7 +155,7 @@ def classify_online(requests: list[Any]) -> None:
         )
         if delivered > current.settings.max_deliveries:
             poison = Record.failure(work.job, work.key, "poison", "delivered too many times without finishing")
-            current.store.reply([(work.reply_to, poison)])
+            _answer([(work.reply_to, poison)])
             continue
         works.append(work)
         topks[id(work)] = message.topk
@@ -158,8 +163,27 @@ def classify_online(requests: list[Any]) -> None:
         return
     for pairs in current.pipeline.run(works, max(topks.values())):
         answers = [(w, r.model_copy(update={"topk": r.topk[: topks[id(w)]]})) for w, r in pairs]
-        current.store.reply([(w.reply_to, r) for w, r in answers])
+        _answer([(w.reply_to, r) for w, r in answers])
         current.store.write([r for w, r in answers if w.job != ONLINE_JOB])
+
+
+def _refuse_foreign_jobs(accepted: list[tuple[Any, OnlineMessage]]) -> list[tuple[Any, OnlineMessage]]:
+    """Answer `forbidden` to requests that name a job which does not take online writes; keep the rest."""
+    targets = [(message.job, message.key or message.id) for _, message in accepted if message.job]
+    refusals = iter(state().store.online_refusals(targets) if targets else [])
+    kept = []
+    for request, message in accepted:
+        refusal = next(refusals) if message.job else None
+        if refusal is None:
+            kept.append((request, message))
+        else:
+            _answer([(message.reply_to, Record.failure(ONLINE_JOB, message.id, "forbidden", refusal))])
+    return kept
+
+
+def _answer(answers: list[tuple[str, Record]]) -> None:
+    for reply_to, reason in state().store.reply(answers):
+        log.error("could not answer an online request on %r: %s", reply_to[:300], reason)
 
 
 def register_tasks(app: Celery, settings: WorkerSettings) -> None:
