@@ -185,10 +185,9 @@ def wait_healthy(containers: list[str], timeout_s: float) -> None:
 
 
 def test_the_stack_labels_the_samples(stack):
-    done = run(
-        *stack["run"], "run", "--rm", "producer", "label",
-        "/images/chelsea.jpg", "/images/coffee.jpg", "/images/rocket.jpg", "--job", "samples", "--out", "/out/samples.csv", "--no-progress", env=stack["env"], timeout=600,
-    )  # fmt: skip
+    photos = ["/images/chelsea.jpg", "/images/coffee.jpg", "/images/rocket.jpg"]
+    label = ["label", *photos, "--job", "samples", "--out", "/out/samples.csv", "--no-progress"]
+    done = run(*stack["run"], "run", "--rm", "producer", *label, env=stack["env"], timeout=600)
     rows = {row["key"].rsplit("/", 1)[-1]: row for row in csv.DictReader((stack["out"] / "samples.csv").open())}
     assert rows["chelsea.jpg"]["label_1"] in {"tiger cat", "Egyptian cat", "tabby"}, done.stdout
     assert rows["coffee.jpg"]["label_1"] == "espresso"

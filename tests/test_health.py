@@ -43,8 +43,8 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def monitored_worker(package: Path, redis_url: str, tmp_path: Path, *options: str) -> Iterator[tuple[LocalWorker, int]]:
-    """A real worker with its endpoint on a free port; yields it and the port."""
+def monitored_worker(package: Path, redis_url: str, tmp_path: Path, *options: str) -> Iterator[int]:
+    """A real worker with its endpoint on a free port; yields the port."""
     port_file = tmp_path / "port"
     env = python_env(KILN_METRICS_PORT_FILE=str(port_file), KILN_LIVENESS_TIMEOUT_S=str(TIMEOUT_S))
     worker = LocalWorker(package, redis_url, tmp_path / "worker.log", [SAMPLES], ["--metrics-port", "0", *options], env)
@@ -54,9 +54,14 @@ def monitored_worker(package: Path, redis_url: str, tmp_path: Path, *options: st
             worker.check()
             return int(port_file.read_text()) if port_file.exists() and port_file.read_text() else None
 
-        yield worker, wait_for(port, 120, "the endpoint's port")
+        yield wait_for(port, 120, "the endpoint's port")
     finally:
         worker.stop()
+
+
+def wait_status(port: int, path: str, status: int, timeout_s: float) -> str:
+    """Wait until `path` answers `status`; its body."""
+    return wait_for(lambda: (answer := get(port, path))[0] == status and answer[1], timeout_s, f"{path} {status}")
 
 
 def health_cli(port: int) -> subprocess.CompletedProcess:
@@ -100,9 +105,9 @@ class FreezableProxy:
 def test_a_loaded_worker_is_ready_and_live(lite0_package, tmp_path):
     with (
         embedded_redis(tmp_path / "redis", persist=False) as url,
-        monitored_worker(lite0_package, url, tmp_path) as (worker, port),
+        monitored_worker(lite0_package, url, tmp_path) as port,
     ):
-        wait_for(lambda: get(port, "/readyz")[0] == 200, 180, "readiness")
+        wait_status(port, "/readyz", 200, 180)
         assert get(port, "/livez") == (200, "ok\n")
         done = health_cli(port)
         assert done.returncode == 0, done.stderr
@@ -113,13 +118,11 @@ def test_redis_going_away_fails_readiness_then_liveness(lite0_package, tmp_path)
     with contextlib.ExitStack() as stack:
         redis_stack = stack.enter_context(contextlib.ExitStack())
         url = redis_stack.enter_context(embedded_redis(redis_dir, persist=False))
-        worker, port = stack.enter_context(monitored_worker(lite0_package, url, tmp_path))
-        wait_for(lambda: get(port, "/readyz")[0] == 200, 180, "readiness")
+        port = stack.enter_context(monitored_worker(lite0_package, url, tmp_path))
+        wait_status(port, "/readyz", 200, 180)
         redis_stack.close()  # Redis stops; the worker stays
-        status, reason = wait_for(lambda: (s := get(port, "/readyz"))[0] == 503 and s, 30, "unreadiness")
-        assert "broker not reached" in reason
-        status, reason = wait_for(lambda: (s := get(port, "/livez"))[0] == 503 and s, 60, "not live")
-        assert "broker unreachable" in reason
+        assert "broker not reached" in wait_status(port, "/readyz", 503, 30)
+        assert "broker unreachable" in wait_status(port, "/livez", 503, 60)
         done = health_cli(port)
         assert done.returncode == 1 and "broker unreachable" in done.stderr
 
@@ -129,13 +132,13 @@ def test_a_hung_broker_connection_fails_liveness_and_recovers(lite0_package, tmp
         proxy = FreezableProxy(int(url.rsplit(":", 1)[1].split("/")[0]))
         try:
             proxied = f"redis://127.0.0.1:{proxy.port}/0"
-            with monitored_worker(lite0_package, proxied, tmp_path) as (worker, port):
-                wait_for(lambda: get(port, "/readyz")[0] == 200, 180, "readiness")
+            with monitored_worker(lite0_package, proxied, tmp_path) as port:
+                wait_status(port, "/readyz", 200, 180)
                 proxy.frozen.set()
-                status, reason = wait_for(lambda: (s := get(port, "/livez"))[0] == 503 and s, 60, "not live")
+                reason = wait_status(port, "/livez", 503, 60)
                 assert "broker unreachable" in reason and "Timeout" in reason, reason
                 proxy.frozen.clear()
-                wait_for(lambda: get(port, "/livez")[0] == 200, 60, "live again")
+                wait_status(port, "/livez", 200, 60)
         finally:
             proxy.close()
 
