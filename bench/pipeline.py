@@ -152,6 +152,7 @@ class Workers:
     processes: int
     pool: str  # "solo" | "prefork"
     threads: int
+    options: tuple[str, ...] = ()  # more `python -m worker` options
     instances: list[LocalWorker] = field(default_factory=list)
 
     @property
@@ -160,7 +161,7 @@ class Workers:
 
     def start(self, package: Path, url: str, roots: list[Path], decode_threads: int, logdir: Path) -> None:
         count, concurrency = (1, self.processes) if self.pool == "prefork" else (self.processes, 1)
-        options = ["--concurrency", str(concurrency), "--threads", str(self.threads)]
+        options = ["--concurrency", str(concurrency), "--threads", str(self.threads), *self.options]
         for i in range(count):
             log = logdir / f"worker-{self.label.replace(' ', '_')}-{i}.log"
             self.instances.append(LocalWorker(package, url, log, roots, options, env=_worker_env(decode_threads)))
@@ -439,6 +440,12 @@ def bench_tiny(args, env, cores: int) -> dict:
     ]
     if per_process == cores:  # one core: the 1-thread variant is the default one
         del setups[1]
+    if args.metrics:  # metrics off vs on, nothing else: the same solo worker, with and without its endpoint
+        chunk = args.tiny_chunks[:1]
+        setups = [
+            (Workers("1 solo, metrics off", 1, "solo", cores), chunk),
+            (Workers("1 solo, metrics on", 1, "solo", cores, ("--metrics-port", "0")), chunk),
+        ]
     measured = measure(args, package, folder, files, setups, sorted({cores, per_process}, reverse=True), env)
     for variant in measured["variants"]:
         variant["meets_target"] = variant["images_per_s"] >= TINY_TARGET_RATE
@@ -515,6 +522,7 @@ def main() -> None:
     parser.add_argument("--tiny-batch", type=int, default=256, help="tiny package's max batch (kiln's cuda default)")
     parser.add_argument("--tiny-chunks", default="128,1024", help="chunk sizes with one worker process")
     parser.add_argument("--tiny-multi-chunk", type=int, default=512, help="chunk size with two worker processes")
+    parser.add_argument("--metrics", action="store_true", help="tiny: one solo worker with metrics off, then on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300, help="seconds one queue run may take")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.json")
