@@ -72,6 +72,10 @@ TOPK = 5
 LITE0_TARGET_RATIO, TINY_TARGET_RATE = 0.9, 2000.0
 
 
+# Worker features whose cost `--compare` measures: the options that turn each on.
+COMPARED_OPTIONS = {"metrics": ("--metrics-port", "0"), "events": ("--task-events",)}
+
+
 def tiny_model():
     """A classifier that costs ~nothing: mean colour -> 10 logits. Seeded, so builds agree."""
     import torch
@@ -440,11 +444,11 @@ def bench_tiny(args, env, cores: int) -> dict:
     ]
     if per_process == cores:  # one core: the 1-thread variant is the default one
         del setups[1]
-    if args.metrics:  # metrics off vs on, nothing else: the same solo worker, with and without its endpoint
-        chunk = args.tiny_chunks[:1]
+    if args.compare:  # one feature off vs on, nothing else: the same solo worker, with and without it
+        chunk, option = args.tiny_chunks[:1], COMPARED_OPTIONS[args.compare]
         setups = [
-            (Workers("1 solo, metrics off", 1, "solo", cores), chunk),
-            (Workers("1 solo, metrics on", 1, "solo", cores, ("--metrics-port", "0")), chunk),
+            (Workers(f"1 solo, {args.compare} off", 1, "solo", cores), chunk),
+            (Workers(f"1 solo, {args.compare} on", 1, "solo", cores, option), chunk),
         ]
     measured = measure(args, package, folder, files, setups, sorted({cores, per_process}, reverse=True), env)
     for variant in measured["variants"]:
@@ -522,7 +526,9 @@ def main() -> None:
     parser.add_argument("--tiny-batch", type=int, default=256, help="tiny package's max batch (kiln's cuda default)")
     parser.add_argument("--tiny-chunks", default="128,1024", help="chunk sizes with one worker process")
     parser.add_argument("--tiny-multi-chunk", type=int, default=512, help="chunk size with two worker processes")
-    parser.add_argument("--metrics", action="store_true", help="tiny: one solo worker with metrics off, then on")
+    parser.add_argument(
+        "--compare", choices=sorted(COMPARED_OPTIONS), help="tiny: one solo worker with this feature off, then on"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300, help="seconds one queue run may take")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.json")
