@@ -67,6 +67,8 @@ def images() -> dict[str, float]:
     problem = _engine_problem()
     if problem:
         pytest.skip(problem)
+    if subprocess.run(["docker", "image", "inspect", BASE], capture_output=True).returncode and os.geteuid() != 0:
+        pytest.skip(f"no {BASE} image, and building it (debootstrap) needs root: run docker/debian-base.sh as root")
     timings = {}
     for name, command in [
         ("base", [DOCKER / "debian-base.sh", BASE]),

@@ -166,3 +166,16 @@ def test_an_idle_worker_with_work_waiting_is_not_live(queued, idle_for, expected
         assert len(problems) == 1 and expected in problems[0], problems
     else:
         assert problems == []
+
+
+def test_a_taken_port_stops_the_worker_with_the_reason(lite0_package, redis_url, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        worker = LocalWorker(
+            lite0_package, redis_url, tmp_path / "worker.log", [SAMPLES], ["--metrics-port", str(port)]
+        )
+        try:
+            assert worker.process.wait(180) == 2
+        finally:
+            worker.stop()
+    assert f"error: cannot serve metrics and health on port {port}" in worker.log_path.read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -77,7 +78,8 @@ def _app(monitor: HealthMonitor, directory: Path) -> Callable[..., Iterable[byte
 
 def start_endpoint(settings: WorkerSettings) -> None:
     """Serve metrics and health from this (the main) process, if KILN_METRICS_PORT is set.
-    Call before any worker process loads the model or forks: it turns metrics on for them."""
+    Call before any worker process loads the model or forks: it turns metrics on for them.
+    Exits with status 2, saying why, where the port cannot be bound."""
     if settings.metrics_port is None:
         return
     directory = Path(tempfile.mkdtemp(prefix="kiln-metrics-"))
@@ -85,9 +87,13 @@ def start_endpoint(settings: WorkerSettings) -> None:
     metrics.enable(directory)
     monitor = HealthMonitor(settings, directory)
     monitor.start()
-    server = make_server(
-        "", settings.metrics_port, _app(monitor, directory), server_class=_Server, handler_class=_QuietHandler
-    )
+    try:
+        server = make_server(
+            "", settings.metrics_port, _app(monitor, directory), server_class=_Server, handler_class=_QuietHandler
+        )
+    except OSError as e:  # the port is taken, or not ours to bind: say so, as for any bad setting
+        print(f"error: cannot serve metrics and health on port {settings.metrics_port}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     port = server.server_address[1]
     if settings.metrics_port_file:
         Path(settings.metrics_port_file).write_text(str(port))

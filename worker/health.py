@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"unhealthy: {e}", file=sys.stderr)
         return 1
-    paths = ["/livez"] * (not args.ready) + ["/readyz"] * (not args.live or args.ready)
+    both = not (args.live or args.ready)
+    paths = [path for path, asked in (("/livez", args.live), ("/readyz", args.ready)) if asked or both]
     healthy = True
     for path in paths:
         try:
