@@ -13,6 +13,7 @@ Names (all prefixed `kiln_`) are listed in README.md, "Metrics".
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,14 +76,21 @@ def observe_records(records: Sequence[Record], write_s: float, batch_size: int |
     if m is None or not records:
         return
     m.stage.labels("write").observe(write_s)
+    # Label lookups and multiprocess writes cost microseconds each: count per label, not per image.
+    kinds = Counter((r.status, r.error.kind if r.error else "") for r in records)
+    for (status, kind), count in kinds.items():
+        m.images.labels(status, kind).inc(count)
+    fetch, decode = m.stage.labels("fetch"), m.stage.labels("decode")
     inferred = 0
     infer_ms = None
     for record in records:
-        m.images.labels(record.status, record.error.kind if record.error else "").inc()
-        timings = record.timings_ms or {}
-        for stage in ("fetch", "decode"):
-            if stage in timings:
-                m.stage.labels(stage).observe(timings[stage] / 1e3)
+        timings = record.timings_ms
+        if not timings:
+            continue
+        if "fetch" in timings:
+            fetch.observe(timings["fetch"] / 1e3)
+        if "decode" in timings:
+            decode.observe(timings["decode"] / 1e3)
         if "infer" in timings:  # the whole batch's model call, the same in each of its records
             inferred += 1
             infer_ms = timings["infer"]
