@@ -55,7 +55,10 @@ def test_compose_runs_redis_with_aof_and_scalable_healthchecked_workers():
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     services = compose["services"]
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    options = dict(zip(redis["command"][1::2], redis["command"][2::2], strict=True))
+    assert options["--appendonly"] == "yes"
+    # Workers reach Redis over the compose network: protected mode would refuse them (no password).
+    assert options["--protected-mode"] == "no" and "ports" not in redis
     volume = redis["volumes"][0].split(":")
     assert volume[1] == "/data" and volume[0] in compose["volumes"]
     worker = services["worker"]
