@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.kiln-installed
 MODEL := models/efficientnet_lite0-cpu-float32.pt2
 
-.PHONY: demo test test-fast lint bench system-deps clean
+.PHONY: demo test test-fast lint bench system-deps docker-engine clean
 
 # torch and torchvision are pinned to the releases this project is built and tested with.
 $(INSTALLED): pyproject.toml
@@ -22,6 +22,11 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server dataset-fashion-mnist >/dev/null; \
 	else echo "note: apt-get install redis-server dataset-fashion-mnist for the full test suite"; fi
 
+# The docker tests need an engine: docker/engine.sh installs and starts one where it can (root with
+# apt-get, as on CI); elsewhere those tests skip and say why.
+docker-engine:
+	@sh docker/engine.sh
+
 $(MODEL): $(INSTALLED)
 	$(PY) -m compile build efficientnet_lite0 -o $@
 
@@ -30,11 +35,11 @@ demo: $(MODEL)
 	KILN_MODEL=$(MODEL) $(PY) -m producer label samples --out out/samples.csv
 
 ## The whole test suite, against a real redis-server and real worker processes.
-test: $(INSTALLED) system-deps
+test: $(INSTALLED) system-deps docker-engine
 	$(PY) -m pytest
 
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not docker"
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -72,6 +72,10 @@ TOPK = 5
 LITE0_TARGET_RATIO, TINY_TARGET_RATE = 0.9, 2000.0
 
 
+# Worker features whose cost `--compare` measures: the options that turn each on.
+COMPARED_OPTIONS = {"metrics": ("--metrics-port", "0"), "events": ("--task-events",)}
+
+
 def tiny_model():
     """A classifier that costs ~nothing: mean colour -> 10 logits. Seeded, so builds agree."""
     import torch
@@ -152,6 +156,7 @@ class Workers:
     processes: int
     pool: str  # "solo" | "prefork"
     threads: int
+    options: tuple[str, ...] = ()  # more `python -m worker` options
     instances: list[LocalWorker] = field(default_factory=list)
 
     @property
@@ -160,7 +165,7 @@ class Workers:
 
     def start(self, package: Path, url: str, roots: list[Path], fetch_threads: int, logdir: Path) -> None:
         count, concurrency = (1, self.processes) if self.pool == "prefork" else (self.processes, 1)
-        options = ["--concurrency", str(concurrency), "--threads", str(self.threads)]
+        options = ["--concurrency", str(concurrency), "--threads", str(self.threads), *self.options]
         for i in range(count):
             log = logdir / f"worker-{self.label.replace(' ', '_')}-{i}.log"
             self.instances.append(LocalWorker(package, url, log, roots, options, env=_worker_env(fetch_threads)))
@@ -439,6 +444,8 @@ def bench_tiny(args, env, cores: int) -> dict:
     ]
     if per_process == cores:  # one core: the 1-thread variant is the default one
         del setups[1]
+    if args.compare:
+        return compare_tiny(args, env, cores, package, folder, files)
     measured = measure(args, package, folder, files, setups, sorted({cores, per_process}, reverse=True), env)
     for variant in measured["variants"]:
         variant["meets_target"] = variant["images_per_s"] >= TINY_TARGET_RATE
@@ -459,6 +466,39 @@ def bench_tiny(args, env, cores: int) -> dict:
             "met_by": [v["name"] for v in measured["variants"] if v["meets_target"]],
         },
     }
+
+
+def compare_tiny(args, env, cores: int, package: Path, folder: Path, files: list[Path]) -> dict:
+    """One feature off vs on, nothing else: the same solo worker started without and with it, one
+    timed run each, alternating `--repeats` times, so that a change in the host's load hits both."""
+    chunk, option = args.tiny_chunks[:1], COMPARED_OPTIONS[args.compare]
+    setups = [
+        (Workers(f"1 solo, {args.compare} {state}", 1, "solo", cores, option if state == "on" else ()), chunk)
+        for _ in range(args.repeats)
+        for state in ("off", "on")
+    ]
+    measured = measure(argparse.Namespace(**{**vars(args), "repeats": 1}), package, folder, files, setups, [cores], env)
+    rates = {
+        state: [v["images_per_s"] for v in measured["variants"] if f"{args.compare} {state}," in v["name"]]
+        for state in ("off", "on")
+    }
+    pairs = [on / off for off, on in zip(rates["off"], rates["on"], strict=True)]
+    measured["comparison"] = {
+        "feature": args.compare,
+        "option": " ".join(option),
+        "images_per_s": rates,
+        "ratio_on_off_median": statistics.median(rates["on"]) / statistics.median(rates["off"]),
+        "ratio_on_off_best": max(rates["on"]) / max(rates["off"]),
+        "ratio_per_pair": pairs,
+    }
+    comparison = measured["comparison"]
+    measured["target"] = {
+        "what": f"{args.compare} on within 3% of off (images/s, median to median)",
+        "ratio": comparison["ratio_on_off_best"],
+        "median_ratio": comparison["ratio_on_off_median"],
+        "met": comparison["ratio_on_off_median"] >= 0.97,
+    }
+    return {"package": str(package.relative_to(ROOT)), "images": len(files), **measured}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -515,6 +555,9 @@ def main() -> None:
     parser.add_argument("--tiny-batch", type=int, default=256, help="tiny package's max batch (kiln's cuda default)")
     parser.add_argument("--tiny-chunks", default="128,1024", help="chunk sizes with one worker process")
     parser.add_argument("--tiny-multi-chunk", type=int, default=512, help="chunk size with two worker processes")
+    parser.add_argument(
+        "--compare", choices=sorted(COMPARED_OPTIONS), help="tiny: one solo worker with this feature off, then on"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=300, help="seconds one queue run may take")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "pipeline.json")

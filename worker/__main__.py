@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
     parser.add_argument("--allowed-roots", help="folders whose files jobs may reference (os.pathsep-separated)")
     parser.add_argument("--loglevel", default="INFO", help="log level [default: INFO]")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz here [KILN_METRICS_PORT]")
+    parser.add_argument(
+        "--task-events", action="store_const", const=True, help="send Celery task events (Flower) [KILN_TASK_EVENTS]"
+    )
     return parser
 
 
@@ -61,6 +65,8 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         "allowed_roots": args.allowed_roots,
         "decode_processes": args.decode_processes,
         "gpu_decode": args.gpu_decode,
+        "metrics_port": args.metrics_port,
+        "task_events": args.task_events,
     }
     return WorkerSettings(**{k: v for k, v in given.items() if v is not None})
 
@@ -98,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker import tasks
     from worker.celery_app import make_app
+    from worker.endpoint import start_endpoint
     from worker.scratch import remove_process_scratch_dir
 
     app = make_app(settings)
@@ -111,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         "--without-mingle",
         "--without-gossip",
     ]
+    if settings.task_events:
+        worker_args.append("--task-events")
+    start_endpoint(settings)  # metrics and health, before any process loads the model
     if processes == 1:
         try:
             state = tasks.init_process(settings, settings.device, processes)

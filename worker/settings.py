@@ -86,6 +86,14 @@ class WorkerSettings(CommonSettings):
     max_deliveries: int = Field(
         default=3, ge=1, description="deliveries of one task before its images are recorded as failed (poison)"
     )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="port of /metrics, /livez, /readyz; 0: any free port; unset: none"
+    )
+    metrics_port_file: str | None = Field(default=None, description="file the endpoint's port is written to")
+    liveness_timeout_s: float = Field(
+        default=300, gt=0, description="unreachable broker, or work waiting unconsumed, this long: not live"
+    )
+    task_events: bool = Field(default=False, description="send Celery task events (Flower, `celery events`)")
 
     @field_validator("queues", "allowed_roots", mode="before")
     @classmethod

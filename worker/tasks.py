@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from celery import Celery, Task
 from celery_batches import Batches
 from pydantic import ValidationError
 
+from worker import health, metrics
 from worker.contract import CHUNK_TASK, ONLINE_TASK, ChunkMessage, OnlineMessage, Record, is_reply_key, reply_key
 from worker.fetch import FetchPolicy
 from worker.pipeline import Pipeline, PipelineConfig, Work
@@ -61,6 +63,8 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
     _state = ProcessState(
         settings, plan, Pipeline(runtime, config), ResultStore.from_url(settings.redis_url, settings.result_ttl_s)
     )
+    metrics.observe_model(runtime.manifest)
+    health.mark_loaded()
     return _state
 
 
@@ -68,6 +72,13 @@ def state() -> ProcessState:
     if _state is None:
         raise RuntimeError("this process has no model loaded: start workers with `python -m worker`")
     return _state
+
+
+def write_records(records: list[Record], batch_size: int | None = None) -> None:
+    """Upsert records, and count them in the metrics (`batch_size`: they came from one model call)."""
+    started = time.perf_counter()
+    state().store.write(records)
+    metrics.observe_records(records, time.perf_counter() - started, batch_size)
 
 
 def dead_letter(message: Any, reason: str) -> None:
@@ -92,7 +103,7 @@ def fail_unparseable_chunk(message: Any, error: ValidationError) -> None:
         return
     try:
         records = [Record.failure(job, key, "bad_message", reason) for key in keys]
-        state().store.write(records)
+        write_records(records)
     except ValidationError:
         dead_letter(message, reason)
 
@@ -109,18 +120,19 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         return {"error": "bad_message"}
     current = state()
     deliveries = current.store.count_delivery(chunk.job, task.request.id)
+    metrics.observe_deliveries("chunk", [deliveries], current.settings.max_deliveries)
     if deliveries > current.settings.max_deliveries:
         # Workers died on this chunk before: record what is missing as failed, and stop the loop.
         done = current.store.recorded_keys(chunk.job)
         reason = f"delivered {deliveries} times without finishing (a worker died on it each time)"
-        current.store.write(
+        write_records(
             [Record.failure(chunk.job, i.key, "poison", reason, ref=i.ref) for i in chunk.items if i.key not in done]
         )
         return {"job": chunk.job, "error": "poison"}
     works = (Work(chunk.job, item.key, ref=item.ref) for item in chunk.items)
     written = 0
     for pairs in current.pipeline.run(works, chunk.topk):
-        current.store.write([record for _, record in pairs])
+        write_records([record for _, record in pairs], current.pipeline.batch_size)
         written += len(pairs)
     return {"job": chunk.job, "records": written}
 
@@ -148,6 +160,7 @@ def classify_online(requests: list[Any]) -> None:
     if not accepted:
         return
     deliveries = current.store.count_deliveries(ONLINE_JOB, [request.id for request, _ in accepted])
+    metrics.observe_deliveries("online", deliveries, current.settings.max_deliveries)
     works, topks = [], {}
     for (_, message), delivered in zip(accepted, deliveries, strict=True):
         work = Work(
@@ -163,8 +176,10 @@ def classify_online(requests: list[Any]) -> None:
         return
     for pairs in current.pipeline.run(works, max(topks.values())):
         answers = [(w, r.model_copy(update={"topk": r.topk[: topks[id(w)]]})) for w, r in pairs]
+        started = time.perf_counter()
         _answer([(w.reply_to, r) for w, r in answers])
         current.store.write([r for w, r in answers if w.job != ONLINE_JOB])
+        metrics.observe_records([r for _, r in answers], time.perf_counter() - started, current.pipeline.batch_size)
 
 
 def _refuse_foreign_jobs(accepted: list[tuple[Any, OnlineMessage]]) -> list[tuple[Any, OnlineMessage]]:

@@ -1,0 +1,46 @@
+"""`kiln`: one command for every kiln step, beside the `python -m compile|worker|producer` forms.
+
+Each subcommand hands its arguments to the module that owns it, unchanged, so options, help and
+exit codes are theirs: `kiln build ...` is `python -m compile build ...`, `kiln worker ...` is
+`python -m worker ...`, `kiln label ...` is `python -m producer label ...`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module whose main() runs it, arguments put first, one-line summary)
+COMMANDS: dict[str, tuple[str, list[str], str]] = {
+    "build": ("compile.__main__", ["build"], "compile a model into a .pt2 package (python -m compile build)"),
+    "inspect": ("compile.__main__", ["inspect"], "print a package's manifest as JSON (python -m compile inspect)"),
+    "models": ("compile.__main__", ["models"], "list the model names `build` accepts (python -m compile models)"),
+    "worker": ("worker.__main__", [], "serve a package from Redis: a Celery worker (python -m worker)"),
+    "label": ("producer.__main__", ["label"], "classify images, write the results (python -m producer label)"),
+    "status": ("producer.__main__", ["status"], "counters of a job (python -m producer status)"),
+    "export": ("producer.__main__", ["export"], "write a job's results to a file (python -m producer export)"),
+    "classify": ("producer.__main__", ["classify"], "classify one image now, online (python -m producer classify)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: kiln COMMAND [ARGS...]   (kiln COMMAND --help explains each)", "", "commands:"]
+    lines += [f"  {name:9s} {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, first, _ = command
+    return importlib.import_module(module).main([*first, *argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The `kiln` console script (kiln_cli.py): every subcommand reaches the module that owns it, with
+its own help, options and exit codes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import ROOT, python_env
+
+
+def kiln(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kiln_cli", *args], env=python_env(), capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_console_script_is_kiln_cli_main():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["kiln"].split(":")
+    assert getattr(importlib.import_module(module), function) is importlib.import_module("kiln_cli").main
+
+
+def test_help_lists_every_command():
+    done = kiln("--help")
+    assert done.returncode == 0
+    for name in ["build", "inspect", "models", "worker", "label", "status", "export", "classify"]:
+        assert f"  {name} " in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ("build", "--max-batch"),
+        ("inspect", "package"),
+        ("models", "usage"),
+        ("worker", "--concurrency"),
+        ("label", "--out"),
+        ("status", "job"),
+        ("export", "--out"),
+        ("classify", "image"),
+    ],
+)
+def test_each_command_explains_itself(command, says):
+    done = kiln(command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert says in done.stdout
+
+
+def test_commands_run_the_owning_module(lite0_package):
+    assert kiln("models").stdout.splitlines()[0] == "efficientnet_lite0"
+    assert json.loads(kiln("inspect", str(lite0_package)).stdout)["model"] == "efficientnet_lite0"
+    done = kiln("worker")  # no model, no Redis: the worker's own error and exit code
+    assert done.returncode == 2 and "error: no model" in done.stderr
+
+
+def test_an_unknown_command_is_refused():
+    done = kiln("bulid")
+    assert done.returncode == 2 and "unknown command 'bulid'" in done.stderr
