@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +31,9 @@ from PIL import Image, ImageOps
 
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy
-from worker.gpu_decode import JpegBatchDecoder, gpu_decodable, orient
+from worker.gpu_decode import PLANS_KEPT, JpegBatchDecoder, _parts, draft_factor, gpu_decodable, orient
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
-from worker.pipeline import Pipeline, PipelineConfig, Work
+from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import DEFAULT_FORMATS, decode_image, read_header
 from worker.resample import crop_plan, resample
 
@@ -312,3 +313,153 @@ def test_top1_agreement_on_1000_jpegs(lite0_runtime, tmp_path):
     assert same / len(files) >= 0.99, f"top-1 agrees on {same} of {len(files)}"
     for photo in SAMPLES.glob("*.jpg"):
         assert got[str(photo)] == expected[str(photo)]
+
+
+# -- what a hostile test found: every image still gets exactly one record -----------------------------
+
+
+def test_draft_factor_of_an_image_smaller_than_the_resize():
+    assert [draft_factor(w, h, 256) for w, h in ((200, 150), (300, 255), (600, 512), (1100, 1030), (4000, 3000))] == [
+        1,
+        1,
+        2,
+        4,
+        8,
+    ]
+
+
+def test_large_batches_are_decoded_in_parts(photos):
+    big = Image.new("RGB", (8000, 6000))
+    header = read_header(jpeg(big.resize((80, 60))))
+    items = [(b"", header.__class__(**{**header.__dict__, "width": 8000, "height": 6000}))] * 5
+    parts = _parts(items)
+    assert parts == [[0, 1], [2, 3], [4]]
+    assert _parts([]) == []
+
+
+def test_resample_weights_kept_on_the_device_are_bounded(decoder):
+    image = Image.open(io.BytesIO(jpeg(Image.new("RGB", (300, 300), (10, 200, 30)))))
+    datas = [jpeg(image.resize((300 + i, 300))) for i in range(PLANS_KEPT + 6)]
+    for start in range(0, len(datas), 16):
+        decoder.decode([(d, read_header(d)) for d in datas[start : start + 16]])
+    assert len(decoder._plans) == PLANS_KEPT
+
+
+@pytest.fixture
+def small_and_odd(tmp_path, photos) -> list:
+    image = Image.open(io.BytesIO(photos["coffee"]))
+    files = {
+        "small.jpg": jpeg(image.resize((200, 150))),
+        "tiny.jpg": jpeg(image.resize((3, 2))),
+        "big.jpg": jpeg(image.resize((1200, 800))),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return sorted(tmp_path.iterdir())
+
+
+def test_small_jpegs_with_idle_decode_processes(lite0_runtime, small_and_odd):
+    """Thumbnails below the resize size, while a decode process is idle (the default on GPU hosts)."""
+    folder = small_and_odd[0].parent
+    cpu_only, both = (
+        _pipeline(lite0_runtime, folder),
+        _pipeline(lite0_runtime, folder, gpu_decode=True, decode_processes=1),
+    )
+    try:
+        assert _labels(both, small_and_odd) == _labels(cpu_only, small_and_odd)
+    finally:
+        cpu_only.close()
+        both.close()
+
+
+def test_a_failing_gpu_batch_falls_back_to_the_cpu(lite0_runtime, small_and_odd, monkeypatch):
+    """Out of GPU memory (or a bug) in the GPU stage: the batch's images are decoded by Pillow."""
+    folder = small_and_odd[0].parent
+    cpu_only = _pipeline(lite0_runtime, folder)
+    expected = _labels(cpu_only, small_and_odd)
+    cpu_only.close()
+    pipeline = _pipeline(lite0_runtime, folder, gpu_decode=True)
+
+    def out_of_memory(*_args):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(pipeline._gpu, "decode", out_of_memory)
+    try:
+        assert _labels(pipeline, small_and_odd) == expected
+        assert pipeline.decoded_by["gpu"] == 0
+    finally:
+        pipeline.close()
+
+
+def test_an_unexpected_error_in_a_cpu_decode_is_that_images_record(lite0_runtime, small_and_odd, monkeypatch):
+    import worker.pipeline
+
+    real = worker.pipeline.decode_image
+
+    def broken(data, *args, **kwargs):
+        if len(data) < 1000:  # the 3x2 one
+            raise RuntimeError("a decoder bug (injected)")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(worker.pipeline, "decode_image", broken)
+    pipeline = _pipeline(lite0_runtime, small_and_odd[0].parent)
+    try:
+        labels = _labels(pipeline, small_and_odd)
+    finally:
+        pipeline.close()
+    assert labels[str(small_and_odd[-1])] == "internal" and "internal" not in (
+        labels[str(p)] for p in small_and_odd[:-1]
+    )
+
+
+def test_close_with_images_in_flight_ends_the_callers(lite0_runtime, mixed_folder):
+    pipeline = _pipeline(lite0_runtime, mixed_folder, decode_processes=1, batch_size=2)
+    works = [Work("j", str(p), ref=str(p)) for p in sorted(mixed_folder.iterdir())] * 20
+    stream = pipeline.run(works, topk=1)
+    next(stream)
+    pipeline.close()
+    pipeline.close()  # twice is fine
+    started = time.monotonic()
+    with pytest.raises(PipelineClosed):
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 30
+
+
+def test_decode_processes_and_their_memory_go_with_a_killed_worker(tmp_path):
+    """SIGKILL (or os._exit after a CUDA fault) gives the pool no chance to stop: its processes
+    notice their parent is gone, exit, and the shared memory goes with the last of them."""
+    import subprocess
+    import sys
+
+    script = (
+        "from worker.decode_pool import DecodePool\n"
+        "from worker.manifest import IMAGENET_PREPROCESS\n"
+        "from worker.preprocess import DEFAULT_FORMATS\n"
+        "import os, sys\n"
+        "if __name__ == '__main__':\n"
+        "    pool = DecodePool(2, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=4)\n"
+        "    pool.submit(open(sys.argv[1], 'rb').read()).result(timeout=120)\n"
+        "    print(pool._memory.name, *[p for p in pool._executor._processes], flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, str(SAMPLES / "coffee.jpg")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=SAMPLES.parent,
+    )  # fmt: skip
+    name, *children = owner.stdout.readline().split()
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    deadline = time.monotonic() + 30
+
+    def alive() -> list[str]:
+        return [
+            c for c in children if os.path.exists(f"/proc/{c}") and " Z " not in Path(f"/proc/{c}/stat").read_text()
+        ]
+
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(), "decode processes outlived their worker"
+    while os.path.exists(f"/dev/shm/{name.lstrip('/')}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import shared_memory
@@ -36,9 +38,19 @@ _child: dict[str, object] = {}
 
 
 def _attach(name: str, shape: tuple[int, ...], prep: Preprocess, max_pixels: int, formats: frozenset[str]) -> None:
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
     _child.update(max_pixels=max_pixels, formats=formats)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker killed with SIGKILL (or ended by `os._exit` after a CUDA fault) cannot stop its pool:
+    each process leaves on its own once its parent is gone, so neither it nor the shared memory
+    it holds outlives the worker."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:
@@ -67,6 +79,7 @@ class DecodePool:
         for slot in range(slots):
             self._free.put(slot)
         self._in_flight = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._init_args = (self._memory.name, self.shape, prep, max_pixels, formats)
         self._executor = self._start()
@@ -108,6 +121,8 @@ class DecodePool:
             # cannot be told apart, so each fails alone, and the pool starts afresh.
             self._restart()
             failure = ("internal", "the decoding process died while decoding this image (see the worker log)")
+        except BaseException as e:  # cancelled by close(), or anything else: the image still gets its answer
+            failure = ("internal", f"not decoded: {type(e).__name__}: {e}")
         if failure is None:
             result.set_result(slot)
         else:
@@ -116,7 +131,7 @@ class DecodePool:
 
     def _restart(self) -> None:
         with self._lock:
-            if not getattr(self._executor, "_broken", False):
+            if self._closed or not getattr(self._executor, "_broken", False):
                 return
             log.error("a decoding process died: restarting the decode pool")
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -135,8 +150,10 @@ class DecodePool:
             self._free.put(slot)
 
     def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
-        del self._pixels
-        with contextlib.suppress(BufferError, FileNotFoundError):
-            self._memory.close()
-            self._memory.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._memory.unlink()  # the name goes now; the memory once the last view is gone

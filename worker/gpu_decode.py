@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 # and a copy per image would cost more than the warning is worth.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
+MAX_DECODED_PIXELS = 128 * 2**20  # full-size pixels decoded at once: 384 MiB of RGB
+PLANS_KEPT = 64  # resample weights kept on the device, by image size (~0.5 MiB each)
 GPU_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: camera JPEGs with extra frames; the first is a JPEG
 GPU_MODES = frozenset({"RGB", "L"})  # CMYK and YCCK JPEGs go to Pillow, which knows Adobe's inversion
 
@@ -105,25 +107,26 @@ class JpegBatchDecoder:
     def __init__(self, device: torch.device, prep: Preprocess) -> None:
         self.device = device
         self.prep = prep
-        self._plans: dict[tuple[int, int], CropPlan] = {}
+        self._plans: OrderedDict[tuple[int, int], CropPlan] = OrderedDict()
 
     def decode(self, items: Sequence[tuple[bytes, ImageHeader]]) -> DecodeResult:
         """Decode, orient, resize and crop `items`. An image nvJPEG refuses lands in `refused`
         alone: a failing batch is split in halves until the failures are single images. Rows come
         grouped by image size (`decoded` says which item each is), and nothing here waits for
-        the GPU: a host-to-device copy from pageable memory would (CUDA's API sync rules)."""
+        the GPU: a host-to-device copy from pageable memory would (CUDA's API sync rules).
+
+        Items are decoded in parts of at most `MAX_DECODED_PIXELS`, each part reduced (the CPU
+        path's `draft` scale) before the next is decoded: a batch of camera photos never holds
+        all its full-size frames at once."""
         frames: dict[int, torch.Tensor] = {}
         refused: list[int] = []
-        self._decode_or_split(items, list(range(len(items))), frames, refused)
+        for part in _parts(items):
+            decoded: dict[int, torch.Tensor] = {}
+            self._decode_or_split(items, part, decoded, refused)
+            for index, frame in decoded.items():
+                frames[index] = self._upright_and_reduced(frame, items[index][1])
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        resize = self.prep.resize
         for index, frame in frames.items():
-            header = items[index][1]
-            if min(header.width, header.height) >= 2 * resize:  # per-image work only where it does something
-                frame = reduce_like_draft(frame, resize)
-            if header.orientation != 1:
-                frame = orient(frame, header.orientation)
-            frames[index] = frame
             by_size[(frame.shape[1], frame.shape[2])].append(index)
         order: list[int] = []
         outputs: list[torch.Tensor] = []
@@ -136,14 +139,25 @@ class JpegBatchDecoder:
         images = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return DecodeResult(images, order, sorted(refused))
 
+    def _upright_and_reduced(self, frame: torch.Tensor, header: ImageHeader) -> torch.Tensor:
+        resize = self.prep.resize
+        if min(header.width, header.height) >= 2 * resize:  # per-image work only where it does something
+            frame = reduce_like_draft(frame, resize)
+        if header.orientation != 1:
+            frame = orient(frame, header.orientation)
+        return frame
+
     def _plan(self, height: int, width: int) -> CropPlan:
-        """`crop_plan` with its weights on this decoder's device, copied there once per size."""
+        """`crop_plan` with its weights on this decoder's device, copied there once per size and
+        kept for the `PLANS_KEPT` sizes used last (a folder of photos has few sizes; a crawl, many)."""
         key = (height, width)
-        plan = self._plans.get(key)
+        plan = self._plans.pop(key, None)
         if plan is None:
             plan = crop_plan(height, width, self.prep)
             plan = replace(plan, wy=plan.wy.to(self.device), wx=plan.wx.to(self.device))
-            self._plans[key] = plan
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.popitem(last=False)
+        self._plans[key] = plan
         return plan
 
     def _decode_or_split(
@@ -172,11 +186,25 @@ class JpegBatchDecoder:
         frames.update(zip(indices, decoded, strict=True))
 
 
+def _parts(items: Sequence[tuple[bytes, ImageHeader]]) -> list[list[int]]:
+    """Indices of `items` in consecutive parts of at most `MAX_DECODED_PIXELS` (one image at least)."""
+    parts: list[list[int]] = [[]]
+    pixels = 0
+    for index, (_, header) in enumerate(items):
+        size = header.width * header.height
+        if parts[-1] and pixels + size > MAX_DECODED_PIXELS:
+            parts.append([])
+            pixels = 0
+        parts[-1].append(index)
+        pixels += size
+    return [part for part in parts if part]
+
+
 def draft_factor(width: int, height: int, resize: int) -> int:
     """The scale Pillow's `draft("RGB", (resize, resize))` decodes a JPEG at: 8, 4, 2 or 1, the
     largest that keeps both sides at least `resize` (`PIL.JpegImagePlugin.JpegImageFile.draft`)."""
     scale = min(width // resize, height // resize)
-    return next(factor for factor in (8, 4, 2, 1) if scale >= factor)
+    return next((factor for factor in (8, 4, 2) if scale >= factor), 1)
 
 
 def reduce_like_draft(frame: torch.Tensor, resize: int) -> torch.Tensor:

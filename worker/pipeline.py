@@ -73,6 +73,10 @@ class PipelineConfig:
     batch_size: int | None = None  # default: the package's largest batch
 
 
+class PipelineClosed(RuntimeError):
+    """`close()` was called while a caller still had images in flight: they have no record."""
+
+
 class _Request:
     """One `run` call: its top-k and where its records go back to."""
 
@@ -188,6 +192,8 @@ class Pipeline:
         def feed() -> None:
             nonlocal submitted
             while submitted - finished < window:
+                if self._stop.is_set():
+                    raise PipelineClosed("the pipeline was closed")
                 images = [_Image(w, request) for w in islice(source, group)]
                 if not images:
                     return
@@ -196,7 +202,7 @@ class Pipeline:
 
         feed()
         while finished < submitted:
-            pairs = request.out.get()
+            pairs = self._next(request)
             with_more = [pairs]
             while True:  # whatever else is done already goes in the same write
                 try:
@@ -208,17 +214,30 @@ class Pipeline:
             feed()
             yield pairs
 
+    def _next(self, request: _Request) -> list[tuple[Work, Record]]:
+        """The caller's next records; `PipelineClosed` once the pipeline stops with images in flight."""
+        while True:
+            try:
+                return request.out.get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise PipelineClosed("the pipeline was closed with images in flight") from None
+
     # -- fetch and route (fetch threads) --------------------------------------------------------
 
     def _load_all(self, images: list[_Image]) -> None:
         for image in images:
-            try:
-                self._load(image)
-            except InputError as e:
-                self._fail(image, e)
-            except Exception as e:  # a bug must fail one image, not the caller
-                log.exception("loading %s failed", image.work.key)
-                self._fail(image, InputError("internal", f"{type(e).__name__}: {e}"))
+            self._guarded(image, self._load, image)
+
+    def _guarded(self, image: _Image, step, *args) -> None:
+        """Run one image's step; whatever it raises becomes that image's record, never a lost image."""
+        try:
+            step(*args)
+        except InputError as e:
+            self._fail(image, e)
+        except Exception as e:  # a bug must fail one image, not the caller
+            log.exception("image %s failed in %s", image.work.key, getattr(step, "__name__", step))
+            self._fail(image, InputError("internal", f"{type(e).__name__}: {e}"))
 
     def _load(self, image: _Image) -> None:
         started = time.perf_counter()
@@ -255,6 +274,9 @@ class Pipeline:
             except InputError as e:
                 self._fail(image, e)
                 return
+            except Exception as e:  # the pool shutting down, or a bug: this image's record says so
+                self._fail(image, InputError("internal", f"{type(e).__name__}: {e}"))
+                return
             self._count("processes")
             self._ready.put(image)
 
@@ -276,6 +298,19 @@ class Pipeline:
         images = self._gather(self._gpu_queue, self.batch_size)
         if not images:
             return
+        try:
+            self._decode_on_gpu(images)
+        except Exception as e:
+            if _is_fatal_cuda_error(e):
+                raise
+            # Out of GPU memory, or a bug: Pillow decides for each image of the batch.
+            log.exception("GPU decoding of %d images failed: decoding them on the CPU", len(images))
+            for image in images:
+                if image.data is not None:
+                    data, image.data = image.data, None
+                    self._fetchers.submit(self._guarded, image, self._decode_on_cpu, image, data)
+
+    def _decode_on_gpu(self, images: list[_Image]) -> None:
         started = time.perf_counter()
         ready = None
         if self._decode_stream is not None:  # its own stream: decoding never queues behind the model
@@ -298,13 +333,7 @@ class Pipeline:
         for index in result.refused:  # nvJPEG said no: Pillow decides, for this image alone
             image = images[index]
             data, image.data = image.data, None
-            self._fetchers.submit(self._refused_on_cpu, image, data)
-
-    def _refused_on_cpu(self, image: _Image, data: bytes) -> None:
-        try:
-            self._decode_on_cpu(image, data)
-        except InputError as e:
-            self._fail(image, e)
+            self._fetchers.submit(self._guarded, image, self._decode_on_cpu, image, data)
 
     # -- batch, predict, unbatch, encode (one thread) -----------------------------------------------
 
@@ -334,7 +363,13 @@ class Pipeline:
         finally:
             if self._pool is not None:
                 self._pool.release([image.slot for image in singles if image.slot is not None])
-        self._deliver_predictions(images, scores, indices, infer_ms)
+        try:
+            self._deliver_predictions(images, scores, indices, infer_ms)
+        except Exception as e:  # a bug in encoding: these images fail, with the reason, and no caller waits
+            log.exception("encoding the records of a batch failed")
+            error = InputError("internal", f"encoding records failed: {type(e).__name__}: {e}")
+            for image in images:
+                self._fail(image, error)
         self.stages["infer"].add(len(images), time.perf_counter() - loop_started)
 
     def _assemble(self, rows: list[_Rows], singles: list[_Image]) -> torch.Tensor:
