@@ -1,0 +1,74 @@
+"""kiln's Redis transport: kombu's, with two changes that keep deliveries whole under faults.
+
+kombu's Redis transport takes a message off its queue with BRPOP, then files it in the
+`unacked` hash (with its delivery time in `unacked_index`) in a second round trip. Between the
+two, the message exists only in this process. If that second write fails (Redis paused past the
+socket timeout, restarting, or full with `noeviction`), kombu lets the error escape and the
+message is gone. Here the write is retried with backoff until it succeeds, logging each attempt:
+the worker holds back, and nothing is lost.
+
+A worker also reserves messages ahead of the ones it runs (the prefetch). Online requests need
+that: celery-batches only batches what was prefetched. Bulk chunks must not be hoarded: a chunk
+reserved by a busy worker waits while another worker idles. So once a worker holds
+`bulk_prefetch` bulk chunks (its process count), it BRPOPs the other queues only.
+
+Select it with `broker_transport="worker.broker:Transport"` (worker/celery_app.py does).
+"""
+
+from __future__ import annotations
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.scheduling import round_robin_cycle
+
+from worker.contract import BULK_QUEUE
+from worker.retry import with_retries
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag) -> None:
+        with_retries(
+            lambda: super(QoS, self).append(message, delivery_tag),
+            f"file delivered message {delivery_tag} as unacknowledged",
+            give_up_after_s=None,  # it is in no queue now: giving up would lose it
+        )
+
+    def held(self) -> list[str]:
+        """Delivery tags this channel holds unacknowledged: reserved or running."""
+        dirty = set(self._dirty)  # acknowledged, not yet flushed from _delivered
+        return [tag for tag in tuple(self._delivered) if tag not in dirty]
+
+    def held_bulk(self) -> int:
+        delivered = self._delivered
+        return sum(
+            1 for tag in self.held() if (m := delivered.get(tag)) and m.delivery_info.get("routing_key") == BULK_QUEUE
+        )
+
+
+class _BulkCappedCycle(round_robin_cycle):
+    """kombu's round robin over queues, leaving out the bulk queue while the channel holds its cap."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def consume(self, n: int) -> list[str]:
+        queues = super().consume(n)
+        cap = self.channel.bulk_prefetch
+        if cap and self.channel.qos.held_bulk() >= cap:
+            return [q for q in queues if q != BULK_QUEUE]
+        return queues
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+    bulk_prefetch = 0  # bulk chunks reserved at most (0: no cap beyond the prefetch count)
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "bulk_prefetch")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._queue_cycle = _BulkCappedCycle(self)
+        self._update_queue_cycle()
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel

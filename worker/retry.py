@@ -1,0 +1,74 @@
+"""Riding out Redis faults: retry an operation with capped exponential backoff, logging each attempt.
+
+A worker must not lose work because Redis paused, restarted, failed over or ran out of memory for
+a while: every such error is transient from the worker's point of view, and the operations
+retried here (upserts, delivery bookkeeping) are idempotent. The delays come from redis-py's own
+backoff (`ExponentialWithJitterBackoff`); this module only adds the deadline and the log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BACKOFF_BASE_S = 0.25
+BACKOFF_CAP_S = 10.0
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis kept failing an operation for longer than the caller was willing to wait."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a Redis error may go away by itself: connection loss, timeouts, a server that is
+    loading its data, a replica that is read-only during a failover, or a full server (OOM)."""
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        return True
+    if isinstance(error, redis.ResponseError):
+        text = str(error)
+        return text.startswith(("OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "EXECABORT")) or (
+            "OOM command not allowed" in text
+        )
+    return False
+
+
+def with_retries(operation: Callable[[], T], what: str, give_up_after_s: float | None) -> T:
+    """Run `operation`, retrying transient Redis errors (`is_transient`) with backoff.
+
+    `what` names the operation in the log. `give_up_after_s=None` retries forever (for a message
+    that exists nowhere but in this process). Raises `RedisUnavailable` once the deadline passes;
+    any other error propagates at once."""
+    backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
+    deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
+    attempt = 0
+    while True:
+        try:
+            result = operation()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            attempt += 1
+            delay = max(backoff.compute(attempt), BACKOFF_BASE_S)
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise RedisUnavailable(
+                    f"gave up to {what} after {attempt} attempts in {give_up_after_s:.0f} s: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            log.warning(
+                "Redis failed to %s (attempt %d: %s: %s); retrying in %.1f s",
+                what, attempt, type(error).__name__, error, delay,
+            )  # fmt: skip
+            time.sleep(delay)
+        else:
+            if attempt:
+                log.warning("Redis is back: %s succeeded after %d failed attempts", what, attempt)
+            return result
