@@ -125,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
         signals.worker_process_shutdown.connect(lambda **_: remove_process_scratch_dir(), weak=False)
         worker_args += ["--pool=prefork", f"--concurrency={processes}"]
-    app.worker_main(worker_args)
-    return 0
+    # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
+    # on an unrecoverable error exited with 0).
+    status = app.start(worker_args) or 0
+    if status:
+        print(f"error: the worker stopped with status {status}; the reason is logged above", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ kombu's Redis transport takes a message off its queue with BRPOP, then files it 
 two, the message exists only in this process. If that second write fails (Redis paused past the
 socket timeout, restarting, or full with `noeviction`), kombu lets the error escape and the
 message is gone. Here the write is retried with backoff until it succeeds, logging each attempt:
-the worker holds back, and nothing is lost.
+the worker holds back, and nothing is lost. Declaring queues at start-up is retried the same way.
 
 A worker also reserves messages ahead of the ones it runs (the prefetch). Online requests need
 that: celery-batches only batches what was prefetched. Bulk chunks must not be hoarded: a chunk
@@ -17,11 +17,16 @@ Select it with `broker_transport="worker.broker:Transport"` (worker/celery_app.p
 
 from __future__ import annotations
 
+import logging
+
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.utils.scheduling import round_robin_cycle
 
 from worker.contract import BULK_QUEUE
-from worker.retry import with_retries
+from worker.retry import is_transient, with_retries
+
+log = logging.getLogger(__name__)
 
 
 class QoS(kombu_redis.QoS):
@@ -31,6 +36,16 @@ class QoS(kombu_redis.QoS):
             f"file delivered message {delivery_tag} as unacknowledged",
             give_up_after_s=None,  # it is in no queue now: giving up would lose it
         )
+
+    def restore_visible(self, *args, **kwargs) -> None:
+        # A periodic sweep (and the first one, at start-up): when Redis cannot take it now, the
+        # next sweep will; kombu would let the error stop the worker.
+        try:
+            super().restore_visible(*args, **kwargs)
+        except redis.RedisError as e:
+            if not is_transient(e):
+                raise
+            log.warning("could not bring back lapsed messages (%s: %s); the next sweep will", type(e).__name__, e)
 
     def held(self) -> list[str]:
         """Delivery tags this channel holds unacknowledged: reserved or running."""
@@ -68,6 +83,14 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         self._queue_cycle = _BulkCappedCycle(self)
         self._update_queue_cycle()
+
+    # Declaring and binding queues write to Redis: a worker started while Redis is full (or
+    # loading its data after a restart) waits here instead of exiting.
+    def queue_declare(self, *args, **kwargs):
+        return with_retries(lambda: super(Channel, self).queue_declare(*args, **kwargs), "declare a queue", None)
+
+    def queue_bind(self, *args, **kwargs):
+        return with_retries(lambda: super(Channel, self).queue_bind(*args, **kwargs), "bind a queue", None)
 
 
 class Transport(kombu_redis.Transport):

@@ -24,6 +24,15 @@ BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 10.0
 
 
+_TRANSIENT_REPLIES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ExecAbortError,  # a transaction refused whole, e.g. on OOM
+    redis.exceptions.TryAgainError,
+)
+_TRANSIENT_TEXTS = ("OOM", "maxmemory", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "EXECABORT")
+
+
 class RedisUnavailable(RuntimeError):
     """Redis kept failing an operation for longer than the caller was willing to wait."""
 
@@ -31,14 +40,10 @@ class RedisUnavailable(RuntimeError):
 def is_transient(error: BaseException) -> bool:
     """Whether a Redis error may go away by itself: connection loss, timeouts, a server that is
     loading its data, a replica that is read-only during a failover, or a full server (OOM)."""
-    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError, *_TRANSIENT_REPLIES)):
         return True
-    if isinstance(error, redis.ResponseError):
-        text = str(error)
-        return text.startswith(("OOM", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "EXECABORT")) or (
-            "OOM command not allowed" in text
-        )
-    return False
+    # Errors inside a pipeline or a script arrive as a plain ResponseError with the reply's text.
+    return isinstance(error, redis.ResponseError) and any(mark in str(error) for mark in _TRANSIENT_TEXTS)
 
 
 def with_retries(operation: Callable[[], T], what: str, give_up_after_s: float | None) -> T:
