@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,8 +24,9 @@ import redis
 from conftest import SAMPLES, python_env
 from http_server import serve_folder
 
+from bench.redis_server import RedisServer
 from producer import Item, Kiln
-from producer.embedded import LocalWorker, find_redis_server
+from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
 from worker.celery_app import make_app
 from worker.contract import BULK_QUEUE, CHUNK_TASK
@@ -34,59 +34,6 @@ from worker.settings import CommonSettings, WorkerSettings
 from worker.store import DEAD_LETTERS, ResultStore
 
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "rocket.jpg")
-
-
-class RedisServer:
-    """A redis-server of the test's own, with its data in an append-only file (fsync always), so
-    that a restart keeps the queue, as a production Redis with AOF does."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "redis.log"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        wait_for(lambda: self._ping(), 30, "redis-server to start")
-
-    def _ping(self) -> bool:
-        try:
-            return redis.Redis.from_url(self.url, socket_timeout=1).ping()
-        except redis.RedisError:
-            return False
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=30)
-
-    def stop(self) -> None:
-        """SIGTERM: Redis writes its AOF and exits, as on a clean restart."""
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            self.process.wait(30)
-
-    def restart(self, down_s: float = 1.0) -> None:
-        self.stop()
-        time.sleep(down_s)
-        self.start()
-
-    @contextlib.contextmanager
-    def paused(self, seconds: float) -> Iterator[None]:
-        """Freeze Redis (kill -STOP): connections stay open, nothing answers."""
-        self.process.send_signal(signal.SIGSTOP)
-        try:
-            time.sleep(seconds)
-            yield
-        finally:
-            self.process.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture
