@@ -211,6 +211,12 @@ def test_a_full_redis_holds_workers_back_and_loses_nothing(server, workers, phot
         if second.process.poll() is not None:
             assert "error" in log_of(second).lower()
         assert done(server, "full") < len(keys)
+        # A worker waiting for room still stops on SIGTERM (nothing is lost by giving up a start).
+        stopped = workers.start("stopped")
+        wait_for(lambda: "Redis failed to declare a queue" in log_of(stopped), 180, "a worker waiting to start")
+        stopped.process.terminate()
+        stopped.process.wait(60)
+        assert "the worker is shutting down" in log_of(stopped)
         client.config_set("maxmemory", 0)
         running = [w for w in (first, second) if w.process.poll() is None]
         wait_complete(server, "full", running)

@@ -24,7 +24,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.scheduling import round_robin_cycle
 
 from worker.contract import BULK_QUEUE
-from worker.retry import is_transient, with_retries
+from worker.retry import is_transient, shutting_down, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class QoS(kombu_redis.QoS):
         with_retries(
             lambda: super(QoS, self).append(message, delivery_tag),
             f"file delivered message {delivery_tag} as unacknowledged",
-            give_up_after_s=None,  # it is in no queue now: giving up would lose it
+            give_up_after_s=None,  # it is in no queue now: only a cold shutdown gives it up (and loses it)
         )
 
     def restore_visible(self, *args, **kwargs) -> None:
@@ -57,6 +57,10 @@ class QoS(kombu_redis.QoS):
         return sum(
             1 for tag in self.held() if (m := delivered.get(tag)) and m.delivery_info.get("routing_key") == BULK_QUEUE
         )
+
+
+def _any_shutdown() -> bool:
+    return shutting_down(warm=True)
 
 
 class _BulkCappedCycle(round_robin_cycle):
@@ -86,11 +90,14 @@ class Channel(kombu_redis.Channel):
 
     # Declaring and binding queues write to Redis: a worker started while Redis is full (or
     # loading its data after a restart) waits here instead of exiting.
+    # Nothing is lost by giving up here, so any shutdown (SIGTERM) ends the wait.
     def queue_declare(self, *args, **kwargs):
-        return with_retries(lambda: super(Channel, self).queue_declare(*args, **kwargs), "declare a queue", None)
+        declare = lambda: super(Channel, self).queue_declare(*args, **kwargs)  # noqa: E731
+        return with_retries(declare, "declare a queue", None, abandon=_any_shutdown)
 
     def queue_bind(self, *args, **kwargs):
-        return with_retries(lambda: super(Channel, self).queue_bind(*args, **kwargs), "bind a queue", None)
+        bind = lambda: super(Channel, self).queue_bind(*args, **kwargs)  # noqa: E731
+        return with_retries(bind, "bind a queue", None, abandon=_any_shutdown)
 
 
 class Transport(kombu_redis.Transport):

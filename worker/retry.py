@@ -46,12 +46,23 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, redis.ResponseError) and any(mark in str(error) for mark in _TRANSIENT_TEXTS)
 
 
-def with_retries(operation: Callable[[], T], what: str, give_up_after_s: float | None) -> T:
+def shutting_down(warm: bool = False) -> bool:
+    """Whether this Celery worker was told to stop: a cold shutdown (SIGQUIT, or a second
+    SIGTERM), or with `warm`, any shutdown."""
+    from celery.worker import state
+
+    return state.should_terminate is not None or (warm and state.should_stop is not None)
+
+
+def with_retries(
+    operation: Callable[[], T], what: str, give_up_after_s: float | None, abandon: Callable[[], bool] = shutting_down
+) -> T:
     """Run `operation`, retrying transient Redis errors (`is_transient`) with backoff.
 
     `what` names the operation in the log. `give_up_after_s=None` retries forever (for a message
-    that exists nowhere but in this process). Raises `RedisUnavailable` once the deadline passes;
-    any other error propagates at once."""
+    that exists nowhere but in this process), unless `abandon()` says to stop (by default: on a
+    cold shutdown of the worker). Raises `RedisUnavailable` once the deadline passes or on
+    `abandon()`; any other error propagates at once."""
     backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
     deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     attempt = 0
@@ -63,6 +74,8 @@ def with_retries(operation: Callable[[], T], what: str, give_up_after_s: float |
                 raise
             attempt += 1
             delay = max(backoff.compute(attempt), BACKOFF_BASE_S)
+            if abandon():
+                raise RedisUnavailable(f"abandoned retrying to {what}: the worker is shutting down") from error
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise RedisUnavailable(
                     f"gave up to {what} after {attempt} attempts in {give_up_after_s:.0f} s: "
