@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -53,6 +53,8 @@ class WorkerSettings(CommonSettings):
     lease_s: int = Field(
         default=60,
         ge=2,
+        # KILN_VISIBILITY_TIMEOUT_S: the name this setting had before leases were renewed.
+        validation_alias=AliasChoices("lease_s", "KILN_LEASE_S", "KILN_VISIBILITY_TIMEOUT_S"),
         description="lease on a delivered task: a live worker renews it every lease/6 s; a task whose lease "
         "lapsed (its worker died) is delivered again. Not a bound on how long a chunk may run",
     )
