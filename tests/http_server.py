@@ -13,7 +13,10 @@ from pathlib import Path
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
+    delay_s = 0.0
+
     def do_GET(self) -> None:
+        time.sleep(self.delay_s)
         if self.path == "/slow":
             time.sleep(3)
         if self.path == "/huge":
@@ -28,9 +31,10 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_folder(folder: Path) -> Iterator[str]:
-    """Serve `folder` on 127.0.0.1 at a free port; yields the base URL."""
-    handler = functools.partial(_Handler, directory=str(folder))
+def serve_folder(folder: Path, delay_s: float = 0.0) -> Iterator[str]:
+    """Serve `folder` on 127.0.0.1 at a free port, answering each request after `delay_s`; yields
+    the base URL."""
+    handler = functools.partial(type("Handler", (_Handler,), {"delay_s": delay_s}), directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -148,7 +148,7 @@ def stack(images, tmp_path_factory) -> Iterator[dict]:
     port = _free_port()
     env = dict(
         os.environ, KILN_IMAGE=IMAGE, KILN_REDIS_IMAGE=REDIS_IMAGE, KILN_REDIS_PORT=str(port), KILN_IMAGES=str(folder),
-        KILN_OUT=str(out), KILN_VISIBILITY_TIMEOUT_S="10", COMPOSE_PROJECT_NAME=f"kilntest{uuid.uuid4().hex[:8]}",
+        KILN_OUT=str(out), KILN_LEASE_S="10", COMPOSE_PROJECT_NAME=f"kilntest{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
     base = [*compose, "-f", DOCKER / "compose.yaml", "-f", DOCKER / "compose.host.yaml"]
     try:

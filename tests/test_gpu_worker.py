@@ -24,7 +24,7 @@ def test_a_poisoned_cuda_context_hands_the_chunk_to_another_worker(private_redis
         shutil.copy(SAMPLES / ("coffee.jpg" if i % 2 else "chelsea.jpg"), folder / f"{i:03d}.jpg")
     url = private_redis_url
     options = ["--queues", "kiln.bulk", "--loglevel", "INFO"]
-    env = python_env(KILN_VISIBILITY_TIMEOUT_S="10", KILN_BATCH_SIZE="8")
+    env = python_env(KILN_LEASE_S="10", KILN_BATCH_SIZE="8")
     faulty = LocalWorker(
         lite0_package, url, tmp_path / "faulty.log", [folder], options, env={**env, "KILN_TEST_CUDA_FAULT_AFTER": "1"}
     )

@@ -74,8 +74,8 @@ def test_keys_expire(store, redis_client):
 
 
 def test_delivery_counts_and_replies(store):
-    assert [store.count_delivery("j", "task-1") for _ in range(3)] == [1, 2, 3]
-    assert store.count_delivery("j", "task-2") == 1
+    assert [store.count_deliveries("j", ["task-1"])[0] for _ in range(3)] == [1, 2, 3]
+    assert store.count_deliveries("j", ["task-2", "task-1"]) == [1, 4]
     assert store.reply([("kiln:reply:r1", ok("a"))]) == []
     assert store.wait_reply("kiln:reply:r1", 1).key == "a"
     assert store.wait_reply("kiln:reply:r1", 0.1) is None

@@ -121,17 +121,16 @@ def test_invalid_messages_fail_with_the_reason_and_are_not_retried(kiln, raw_app
 
 
 def test_a_message_delivered_too_often_is_recorded_as_poison(kiln, raw_app):
-    """Each delivery is counted in Redis before work starts; past the cap (3) the images are
-    recorded as failed instead of crashing another worker (the count a killed worker leaves)."""
+    """Each delivery whose worker died is counted in Redis; at the cap (3) the images are recorded
+    as failed instead of crashing another worker (the entry three killed workers leave)."""
     task_id = "poison-task-1"
-    for _ in range(3):
-        kiln.store.count_delivery("poison", task_id)  # three deliveries whose workers died
+    kiln.store.redis.hset("kiln:{poison}:delivery", task_id, "gone-host:1|2")  # two deaths, a third holder gone
     kiln.store.begin_job("poison", 1)
     message = {"v": 1, "job": "poison", "items": [{"key": "k", "ref": str(SAMPLES / "coffee.jpg")}]}
     raw_app.send_task(CHUNK_TASK, args=[message], queue=BULK_QUEUE, task_id=task_id)
     assert kiln.wait("poison", timeout_s=30, progress=False).failed == 1
     record = kiln.store.get("poison", "k")
-    assert record.error.kind == "poison" and "delivered 4 times" in record.error.message
+    assert record.error.kind == "poison" and "3 workers died" in record.error.message
 
 
 def test_online_requests_from_concurrent_callers_get_their_own_answers(kiln):
@@ -189,7 +188,7 @@ def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(private_redis_u
     folder.mkdir()
     for i in range(60):
         shutil.copy(SAMPLES / ("coffee.jpg" if i % 2 else "chelsea.jpg"), folder / f"{i:03d}.jpg")
-    env = python_env(KILN_VISIBILITY_TIMEOUT_S="5", KILN_BATCH_SIZE="4")
+    env = python_env(KILN_LEASE_S="5", KILN_BATCH_SIZE="4")
     workers = []
 
     def start(name: str) -> LocalWorker:
@@ -209,10 +208,10 @@ def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(private_redis_u
             second = start("second")
             counts = kiln.wait("killed", timeout_s=180, progress=False, check=second.check)
             records = list(kiln.results("killed"))
-            deliveries = kiln.store.redis.hvals("kiln:{killed}:delivery")
+            executions = list(kiln.store.executions("killed").values())
         assert (counts.total, counts.done, counts.failed) == (60, 60, 0)
         assert len(records) == 60 and len({r.key for r in records}) == 60
-        assert [int(n) for n in deliveries] == [2]
+        assert executions == [2]
         # The chunk was done again in full: its upserts replaced the first worker's records.
         assert {r.worker.rsplit(":", 1)[1] for r in records} == {str(second.process.pid)}
     finally:

@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     from worker import tasks
     from worker.celery_app import make_app
     from worker.endpoint import start_endpoint
+    from worker.plan import tasks_in_flight
     from worker.scratch import remove_process_scratch_dir
 
+    # Known before the app is made: the broker reserves as many chunks as the worker runs at once.
+    settings = settings.model_copy(update={"tasks_in_flight": tasks_in_flight(settings, manifest.device)})
     app = make_app(settings)
     tasks.register_tasks(app, settings)
     processes = settings.concurrency
@@ -141,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
 
         signals.worker_process_shutdown.connect(lambda **_: remove_process_scratch_dir(), weak=False)
         worker_args += ["--pool=prefork", f"--concurrency={processes}"]
-    app.worker_main(worker_args)
-    return 0
+    # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
+    # on an unrecoverable error exited with 0).
+    status = app.start(worker_args) or 0
+    if status:
+        print(f"error: the worker stopped with status {status}; the reason is logged above", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -34,20 +34,41 @@ def make_app(settings: CommonSettings) -> Celery:
         worker_hijack_root_logger=False,
     )
     if isinstance(settings, WorkerSettings):
-        visibility = settings.visibility_timeout_s
-        app.conf.broker_transport_options = {
-            "visibility_timeout": visibility,
-            # Sweep for the unacknowledged tasks of dead workers every few seconds (kombu's
-            # default scans about every 100 s), so they come back soon after the timeout.
-            "unacked_restore_interval": max(1, min(10, visibility // 6)),
-            "unacked_restore_throttle": 1,
-            "max_message_bytes": settings.max_message_bytes,
-        }
-        if settings.redis_url.startswith("redis://"):
-            # Refuses an oversized message before parsing it (worker/transport.py).
-            app.conf.broker_transport = "worker.transport:Transport"
-        # celery-batches only sees as many online requests as the worker prefetches (FACTS.md);
-        # bulk-only workers take one chunk at a time, leaving the rest to other workers.
-        online = ONLINE_QUEUE in settings.queues
-        app.conf.worker_prefetch_multiplier = settings.online_batch_size if online else 1
+        configure_worker(app, settings)
     return app
+
+
+def configure_worker(app: Celery, settings: WorkerSettings) -> None:
+    """Delivery settings of a worker; README.md "Delivery" gives the reasons for each number."""
+    from worker.lease import LeaseRenewal
+
+    lease = settings.lease_s
+    timeout = settings.redis_timeout_s
+    app.conf.update(
+        # kombu's Redis transport with lossless unacked bookkeeping and a cap on reserved bulk
+        # chunks (worker/broker.py); the consumer dead-letters refused messages (worker/consumer.py).
+        broker_transport="worker.broker:Transport",
+        worker_consumer="worker.consumer:KilnConsumer",
+        # Connecting, and every Redis command, time out: an endpoint that accepts TCP and never
+        # answers is retried with backoff, and each attempt is logged, instead of hanging.
+        broker_connection_timeout=timeout,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            # The visibility timeout is a lease that live workers renew (worker/lease.py).
+            "visibility_timeout": lease,
+            "unacked_restore_interval": max(1, min(5, lease // 12)),
+            "unacked_restore_throttle": 1,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "health_check_interval": min(25, max(1, round(timeout))),
+            # Bulk chunks reserved at most: what the worker runs at once (one per prefork child, or
+            # its chunk tasks in flight); online requests are prefetched so that celery-batches
+            # can batch them.
+            "bulk_prefetch": settings.concurrency if settings.concurrency > 1 else settings.tasks_in_flight or 1,
+            "max_message_bytes": settings.max_message_bytes,
+        },
+    )
+    online = ONLINE_QUEUE in settings.queues
+    app.conf.worker_prefetch_multiplier = settings.online_batch_size if online else 1
+    app.steps["consumer"].add(LeaseRenewal)

@@ -54,6 +54,12 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def tasks_in_flight(settings: WorkerSettings, device_type: str) -> int:
+    """Chunk tasks one worker process runs at once: enough chunks (128 images by default) to keep
+    two model batches ahead on a GPU; on the CPU the model is the bottleneck, two suffice."""
+    return settings.tasks_in_flight or (8 if device_type == "cuda" else 2)
+
+
 def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: int, processes: int) -> DataPathPlan:
     """The plan for one of `processes` worker processes on this host serving a package whose
     largest batch is `batch_max`. Raises `PackageError` when `gpu_decode="on"` cannot be met."""
@@ -82,6 +88,5 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
         fetch_threads=settings.fetch_threads or (4 if cuda else 2),
         torch_threads=settings.threads or share,
         batch_size=min(settings.batch_size or batch_max, batch_max),
-        # Chunks (128 images by default) in flight: two model batches ahead, as in-process.
-        tasks_in_flight=settings.tasks_in_flight or (8 if cuda else 2),
+        tasks_in_flight=tasks_in_flight(settings, device.type),
     )

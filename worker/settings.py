@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -78,13 +78,30 @@ class WorkerSettings(CommonSettings):
     fetch_timeout_s: float = Field(default=30.0, gt=0, description="timeout of one http(s) fetch")
     online_batch_size: int = Field(default=32, ge=1, description="online requests batched into one model call")
     online_flush_ms: int = Field(default=20, ge=1, description="longest wait for an online batch to fill")
-    visibility_timeout_s: int = Field(
-        default=1800,
-        ge=1,
-        description="an unacknowledged task is redelivered after this long: keep it above the slowest chunk",
+    lease_s: int = Field(
+        default=60,
+        ge=2,
+        # KILN_VISIBILITY_TIMEOUT_S: the name this setting had before leases were renewed.
+        validation_alias=AliasChoices("lease_s", "KILN_LEASE_S", "KILN_VISIBILITY_TIMEOUT_S"),
+        description="lease on a delivered task: a live worker renews it every lease/6 s; a task whose lease "
+        "lapsed (its worker died) is delivered again. Not a bound on how long a chunk may run",
     )
     max_deliveries: int = Field(
-        default=3, ge=1, description="deliveries of one task before its images are recorded as failed (poison)"
+        default=3,
+        ge=1,
+        description="deaths of workers on one task before its images are recorded as failed (poison); only "
+        "deliveries whose worker is gone count",
+    )
+    redis_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="socket and connect timeout of every Redis command a worker sends (redis-py's default is 5 s)",
+    )
+    redis_retry_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="how long a worker retries a failed Redis write (stalled, restarting, failing over or full) "
+        "before it gives the task back to the queue",
     )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="port of /metrics, /livez, /readyz; 0: any free port; unset: none"

@@ -7,8 +7,11 @@ script can update them together:
     kiln:{job}:items     hash: image key -> reference   (the job's images; total is its length)
     kiln:{job}:records   hash: image key -> record JSON
     kiln:{job}:status    hash: image key -> "ok" | "error"   (what the counters count)
-    kiln:{job}:delivery  hash: task id -> deliveries so far  (the poison-message cap)
+    kiln:{job}:delivery  hash: chunk task id -> "holder|deaths" while it runs, "done" once its records
+                         are written (online requests: deliveries so far)
+    kiln:{job}:executions hash: chunk task id -> times it started running (for the soak benchmark)
     kiln:reply:{id}      list: the answer to one online request
+    kiln:dead-letters    list: messages that name no job (or no caller), with the reason
 
 A record is written with its counters in one script call, so a redelivered task rewrites its
 records without counting them twice, and a success is never replaced by a later failure.
@@ -17,10 +20,12 @@ This module imports no torch: producers read through it too.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -90,6 +95,26 @@ return 1
 
 REPLY_TTL_S = 300
 _REPLY_POLL_S = 2.0  # longest single BLPOP: below any sane socket timeout, so a long wait never trips it
+# Take over a chunk's delivery entry: only from the holder the caller saw (compare and set), so two
+# deliveries of one chunk never both run it. A death (ARGV[4] = 1) counts towards poison.
+_CLAIM = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current == 'done' then return {'done', 0} end
+local holder, deaths = '', 0
+if current then
+  local h, d = string.match(current, '^(.*)|(%d+)$')
+  holder, deaths = h, tonumber(d)
+end
+if holder ~= ARGV[3] then return {'conflict', deaths} end
+deaths = deaths + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. deaths)
+redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, tonumber(ARGV[5])) end
+return {'run', deaths}
+"""
+
+DEAD_LETTERS = "kiln:dead-letters"  # messages too broken to name a job or a caller
+DELIVERY_TTL_S = 24 * 3600  # at least: delivery entries outlive the workers that wrote them
 
 
 def _key(job: str, part: str) -> str:
@@ -99,6 +124,15 @@ def _key(job: str, part: str) -> str:
 class JobConflict(ValueError):
     """A submission that a job refuses: a key it holds for another image, or online writes into a
     job created for bulk work only."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A chunk's delivery entry: who runs it and how many workers died on it, or done."""
+
+    done: bool = False
+    holder: str = ""
+    deaths: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,10 +160,13 @@ class ResultStore:
         self._register = client.register_script(_REGISTER)
         self._unregister = client.register_script(_UNREGISTER)
         self._reply = client.register_script(_REPLY)
+        self._claim = client.register_script(_CLAIM)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int = 0) -> ResultStore:
-        return cls(redis.Redis.from_url(url, health_check_interval=30), ttl_s)
+    def from_url(cls, url: str, ttl_s: int = 0, timeout_s: float | None = None) -> ResultStore:
+        """`timeout_s`: socket and connect timeout of each command (None: redis-py's, 5 s)."""
+        timeouts = {} if timeout_s is None else {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        return cls(redis.Redis.from_url(url, health_check_interval=30, **timeouts), ttl_s)
 
     def begin_job(self, job: str, total: int, **info: str | int) -> None:
         """Record a job's size (the whole job, also when resumed) and what it was started with."""
@@ -204,7 +241,8 @@ class ResultStore:
             by_job[record.job] += [record.key, record.status, record.model_dump_json(exclude_none=True)]
         with self.redis.pipeline(transaction=False) as pipe:
             for job, args in by_job.items():
-                keys = [_key(job, "meta"), _key(job, "records"), _key(job, "status")]
+                # The job's images (KEYS[4]) expire with its records, which the script refreshes.
+                keys = [_key(job, "meta"), _key(job, "records"), _key(job, "status"), _key(job, "items")]
                 self._upsert(keys=keys, args=[self.ttl_s, *args], client=pipe)
             pipe.execute()
 
@@ -231,12 +269,45 @@ class ResultStore:
         raw = self.redis.hget(_key(job, "records"), key)
         return None if raw is None else Record.model_validate_json(raw)
 
-    def count_delivery(self, job: str, task_id: str) -> int:
-        """Count one more delivery of a task; the count survives worker deaths (it is in Redis)."""
-        return self.count_deliveries(job, [task_id])[0]
+    def delivery(self, job: str, task_id: str) -> Delivery | None:
+        raw = self.redis.hget(_key(job, "delivery"), task_id)
+        if raw is None:
+            return None
+        if raw == b"done":
+            return Delivery(done=True)
+        holder, _, deaths = raw.decode().rpartition("|")
+        return Delivery(holder=holder, deaths=int(deaths))
+
+    def claim(self, job: str, task_id: str, worker: str, seen: Delivery | None, died: bool) -> Delivery | None:
+        """Make `worker` the chunk's holder, if its entry is still `seen`; count a death if `died`.
+        Returns the new entry (`done` if the chunk was finished meanwhile), or None on a conflict."""
+        keys = [_key(job, "delivery"), _key(job, "executions")]
+        args = [task_id, worker, seen.holder if seen else "", int(died), max(self.ttl_s, DELIVERY_TTL_S)]
+        state, deaths = self._claim(keys=keys, args=args)
+        if state == b"conflict":
+            return None
+        return Delivery(done=state == b"done", holder=worker, deaths=int(deaths))
+
+    def release(self, job: str, task_id: str, deaths: int) -> None:
+        """Give a chunk up unfinished and alive (it goes back to the queue): no holder, no death."""
+        self.redis.hset(_key(job, "delivery"), task_id, f"|{deaths}")
+
+    def finish(self, job: str, task_id: str) -> None:
+        """Mark a chunk done: its records are written, so a later delivery is acknowledged unrun."""
+        self.redis.hset(_key(job, "delivery"), task_id, "done")
+
+    def executions(self, job: str) -> dict[str, int]:
+        """Chunk task id -> times it started running."""
+        return {k.decode(): int(v) for k, v in self.redis.hgetall(_key(job, "executions")).items()}
+
+    def dead_letter(self, entry: dict[str, Any]) -> None:
+        """Keep a message that names no job or caller, with its reason (the last 1,000)."""
+        raw = json.dumps(entry, default=repr)[:65536]
+        with self.redis.pipeline() as pipe:
+            pipe.lpush(DEAD_LETTERS, raw).ltrim(DEAD_LETTERS, 0, 999).execute()
 
     def count_deliveries(self, job: str, task_ids: Sequence[str]) -> list[int]:
-        """`count_delivery` for many tasks of one job, in one round trip."""
+        """Count one more delivery of each task (online requests); counts survive worker deaths."""
         delivery = _key(job, "delivery")
         with self.redis.pipeline() as pipe:
             for task_id in task_ids:

@@ -1,31 +1,53 @@
-"""Celery tasks, kept thin: validate the message, cap deliveries, hand the images to the pipeline,
+"""Celery tasks, kept thin: validate the message, claim the chunk, hand the images to the pipeline,
 write the records. The model is loaded once per process by `init_process`.
+
+A chunk is acknowledged only after all its records are written: writes that Redis refuses
+(stalled, restarting, full) are retried with backoff for `KILN_REDIS_RETRY_S`, and past that the
+chunk goes back to the queue (`Reject(requeue=True)`), never acknowledged half done.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from itertools import count
+from queue import Empty
+from typing import Any, TypeVar
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery_batches import Batches
 from pydantic import ValidationError
 
 from worker import health, metrics
-from worker.contract import CHUNK_TASK, ONLINE_TASK, ChunkMessage, OnlineMessage, Record, is_reply_key, reply_key
+from worker.contract import (
+    CHUNK_TASK,
+    ONLINE_TASK,
+    ChunkMessage,
+    Item,
+    OnlineMessage,
+    Record,
+    is_reply_key,
+    reply_key,
+)
 from worker.fetch import FetchPolicy
+from worker.lease import Heartbeat, holder_running
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.plan import DataPathPlan, plan_data_path
+from worker.retry import RedisUnavailable, with_retries
 from worker.settings import WorkerSettings
-from worker.store import ResultStore
+from worker.store import DEAD_LETTERS, Delivery, ResultStore
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTERS = "kiln:dead-letters"  # messages too broken to name a job or a caller
+__all__ = ["DEAD_LETTERS", "classify_chunk", "classify_online", "init_process", "register_tasks"]
+
 ONLINE_JOB = "online"
+HOLDER_POLL_S = 1.0  # how often a delivery of a chunk that a live worker runs checks on it
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -34,6 +56,10 @@ class ProcessState:
     plan: DataPathPlan
     pipeline: Pipeline
     store: ResultStore
+    heartbeat: Heartbeat
+
+    def retrying(self, operation: Callable[[], T], what: str) -> T:
+        return with_retries(operation, what, self.settings.redis_retry_s)
 
 
 _state: ProcessState | None = None
@@ -60,9 +86,8 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
         gpu_decode=plan.gpu_decode,
         batch_size=plan.batch_size,
     )
-    _state = ProcessState(
-        settings, plan, Pipeline(runtime, config), ResultStore.from_url(settings.redis_url, settings.result_ttl_s)
-    )
+    store = ResultStore.from_url(settings.redis_url, settings.result_ttl_s, timeout_s=settings.redis_timeout_s)
+    _state = ProcessState(settings, plan, Pipeline(runtime, config), store, Heartbeat(store.redis, settings.lease_s))
     metrics.observe_model(runtime.manifest)
     health.mark_loaded()
     return _state
@@ -74,17 +99,17 @@ def state() -> ProcessState:
     return _state
 
 
-def write_records(records: list[Record], batch_size: int | None = None) -> None:
-    """Upsert records, and count them in the metrics (`batch_size`: they came from one model call)."""
+def write_records(records: list[Record], what: str, batch_size: int | None = None) -> None:
+    """Upsert records, retried while Redis cannot take them, and count them in the metrics
+    (`batch_size`: they came from one model call)."""
+    current = state()
     started = time.perf_counter()
-    state().store.write(records)
+    current.retrying(lambda: current.store.write(records), f"write {len(records)} records of {what}")
     metrics.observe_records(records, time.perf_counter() - started, batch_size)
 
 
 def dead_letter(message: Any, reason: str) -> None:
-    entry = json.dumps({"message": message, "reason": reason}, default=repr)[:65536]
-    with state().store.redis.pipeline() as pipe:
-        pipe.lpush(DEAD_LETTERS, entry).ltrim(DEAD_LETTERS, 0, 999).execute()
+    state().store.dead_letter({"message": message, "reason": reason})
     log.error("dead-lettered a message: %s", reason)
 
 
@@ -103,9 +128,42 @@ def fail_unparseable_chunk(message: Any, error: ValidationError) -> None:
         return
     try:
         records = [Record.failure(job, key, "bad_message", reason) for key in keys]
-        write_records(records)
+        write_records(records, f"job {job}")
     except ValidationError:
         dead_letter(message, reason)
+
+
+def claim_chunk(current: ProcessState, job: str, task_id: str) -> Delivery:
+    """Become the holder of a delivered chunk. A previous holder that is gone counts as a death
+    (towards poison); one that is alive and running it is waited for, so that no chunk runs twice
+    at once. Returns the entry: `done` if the chunk's records were written meanwhile."""
+    current.heartbeat.begin(task_id)  # before the claim: whoever sees us as holder sees us running it
+    waited = False
+    while True:
+        outcome = current.retrying(lambda: _try_claim(current, job, task_id), "claim a chunk")
+        if isinstance(outcome, Delivery):
+            return outcome
+        if outcome is not None:
+            if not waited:
+                log.warning("chunk %s of job %s is running on live worker %s: waiting for it", task_id, job, outcome)
+                waited = True
+            time.sleep(HOLDER_POLL_S)
+
+
+def _try_claim(current: ProcessState, job: str, task_id: str) -> Delivery | str | None:
+    """One attempt of `claim_chunk`: the new entry, or the live holder that runs the chunk, or
+    None when the entry changed under us."""
+    store, me = current.store, current.heartbeat.worker
+    seen = store.delivery(job, task_id)
+    if seen is not None and seen.done:
+        return seen
+    other = seen is not None and seen.holder not in ("", me)
+    if other and holder_running(store.redis, seen.holder, task_id):
+        return seen.holder
+    claimed = store.claim(job, task_id, me, seen, died=other)
+    if claimed is not None and other:
+        log.warning("worker %s died on chunk %s of job %s (deaths: %d)", seen.holder, task_id, job, claimed.deaths)
+    return claimed
 
 
 def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -118,23 +176,63 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
     except ValidationError as e:
         fail_unparseable_chunk(message, e)
         return {"error": "bad_message"}
-    current = state()
-    deliveries = current.store.count_delivery(chunk.job, task.request.id)
-    metrics.observe_deliveries("chunk", [deliveries], current.settings.max_deliveries)
-    if deliveries > current.settings.max_deliveries:
-        # Workers died on this chunk before: record what is missing as failed, and stop the loop.
-        done = current.store.recorded_keys(chunk.job)
-        reason = f"delivered {deliveries} times without finishing (a worker died on it each time)"
-        write_records(
-            [Record.failure(chunk.job, i.key, "poison", reason, ref=i.ref) for i in chunk.items if i.key not in done]
-        )
-        return {"job": chunk.job, "error": "poison"}
-    works = (Work(chunk.job, item.key, ref=item.ref) for item in chunk.items)
-    written = 0
-    for pairs in current.pipeline.run(works, chunk.topk):
-        write_records([record for _, record in pairs], current.pipeline.batch_size)
-        written += len(pairs)
+    current, task_id = state(), task.request.id
+    delivery: Delivery | None = None
+    try:
+        delivery = claim_chunk(current, chunk.job, task_id)
+        metrics.observe_deliveries("chunk", [delivery.deaths + 1], current.settings.max_deliveries)
+        if delivery.done:  # finished by an earlier delivery whose acknowledgement was lost
+            return {"job": chunk.job, "records": 0}
+        written = _run_chunk(current, chunk, delivery)
+        current.retrying(lambda: current.store.finish(chunk.job, task_id), "mark a chunk done")
+    except RedisUnavailable as e:
+        # Not acknowledged: the chunk goes back to the queue (or, if Redis cannot even take it
+        # back, stays unacknowledged until its lease lapses).
+        log.error("giving chunk %s of job %s back to the queue: %s", task_id, chunk.job, e)
+        if delivery is not None:
+            try:
+                current.store.release(chunk.job, task_id, delivery.deaths)
+            except Exception as release_error:  # Redis is failing; the chunk's lease still brings it back
+                log.warning("could not release chunk %s: %s", task_id, release_error)
+        raise Reject(str(e), requeue=True) from e
+    finally:
+        current.heartbeat.end(task_id)
     return {"job": chunk.job, "records": written}
+
+
+def _run_chunk(current: ProcessState, chunk: ChunkMessage, delivery: Delivery) -> int:
+    """Write one record per image of the chunk; returns how many were written."""
+    store, limit = current.store, current.settings.max_deliveries
+
+    def write(records: list[Record], batch_size: int | None = None) -> None:
+        write_records(records, f"job {chunk.job}", batch_size)
+
+    def missing() -> list[Item]:
+        done = current.retrying(lambda: store.recorded_keys(chunk.job), "read a job's recorded keys")
+        return [item for item in chunk.items if item.key not in done]
+
+    if delivery.deaths >= limit:
+        # Workers died on this chunk each time: record what is missing as failed, and stop the loop.
+        reason = f"{delivery.deaths} workers died on this chunk (KILN_MAX_DELIVERIES={limit})"
+        records = [Record.failure(chunk.job, i.key, "poison", reason, ref=i.ref) for i in missing()]
+        write(records)
+        return len(records)
+    written = 0
+    works = (Work(chunk.job, item.key, ref=item.ref) for item in chunk.items)
+    try:
+        for pairs in current.pipeline.run(works, chunk.topk):
+            write([record for _, record in pairs], current.pipeline.batch_size)
+            written += len(pairs)
+    except RedisUnavailable:
+        raise
+    except Exception as e:
+        # A bug, not a fault of the images or of Redis: every image still ends with a record.
+        log.exception("chunk of job %s failed; recording its remaining images as internal errors", chunk.job)
+        reason = f"the chunk failed: {type(e).__name__}: {e}"
+        records = [Record.failure(chunk.job, i.key, "internal", reason, ref=i.ref) for i in missing()]
+        write(records)
+        written += len(records)
+    return written
 
 
 def classify_online(requests: list[Any]) -> None:
@@ -201,11 +299,36 @@ def _answer(answers: list[tuple[str, Record]]) -> None:
         log.error("could not answer an online request on %r: %s", reply_to[:300], reason)
 
 
+class OnlineBatches(Batches):
+    """celery-batches 0.11 with its reconnect wedge fixed (upstream issues #99 and #107; fixed
+    after 0.11, which is the newest release on PyPI).
+
+    Batches arms its flush timer once, on the first request, and keeps the handle on the task,
+    which outlives the consumer. After a broker reconnect, Celery rebuilds the consumer and calls
+    `Strategy` again, but the stale handle stops the timer from being armed anew: requests then
+    wait until `flush_every` more arrive. Here each new consumer starts with no timer, and with
+    empty buffers: the requests buffered before the reconnect belong to the closed channel, which
+    gave them back to the queue (or their lease lapses), so they are delivered again."""
+
+    def Strategy(self, task: Batches, app: Celery, consumer: Any) -> Callable:
+        if self._tref is not None:
+            self._tref.cancel()
+            self._tref = None
+        for buffer in (self._buffer, self._pending):
+            try:
+                while True:
+                    buffer.get_nowait()
+            except Empty:
+                pass
+        self._count = count(1)
+        return super().Strategy(task, app, consumer)
+
+
 def register_tasks(app: Celery, settings: WorkerSettings) -> None:
     app.task(name=CHUNK_TASK, bind=True)(classify_chunk)
     app.task(
         name=ONLINE_TASK,
-        base=Batches,
+        base=OnlineBatches,
         flush_every=settings.online_batch_size,
         flush_interval=settings.online_flush_ms / 1000,
     )(classify_online)

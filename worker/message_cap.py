@@ -1,5 +1,5 @@
-"""Celery's Redis transport, with a cap on the size of a message that acts before any of it is
-parsed or even kept in memory.
+"""A cap on the size of a broker message that acts before any of it is parsed or even kept in
+memory: the Redis client and reply parser that kiln's transport (worker/broker.py) pops with.
 
 kombu pops a message with BRPOP (or RPOP), reads the whole reply, then parses the envelope JSON,
 base64-decodes the body and parses that JSON too: a 200 MB inline image costs the worker well
@@ -8,23 +8,20 @@ reply). Here the reply parser reads the length header of each bulk string first;
 `max_message_bytes` is drained from the socket in small pieces, never kept, and recorded in
 `kiln:dead-letters` with its size and queue.
 
-Used by `worker.celery_app.make_app` for workers on `redis://` URLs (broker_transport).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from typing import Any
 
 import redis
-from kombu.transport import redis as kombu_redis
 from redis._parsers import _RESP3Parser
 from redis._parsers.socket import SocketBuffer
 from redis.utils import SENTINEL
 
-from worker.tasks import DEAD_LETTERS
+from worker.store import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +88,3 @@ class CappedClient(redis.Redis):
         # Another connection of the pool: this one may be the BRPOP connection kombu polls on.
         with redis.Redis(connection_pool=self.connection_pool).pipeline() as pipe:
             pipe.lpush(DEAD_LETTERS, entry).ltrim(DEAD_LETTERS, 0, 999).execute()
-
-
-class Channel(kombu_redis.Channel):
-    max_message_bytes = 64 * 1024 * 1024
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, "max_message_bytes")
-
-    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
-        params = super()._connparams(asynchronous=asynchronous)
-        params["parser_class"] = capped_parser(self.max_message_bytes)
-        return params
-
-    def _get_client(self) -> Any:
-        if self.global_keyprefix:  # kiln sets none; kombu's prefixed client would lose the cap
-            raise ValueError("kiln's transport does not support global_keyprefix")
-        return functools.partial(CappedClient, max_message_bytes=self.max_message_bytes)
-
-
-class Transport(kombu_redis.Transport):
-    Channel = Channel

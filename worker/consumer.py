@@ -1,0 +1,66 @@
+"""The Celery consumer, with kiln's handling of messages that never reach a task.
+
+Celery refuses a message whose content type is not accepted (pickle, YAML, ...), one it cannot
+decode, or one naming an unknown task, before any kiln code runs: it logs the whole body (which
+may be megabytes, or a pickle crafted to run code) and drops the message. kiln's consumer keeps
+such a message in `kiln:dead-letters` instead, with the reason, its headers and the size and
+digest of its body, logs one line without the body, and acknowledges it, so it is never retried.
+The body itself is not kept: it was refused because it cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from celery.worker.consumer import Consumer
+
+from worker.store import ResultStore
+
+log = logging.getLogger(__name__)
+
+_HEADERS_KEPT = ("task", "id", "root_id", "origin")
+
+
+def describe(message: Any, error: BaseException | None, reason: str) -> dict[str, Any]:
+    """A dead-letter entry for a refused kombu message: reason, content type, task headers and
+    the body's size and sha256, never the body."""
+    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    return {
+        "reason": f"{reason}: {type(error).__name__}: {error}" if error else reason,
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "headers": {k: str(headers[k])[:200] for k in _HEADERS_KEPT if k in headers},
+        "queue": (message.delivery_info or {}).get("routing_key"),
+        "body_bytes": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+
+
+class KilnConsumer(Consumer):
+    _store: ResultStore | None = None
+
+    def _dead_letter(self, message: Any, error: BaseException | None, reason: str) -> None:
+        entry = describe(message, error, reason)
+        try:
+            if self._store is None:
+                self._store = ResultStore.from_url(self.app.conf.broker_url)
+            self._store.dead_letter(entry)
+            log.error("dead-lettered a message (%s, %s)", entry["reason"], entry["content_type"])
+        except Exception as e:
+            log.error("could not dead-letter a message (%s): %s", entry["reason"], e)
+        message.ack_log_error(log, self.connection_errors)
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        self._dead_letter(message, exc, "undecodable message")
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        self._dead_letter(message, exc, "refused message (only JSON is accepted)")
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        self._dead_letter(message, exc, "unknown task")
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._dead_letter(message, None, "not a task message")
