@@ -26,6 +26,7 @@ ErrorKind = Literal[
     "fetch_failed",  # network or I/O error while fetching
     "too_large",  # over the byte cap, or over the pixel cap (decompression bomb)
     "not_an_image",  # bytes that no image decoder recognises
+    "format_refused",  # a known image format outside the worker's allowlist (KILN_FORMATS); HEIC without kiln[heif]
     "unreadable",  # an image file that is truncated or corrupt
     "poison",  # a message delivered too many times (its workers died on it)
     "internal",  # a bug or a failed model run; the reason says which

@@ -26,6 +26,7 @@ from worker.contract import InputError, Record
 from worker.fetch import FetchPolicy, fetch
 from worker.preprocess import decode_image
 from worker.runtime import ModelRuntime, stack_images
+from worker.settings import DEFAULT_FORMATS
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Loaded:
 class PipelineConfig:
     policy: FetchPolicy = field(default_factory=FetchPolicy)
     max_pixels: int = 50_000_000
+    formats: frozenset[str] = DEFAULT_FORMATS
     max_inline_bytes: int = 8 * 1024 * 1024
     decode_threads: int = 2
     batch_size: int | None = None  # default: the package's largest batch
@@ -79,7 +81,9 @@ class Pipeline:
             started = time.perf_counter()
             data = self._bytes(work)
             fetched = time.perf_counter()
-            loaded.pixels = decode_image(data, self.runtime.manifest.preprocess, self.config.max_pixels)
+            loaded.pixels = decode_image(
+                data, self.runtime.manifest.preprocess, self.config.max_pixels, formats=self.config.formats
+            )
             loaded.timings_ms = {"fetch": (fetched - started) * 1e3, "decode": (time.perf_counter() - fetched) * 1e3}
         except InputError as e:
             loaded.error = e

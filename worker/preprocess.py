@@ -6,19 +6,14 @@ package, so this module never touches floats and needs no torch.
 
 from __future__ import annotations
 
-import io
+from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from worker.contract import InputError
 from worker.manifest import Preprocess
-
-DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; a decoded RGB image of that size is 150 MB
-
-# kiln checks the pixel count itself (`max_pixels`, from the settings) right after reading the
-# header; Pillow's own global limit would otherwise override that setting in both directions.
-Image.MAX_IMAGE_PIXELS = None
+from worker.probe import CORRUPT_ERRORS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, open_image, orientation, pixel_cap
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -27,27 +22,42 @@ _RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
-def decode_image(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes of any image format Pillow reads -> `crop x crop x 3` uint8 RGB, per `prep`."""
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise InputError("too_large", f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
-        if image.format == "JPEG":
-            # Decode at 1/2, 1/4 or 1/8 scale when the short side stays >= the resize target.
-            image.draft("RGB", (prep.resize, prep.resize))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError("not_an_image", "not an image in any format Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError("unreadable", f"corrupt or truncated image: {e}") from None
-    return np.asarray(_resize_and_crop(image, prep))
+
+def decode_image(
+    data: bytes,
+    prep: Preprocess,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    formats: Iterable[str] = DEFAULT_FORMATS,
+) -> np.ndarray:
+    """Encoded image bytes -> `crop x crop x 3` uint8 RGB array, per `prep`, upright per EXIF.
+
+    Only `formats` (Pillow names) are decoded; nothing of more than `max_pixels` pixels is.
+    Raises InputError: `format_refused`, `too_large`, `not_an_image`, `unreadable`."""
+    with pixel_cap(max_pixels):
+        try:
+            with open_image(data, formats) as image:
+                if image.format in ("JPEG", "MPO"):
+                    # Decode at 1/2, 1/4 or 1/8 scale when the short side stays >= the resize target.
+                    image.draft("RGB", (prep.resize, prep.resize))
+                image.load()
+                method = _TRANSPOSE.get(orientation(image))
+                upright = image.transpose(method) if method is not None else image
+                return np.asarray(_resize_and_crop(_to_rgb(upright), prep))
+        except Image.DecompressionBombError as e:
+            raise InputError("too_large", str(e)) from None
+        except CORRUPT_ERRORS as e:
+            raise InputError("unreadable", f"corrupt or truncated image: {e}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -12,6 +12,10 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# What a photo pipeline needs (Pillow's names). Every other format Pillow knows (EPS runs
+# Ghostscript, PSD, FITS, ICO, ...) is refused before its plugin parses anything.
+DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
+
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", env_file=".env", extra="ignore")
@@ -47,6 +51,11 @@ class WorkerSettings(CommonSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, description="largest image, in pixels (decompression bombs)"
     )
+    formats: Annotated[frozenset[str], NoDecode] = Field(
+        default=DEFAULT_FORMATS,
+        description="image formats workers decode (Pillow names, comma-separated); any other is refused "
+        "(format_refused) before its decoder runs",
+    )
     fetch_timeout_s: float = Field(default=30.0, gt=0, description="timeout of one http(s) fetch")
     online_batch_size: int = Field(default=32, ge=1, description="online requests batched into one model call")
     online_flush_ms: int = Field(default=20, ge=1, description="longest wait for an online batch to fill")
@@ -58,6 +67,25 @@ class WorkerSettings(CommonSettings):
     max_deliveries: int = Field(
         default=3, ge=1, description="deliveries of one task before its images are recorded as failed (poison)"
     )
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple | set | frozenset):
+            return frozenset(str(name).strip().upper() for name in value if str(name).strip())
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: frozenset[str]) -> frozenset[str]:
+        from worker.probe import known_formats  # imports Pillow: only where a worker's settings are read
+
+        unknown = value - known_formats()
+        if unknown:
+            raise ValueError(f"unknown image formats {sorted(unknown)}; known: {', '.join(sorted(known_formats()))}")
+        return value
 
     @field_validator("queues", "allowed_roots", mode="before")
     @classmethod

@@ -47,6 +47,7 @@ def init_process(settings: WorkerSettings, device: str | None, threads: int) -> 
     config = PipelineConfig(
         policy=FetchPolicy.create(settings.allowed_roots, settings.max_image_bytes, settings.fetch_timeout_s),
         max_pixels=settings.max_image_pixels,
+        formats=settings.formats,
         max_inline_bytes=settings.max_image_bytes,
         decode_threads=settings.decode_threads,
         batch_size=settings.batch_size,
