@@ -20,8 +20,10 @@ ONLINE_QUEUE = "kiln.online"
 
 ErrorKind = Literal[
     "bad_message",  # the task message failed validation
-    "unsupported_ref",  # a reference kiln cannot fetch (unknown scheme, ...)
-    "forbidden",  # a local path outside the worker's allowed roots
+    "bad_ref",  # a malformed reference: a NUL or control character, an unparsable URL
+    "unsupported_ref",  # a reference kiln cannot fetch (unknown scheme, a redirect to one, a relative path)
+    "forbidden",  # a local path outside the worker's allowed roots, or a symlink swapped in while opening
+    "forbidden_address",  # an http(s) fetch or redirect to a loopback/private/link-local address not allowed
     "not_found",  # a local file that does not exist
     "fetch_failed",  # network or I/O error while fetching
     "too_large",  # over the byte cap, or over the pixel cap (decompression bomb)

@@ -20,6 +20,13 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from worker.contract import InputError
 from worker.settings import DEFAULT_FORMATS
 
+try:
+    from pillow_heif import register_heif_opener
+except ImportError:  # the optional `heif` extra: without it, HEIC files are refused by name
+    pass
+else:
+    register_heif_opener()
+
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; a decoded RGBA image of that size is 200 MB
 
 

@@ -6,6 +6,7 @@ module imports no torch, so producers can use it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Annotated
 
@@ -56,7 +57,14 @@ class WorkerSettings(CommonSettings):
         description="image formats workers decode (Pillow names, comma-separated); any other is refused "
         "(format_refused) before its decoder runs",
     )
-    fetch_timeout_s: float = Field(default=30.0, gt=0, description="timeout of one http(s) fetch")
+    fetch_timeout_s: float = Field(
+        default=30.0, gt=0, description="deadline of one whole http(s) fetch: connects, redirects, headers and body"
+    )
+    fetch_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="networks (CIDR, comma-separated) that http(s) fetches may reach besides public addresses; "
+        "loopback, private and link-local addresses are refused otherwise",
+    )
     online_batch_size: int = Field(default=32, ge=1, description="online requests batched into one model call")
     online_flush_ms: int = Field(default=20, ge=1, description="longest wait for an online batch to fill")
     visibility_timeout_s: int = Field(
@@ -87,7 +95,14 @@ class WorkerSettings(CommonSettings):
             raise ValueError(f"unknown image formats {sorted(unknown)}; known: {', '.join(sorted(known_formats()))}")
         return value
 
-    @field_validator("queues", "allowed_roots", mode="before")
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network.strip(), strict=False)  # ValueError names the bad one
+        return [network.strip() for network in value]
+
+    @field_validator("queues", "allowed_roots", "fetch_allowed_networks", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

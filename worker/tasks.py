@@ -45,7 +45,9 @@ def init_process(settings: WorkerSettings, device: str | None, threads: int) -> 
     torch.set_num_threads(threads)
     runtime = load_runtime(settings.model, device)
     config = PipelineConfig(
-        policy=FetchPolicy.create(settings.allowed_roots, settings.max_image_bytes, settings.fetch_timeout_s),
+        policy=FetchPolicy.create(
+            settings.allowed_roots, settings.max_image_bytes, settings.fetch_timeout_s, settings.fetch_allowed_networks
+        ),
         max_pixels=settings.max_image_pixels,
         formats=settings.formats,
         max_inline_bytes=settings.max_image_bytes,
