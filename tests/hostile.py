@@ -40,3 +40,31 @@ def gif_with_large_frame(width: int, height: int) -> bytes:
     screen = b"GIF89a" + struct.pack("<HHBBB", 16, 16, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
     frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
     return screen + frame + b";"
+
+
+def tiff_bomb(width: int, height: int) -> bytes:
+    """A little-endian TIFF header and IFD for a `width` x `height` 1-bit image, without the pixels."""
+    entries = [(256, 4, width), (257, 4, height), (258, 3, 1), (259, 3, 1), (262, 3, 1), (273, 4, 8 + 2 + 8 * 12 + 4),
+               (278, 4, height), (279, 4, (width + 7) // 8 * height)]  # fmt: skip
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in entries
+    )
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0)
+
+
+def psd(width: int, height: int) -> bytes:
+    """An uncompressed 8-bit RGB Photoshop file."""
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    return header + struct.pack(">IIIH", 0, 0, 0, 0) + bytes(range(256)) * (3 * width * height // 256 + 1)
+
+
+def fits(width: int, height: int) -> bytes:
+    """An 8-bit FITS image (astronomy)."""
+    cards = ["SIMPLE  =                    T", "BITPIX  =                    8", "NAXIS   =                    2",
+             f"NAXIS1  = {width:20d}", f"NAXIS2  = {height:20d}", "END"]  # fmt: skip
+    header = "".join(card.ljust(80) for card in cards).ljust(2880).encode()
+    data = bytes(width * height)
+    return header + data + bytes(-len(data) % 2880)
+
+
+ASCII_PBM = b"P1\n4 4\n0 1 0 1\n1 0 1 0\n0 1 0 1\n1 0 1 0\n"
