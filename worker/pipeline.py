@@ -22,6 +22,7 @@ from itertools import islice
 
 import numpy as np
 
+from worker.budget import MemoryBudget
 from worker.contract import InputError, Record
 from worker.fetch import FetchPolicy, fetch
 from worker.preprocess import decode_image
@@ -53,6 +54,7 @@ class PipelineConfig:
     policy: FetchPolicy = field(default_factory=FetchPolicy)
     max_pixels: int = 50_000_000
     formats: frozenset[str] = DEFAULT_FORMATS
+    decode_memory_bytes: int = 256 * 2**20  # decoded pixels held at once by all decode threads
     max_inline_bytes: int = 8 * 1024 * 1024
     decode_threads: int = 2
     batch_size: int | None = None  # default: the package's largest batch
@@ -68,6 +70,7 @@ class Pipeline:
         # Taken here, in the process that serves: prefork children import this module in the parent.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="kiln-decode")
+        self._decode_budget = MemoryBudget(config.decode_memory_bytes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -82,7 +85,11 @@ class Pipeline:
             data = self._bytes(work)
             fetched = time.perf_counter()
             loaded.pixels = decode_image(
-                data, self.runtime.manifest.preprocess, self.config.max_pixels, formats=self.config.formats
+                data,
+                self.runtime.manifest.preprocess,
+                self.config.max_pixels,
+                formats=self.config.formats,
+                budget=self._decode_budget,
             )
             loaded.timings_ms = {"fetch": (fetched - started) * 1e3, "decode": (time.perf_counter() - fetched) * 1e3}
         except InputError as e:

@@ -12,6 +12,7 @@ for transparent images, on its own), then resampled and turned upright at the ou
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 from collections.abc import Iterable
 
@@ -46,6 +47,24 @@ _TRANSPOSE = {
 # `reducing_gap`, where 3 is "indistinguishable from fair resampling in most cases".
 REDUCING_GAP = 3.0
 STRIP_PIXELS = 1 << 20  # source pixels converted at a time: 4 MB of RGBA
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 4 * 2**20
+
+
+def _return_freed_images_to_the_os() -> None:
+    """Have glibc serve every allocation of 4 MB or more (Pillow allocates decoded images in blocks
+    of up to 16 MB) from its own mapping, unmapped when freed. By default glibc raises this
+    threshold after the first large free, and later images then come from per-thread heaps that
+    keep their pages: a worker's RSS grew by the size of its largest images and stayed there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+_return_freed_images_to_the_os()
 
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3}
 

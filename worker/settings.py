@@ -52,6 +52,12 @@ class WorkerSettings(CommonSettings):
     max_image_pixels: int = Field(
         default=50_000_000, ge=1, description="largest image, in pixels (decompression bombs)"
     )
+    decode_memory_mb: int = Field(
+        default=256,
+        ge=1,
+        description="MB of decoded pixels a worker process holds at once across its decode threads; a larger "
+        "image waits to be decoded alone",
+    )
     formats: Annotated[frozenset[str], NoDecode] = Field(
         default=DEFAULT_FORMATS,
         description="image formats workers decode (Pillow names, comma-separated); any other is refused "

@@ -50,6 +50,7 @@ def init_process(settings: WorkerSettings, device: str | None, threads: int) -> 
         ),
         max_pixels=settings.max_image_pixels,
         formats=settings.formats,
+        decode_memory_bytes=settings.decode_memory_mb * 2**20,
         max_inline_bytes=settings.max_image_bytes,
         decode_threads=settings.decode_threads,
         batch_size=settings.batch_size,
