@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from hostile import gif_with_large_frame, icon_directory, png_bomb
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from worker.contract import InputError
 from worker.probe import DEFAULT_FORMATS, ImageHeader, read_header
@@ -55,6 +56,16 @@ def test_garbage_exif_reads_as_upright(photo):
     for fmt in ("PNG", "JPEG", "WEBP"):
         header = read_header(encode(photo, fmt, exif=bytes(range(256)) * 2), CAP, DEFAULT_FORMATS)
         assert (header.format, header.orientation) == (fmt, 1)
+
+
+def test_metadata_over_pillows_limits_is_dropped(photo):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", os.urandom(800_000).hex(), zip=True)  # 1.6 MB of text: over Pillow's 1 MB limit
+    header = read_header(encode(photo, "PNG", pnginfo=info), CAP, DEFAULT_FORMATS)
+    assert (header.format, header.width, header.height) == ("PNG", 640, 480)
+    jpeg = encode(photo, "JPEG")
+    truncated_app = jpeg[:2] + b"\xff\xe0\x00\x08JFIF\x00\x01" + jpeg[2:]
+    assert read_header(truncated_app, CAP, DEFAULT_FORMATS).format == "JPEG"
 
 
 def test_mpo_is_its_own_format(photo):

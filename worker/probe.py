@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from worker.contract import InputError
+from worker.metadata import without_metadata
 from worker.settings import DEFAULT_FORMATS
 
 try:
@@ -53,11 +54,23 @@ def read_header(data: bytes, max_pixels: int, formats: frozenset[str] = DEFAULT_
     `max_pixels` caps width x height of the image and of any frame a container holds; `formats`
     are Pillow format names. Raises InputError with kind `format_refused` (a known format outside
     `formats`, refused before its decoder runs), `too_large` (over `max_pixels`), `not_an_image`
-    or `unreadable` (a corrupt header)."""
+    or `unreadable` (a corrupt header). Broken metadata is dropped, as `decode_image` drops it."""
     with pixel_cap(max_pixels):
-        image = open_image(data, formats)
-        with image:
-            return header_of(image)
+        try:
+            return _header(data, formats)
+        except InputError as error:
+            stripped = without_metadata(data) if error.kind == "unreadable" else None
+            if stripped is None or stripped == data:
+                raise
+            try:
+                return _header(stripped, formats)
+            except InputError:
+                raise error from None
+
+
+def _header(data: bytes, formats: frozenset[str]) -> ImageHeader:
+    with open_image(data, formats) as image:
+        return header_of(image)
 
 
 def header_of(image: ImageFile.ImageFile) -> ImageHeader:
