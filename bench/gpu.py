@@ -201,7 +201,7 @@ def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
 
     from worker.gpu_decode import JpegBatchDecoder
     from worker.manifest import IMAGENET_PREPROCESS
-    from worker.preprocess import read_header
+    from worker.probe import read_header
 
     datas = [f.read_bytes() for f in files]
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
@@ -246,7 +246,8 @@ def bench_agreement(small: Path, large: Path) -> dict:
 
     from worker.gpu_decode import JpegBatchDecoder
     from worker.manifest import IMAGENET_PREPROCESS
-    from worker.preprocess import decode_image, read_header
+    from worker.preprocess import decode_image
+    from worker.probe import read_header
 
     decoder = JpegBatchDecoder(torch.device("cuda"), IMAGENET_PREPROCESS)
     results = {}

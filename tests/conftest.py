@@ -87,7 +87,8 @@ def lite0_worker(redis_url, lite0_package, work_dir, tmp_path_factory):
 
     worker = LocalWorker(
         lite0_package, redis_url, tmp_path_factory.mktemp("logs") / "worker.log", [SAMPLES, work_dir],
-        options=["--loglevel", "INFO"], env=python_env(KILN_ONLINE_FLUSH_MS="50"),
+        options=["--loglevel", "INFO"],
+        env=python_env(KILN_ONLINE_FLUSH_MS="50", KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32"),  # the test server
     )  # fmt: skip
     try:
         with Kiln(redis_url) as kiln:

@@ -34,8 +34,10 @@ from worker.fetch import FetchPolicy
 from worker.gpu_decode import PLANS_KEPT, JpegBatchDecoder, _parts, draft_factor, gpu_decodable, orient
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
 from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
-from worker.preprocess import DEFAULT_FORMATS, decode_image, read_header
+from worker.preprocess import decode_image
+from worker.probe import read_header
 from worker.resample import crop_plan, resample
+from worker.settings import DEFAULT_FORMATS
 
 CUDA = DEVICE == "cuda"
 FULL_SCALE_MAX = 40 if CUDA else 1  # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's
@@ -61,6 +63,15 @@ def corrupt_scan(data: bytes) -> bytes:
     return data[:start] + noise + b"\xff\xd9"
 
 
+def pillow_resize_and_crop(image: Image.Image, prep: Preprocess) -> Image.Image:
+    """The reference: Pillow resampling the centre square that the crop covers, in one call."""
+    width, height = image.size
+    side = min(width, height) * prep.crop / prep.resize
+    left, top = (width - side) / 2, (height - side) / 2
+    resample = getattr(Image.Resampling, prep.interpolation.upper())
+    return image.resize((prep.crop, prep.crop), resample, box=(left, top, left + side, top + side))
+
+
 @pytest.fixture(scope="module")
 def photos() -> dict[str, bytes]:
     return {p.stem: p.read_bytes() for p in sorted(SAMPLES.glob("*.jpg"))}
@@ -80,14 +91,12 @@ def test_resample_matches_pillow(interpolation, size):
     """Same decoded pixels in: the batched matmul resize + crop is within two levels of Pillow's
     `resize(box=...)` (its 22-bit fixed-point weights against float32, rounded after each pass),
     including upscaling."""
-    from worker.preprocess import _resize_and_crop
-
     rng = np.random.default_rng(sum(size))
     # Smooth noise: real images, not the worst case for rounding that white noise is.
     small = rng.integers(0, 256, (size[1] // 8 + 2, size[0] // 8 + 2, 3), dtype=np.uint8)
     image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
     prep = IMAGENET_PREPROCESS.model_copy(update={"interpolation": interpolation})
-    expected = np.asarray(_resize_and_crop(image, prep)).astype(int)
+    expected = np.asarray(pillow_resize_and_crop(image, prep)).astype(int)
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(DEVICE)
     got = resample(pixels.expand(3, -1, -1, -1), crop_plan(size[1], size[0], prep))
     assert got.shape == (3, 3, 224, 224) and got.dtype == torch.uint8
@@ -435,7 +444,7 @@ def test_decode_processes_and_their_memory_go_with_a_killed_worker(tmp_path):
     script = (
         "from worker.decode_pool import DecodePool\n"
         "from worker.manifest import IMAGENET_PREPROCESS\n"
-        "from worker.preprocess import DEFAULT_FORMATS\n"
+        "from worker.settings import DEFAULT_FORMATS\n"
         "import os, sys\n"
         "if __name__ == '__main__':\n"
         "    pool = DecodePool(2, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=4)\n"

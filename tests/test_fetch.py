@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 
 import pytest
 from http_server import serve_folder
@@ -56,12 +59,106 @@ def test_unsupported_schemes(images):
     assert kind_of("ftp://host/cat.jpg", FetchPolicy()) == "unsupported_ref"
 
 
+LOOPBACK = ["127.0.0.1/32"]  # the test server's address, allowed as an operator would allow an intranet
+
+
 def test_http_references(images):
     with serve_folder(images) as base:
-        policy = FetchPolicy(max_bytes=10**7, timeout_s=1)
+        policy = FetchPolicy.create([], 10**7, 1, LOOPBACK)
         assert fetch(f"{base}/coffee.jpg", policy) == (images / "coffee.jpg").read_bytes()
         assert kind_of(f"{base}/missing.jpg", policy) == "not_found"
         assert kind_of(f"{base}/huge", policy) == "too_large"  # refused from its Content-Length
-        assert kind_of(f"{base}/coffee.jpg", FetchPolicy(max_bytes=1000)) == "too_large"
+        assert kind_of(f"{base}/coffee.jpg", FetchPolicy.create([], 1000, 1, LOOPBACK)) == "too_large"
         assert kind_of(f"{base}/slow", policy) == "fetch_failed"  # timeout
+        assert fetch(f"{base}/redirect?to={base}/coffee.jpg", policy)[:2] == b"\xff\xd8"  # http -> http is fine
     assert kind_of(f"{base}/coffee.jpg", policy) == "fetch_failed"  # server gone
+
+
+def test_redirects_are_checked_on_every_hop(images):
+    with serve_folder(images) as base:
+        policy = FetchPolicy.create([str(images)], 10**7, 5, LOOPBACK)
+        for target in ("ftp://127.0.0.1/coffee.jpg", (images / "coffee.jpg").as_uri(), "gopher://127.0.0.1:6379/"):
+            assert kind_of(f"{base}/redirect?to={target}", policy) == "unsupported_ref", target
+        # Allowed first hop, then an address outside the allowed networks: refused before connecting.
+        for target in ("http://127.0.0.2:6379/", "http://169.254.169.254/latest/meta-data/", "http://10.1.2.3/",
+                       "http://[::1]:6379/", "http://[::ffff:127.0.0.2]:6379/", "http://0.0.0.0:6379/"):  # fmt: skip
+            assert kind_of(f"{base}/redirect?to={target}", policy) == "forbidden_address", target
+
+
+def test_internal_addresses_are_refused_unless_allowed(images):
+    with serve_folder(images) as base:
+        port = base.rsplit(":", 1)[1]
+        closed = FetchPolicy(max_bytes=10**7, timeout_s=5)
+        assert kind_of(f"{base}/coffee.jpg", closed) == "forbidden_address"
+        assert kind_of(f"http://localhost:{port}/coffee.jpg", closed) == "forbidden_address"  # checked after DNS
+        assert kind_of(f"http://2130706433:{port}/coffee.jpg", closed) == "forbidden_address"  # 127.0.0.1 as a number
+        assert fetch(f"http://localhost:{port}/coffee.jpg", FetchPolicy.create([], 10**7, 5, ["127.0.0.0/8", "::1"]))
+
+
+@pytest.mark.parametrize("path", ["/drip-body", "/drip-headers"])
+def test_a_dripping_server_meets_the_total_deadline(images, path):
+    """Each byte comes well within the read timeout; only a deadline on the whole fetch stops it."""
+    with serve_folder(images) as base:
+        with pytest.raises(InputError, match="no complete answer within 2 s") as caught:
+            fetch(base + path, FetchPolicy.create([], 10**7, 2, LOOPBACK))
+        assert caught.value.kind == "fetch_failed"
+
+
+@pytest.mark.parametrize(
+    "ref", ["/data/cat\0.jpg", "file:///data/cat%00.jpg", "file:///data/\0", "http://host/a\0b", "http://[::1/x",
+            "http://host/a\nb", "/data/\udcff\ud800.jpg"],
+)  # fmt: skip
+def test_malformed_references_are_bad_refs(images, ref):
+    assert kind_of(ref, FetchPolicy.create([str(images), "/data"], 10**7, 5)) == "bad_ref"
+
+
+def test_a_fifo_is_refused_without_blocking(images):
+    os.mkfifo(images / "pipe.jpg")
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(kind_of(str(images / "pipe.jpg"), policy)), daemon=True)
+    policy = FetchPolicy.create([str(images)], 10**7, 5)
+    reader.start()
+    reader.join(60)
+    assert outcome == ["fetch_failed"]
+
+
+SWAPPER = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b = sys.argv[1].encode(), sys.argv[2].encode()
+print("swapping", flush=True)
+while True:
+    if libc.renameat2(-100, a, -100, b, 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), "renameat2")
+"""
+
+
+def test_a_symlink_swapped_in_during_reads_never_leads_outside(tmp_path):
+    """Another process swaps a folder inside the root with a symlink to the outside, atomically
+    (renameat2 RENAME_EXCHANGE, in a loop), while 4000 reads of a file in that folder go on: each read
+    returns the inside file or fails, and never returns the outside one."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "album").mkdir(parents=True)
+    outside.mkdir()
+    (root / "album" / "cat.jpg").write_bytes(b"inside")
+    (outside / "cat.jpg").write_bytes(b"SECRET")
+    (root / "decoy").symlink_to(outside)
+    swapper = subprocess.Popen(
+        [sys.executable, "-c", SWAPPER, str(root / "album"), str(root / "decoy")], stdout=subprocess.PIPE, text=True
+    )
+    policy = FetchPolicy.create([str(root)], 10**7, 5)
+    outcomes = []
+    try:
+        assert swapper.stdout.readline() == "swapping\n"
+        for _ in range(4000):
+            try:
+                outcomes.append(fetch(str(root / "album" / "cat.jpg"), policy))
+            except InputError as e:
+                outcomes.append(e.kind)
+        assert swapper.poll() is None, "the swapper stopped"
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert b"SECRET" not in outcomes
+    assert b"inside" in outcomes and "forbidden" in outcomes  # the swaps did happen during the reads
+    assert set(outcomes) <= {b"inside", "forbidden", "not_found", "fetch_failed"}

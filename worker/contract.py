@@ -21,12 +21,15 @@ ONLINE_QUEUE = "kiln.online"
 
 ErrorKind = Literal[
     "bad_message",  # the task message failed validation
-    "unsupported_ref",  # a reference kiln cannot fetch (unknown scheme, ...)
-    "forbidden",  # a local path outside the worker's allowed roots
+    "bad_ref",  # a malformed reference: a NUL or control character, an unparsable URL
+    "unsupported_ref",  # a reference kiln cannot fetch (unknown scheme, a redirect to one, a relative path)
+    "forbidden",  # a local path outside the worker's allowed roots, or a symlink swapped in while opening
+    "forbidden_address",  # an http(s) fetch or redirect to a loopback/private/link-local address not allowed
     "not_found",  # a local file that does not exist
     "fetch_failed",  # network or I/O error while fetching
     "too_large",  # over the byte cap, or over the pixel cap (decompression bomb)
     "not_an_image",  # bytes that no image decoder recognises
+    "format_refused",  # a known image format outside the worker's allowlist (KILN_FORMATS); HEIC without kiln[heif]
     "unreadable",  # an image file that is truncated or corrupt
     "poison",  # a message delivered too many times (its workers died on it)
     "internal",  # a bug or a failed model run; the reason says which

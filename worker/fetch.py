@@ -5,68 +5,156 @@ Every failure is an `InputError` with a kind, so it becomes that image's record 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import http.client
+import ipaddress
 import os
+import socket
+import stat
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from worker.contract import InputError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Python's urllib follows redirects to ftp:// as well; kiln fetches these schemes only, on every hop.
+HTTP_SCHEMES = ("http", "https")
 
 
 @dataclass(frozen=True)
 class FetchPolicy:
     """What a worker is willing to read. Local files are refused unless they lie under one of
-    `allowed_roots`: a queue message must not be able to make a worker read any file it likes."""
+    `allowed_roots`, and http(s) fetches unless they reach a public address or one inside
+    `allowed_networks`: a queue message must not make a worker read any file or reach any service
+    it likes (Redis on loopback, a cloud metadata endpoint on a link-local address)."""
 
     allowed_roots: tuple[str, ...] = ()  # resolved, with a trailing separator: compared as prefixes
     max_bytes: int = 32 * 1024 * 1024
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # the whole fetch: connects, redirects, headers and body
+    allowed_networks: tuple[Network, ...] = field(default=())
 
     @classmethod
-    def create(cls, allowed_roots: list[str] | tuple[str, ...], max_bytes: int, timeout_s: float) -> FetchPolicy:
+    def create(
+        cls,
+        allowed_roots: list[str] | tuple[str, ...],
+        max_bytes: int,
+        timeout_s: float,
+        allowed_networks: list[str] | tuple[str, ...] = (),
+    ) -> FetchPolicy:
         roots = tuple(os.path.join(os.path.realpath(r), "") for r in allowed_roots)
-        return cls(roots, max_bytes, timeout_s)
+        networks = tuple(ipaddress.ip_network(n, strict=False) for n in allowed_networks)
+        return cls(roots, max_bytes, timeout_s, networks)
 
 
 def fetch(ref: str, policy: FetchPolicy) -> bytes:
-    scheme = urllib.parse.urlsplit(ref).scheme.lower() if "://" in ref else ""
-    if scheme in ("http", "https"):
+    """The bytes of one image reference (an absolute path, `file://` or `http(s)://` URL), at most
+    `policy.max_bytes` of them. Raises InputError: `bad_ref`, `unsupported_ref`, `forbidden`,
+    `forbidden_address`, `not_found`, `too_large`, `fetch_failed`."""
+    if "://" not in ref:
+        return _read_local(ref, policy)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in ref):  # no URL holds raw control characters
+        raise InputError("bad_ref", f"reference {ref!r} holds a control character")
+    try:
+        parts = urllib.parse.urlsplit(ref)
+        path = urllib.request.url2pathname(parts.path)
+    except ValueError as e:  # e.g. an unclosed IPv6 bracket
+        raise InputError("bad_ref", f"malformed URL {ref!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme in HTTP_SCHEMES:
         return _fetch_http(ref, policy)
     if scheme == "file":
-        return _read_local(urllib.request.url2pathname(urllib.parse.urlsplit(ref).path), policy)
-    if scheme:
-        raise InputError(
-            "unsupported_ref", f"unsupported reference scheme {scheme!r}: use a path, file:// or http(s)://"
-        )
-    return _read_local(ref, policy)
+        return _read_local(path, policy)
+    raise InputError("unsupported_ref", f"unsupported reference scheme {scheme!r}: use a path, file:// or http(s)://")
+
+
+# -- local files ----------------------------------------------------------------------------------
 
 
 def _read_local(path_text: str, policy: FetchPolicy) -> bytes:
+    try:
+        if b"\0" in os.fsencode(path_text):  # no file name holds one; the OS would refuse it with a ValueError
+            raise InputError("bad_ref", f"path {path_text!r} holds a NUL byte")
+    except UnicodeEncodeError:  # a lone surrogate that no file system encoding can express
+        raise InputError("bad_ref", f"path {path_text!r} is not a valid file name") from None
     if not os.path.isabs(path_text):
         raise InputError("unsupported_ref", f"relative path {path_text!r}: workers need absolute paths")
-    real = os.path.realpath(path_text)  # symlinks resolved, so a link cannot lead outside the roots
-    if not real.startswith(policy.allowed_roots) or not policy.allowed_roots:
+    try:
+        real = os.path.realpath(path_text)  # symlinks resolved, so a link cannot lead outside the roots
+    except OSError as e:  # a link loop, or the path changing under the resolution
+        raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
+    root = next((r for r in policy.allowed_roots if real.startswith(r)), None)
+    if root is None:
         roots = ", ".join(policy.allowed_roots) or "none configured"
         raise InputError(
             "forbidden", f"{path_text} is outside the worker's allowed roots ({roots}); see KILN_ALLOWED_ROOTS"
         )
     try:
-        with open(real, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > policy.max_bytes:
-                raise InputError("too_large", f"{path_text} is {size} bytes, over the limit of {policy.max_bytes}")
-            return f.read(size + 1)  # sized to the file: a max_bytes buffer per image costs more than the read
+        fd = _open_beneath(root, real[len(root) :].split(os.sep))
     except FileNotFoundError:
         raise InputError("not_found", f"{path_text}: no such file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError("forbidden", f"{path_text}: a symlink appeared on the path as it was opened") from None
         raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):  # a folder, a FIFO, a device
+            raise InputError("fetch_failed", f"{path_text}: not a regular file")
+        if info.st_size > policy.max_bytes:
+            raise InputError("too_large", f"{path_text} is {info.st_size} bytes, over the limit of {policy.max_bytes}")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(info.st_size + 1)  # sized to the file: a max_bytes buffer per image costs more
+    except OSError as e:
+        raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _open_beneath(root: str, parts: list[str]) -> int:
+    """Open `root/parts...` for reading one component at a time, each relative to its parent's
+    descriptor and with O_NOFOLLOW: the path was checked after resolving its links, and a link
+    swapped in since (a rename race) fails the open instead of leading outside `root`. A FIFO opens
+    without blocking (and is then refused as not a regular file)."""
+    walk = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            try:
+                child = os.open(part, walk, dir_fd=fd)
+            except NotADirectoryError:  # a file, or a symlink swapped in: O_PATH opens links themselves
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "symlink on the path") from None
+                raise
+            os.close(fd)
+            fd = child
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+# -- http(s) --------------------------------------------------------------------------------------
 
 
 def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
+    guard = _Guard(policy)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),  # direct connections only: the address check must see the server
+        _CheckedHTTPHandler(guard),
+        _CheckedHTTPSHandler(guard),
+        _CheckedRedirects(),
+    )
     request = urllib.request.Request(url, headers={"User-Agent": "kiln-worker"})
+    watchdog = threading.Timer(policy.timeout_s, guard.cut)
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+        with opener.open(request, timeout=policy.timeout_s) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > policy.max_bytes:
                 raise InputError("too_large", f"{url} is {declared} bytes, over the limit of {policy.max_bytes}")
@@ -74,9 +162,129 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
     except urllib.error.HTTPError as e:
         kind = "not_found" if e.code in (404, 410) else "fetch_failed"
         raise InputError(kind, f"{url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if guard.expired.is_set():
+            raise guard.timeout_error(url) from None
         reason = getattr(e, "reason", e)
         raise InputError("fetch_failed", f"{url}: {reason}") from None
+    finally:
+        watchdog.cancel()
+        guard.close()
+    if guard.expired.is_set():  # a body without a length ends quietly when its socket is cut
+        raise guard.timeout_error(url)
     if len(data) > policy.max_bytes:
         raise InputError("too_large", f"{url} is over the limit of {policy.max_bytes} bytes")
     return data
+
+
+class _Guard:
+    """One fetch's connections: each made only to an address the policy allows, and all of them
+    cut when the fetch's total deadline passes (socket timeouts only bound a single read, so a
+    server sending a byte every few seconds would otherwise hold the fetch for ever)."""
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        self.policy = policy
+        self.sockets: list[socket.socket] = []
+        self.expired = threading.Event()
+        self._lock = threading.Lock()
+
+    def connect(self, host: str, port: int, timeout: float | None) -> socket.socket:
+        """Resolve `host`, then connect only to an allowed address: the address connected to is the
+        one checked, so a name that resolves differently on a second lookup (DNS rebinding) gains
+        nothing."""
+        refused, last_error = [], None
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            if not self.allows(address[0]):
+                refused.append(address[0])
+                continue
+            sock = socket.socket(family, kind, proto)
+            with self._lock:
+                if self.expired.is_set():
+                    sock.close()
+                    raise TimeoutError("deadline passed")
+                self.sockets.append(sock)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(address)
+                return sock
+            except OSError as e:
+                last_error = e
+        if last_error is not None:
+            raise last_error
+        raise InputError(
+            "forbidden_address",
+            f"{host} resolves to {', '.join(refused)}: loopback, private or link-local addresses are refused; "
+            "see KILN_FETCH_ALLOWED_NETWORKS",
+        )
+
+    def allows(self, address_text: str) -> bool:
+        address = ipaddress.ip_address(address_text.split("%", 1)[0])  # an IPv6 scope id is no part of it
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in self.policy.allowed_networks):
+            return True
+        return address.is_global and not address.is_multicast
+
+    def cut(self) -> None:
+        with self._lock:
+            self.expired.set()
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):  # not connected yet, or closed already
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def timeout_error(self, url: str) -> InputError:
+        return InputError("fetch_failed", f"{url}: no complete answer within {self.policy.timeout_s:g} s")
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    guard: _Guard
+
+    def connect(self) -> None:
+        self.sock = self.guard.connect(self.host, self.port, self.timeout)
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection, _CheckedHTTPConnection):
+    """HTTPSConnection.connect wraps what its parent connects: here, the checked socket."""
+
+
+def _connection_factory(cls: type[_CheckedHTTPConnection], guard: _Guard) -> Any:
+    def make(host: str, **kwargs: Any) -> _CheckedHTTPConnection:
+        connection = cls(host, **kwargs)
+        connection.guard = guard
+        return connection
+
+    return make
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, guard: _Guard) -> None:
+        super().__init__()
+        self._factory = _connection_factory(_CheckedHTTPConnection, guard)
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._factory, req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, guard: _Guard) -> None:
+        super().__init__()
+        self._factory = _connection_factory(_CheckedHTTPSConnection, guard)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(self._factory, req, context=self._context)
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    def http_error_302(self, req, fp, code, msg, headers):  # urllib's signature
+        target = urllib.parse.urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
+        scheme = urllib.parse.urlsplit(target).scheme.lower()
+        if scheme not in HTTP_SCHEMES:
+            fp.close()
+            raise InputError("unsupported_ref", f"{req.full_url} redirects to {scheme}://, which kiln does not fetch")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302

@@ -30,7 +30,7 @@ from worker.manifest import Preprocess
 from worker.resample import CropPlan, crop_plan, resample
 
 if TYPE_CHECKING:
-    from worker.preprocess import ImageHeader
+    from worker.probe import ImageHeader
 
 log = logging.getLogger(__name__)
 

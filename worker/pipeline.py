@@ -31,12 +31,15 @@ from itertools import islice
 import numpy as np
 import torch
 
+from worker.budget import MemoryBudget
 from worker.contract import InputError, Label, Record
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy, fetch
 from worker.gpu_decode import JpegBatchDecoder, draft_factor, gpu_decodable
-from worker.preprocess import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, ImageHeader, decode_image, read_header
+from worker.preprocess import decode_image
+from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
 from worker.runtime import ModelRuntime
+from worker.settings import DEFAULT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inline_bytes: int = 8 * 1024 * 1024
     formats: frozenset[str] = DEFAULT_FORMATS
+    decode_memory_bytes: int = 256 * 2**20  # decoded pixels held at once by all decode threads
     fetch_threads: int = 2  # fetching, and decoding where no other decoder takes the image
     decode_processes: int = 0  # CPU decoding processes; 0 decodes in the fetch threads
     gpu_decode: bool = False  # decode JPEGs on the model's GPU (needs a CUDA package)
@@ -135,6 +139,7 @@ class Pipeline:
         # Taken here, in the process that serves: prefork children import this module in the parent.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._fetchers = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-fetch")
+        self._decode_budget = MemoryBudget(config.decode_memory_bytes)
         self._pool = (
             DecodePool(
                 config.decode_processes,
@@ -261,7 +266,9 @@ class Pipeline:
         """Decode in the pool when there is one (the result comes back on its own thread), else here."""
         started = time.perf_counter()
         if self._pool is None:
-            image.pixels = decode_image(data, self.prep, self.config.max_pixels, self.config.formats)
+            image.pixels = decode_image(
+                data, self.prep, self.config.max_pixels, formats=self.config.formats, budget=self._decode_budget
+            )
             image.timings_ms["decode"] = (time.perf_counter() - started) * 1e3
             self._count("threads")
             self._ready.put(image)

@@ -2,24 +2,28 @@
 
 The output is a `crop x crop x 3` uint8 RGB array; normalisation happens inside the compiled
 package, so this module never touches floats and needs no torch.
+
+Memory: the decoded image is the only full-size buffer. The centre region the crop needs is
+reduced by an integer factor strip by strip (each strip converted to RGB, or premultiplied RGBA
+for transparent images, on its own), then resampled and turned upright at the output size. So a
+7000 x 7000 RGBA PNG costs its 196 MB of decoded pixels and a few MB more, not five copies.
 """
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+import contextlib
+import ctypes
+import math
+from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from worker.budget import MemoryBudget
 from worker.contract import InputError
 from worker.manifest import Preprocess
-
-DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; a decoded RGB image of that size is 150 MB
-
-# kiln checks the pixel count itself (`max_pixels`, from the settings) right after reading the
-# header; Pillow's own global limit would otherwise override that setting in both directions.
-Image.MAX_IMAGE_PIXELS = None
+from worker.metadata import without_metadata
+from worker.probe import CORRUPT_ERRORS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, open_image, orientation, pixel_cap
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -27,100 +31,129 @@ _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+_SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}  # filter radius, output pixels
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# The last resampling step shrinks by at least this much after the integer reduction: Pillow's
+# `reducing_gap`, where 3 is "indistinguishable from fair resampling in most cases".
+REDUCING_GAP = 3.0
+STRIP_PIXELS = 1 << 20  # source pixels converted at a time: 4 MB of RGBA
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 4 * 2**20
 
 
-DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What an image's header says, read before any pixels are decoded."""
-
-    format: str  # Pillow's format name: "JPEG", "MPO", "PNG", ...
-    width: int  # as stored, before EXIF orientation
-    height: int
-    mode: str  # Pillow's mode as opened: "RGB", "L", "CMYK", ...
-    orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
-    progressive: bool  # JPEG and MPO only
-
-
-def _openers(formats: frozenset[str]) -> list[str]:
-    """Pillow's openers for `formats`: MPO has none of its own (the JPEG opener returns MPOs)."""
-    Image.init()
-    return [f for f in sorted(formats) if f in Image.OPEN]
-
-
-def read_header(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, formats: frozenset[str] = DEFAULT_FORMATS
-) -> ImageHeader:
-    """Parse an image's header (no pixel decoding). Raises `InputError`: `not_an_image`,
-    `unreadable`, or `too_large` past `max_pixels`."""
+def _return_freed_images_to_the_os() -> None:
+    """Have glibc serve every allocation of 4 MB or more (Pillow allocates decoded images in blocks
+    of up to 16 MB) from its own mapping, unmapped when freed. By default glibc raises this
+    threshold after the first large free, and later images then come from per-thread heaps that
+    keep their pages: a worker's RSS grew by the size of its largest images and stayed there."""
     try:
-        image = Image.open(io.BytesIO(data), formats=_openers(formats))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise InputError("too_large", f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
-        try:
-            orientation = int(image.getexif().get(0x0112, 1))
-        except Exception:  # broken EXIF must not cost the pixels
-            orientation = 1
-        progressive = bool(image.info.get("progressive") or image.info.get("progression"))
-        return ImageHeader(
-            image.format, width, height, image.mode, orientation if 1 <= orientation <= 8 else 1, progressive
-        )
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError("not_an_image", "not an image in any format Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError("unreadable", f"corrupt or truncated image: {e}") from None
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+_return_freed_images_to_the_os()
+
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3}
 
 
 def decode_image(
-    data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS, formats: frozenset[str] = DEFAULT_FORMATS
+    data: bytes,
+    prep: Preprocess,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    formats: Iterable[str] = DEFAULT_FORMATS,
+    budget: MemoryBudget | None = None,
 ) -> np.ndarray:
-    """Bytes of an image in one of `formats` -> `crop x crop x 3` uint8 RGB, per `prep`."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=_openers(formats))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise InputError("too_large", f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
-        if image.format == "JPEG":
+    """Encoded image bytes -> `crop x crop x 3` uint8 RGB array, per `prep`, upright per EXIF.
+
+    Only `formats` (Pillow names) are decoded, and nothing of more than `max_pixels` pixels. With
+    a `budget`, the decoded pixels are held against it while they exist. Broken metadata is
+    dropped, not fatal. Raises InputError: `format_refused`, `too_large`, `not_an_image`,
+    `unreadable`."""
+    with pixel_cap(max_pixels):
+        try:
+            return _decode(data, prep, formats, budget)
+        except InputError as e:
+            if e.kind != "unreadable":
+                raise
+            error = e
+        except Image.DecompressionBombError as e:
+            raise InputError("too_large", str(e)) from None
+        except CORRUPT_ERRORS as e:
+            error = InputError("unreadable", f"corrupt or truncated image: {e}")
+        stripped = without_metadata(data)
+        if stripped is not None and stripped != data:
+            with contextlib.suppress(InputError, *CORRUPT_ERRORS):
+                return _decode(stripped, prep, formats, budget)
+        raise error
+
+
+def _decode(data: bytes, prep: Preprocess, formats: Iterable[str], budget: MemoryBudget | None) -> np.ndarray:
+    with open_image(data, formats) as image:
+        if image.format in ("JPEG", "MPO"):
             # Decode at 1/2, 1/4 or 1/8 scale when the short side stays >= the resize target.
             image.draft("RGB", (prep.resize, prep.resize))
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        image = _to_rgb(image)
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError("not_an_image", "not an image in any format Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise InputError("unreadable", f"corrupt or truncated image: {e}") from None
-    return np.asarray(_resize_and_crop(image, prep))
+        decoded_bytes = image.width * image.height * _BYTES_PER_PIXEL.get(image.mode, 4)
+        with budget.hold(decoded_bytes) if budget else contextlib.nullcontext():
+            image.load()
+            small = _reduce_centre(image, prep)
+            upright = orientation(image)
+    method = _TRANSPOSE.get(upright)
+    if method is not None:  # the centre square turns onto itself: turn the small result instead
+        small = small.transpose(method)
+    pixels = np.asarray(small)
+    if small.mode == "RGBa":  # premultiplied: composite onto white, as viewers show transparency
+        alpha = pixels[..., 3:].astype(np.int16)
+        pixels = np.clip(pixels[..., :3] + (255 - alpha), 0, 255).astype(np.uint8)  # clip: bicubic overshoot
+    return pixels
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        # 16-bit (and 32-bit) greyscale: Pillow's own convert() would clip instead of scaling.
-        pixels = np.asarray(image, dtype=np.float32)
-        if mode != "F":
-            pixels = pixels / 257.0
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
-    elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        # Transparent pixels often hold arbitrary colour: show them on white, as viewers do.
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _resize_and_crop(image: Image.Image, prep: Preprocess) -> Image.Image:
-    """Resize the short side to `prep.resize`, then take the centre `prep.crop` square, as one
-    resampling of the source region that the crop covers: the same pixels, without resizing the
-    parts the crop throws away."""
+def _reduce_centre(image: Image.Image, prep: Preprocess) -> Image.Image:
+    """The `crop x crop` centre of `image` resized so its short side is `prep.resize`: RGB, or
+    premultiplied RGBa when the image has transparency."""
     width, height = image.size
-    scale = prep.resize / min(width, height)
-    side = prep.crop / scale
+    side = min(width, height) * prep.crop / prep.resize  # the source square the crop covers
     left, top = (width - side) / 2, (height - side) / 2
-    return image.resize((prep.crop, prep.crop), _RESAMPLE[prep.interpolation], box=(left, top, left + side, top + side))
+    scale = side / prep.crop  # source pixels per output pixel
+    factor = max(1, int(scale / REDUCING_GAP))
+    margin = _SUPPORT[prep.interpolation] * max(scale, 1.0) + 1  # pixels the filter reaches past the box
+    x0, y0 = max(0, math.floor(left - margin)), max(0, math.floor(top - margin))
+    x1, y1 = min(width, math.ceil(left + side + margin)), min(height, math.ceil(top + side + margin))
+    mode = "RGBa" if _has_alpha(image) else "RGB"
+    reduced = Image.new(mode, (-(-(x1 - x0) // factor), -(-(y1 - y0) // factor)))
+    rows = factor * max(1, STRIP_PIXELS // ((x1 - x0) * factor))
+    for y in range(y0, y1, rows):
+        strip = _convert(image.crop((x0, y, x1, min(y + rows, y1))), mode)
+        reduced.paste(strip.reduce(factor) if factor > 1 else strip, (0, (y - y0) // factor))
+    box = ((left - x0) / factor, (top - y0) / factor, (left + side - x0) / factor, (top + side - y0) / factor)
+    return reduced.resize((prep.crop, prep.crop), _RESAMPLE[prep.interpolation], box=box)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
+
+
+def _convert(strip: Image.Image, mode: str) -> Image.Image:
+    """One strip of the decoded image in `mode` ("RGB" or "RGBa")."""
+    if strip.mode in ("I", "F") or strip.mode.startswith("I;16"):
+        # 16-bit (and 32-bit) greyscale: Pillow's own convert() would clip instead of scaling.
+        pixels = np.asarray(strip, dtype=np.float32)
+        if strip.mode != "F":
+            pixels = pixels / 257.0
+        strip = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+    if mode == "RGBa":
+        return strip.convert("RGBA").convert("RGBa")
+    return strip if strip.mode == "RGB" else strip.convert("RGB")

@@ -6,11 +6,16 @@ module imports no torch, so producers can use it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# What a photo pipeline needs (Pillow's names). Every other format Pillow knows (EPS runs
+# Ghostscript, PSD, FITS, ICO, ...) is refused before its plugin parses anything.
+DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
 
 
 class CommonSettings(BaseSettings):
@@ -75,7 +80,25 @@ class WorkerSettings(CommonSettings):
         description="largest task message, as stored in Redis; larger ones are dead-lettered unread. An inline "
         "image grows by 16/9 on the way (base64 twice): keep this above 1.8 x max_image_bytes",
     )
-    fetch_timeout_s: float = Field(default=30.0, gt=0, description="timeout of one http(s) fetch")
+    decode_memory_mb: int = Field(
+        default=256,
+        ge=1,
+        description="MB of decoded pixels a worker process holds at once across its decode threads; a larger "
+        "image waits to be decoded alone",
+    )
+    formats: Annotated[frozenset[str], NoDecode] = Field(
+        default=DEFAULT_FORMATS,
+        description="image formats workers decode (Pillow names, comma-separated); any other is refused "
+        "(format_refused) before its decoder runs",
+    )
+    fetch_timeout_s: float = Field(
+        default=30.0, gt=0, description="deadline of one whole http(s) fetch: connects, redirects, headers and body"
+    )
+    fetch_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="networks (CIDR, comma-separated) that http(s) fetches may reach besides public addresses; "
+        "loopback, private and link-local addresses are refused otherwise",
+    )
     online_batch_size: int = Field(default=32, ge=1, description="online requests batched into one model call")
     online_flush_ms: int = Field(default=20, ge=1, description="longest wait for an online batch to fill")
     lease_s: int = Field(
@@ -112,7 +135,33 @@ class WorkerSettings(CommonSettings):
     )
     task_events: bool = Field(default=False, description="send Celery task events (Flower, `celery events`)")
 
-    @field_validator("queues", "allowed_roots", mode="before")
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple | set | frozenset):
+            return frozenset(str(name).strip().upper() for name in value if str(name).strip())
+        return value
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: frozenset[str]) -> frozenset[str]:
+        from worker.probe import known_formats  # imports Pillow: only where a worker's settings are read
+
+        unknown = value - known_formats()
+        if unknown:
+            raise ValueError(f"unknown image formats {sorted(unknown)}; known: {', '.join(sorted(known_formats()))}")
+        return value
+
+    @field_validator("fetch_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network.strip(), strict=False)  # ValueError names the bad one
+        return [network.strip() for network in value]
+
+    @field_validator("queues", "allowed_roots", "fetch_allowed_networks", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):

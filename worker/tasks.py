@@ -78,8 +78,12 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
     torch.set_num_threads(plan.torch_threads)
     log.info("%s", plan.describe())
     config = PipelineConfig(
-        policy=FetchPolicy.create(settings.allowed_roots, settings.max_image_bytes, settings.fetch_timeout_s),
+        policy=FetchPolicy.create(
+            settings.allowed_roots, settings.max_image_bytes, settings.fetch_timeout_s, settings.fetch_allowed_networks
+        ),
         max_pixels=settings.max_image_pixels,
+        formats=settings.formats,
+        decode_memory_bytes=settings.decode_memory_mb * 2**20,
         max_inline_bytes=settings.max_image_bytes,
         fetch_threads=plan.fetch_threads,
         decode_processes=plan.decode_processes,

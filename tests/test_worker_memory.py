@@ -1,0 +1,72 @@
+"""A real worker's memory around hostile images: the peak one image adds, and what stays after a
+job (issue 8: no image may raise a worker's RSS by more than 300 MB, and the RSS returns within
+10% of its idle size after a job)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from conftest import SAMPLES, python_env
+from PIL import Image
+
+from producer import Kiln
+from producer.embedded import LocalWorker
+from producer.settings import ProducerSettings
+
+MB = 2**20
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak since the last reset) of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {name: int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "VmHWM")}
+
+
+def reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def test_hostile_images_leave_a_workers_memory_as_it_was(private_redis_url, lite0_package, tmp_path):
+    folder = tmp_path / "images"
+    (folder / "warm-up").mkdir(parents=True)
+    (folder / "one").mkdir()
+    (folder / "many").mkdir()
+    for name in ("coffee", "chelsea"):
+        shutil.copy(SAMPLES / f"{name}.jpg", folder / "warm-up" / f"{name}.jpg")
+        shutil.copy(SAMPLES / f"{name}.jpg", folder / "many" / f"{name}.jpg")
+    # 7000 x 7000 RGBA (49 M pixels, under the default cap): 196 MB decoded, 190 kB on disk.
+    Image.new("RGBA", (7000, 7000), (200, 30, 30, 128)).save(folder / "one" / "big.png")
+    for i in range(3):
+        shutil.copy(folder / "one" / "big.png", folder / "many" / f"big-{i}.png")
+    worker = LocalWorker(
+        lite0_package, private_redis_url, tmp_path / "worker.log", [folder], ["--queues", "kiln.bulk"], python_env()
+    )
+    try:
+        with Kiln(settings=ProducerSettings(redis_url=private_redis_url, chunk_size=16)) as kiln:
+
+            def run(job: str) -> None:
+                kiln.submit([folder / job], job=job)
+                counts = kiln.wait(job, timeout_s=300, progress=False, check=worker.check)
+                assert counts.failed == 0, [r.error for r in kiln.results(job) if r.error]
+
+            run("warm-up")
+            pid = int(next(iter(kiln.results("warm-up"))).worker.rsplit(":", 1)[1])
+            time.sleep(2)
+            idle = memory(pid)["VmRSS"]
+            reset_peak(pid)
+            run("one")
+            one = memory(pid)
+            reset_peak(pid)
+            run("many")
+            many = memory(pid)
+        print(f"idle {idle / MB:.0f} MB; one image: peak +{(one['VmHWM'] - idle) / MB:.0f} MB, after "
+              f"{one['VmRSS'] / MB:.0f} MB; five images: peak +{(many['VmHWM'] - idle) / MB:.0f} MB, "
+              f"after {many['VmRSS'] / MB:.0f} MB")  # fmt: skip
+        assert one["VmHWM"] - idle < 300 * MB
+        assert many["VmHWM"] - idle < 300 * MB  # two decode threads share one memory budget
+        assert one["VmRSS"] < 1.1 * idle and many["VmRSS"] < 1.1 * idle
+    finally:
+        worker.stop()
