@@ -205,7 +205,7 @@ def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
 
     datas = [f.read_bytes() for f in files]
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    headers = [read_header(d) for d in datas]
+    headers = [read_header(d, 50_000_000) for d in datas]
     decoder = JpegBatchDecoder(torch.device("cuda"), IMAGENET_PREPROCESS)
 
     def timed(step) -> float:
@@ -256,7 +256,7 @@ def bench_agreement(small: Path, large: Path) -> dict:
         maxima, means, p99 = [], [], []
         for start in range(0, len(datas), 128):
             part = datas[start : start + 128]
-            result = decoder.decode([(d, read_header(d)) for d in part])
+            result = decoder.decode([(d, read_header(d, 50_000_000)) for d in part])
             for index, row in zip(result.decoded, result.images.cpu(), strict=True):
                 expected = decode_image(part[index], IMAGENET_PREPROCESS).astype(np.int16)
                 diff = np.abs(row.permute(1, 2, 0).numpy().astype(np.int16) - expected)

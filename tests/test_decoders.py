@@ -35,7 +35,7 @@ from worker.gpu_decode import PLANS_KEPT, JpegBatchDecoder, _parts, draft_factor
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
 from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import decode_image
-from worker.probe import read_header
+from worker.probe import DEFAULT_MAX_PIXELS, read_header
 from worker.resample import crop_plan, resample
 from worker.settings import DEFAULT_FORMATS
 
@@ -129,7 +129,7 @@ def test_orient_matches_exif_transpose(orientation):
 
 def _compare(decoder, datas: list[bytes]) -> list[np.ndarray]:
     """|GPU path - CPU path| per image, uint8 levels, H x W x 3."""
-    result = decoder.decode([(d, read_header(d)) for d in datas])
+    result = decoder.decode([(d, read_header(d, DEFAULT_MAX_PIXELS)) for d in datas])
     assert result.refused == [] and sorted(result.decoded) == list(range(len(datas)))
     assert result.images.device.type == DEVICE and result.images.dtype == torch.uint8
     rows = dict(zip(result.decoded, result.images.cpu(), strict=True))
@@ -142,7 +142,7 @@ def _compare(decoder, datas: list[bytes]) -> list[np.ndarray]:
 
 
 def _full_scale(data: bytes) -> bool:
-    header = read_header(data)
+    header = read_header(data, DEFAULT_MAX_PIXELS)
     return min(header.width, header.height) < 2 * IMAGENET_PREPROCESS.resize
 
 
@@ -171,7 +171,7 @@ def test_jpeg_variants_come_out_as_on_the_cpu(decoder, photos, variant):
         data = jpeg(image.resize((333, 257)))
     else:
         data = jpeg(image, subsampling={"422": 1, "444": 0}[variant])
-    header = read_header(data)
+    header = read_header(data, DEFAULT_MAX_PIXELS)
     assert gpu_decodable(data, header)
     (diff,) = _compare(decoder, [data])
     assert diff.max() <= FULL_SCALE_MAX and diff.mean() < FULL_SCALE_MEAN
@@ -188,19 +188,19 @@ def test_cmyk_truncated_corrupt_and_non_jpegs_are_left_to_the_cpu(photos):
     exif = Image.Exif()
     exif[0x0112] = 6
     for good in (photos["coffee"], jpeg(image, progressive=True), jpeg(image, exif=exif), jpeg(image.convert("L"))):
-        assert gpu_decodable(good, read_header(good))
+        assert gpu_decodable(good, read_header(good, DEFAULT_MAX_PIXELS))
     for bad in (cmyk, truncated, corrupt_scan(photos["coffee"]), corrupt_scan(photos["rocket"]), png.getvalue()):
-        assert not gpu_decodable(bad, read_header(bad))
+        assert not gpu_decodable(bad, read_header(bad, DEFAULT_MAX_PIXELS))
 
 
 def test_one_corrupt_jpeg_is_refused_alone(decoder, photos):
     """A batch with images the decoder refuses: it splits the batch until each is alone."""
     good = list(photos.values())
     datas = [*good[:3], no_scan(photos["coffee"]), *good[3:], no_scan(photos["rocket"])]
-    result = decoder.decode([(d, read_header(d)) for d in datas])
+    result = decoder.decode([(d, read_header(d, DEFAULT_MAX_PIXELS)) for d in datas])
     assert result.refused == [3, len(datas) - 1]
     assert sorted(result.decoded) == [i for i in range(len(datas)) if i not in result.refused]
-    alone = decoder.decode([(d, read_header(d)) for d in good])
+    alone = decoder.decode([(d, read_header(d, DEFAULT_MAX_PIXELS)) for d in good])
     rows = {datas[i]: row for i, row in zip(result.decoded, result.images.cpu(), strict=True)}
     for i, row in zip(alone.decoded, alone.images.cpu(), strict=True):
         assert torch.equal(rows[good[i]], row)
@@ -339,7 +339,7 @@ def test_draft_factor_of_an_image_smaller_than_the_resize():
 
 def test_large_batches_are_decoded_in_parts(photos):
     big = Image.new("RGB", (8000, 6000))
-    header = read_header(jpeg(big.resize((80, 60))))
+    header = read_header(jpeg(big.resize((80, 60))), DEFAULT_MAX_PIXELS)
     items = [(b"", header.__class__(**{**header.__dict__, "width": 8000, "height": 6000}))] * 5
     parts = _parts(items)
     assert parts == [[0, 1], [2, 3], [4]]
@@ -350,7 +350,7 @@ def test_resample_weights_kept_on_the_device_are_bounded(decoder):
     image = Image.open(io.BytesIO(jpeg(Image.new("RGB", (300, 300), (10, 200, 30)))))
     datas = [jpeg(image.resize((300 + i, 300))) for i in range(PLANS_KEPT + 6)]
     for start in range(0, len(datas), 16):
-        decoder.decode([(d, read_header(d)) for d in datas[start : start + 16]])
+        decoder.decode([(d, read_header(d, DEFAULT_MAX_PIXELS)) for d in datas[start : start + 16]])
     assert len(decoder._plans) == PLANS_KEPT
 
 
