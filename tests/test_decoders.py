@@ -428,11 +428,9 @@ def test_close_with_images_in_flight_ends_the_callers(lite0_runtime, mixed_folde
     next(stream)
     pipeline.close()
     pipeline.close()  # twice is fine
-    started = time.monotonic()
-    with pytest.raises(PipelineClosed):
+    with pytest.raises(PipelineClosed):  # a caller that waited forever would hit pytest's timeout
         for _ in stream:
             pass
-    assert time.monotonic() - started < 30
 
 
 def test_decode_processes_and_their_memory_go_with_a_killed_worker(tmp_path):
