@@ -114,8 +114,10 @@ def _open_checked(path_text: str, policy: FetchPolicy) -> int:
     root = next((r for r in policy.allowed_roots if real.startswith(r)), None)
     if root is None:
         roots = ", ".join(policy.allowed_roots) or "none configured"
+        target = f" (it resolves to {real})" if real != path_text else ""
         raise InputError(
-            "forbidden", f"{path_text} is outside the worker's allowed roots ({roots}); see KILN_ALLOWED_ROOTS"
+            "forbidden",
+            f"{path_text}{target} is outside the worker's allowed roots ({roots}); see KILN_ALLOWED_ROOTS",
         )
     try:
         return _open_beneath(root, real[len(root) :].split(os.sep))
