@@ -28,9 +28,9 @@ Each contender's client runs in a child process; this process only starts them a
 each job it reports images/s (wall time seen by the client, from the submit to the last result),
 CPU seconds per 1,000 images and peak RSS, each over every process involved: the client and all
 its descendants (Ray's GCS, raylet and workers), kiln's worker processes and redis-server. CPU is
-user + system time, children reaped inside the window included, from psutil at the start and the
-end of the job; RSS is the sum over the processes, sampled every 0.2 s, its maximum kept (shared
-pages count once per process, as RSS does). Ratios are to the ceiling of the same model and size.
+user + system time of every process seen in the window, sampled every 0.2 s with psutil; RSS is
+the sum over the processes at each sample, its maximum kept (shared pages count once per process,
+as RSS does). Ratios are to the ceiling of the same model and size.
 Prints a table, writes JSON (bench/results/compare.json) and a chart (bench/results/compare.png).
 """
 
@@ -67,14 +67,20 @@ KILN_CHUNK = 128  # the producer's default chunk size
 
 
 class TreeMeter:
-    """CPU seconds and peak RSS of process trees (each root and all its descendants) over a window."""
+    """CPU seconds and peak RSS of process trees (each root and all its descendants) over a window,
+    sampled every SAMPLE_S: a process's CPU counts up to its last sample, so one that lives less
+    than a sample, or its last fraction of a sample before it exits, is missed. (Counting what
+    parents reaped does not work here: Ray's raylet reaps its workers without collecting their
+    times.)"""
 
     def __init__(self, roots: list[int]) -> None:
         self.roots = roots
         self.peak_rss = 0
-        self.processes_seen: set[tuple[int, str]] = set()
+        self.names: dict[tuple[int, float], str] = {}
+        self._cpu_start: dict[tuple[int, float], float] = {}
+        self._cpu_last: dict[tuple[int, float], float] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
     def _tree(self) -> list:
         import psutil
@@ -88,46 +94,42 @@ class TreeMeter:
                 continue
         return procs
 
-    def cpu_s(self) -> float:
-        """user + system seconds of the live processes, plus what they reaped of their children."""
-        import psutil
-
-        total = 0.0
-        for proc in self._tree():
-            try:
-                times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system + times.children_user + times.children_system
-        return total
-
     def _sample(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
-            rss = 0
-            for proc in self._tree():
-                try:
+        rss = 0
+        for proc in self._tree():
+            try:
+                with proc.oneshot():
+                    key = (proc.pid, proc.create_time())
+                    times = proc.cpu_times()
                     rss += proc.memory_info().rss
-                    self.processes_seen.add((proc.pid, proc.name()))
-                except psutil.NoSuchProcess:
-                    continue
-            self.peak_rss = max(self.peak_rss, rss)
-            self._stop.wait(SAMPLE_S)
+                    self.names.setdefault(key, proc.name())
+            except psutil.NoSuchProcess:
+                continue
+            self._cpu_last[key] = times.user + times.system
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            self._sample()
 
     def __enter__(self) -> TreeMeter:
-        self.cpu_start, self.host_start = self.cpu_s(), _host_busy_s()
+        self.host_start = _host_busy_s()
+        self._sample()
+        self._cpu_start = dict(self._cpu_last)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.cpu_end, self.host_end = self.cpu_s(), _host_busy_s()
         self._stop.set()
         self._thread.join()
+        self._sample()
+        self.host_end = _host_busy_s()
 
     @property
     def cpu_used_s(self) -> float:
-        return self.cpu_end - self.cpu_start
+        return sum(cpu - self._cpu_start.get(key, 0.0) for key, cpu in self._cpu_last.items())
 
     @property
     def others_cpu_s(self) -> float:
@@ -380,8 +382,8 @@ def measure_jobs(child: Child, roots: list[int], folders: list[Path], label: str
                 "cpu_s": meter.cpu_used_s,
                 "cpu_s_per_1k": 1000 * meter.cpu_used_s / images,
                 "peak_rss_mb": meter.peak_rss / 2**20,
-                "processes": len({pid for pid, _ in meter.processes_seen}),
-                "process_names": sorted({name for _, name in meter.processes_seen}),
+                "processes": len(meter.names),
+                "process_names": sorted(set(meter.names.values())),
                 "load_1m_before": load,
                 "others_cpu_share": meter.others_cpu_s / (result["seconds"] * (os.cpu_count() or 1)),
             }
