@@ -621,17 +621,22 @@ def main() -> None:
             print(f"{model}: {packages[model].name}", flush=True)
             rows = run_model(args, model, packages[model], folders, url, redis_pid, ray_py, args.workdir)
             results["rows"] += [{"model": model, **row} for row in with_ratios(rows, sizes)]
+            write(results, args.out, started)  # each model's results as soon as it is done
+    print()
+    print_table(results)
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} ({results['total_s']:.0f} s)")
+
+
+def write(results: dict, out: Path, started: float) -> None:
+    """Targets, load and time into `results`; then the JSON file and the chart next to it."""
     results["targets"] = targets(results["rows"])
     results["load_avg_at_end"] = os.getloadavg()
     # Under load: other work (this process's sampling included) took over 10% of the host in a job.
     results["under_load"] = max(r.get("others_cpu_share", 0) for r in results["rows"]) > 0.1
     results["total_s"] = time.perf_counter() - started
-    print()
-    print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    chart(results, args.out.with_suffix(".png"))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} ({results['total_s']:.0f} s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    chart(results, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
