@@ -613,6 +613,7 @@ def main() -> None:
         "rows": [],
     }
     started = time.perf_counter()
+    args.workdir = args.workdir.resolve()  # redis-server takes its log file's path from here
     shutil.rmtree(args.workdir, ignore_errors=True)  # the last run's logs
     args.workdir.mkdir(parents=True)
     with embedded_redis(args.workdir, persist=False) as url:
