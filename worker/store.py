@@ -7,7 +7,9 @@ script can update them together:
 
     kiln:{job}:meta      hash: total, done, failed, created_at, online, topk; sharded jobs also
                          sink (the out_dir URL), chunks (chunks enqueued), listing ("open", or
-                         "done" once the producer has enqueued every chunk: total is final then)
+                         "done" once the producer has enqueued every chunk: total is final then),
+                         sink_error (why a worker last gave a chunk back unwritten; cleared when
+                         a shard is written)
     kiln:{job}:listed    hash: chunk id -> images, once enqueued (sharded; what total counts)
     kiln:{job}:chunks    hash: chunk id -> "ok|failed" once its shard is written (sharded)
     kiln:{job}:items     hash: image key -> reference   (the job's images; total is its length)
@@ -164,6 +166,7 @@ if new == 1 then
   redis.call('HINCRBY', KEYS[1], 'done', tonumber(ARGV[2]))
   redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[3]))
 end
+redis.call('HDEL', KEYS[1], 'sink_error')
 if ttl > 0 then for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end end
 return new
 """
@@ -304,6 +307,16 @@ class ResultStore:
         True if it was new, False if an earlier delivery had completed it (nothing counted)."""
         keys = [_key(job, "meta"), _key(job, "chunks")]
         return bool(self._complete_chunk(keys=keys, args=[chunk, ok, failed, self.ttl_s]))
+
+    def note_sink_error(self, job: str, message: str) -> None:
+        """Keep why a worker gave a sharded chunk back unwritten (out_dir unwritable, store down,
+        pyarrow missing), for the producer to show; the next shard written clears it."""
+        self.redis.hset(_key(job, "meta"), "sink_error", message[:2000])
+
+    def sink_error(self, job: str) -> str | None:
+        """Why a worker last gave a chunk of a sharded job back unwritten, if no shard was written since."""
+        message = self.redis.hget(_key(job, "meta"), "sink_error")
+        return None if message is None else message.decode()
 
     def sink(self, job: str) -> str | None:
         """The out_dir of a sharded job; None for a job that keeps its records in Redis (or none)."""

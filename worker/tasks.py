@@ -202,6 +202,8 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         log.error("giving chunk %s of job %s back to the queue: %s", task_id, chunk.job, e)
         if delivery is not None:
             try:
+                if isinstance(e, SinkUnavailable):  # for the producer to show: the worker log is not at hand
+                    current.store.note_sink_error(chunk.job, f"{current.heartbeat.worker}: {e}")
                 current.store.release(chunk.job, task_id, delivery.deaths)
             except Exception as release_error:  # Redis is failing; the chunk's lease still brings it back
                 log.warning("could not release chunk %s: %s", task_id, release_error)
