@@ -5,6 +5,7 @@ them (the store calls, then the task); the shards are read back with pyarrow, pa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -296,3 +297,74 @@ def test_a_worker_without_pyarrow_says_what_to_install_and_loses_nothing(workers
     wait_for(lambda: store.counts(job).complete, 240, "the job on a worker with pyarrow", with_pyarrow.check)
     assert store.counts(job).done == 4
     assert_one_row_per_image(out / job, items)
+
+
+def test_an_export_and_a_shard_have_one_schema(tmp_path):
+    """Both output modes write the same columns and types, also where every image failed (no label
+    at all to infer a type from)."""
+    from producer.export import write_results
+    from worker.contract import Record
+    from worker.sink import write_shard
+
+    records = [Record.failure("j", key, "not_found", "no such file") for key in ("b", "a")]
+    write_results(records, tmp_path / "export.parquet", topk=TOPK)
+    write_shard(str(tmp_path / "out"), "j", "000000000-00000000", records, TOPK)
+    shard = pq.read_table(tmp_path / "out" / shard_name("j", "000000000-00000000"))
+    assert shard.schema == pq.read_schema(tmp_path / "export.parquet")
+    assert str(shard.schema.field("label_1").type) == "string" and shard.column("key").to_pylist() == ["a", "b"]
+
+
+def test_metrics_of_a_sharded_job(private_redis_url, private_app, lite0_package, tmp_path):
+    """Images, stages and batches are counted as in the Redis mode; one write per shard."""
+    from test_health import monitored_worker, wait_status
+    from test_metrics import scrape
+
+    store = ResultStore.from_url(private_redis_url)
+    items = photo_items(tmp_path / "photos", 6)
+    options = ["--allowed-roots", str(tmp_path / "photos"), "--threads", "1", "--queues", BULK_QUEUE]
+    with monitored_worker(lite0_package, private_redis_url, tmp_path, *options) as port:
+        wait_status(port, "/readyz", 200, 180)
+        send_sharded(private_app, store, "metered", str(tmp_path / "out"), items, chunk_size=3)
+        wait_for(lambda: store.counts("metered").complete, 240, "the job")
+        samples = scrape(port)
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("kiln_images_total", status="ok", kind="") == 6
+    assert value("kiln_stage_seconds_count", stage="decode") == 6
+    assert value("kiln_stage_seconds_count", stage="write") == 2  # one per shard
+    batches = value("kiln_batches_total")
+    assert batches >= 2 and value("kiln_stage_seconds_count", stage="infer") == batches
+
+
+def test_a_chunk_writes_only_where_its_job_was_begun(kiln, raw_app, lite0_worker, tmp_path):
+    """Messages that disagree with their job's output are dead-lettered with the reason, unrun:
+    another out_dir, another top-k, no out_dir for a sharded job, an out_dir for a Redis-store job."""
+    from worker.store import DEAD_LETTERS
+
+    job, redis_job = "sharded-" + uuid.uuid4().hex[:8], "in-redis-" + uuid.uuid4().hex[:8]
+    items = [Item(key="coffee", ref=str(SAMPLES / "coffee.jpg"))]
+    chunk = chunk_id(0, items)
+    kiln.store.begin_sharded(job, str(tmp_path / "out"), TOPK)
+    kiln.submit(items, job=redis_job)
+    sent = {
+        f"(its out_dir: {tmp_path / 'out'})": dict(
+            job=job, out_dir=str(tmp_path / "elsewhere"), chunk=chunk, topk=TOPK
+        ),
+        "writes top-3 shards": dict(job=job, out_dir=str(tmp_path / "out"), chunk=chunk, topk=5),
+        "this chunk names none": dict(job=job, topk=TOPK),
+        "(its out_dir: none)": dict(job=redis_job, out_dir=str(tmp_path / "out"), chunk=chunk, topk=TOPK),
+    }
+    for fields in sent.values():
+        message = ChunkMessage(items=items, **fields).model_dump(mode="json")
+        raw_app.send_task(CHUNK_TASK, args=[message], queue=BULK_QUEUE)
+
+    def reasons() -> list[str]:
+        entries = [json.loads(raw) for raw in kiln.store.redis.lrange(DEAD_LETTERS, 0, -1)]
+        return [e["reason"] for e in entries if e["message"]["job"] in (job, redis_job)]
+
+    wait_for(lambda: len(reasons()) == 4, 60, "four dead letters", lite0_worker.check)
+    assert sorted(next(mark for mark in sent if mark in reason) for reason in reasons()) == sorted(sent)
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "out").exists()
+    assert kiln.store.counts(job).finished == 0 and not kiln.store.completed_chunks(redis_job)

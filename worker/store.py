@@ -320,8 +320,12 @@ class ResultStore:
 
     def sink(self, job: str) -> str | None:
         """The out_dir of a sharded job; None for a job that keeps its records in Redis (or none)."""
-        out_dir = self.redis.hget(_key(job, "meta"), "sink")
-        return None if out_dir is None else out_dir.decode()
+        return self.output(job)[0]
+
+    def output(self, job: str) -> tuple[str | None, int | None]:
+        """(out_dir, topk) of a sharded job; (None, topk or None) for a job that keeps its records in Redis."""
+        out_dir, topk = self.redis.hmget(_key(job, "meta"), ["sink", "topk"])
+        return (None if out_dir is None else out_dir.decode()), (None if topk is None else int(topk))
 
     def unregister(self, job: str, keys: Sequence[str]) -> None:
         """Take images out of a job again (those a failed submission registered but never enqueued)."""

@@ -187,6 +187,10 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         fail_unparseable_chunk(message, e)
         return {"error": "bad_message"}
     current, task_id = state(), task.request.id
+    refusal = current.retrying(lambda: _output_refusal(current.store, chunk), "read a job's output")
+    if refusal:
+        dead_letter(message, refusal)
+        return {"error": "bad_message"}
     delivery: Delivery | None = None
     try:
         delivery = claim_chunk(current, chunk.job, task_id)
@@ -213,6 +217,20 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
     return {"job": chunk.job, "records": written}
 
 
+def _output_refusal(store: ResultStore, chunk: ChunkMessage) -> str | None:
+    """Why a chunk may not write where it says (None if it may): a shard goes only to the out_dir
+    its job was begun with, in the job's columns (top-k), and a sharded job takes no records into
+    Redis, so a message can neither scatter a job's rows nor make a worker write elsewhere."""
+    out_dir, topk = store.output(chunk.job)
+    if chunk.out_dir is None:
+        return None if out_dir is None else f"job {chunk.job} is sharded (out_dir {out_dir}); this chunk names none"
+    if chunk.out_dir != out_dir:
+        return f"job {chunk.job} was not begun with out_dir {chunk.out_dir} (its out_dir: {out_dir or 'none'})"
+    if chunk.topk != topk:
+        return f"job {chunk.job} writes top-{topk} shards; this chunk asks for top-{chunk.topk}"
+    return None
+
+
 def _run_to_redis(current: ProcessState, chunk: ChunkMessage, delivery: Delivery) -> int:
     """Upsert the chunk's records into the Redis store, batch by batch; returns how many."""
 
@@ -235,6 +253,7 @@ def _run_to_shard(current: ProcessState, chunk: ChunkMessage, delivery: Delivery
         for record in batch:  # one row per key; a success is never replaced by a failure
             if record.status == "ok" or record.key not in records:
                 records[record.key] = record
+        metrics.observe_records(batch, None, batch_size)
 
     def missing() -> list[Item]:
         return [item for item in chunk.items if item.key not in records]
@@ -254,7 +273,7 @@ def _run_to_shard(current: ProcessState, chunk: ChunkMessage, delivery: Delivery
     current.retrying(
         lambda: current.store.complete_chunk(chunk.job, chunk_id, ok, len(rows) - ok), "count a chunk complete"
     )
-    metrics.observe_records(rows, time.perf_counter() - started)
+    metrics.observe_write(time.perf_counter() - started)
     return len(rows)
 
 
