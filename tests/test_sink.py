@@ -139,21 +139,28 @@ def test_a_sharded_job_writes_one_shard_per_chunk_and_nothing_per_image_to_redis
     assert kiln.store.completed_chunks(job) == {m["chunk"] for m in messages}
     assert kiln.store.redis.hlen(f"kiln:{{{job}}}:chunks") == 3
 
-    # The same chunk sent again (a producer resending it, a lost acknowledgement): the shard is
-    # rewritten whole, every image still has one row, and nothing is counted twice.
-    # A temporary file that a killed worker left behind is no part of the data set.
-    (out / job / f".{Path(shard_name(job, messages[0]['chunk'])).name}.0123abcd.tmp").write_bytes(b"half a shard")
-    before = (out / job / Path(shard_name(job, messages[0]["chunk"])).name).stat().st_mtime_ns
+    # The same chunk sent again (a resumed producer, a lost acknowledgement): acknowledged unrun,
+    # its shard left as it was counted. A temporary file that a killed worker left is ignored.
+    first = out / job / Path(shard_name(job, messages[0]["chunk"])).name
+    stray = out / job / f".{first.name}.0123abcd.tmp"
+    stray.write_bytes(b"half a shard")
+    written = first.stat().st_mtime_ns
     raw_app.send_task(CHUNK_TASK, args=[messages[0]], queue=BULK_QUEUE)
-    shard = out / job / Path(shard_name(job, messages[0]["chunk"])).name
-    wait_for(lambda: shard.stat().st_mtime_ns != before, 60, "the shard rewritten", lite0_worker.check)
-    wait_for(lambda: sum(kiln.store.executions(job).values()) == 4, 60, "the resent chunk to finish")
+    wait_for(lambda: sum(kiln.store.executions(job).values()) == 4, 60, "the resent chunk", lite0_worker.check)
+    wait_for(lambda: "its shard is written already" in lite0_worker.log_path.read_text(), 60, "the skip logged")
+    assert first.stat().st_mtime_ns == written
+    # A worker that died after writing the shard but before counting the chunk (the Redis state it
+    # leaves, made here): the next delivery writes the shard again, whole, and counts it once.
+    kiln.store.redis.hdel(f"kiln:{{{job}}}:chunks", messages[0]["chunk"])
+    kiln.store.redis.hincrby(f"kiln:{{{job}}}:meta", "done", -4)
+    raw_app.send_task(CHUNK_TASK, args=[messages[0]], queue=BULK_QUEUE)
+    wait_for(lambda: kiln.store.counts(job).done == 10, 60, "the chunk counted again", lite0_worker.check)
+    assert first.stat().st_mtime_ns != written
     assert_one_row_per_image(out / job, items)
     counts = kiln.store.counts(job)
     assert (counts.total, counts.done, counts.failed) == (10, 10, 0)
-    assert [p.name for p in (out / job).iterdir() if p.name.startswith(".")] == [
-        f".{shard.name}.0123abcd.tmp"
-    ]  # the worker left no temporary file of its own
+    temporary = [p.name for p in (out / job).iterdir() if p.name.startswith(".")]
+    assert temporary == [stray.name]  # the worker left no temporary file of its own
 
 
 def test_failures_and_poison_go_into_the_shard(kiln, raw_app, lite0_worker, work_dir, tmp_path):

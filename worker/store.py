@@ -302,6 +302,10 @@ class ResultStore:
         """Ids of a sharded job's chunks whose shard is written."""
         return {chunk.decode() for chunk, _ in self.redis.hscan_iter(_key(job, "chunks"), count=1000)}
 
+    def chunk_complete(self, job: str, chunk: str) -> bool:
+        """Whether the shard of a sharded job's chunk is written (and counted)."""
+        return bool(self.redis.hexists(_key(job, "chunks"), chunk))
+
     def complete_chunk(self, job: str, chunk: str, ok: int, failed: int) -> bool:
         """Mark a chunk's shard written and count its `ok` and `failed` images into the job, once:
         True if it was new, False if an earlier delivery had completed it (nothing counted)."""

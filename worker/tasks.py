@@ -246,7 +246,15 @@ def _run_to_redis(current: ProcessState, chunk: ChunkMessage, delivery: Delivery
 
 def _run_to_shard(current: ProcessState, chunk: ChunkMessage, delivery: Delivery) -> int:
     """Collect the chunk's records, write them as its shard, then count the chunk complete (once,
-    whichever delivery gets there first); returns how many records the shard holds."""
+    whichever delivery gets there first); returns how many records the shard holds (0 for a
+    chunk complete already, whose shard stays as it was counted)."""
+    assert chunk.out_dir is not None and chunk.chunk is not None  # the message's validator ensures both
+    out_dir, chunk_id = chunk.out_dir, chunk.chunk
+    if current.retrying(lambda: current.store.chunk_complete(chunk.job, chunk_id), "read a chunk's state"):
+        # Another message of this chunk wrote and counted its shard: rewriting it could change rows
+        # (a transient fetch error this time) that the counters already hold.
+        log.info("chunk %s of job %s: its shard is written already", chunk_id, chunk.job)
+        return 0
     records: dict[str, Record] = {}
 
     def collect(batch: list[Record], batch_size: int | None = None) -> None:
@@ -259,8 +267,7 @@ def _run_to_shard(current: ProcessState, chunk: ChunkMessage, delivery: Delivery
         return [item for item in chunk.items if item.key not in records]
 
     _run_chunk(current, chunk, delivery, collect, missing)
-    assert chunk.out_dir is not None and chunk.chunk is not None  # the message's validator ensures both
-    out_dir, chunk_id, rows = chunk.out_dir, chunk.chunk, list(records.values())
+    rows = list(records.values())
     started = time.perf_counter()
     with_retries(
         lambda: write_shard(out_dir, chunk.job, chunk_id, rows, chunk.topk),
