@@ -187,12 +187,12 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         fail_unparseable_chunk(message, e)
         return {"error": "bad_message"}
     current, task_id = state(), task.request.id
-    refusal = current.retrying(lambda: _output_refusal(current.store, chunk), "read a job's output")
-    if refusal:
-        dead_letter(message, refusal)
-        return {"error": "bad_message"}
     delivery: Delivery | None = None
     try:
+        refusal = current.retrying(lambda: _output_refusal(current.store, chunk), "read a job's output")
+        if refusal:
+            dead_letter(message, refusal)
+            return {"error": "bad_message"}
         delivery = claim_chunk(current, chunk.job, task_id)
         metrics.observe_deliveries("chunk", [delivery.deaths + 1], current.settings.max_deliveries)
         if delivery.done:  # finished by an earlier delivery whose acknowledgement was lost
