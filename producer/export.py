@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from worker.contract import Record
+from worker.records import arrow_schema, columns, flat_row
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -44,24 +45,10 @@ def _jsonl(rows: list[Record], path: Path, topk: int) -> None:
             f.write(record.model_dump_json(exclude_none=True) + "\n")
 
 
-def flat_row(record: Record, topk: int) -> dict[str, object]:
-    """One record as flat columns: top-k labels and scores side by side, then the error if any."""
-    row: dict[str, object] = {"key": record.key, "ref": record.ref, "status": record.status}
-    for rank in range(topk):
-        label = record.topk[rank] if rank < len(record.topk) else None
-        row[f"label_{rank + 1}"] = label.label if label else None
-        row[f"score_{rank + 1}"] = round(label.score, 6) if label else None
-    row["error_kind"] = record.error.kind if record.error else None
-    row["error"] = record.error.message if record.error else None
-    row["model"] = record.model
-    row["worker"] = record.worker
-    return row
-
-
 def _csv(rows: list[Record], path: Path, topk: int) -> None:
     flat = [flat_row(r, topk) for r in rows]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat_row(Record(job="", key="", status="ok"), topk)))
+        writer = csv.DictWriter(f, fieldnames=columns(topk))
         writer.writeheader()
         writer.writerows(flat)
 
@@ -72,5 +59,5 @@ def _parquet(rows: list[Record], path: Path, topk: int) -> None:
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("Parquet needs pyarrow: pip install 'kiln[parquet]'") from None
-    table = pa.Table.from_pylist([flat_row(r, topk) for r in rows])
+    table = pa.Table.from_pylist([flat_row(r, topk) for r in rows], schema=arrow_schema(topk))
     pq.write_table(table, path)
