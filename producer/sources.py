@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +18,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from worker.contract import Item
-from worker.object_store import OBJECT_SCHEMES, ObjectUrl, iter_objects, object_scheme, split_object_url
+from worker.object_store import (
+    OBJECT_SCHEMES,
+    ObjectUrl,
+    glob_matcher,
+    iter_objects,
+    object_scheme,
+    split_object_url,
+)
 
 # Every suffix a photo pipeline may hand us, also those a worker refuses by format (HEIC, PNM):
 # such a file still gets a record saying why, instead of vanishing from the job.
@@ -123,21 +129,19 @@ def _objects(source: str, skipped: Counter[str]) -> Iterator[str]:
     if not glob.has_magic(url.key) and os.path.splitext(url.key)[1].lower() in IMAGE_SUFFIXES:
         yield str(url)
         return
-    matches = None
-    if glob.has_magic(url.key):
-        from fsspec.utils import glob_translate  # fsspec's own glob semantics; not needed for local sources
-
-        matches = re.compile(glob_translate(url.path)).match
-        prefix = url.key[: next(i for i, c in enumerate(url.key) if c in "*?[")].rpartition("/")[0]
-    else:
-        prefix = url.key.rstrip("/")
-    folder = ObjectUrl(url.scheme, url.bucket, prefix + "/" if prefix else "")
     try:
+        matches = None
+        if glob.has_magic(url.key):
+            matches = glob_matcher(url.path)
+            prefix = url.key[: next(i for i, c in enumerate(url.key) if c in "*?[")].rpartition("/")[0]
+        else:
+            prefix = url.key.rstrip("/")
+        folder = ObjectUrl(url.scheme, url.bucket, prefix + "/" if prefix else "")
         for found in iter_objects(folder):
             if (matches is None or matches(found.path)) and _is_image(found.key, skipped):
                 yield str(found)
-    except (OSError, ImportError) as e:  # FileNotFoundError: no such bucket; PermissionError
-        raise SourceError(f"{source}: cannot list {folder}: {e}") from None
+    except (OSError, ImportError, ValueError) as e:  # no such bucket, access denied, no s3fs, a bad glob
+        raise SourceError(f"{source}: {e}") from None
 
 
 def _images_under(folder: str, skipped: Counter[str]) -> list[str]:

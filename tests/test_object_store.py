@@ -200,6 +200,8 @@ def test_bad_object_sources_say_what_is_wrong(tree):
         expand([f"{tree}/nothing/"])
     with pytest.raises(SourceError, match="a glob in the bucket name"):
         expand(["s3://kiln-*/photos/"])
+    with pytest.raises(SourceError, match="'\\*\\*' can only be an entire path component"):
+        expand([f"{tree}/a**/*.jpg"])
 
 
 def test_listing_is_lazy_page_by_page(s3):

@@ -11,7 +11,7 @@ worker at another server. Imports no fsspec until a store is used.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,13 +95,21 @@ def filesystem(scheme: str) -> Any:
     """The fsspec filesystem of `scheme`, configured from the standard environment (fsspec caches
     one instance per process, so connections and credentials are reused).
     Raises ImportError naming the package to install."""
-    import fsspec
-
     try:
+        import fsspec
+
         return fsspec.filesystem(scheme)
     except ImportError as e:
         extra = " (pip install 'kiln[s3]')" if OBJECT_SCHEMES[scheme] == "s3fs" else ""
         raise ImportError(f"{scheme}:// needs the {OBJECT_SCHEMES[scheme]} package{extra}: {e}") from None
+
+
+def glob_matcher(pattern: str) -> Callable[[str], object]:
+    """A match function for fsspec paths (`bucket/key`) with fsspec's glob semantics (`**` spans
+    folders, `*` stays within one). Raises ImportError without fsspec."""
+    from fsspec.utils import glob_translate
+
+    return re.compile(glob_translate(pattern)).match
 
 
 def iter_objects(url: ObjectUrl) -> Iterator[ObjectUrl]:
