@@ -124,23 +124,35 @@ import sys
 from worker.contract import InputError
 from worker.fetch import FetchPolicy, fetch
 try:
-    fetch(sys.argv[1], FetchPolicy.create(["s3://"], 10**7, 3))
+    print("ok", len(fetch(sys.argv[1], FetchPolicy.create(["s3://"], 10**7, 3))))
 except InputError as e:
     print(e.kind, e)
 """
 
 
+def fetch_in_a_fresh_process(ref: str, env: dict[str, str]) -> str:
+    """What `fetch` says in a new process configured by `env` alone (as a user configures kiln)."""
+    done = subprocess.run([sys.executable, "-c", FETCH_ONE, ref], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def test_a_silent_endpoint_meets_the_fetch_deadline(s3):
-    """An endpoint that accepts connections and never answers: fetch_failed at the deadline, in a
-    fresh process configured only by AWS_ENDPOINT_URL (as a user would point kiln at MinIO)."""
+    """An endpoint that accepts connections and never answers: fetch_failed at the deadline."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
-        env = python_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{silent.getsockname()[1]}")
-        command = [sys.executable, "-c", FETCH_ONE, "s3://bucket/cat.jpg"]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.stdout.startswith("fetch_failed "), done.stdout + done.stderr
-    assert "no complete answer within 3 s" in done.stdout
+        said = fetch_in_a_fresh_process(
+            "s3://bucket/cat.jpg", python_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        )
+    assert said.startswith("fetch_failed ") and "no complete answer within 3 s" in said, said
+
+
+def test_fsspec_config_also_sets_the_endpoint(s3, objects):
+    """FSSPEC_S3_ENDPOINT_URL (fsspec's configuration) instead of botocore's AWS_ENDPOINT_URL."""
+    env = python_env(FSSPEC_S3_ENDPOINT_URL=s3.env["AWS_ENDPOINT_URL"])
+    del env["AWS_ENDPOINT_URL"]
+    assert fetch_in_a_fresh_process(f"{ROOT}fetch/coffee.jpg", env) == f"ok {len(objects)}"
 
 
 def test_allowed_roots_setting_mixes_folders_and_object_prefixes(monkeypatch):

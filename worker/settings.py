@@ -95,7 +95,10 @@ class WorkerSettings(CommonSettings):
         "(format_refused) before its decoder runs",
     )
     fetch_timeout_s: float = Field(
-        default=30.0, gt=0, description="deadline of one whole http(s) fetch: connects, redirects, headers and body"
+        default=30.0,
+        gt=0,
+        description="deadline of one whole http(s) fetch (connects, redirects, headers and body) or object read "
+        "(retries included)",
     )
     fetch_allowed_networks: Annotated[list[str], NoDecode] = Field(
         default=[],
