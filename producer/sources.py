@@ -25,6 +25,7 @@ from worker.object_store import (
     iter_objects,
     object_scheme,
     split_object_url,
+    unsafe_segment,
 )
 
 # Every suffix a photo pipeline may hand us, also those a worker refuses by format (HEIC, PNM):
@@ -234,6 +235,26 @@ def default_job_id(items: list[Item]) -> str:
     with a separator let ["x", "y"] and ["x\\ny"] collide)."""
     digest = hashlib.sha256(json.dumps(sorted(i.key for i in items)).encode()).hexdigest()
     return f"job-{digest[:16]}"
+
+
+def object_roots(items: list[Item]) -> list[str]:
+    """The fewest object-store prefixes (`s3://bucket/folder/`) that contain every object reference
+    of the items (for the embedded worker, as local_roots). References the worker refuses anyway
+    (no key, an empty, "." or ".." segment) give none."""
+    folders = set()
+    for ref in (i.ref for i in items if object_scheme(i.ref) is not None):
+        try:
+            url = split_object_url(ref)
+        except ValueError:
+            continue
+        folder = url.key.rpartition("/")[0]
+        if url.key and (not folder or unsafe_segment(folder) is None):
+            folders.add(f"{url.scheme}://{url.bucket}/" + (folder + "/" if folder else ""))
+    roots: list[str] = []
+    for folder in sorted(folders):  # a prefix sorts before every prefix it contains
+        if not any(folder.startswith(root) for root in roots):
+            roots.append(folder)
+    return roots
 
 
 def local_roots(items: list[Item]) -> list[str]:

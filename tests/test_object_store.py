@@ -14,8 +14,8 @@ from conftest import SAMPLES, python_env
 from pydantic import ValidationError
 from s3_server import ALLOWED_PREFIX
 
-from producer.sources import SourceError, expand
-from worker.contract import InputError
+from producer.sources import SourceError, expand, object_roots
+from worker.contract import InputError, Item
 from worker.fetch import FetchPolicy, fetch
 from worker.object_store import ObjectUrl, iter_objects, walk_files
 from worker.settings import WorkerSettings
@@ -121,7 +121,6 @@ def _bytes_read() -> int:
 
 FETCH_ONE = """
 import sys
-from worker.contract import InputError
 from worker.fetch import FetchPolicy, fetch
 try:
     print("ok", len(fetch(sys.argv[1], FetchPolicy.create(["s3://"], 10**7, 3))))
@@ -236,6 +235,13 @@ def test_the_generic_walk_lists_folder_by_folder(tree, s3):
     ]  # fmt: skip
 
 
+def test_roots_for_the_embedded_worker():
+    items = [Item(key=r, ref=r) for r in ("s3://b/a/1.jpg", "s3://b/a/deep/2.jpg", "s3://b/top.jpg", "gs://c/x/3.jpg",
+             "s3://b/a//evil.jpg", "s3://b/../up.jpg", "/data/4.jpg", "https://example.org/5.jpg")]  # fmt: skip
+    assert object_roots(items) == ["gs://c/x/", "s3://b/"]
+    assert object_roots(items[:2]) == ["s3://b/a/"]
+
+
 # -- the whole path: producer -> Redis -> worker process -> records ----------------------------------
 
 
@@ -265,3 +271,16 @@ def test_a_worker_classifies_object_references(kiln, s3):
     }
     assert (counts.done, counts.failed) == (2, 4)
     assert "KILN_ALLOWED_ROOTS" in results["private/coffee.jpg"].error.message
+
+
+def test_the_embedded_mode_labels_an_s3_prefix(s3, lite0_package, tmp_path):
+    """`producer label s3://...` without KILN_REDIS_URL: its own worker may read exactly the
+    prefixes the inputs name."""
+    s3.put("embedded/coffee.jpg", SAMPLES / "coffee.jpg")
+    s3.put("embedded/more/chelsea.jpg", SAMPLES / "chelsea.jpg")
+    env = python_env(KILN_DATA_DIR=str(tmp_path / "data"), KILN_MODEL=str(lite0_package))
+    env.pop("KILN_REDIS_URL", None)
+    command = [sys.executable, "-m", "producer", "label", s3.url("embedded/"), "--out", str(tmp_path / "out.csv")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "2 labelled, 0 failed" in done.stderr, done.stderr
+    assert "espresso" in done.stdout
