@@ -61,8 +61,8 @@ class FetchPolicy:
 
 def fetch(ref: str, policy: FetchPolicy) -> bytes:
     """The bytes of one image reference (an absolute path, a `file://`, `http(s)://` or object-store
-    URL), at most `policy.max_bytes` of them. Raises InputError: `bad_ref`, `unsupported_ref`, `forbidden`,
-    `forbidden_address`, `not_found`, `too_large`, `fetch_failed`."""
+    URL), at most `policy.max_bytes` of them. Raises InputError: `bad_ref`, `unsupported_ref`,
+    `forbidden`, `forbidden_address`, `not_found`, `too_large`, `fetch_failed`."""
     if "://" not in ref:
         return _read_local(ref, policy)
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in ref):  # no URL holds raw control characters
@@ -177,8 +177,8 @@ def _read_object(ref: str, policy: FetchPolicy) -> bytes:
     from fsspec.exceptions import FSTimeoutError
 
     try:
-        # One ranged GET of at most max_bytes + 1 bytes: the cap holds without a size lookup first
-        # (a round trip per image), and an object growing in between cannot get past it.
+        # One ranged GET of at most max_bytes + 1 bytes: the cap holds whatever the object's size,
+        # without a size lookup first (a round trip more per image).
         data = sync(fs.loop, fs._cat_file, url.path, start=0, end=policy.max_bytes + 1, timeout=policy.timeout_s)
     except FileNotFoundError as e:
         raise InputError("not_found", f"{ref}: {e}") from None

@@ -113,9 +113,9 @@ def glob_matcher(pattern: str) -> Callable[[str], object]:
 
 
 def iter_objects(url: ObjectUrl) -> Iterator[ObjectUrl]:
-    """Every object under `url`, a folder-like prefix (`url.key` is "" or ends in "/"), lazily: on S3 one listing page
-    (1,000 keys) is in memory at a time, in key order; other stores are walked one folder at a
-    time, each folder sorted. Folder markers (keys ending in "/") are left out.
+    """Every object under `url`, a folder-like prefix (`url.key` is "" or ends in "/"), lazily: on
+    S3 one listing page (1,000 keys) is in memory at a time, in key order; other stores are walked
+    one folder at a time, each folder sorted. Folder markers (keys ending in "/") are left out.
     Raises FileNotFoundError (no such bucket), PermissionError, OSError."""
     fs = filesystem(url.scheme)
     if hasattr(fs, "_iterdir"):  # s3fs: ListObjectsV2 page by page
