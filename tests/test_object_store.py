@@ -121,6 +121,7 @@ def _bytes_read() -> int:
 
 FETCH_ONE = """
 import sys
+from worker.contract import InputError
 from worker.fetch import FetchPolicy, fetch
 try:
     print("ok", len(fetch(sys.argv[1], FetchPolicy.create(["s3://"], 10**7, 3))))
