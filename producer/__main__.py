@@ -15,7 +15,7 @@ from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure
 from producer.export import export_format, write_results
 from producer.faults import describe, mask_url
 from producer.settings import ProducerSettings, default_model_path
-from producer.sources import SourceError, expand, local_roots
+from producer.sources import SourceError, expand, local_roots, object_roots
 from worker.contract import Record
 
 EPILOG = """\
@@ -94,7 +94,8 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         else:
             model = args.model or settings.model or ensure_default_model(default_model_path())
             url = stack.enter_context(embedded_redis(settings.data_dir))
-            worker = LocalWorker(model, url, settings.data_dir / "worker.log", local_roots(expansion.items))
+            roots = local_roots(expansion.items) + object_roots(expansion.items)
+            worker = LocalWorker(model, url, settings.data_dir / "worker.log", roots)
             stack.callback(worker.stop)
             settings = settings.model_copy(update={"redis_url": url})
             check = worker.check

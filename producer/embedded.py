@@ -129,7 +129,7 @@ class LocalWorker:
     ) -> None:
         self.redis_url = redis_url
         self.log_path = log_path
-        roots = os.pathsep.join(map(str, allowed_roots))
+        roots = ",".join(map(str, allowed_roots))  # not os.pathsep: it is part of an s3:// root
         command = [sys.executable, "-m", "worker", "--model", str(model), "--redis-url", redis_url,
                    "--allowed-roots", roots, "--loglevel", "WARNING", *options]  # fmt: skip
         with open(log_path, "w") as log_file:  # the child keeps its own descriptor

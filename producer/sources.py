@@ -1,5 +1,6 @@
-"""Expand what a user points at (folders, globs, image files, URLs, CSV/JSONL manifests) into job
-items: a stable key (the record's identity, used to resume) and a reference a worker can fetch."""
+"""Expand what a user points at (folders, globs, image files, URLs, CSV/JSONL manifests, object-store
+prefixes and globs) into job items: a stable key (the record's identity, used to resume) and a
+reference a worker can fetch."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from worker.contract import Item
+from worker.object_store import (
+    OBJECT_SCHEMES,
+    ObjectUrl,
+    glob_matcher,
+    iter_objects,
+    object_scheme,
+    split_object_url,
+    unsafe_segment,
+)
 
 # Every suffix a photo pipeline may hand us, also those a worker refuses by format (HEIC, PNM):
 # such a file still gets a record saying why, instead of vanishing from the job.
@@ -25,7 +35,7 @@ IMAGE_SUFFIXES = {
     ".heic", ".heif", ".ppm", ".pgm", ".pbm",
 }  # fmt: skip
 MANIFEST_SUFFIXES = {".csv", ".jsonl", ".ndjson"}
-URL_PREFIXES = ("http://", "https://", "file://")
+URL_PREFIXES = ("http://", "https://", "file://", *(f"{scheme}://" for scheme in OBJECT_SCHEMES))
 REF_COLUMNS = ("ref", "path", "url", "uri", "file")
 KEY_COLUMNS = ("key", "id")
 
@@ -75,6 +85,9 @@ def expand(inputs: Iterable[str | Path]) -> Expansion:
 
 
 def _expand_one(source: str, skipped: Counter[str]) -> Iterator[tuple[Item, str]]:
+    if object_scheme(source) is not None:
+        yield from ((Item(key=ref, ref=ref), source) for ref in _objects(source, skipped))
+        return
     if source.startswith(URL_PREFIXES):
         yield Item(key=source, ref=source), source
         return
@@ -101,6 +114,35 @@ def _is_image(name: str, skipped: Counter[str]) -> bool:
         return True
     skipped[suffix] += 1
     return False
+
+
+def _objects(source: str, skipped: Counter[str]) -> Iterator[str]:
+    """The object URLs a source names, listed lazily: `s3://bucket/photos/` or `s3://bucket/photos`
+    (every image under the prefix `photos/`), a glob (`s3://bucket/photos/**/*.jpg`, listing from its
+    literal prefix `photos/`), or one image (`s3://bucket/photos/cat.jpg`, by its extension; the
+    worker finds out whether it exists)."""
+    try:
+        url = split_object_url(source)
+    except ValueError as e:
+        raise SourceError(str(e)) from None
+    if glob.has_magic(url.bucket):
+        raise SourceError(f"{source}: a glob in the bucket name would list every bucket; name the bucket")
+    if not glob.has_magic(url.key) and os.path.splitext(url.key)[1].lower() in IMAGE_SUFFIXES:
+        yield str(url)
+        return
+    try:
+        matches = None
+        if glob.has_magic(url.key):
+            matches = glob_matcher(url.path)
+            prefix = url.key[: next(i for i, c in enumerate(url.key) if c in "*?[")].rpartition("/")[0]
+        else:
+            prefix = url.key.rstrip("/")
+        folder = ObjectUrl(url.scheme, url.bucket, prefix + "/" if prefix else "")
+        for found in iter_objects(folder):
+            if (matches is None or matches(found.path)) and _is_image(found.key, skipped):
+                yield str(found)
+    except (OSError, ImportError, ValueError) as e:  # no such bucket, access denied, no s3fs, a bad glob
+        raise SourceError(f"{source}: {e}") from None
 
 
 def _images_under(folder: str, skipped: Counter[str]) -> list[str]:
@@ -193,6 +235,26 @@ def default_job_id(items: list[Item]) -> str:
     with a separator let ["x", "y"] and ["x\\ny"] collide)."""
     digest = hashlib.sha256(json.dumps(sorted(i.key for i in items)).encode()).hexdigest()
     return f"job-{digest[:16]}"
+
+
+def object_roots(items: list[Item]) -> list[str]:
+    """The fewest object-store prefixes (`s3://bucket/folder/`) that contain every object reference
+    of the items (for the embedded worker, as local_roots). References the worker refuses anyway
+    (no key, an empty, "." or ".." segment) give none."""
+    folders = set()
+    for ref in (i.ref for i in items if object_scheme(i.ref) is not None):
+        try:
+            url = split_object_url(ref)
+        except ValueError:
+            continue
+        folder = url.key.rpartition("/")[0]
+        if url.key and (not folder or unsafe_segment(folder) is None):
+            folders.add(f"{url.scheme}://{url.bucket}/" + (folder + "/" if folder else ""))
+    roots: list[str] = []
+    for folder in sorted(folders):  # a prefix sorts before every prefix it contains
+        if not any(folder.startswith(root) for root in roots):
+            roots.append(folder)
+    return roots
 
 
 def local_roots(items: list[Item]) -> list[str]:

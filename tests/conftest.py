@@ -80,14 +80,33 @@ def work_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lite0_worker(redis_url, lite0_package, work_dir, tmp_path_factory):
-    """A real `python -m worker` process serving Lite0 from the session's Redis, warmed up."""
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto, a child process) on loopback with the bucket `kiln-test`,
+    for the whole session. Its credentials and endpoint are set in this process's standard AWS
+    environment (so s3fs here reaches it) and given to the session's worker; `s3.put(key, data)`
+    writes an object and returns its s3:// URL."""
+    from s3_server import serve_s3
+
+    with serve_s3(tmp_path_factory.mktemp("s3") / "moto.log") as server, pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            patch.delenv(name, raising=False)
+        for name, value in server.env.items():
+            patch.setenv(name, value)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def lite0_worker(redis_url, lite0_package, work_dir, s3, tmp_path_factory):
+    """A real `python -m worker` process serving Lite0 from the session's Redis, warmed up. It may
+    read the samples, `work_dir` and objects under s3://kiln-test/allowed/ on the `s3` server."""
+    from s3_server import ALLOWED_PREFIX
+
     from producer import Kiln
     from producer.embedded import LocalWorker
 
     worker = LocalWorker(
-        lite0_package, redis_url, tmp_path_factory.mktemp("logs") / "worker.log", [SAMPLES, work_dir],
-        options=["--loglevel", "INFO"],
+        lite0_package, redis_url, tmp_path_factory.mktemp("logs") / "worker.log",
+        [SAMPLES, work_dir, s3.url(ALLOWED_PREFIX)], options=["--loglevel", "INFO"],
         env=python_env(KILN_ONLINE_FLUSH_MS="50", KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32"),  # the test server
     )  # fmt: skip
     try:

@@ -26,9 +26,9 @@ ErrorKind = Literal[
     "bad_message",  # the task message failed validation
     "bad_ref",  # a malformed reference: a NUL or control character, an unparsable URL
     "unsupported_ref",  # a reference kiln cannot fetch (unknown scheme, a redirect to one, a relative path)
-    "forbidden",  # a local path outside the worker's allowed roots, or a symlink swapped in while opening
+    "forbidden",  # a path or object outside the allowed roots, a symlink swapped in while opening, access denied
     "forbidden_address",  # an http(s) fetch or redirect to a loopback/private/link-local address not allowed
-    "not_found",  # a local file that does not exist
+    "not_found",  # a local file, object or bucket that does not exist
     "fetch_failed",  # network or I/O error while fetching
     "too_large",  # over the byte cap, or over the pixel cap (decompression bomb)
     "not_an_image",  # bytes that no image decoder recognises

@@ -1,4 +1,5 @@
-"""Turn an image reference into bytes: local paths under allowed roots, `file://`, `http(s)://`.
+"""Turn an image reference into bytes: local paths under allowed roots, `file://`, `http(s)://`,
+and object stores (`s3://` and the other schemes of worker.object_store) under allowed roots.
 
 Every failure is an `InputError` with a kind, so it becomes that image's record and nothing else.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from worker.beneath import open_beneath
 from worker.contract import InputError
+from worker.object_store import OBJECT_SCHEMES, filesystem, parse_root, split_object_url, unsafe_segment
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -31,14 +33,16 @@ HTTP_SCHEMES = ("http", "https")
 @dataclass(frozen=True)
 class FetchPolicy:
     """What a worker is willing to read. Local files are refused unless they lie under one of
-    `allowed_roots`, and http(s) fetches unless they reach a public address or one inside
-    `allowed_networks`: a queue message must not make a worker read any file or reach any service
-    it likes (Redis on loopback, a cloud metadata endpoint on a link-local address)."""
+    `allowed_roots`, objects unless they lie under one of `object_roots`, and http(s) fetches unless
+    they reach a public address or one inside `allowed_networks`: a queue message must not make a
+    worker read any file or bucket or reach any service it likes (Redis on loopback, a cloud
+    metadata endpoint on a link-local address)."""
 
     allowed_roots: tuple[str, ...] = ()  # resolved, with a trailing separator: compared as prefixes
     max_bytes: int = 32 * 1024 * 1024
     timeout_s: float = 30.0  # the whole fetch: connects, redirects, headers and body
     allowed_networks: tuple[Network, ...] = field(default=())
+    object_roots: tuple[str, ...] = ()  # object_store.parse_root forms: compared as prefixes
 
     @classmethod
     def create(
@@ -48,15 +52,18 @@ class FetchPolicy:
         timeout_s: float,
         allowed_networks: list[str] | tuple[str, ...] = (),
     ) -> FetchPolicy:
-        roots = tuple(os.path.join(os.path.realpath(r), "") for r in allowed_roots)
+        """`allowed_roots` mixes folders and object-store roots (`s3://bucket/prefix/`).
+        Raises ValueError for a malformed object-store root or network."""
+        local = tuple(os.path.join(os.path.realpath(r), "") for r in allowed_roots if "://" not in r)
+        objects = tuple(parse_root(r) for r in allowed_roots if "://" in r)
         networks = tuple(ipaddress.ip_network(n, strict=False) for n in allowed_networks)
-        return cls(roots, max_bytes, timeout_s, networks)
+        return cls(local, max_bytes, timeout_s, networks, objects)
 
 
 def fetch(ref: str, policy: FetchPolicy) -> bytes:
-    """The bytes of one image reference (an absolute path, `file://` or `http(s)://` URL), at most
-    `policy.max_bytes` of them. Raises InputError: `bad_ref`, `unsupported_ref`, `forbidden`,
-    `forbidden_address`, `not_found`, `too_large`, `fetch_failed`."""
+    """The bytes of one image reference (an absolute path, a `file://`, `http(s)://` or object-store
+    URL), at most `policy.max_bytes` of them. Raises InputError: `bad_ref`, `unsupported_ref`,
+    `forbidden`, `forbidden_address`, `not_found`, `too_large`, `fetch_failed`."""
     if "://" not in ref:
         return _read_local(ref, policy)
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in ref):  # no URL holds raw control characters
@@ -71,7 +78,13 @@ def fetch(ref: str, policy: FetchPolicy) -> bytes:
         return _fetch_http(ref, policy)
     if scheme == "file":
         return _read_local(path, policy)
-    raise InputError("unsupported_ref", f"unsupported reference scheme {scheme!r}: use a path, file:// or http(s)://")
+    if scheme in OBJECT_SCHEMES:
+        return _read_object(ref, policy)
+    raise InputError(
+        "unsupported_ref",
+        f"unsupported reference scheme {scheme!r}: use a path, file://, http(s):// or one of "
+        + ", ".join(s + "://" for s in OBJECT_SCHEMES),
+    )
 
 
 # -- local files ----------------------------------------------------------------------------------
@@ -149,6 +162,60 @@ def _open_beneath(root: str, parts: list[str]) -> int:
         return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+# -- object stores --------------------------------------------------------------------------------
+
+
+def _read_object(ref: str, policy: FetchPolicy) -> bytes:
+    try:
+        url = split_object_url(ref)
+    except ValueError as e:
+        raise InputError("bad_ref", str(e)) from None
+    if not url.key:
+        raise InputError("bad_ref", f"{ref} names a bucket, not an object")
+    segment = unsafe_segment(url.key)
+    if segment is not None:
+        raise InputError(
+            "forbidden", f"{ref}: the key holds a {segment!r} segment, which stores resolve differently; refused"
+        )
+    if not any(str(url).startswith(root) for root in policy.object_roots):
+        roots = ", ".join(policy.object_roots) or "none configured"
+        raise InputError("forbidden", f"{ref} is outside the worker's allowed roots ({roots}); see KILN_ALLOWED_ROOTS")
+    try:
+        fs = filesystem(url.scheme)
+    except ImportError as e:
+        raise InputError("unsupported_ref", str(e)) from None
+    from fsspec.asyn import sync
+    from fsspec.exceptions import FSTimeoutError
+
+    try:
+        # One ranged GET of at most max_bytes + 1 bytes: the cap holds whatever the object's size,
+        # without a size lookup first (a round trip more per image).
+        data = sync(fs.loop, fs._cat_file, url.path, start=0, end=policy.max_bytes + 1, timeout=policy.timeout_s)
+    except FileNotFoundError as e:
+        raise InputError("not_found", f"{ref}: {e}") from None
+    except PermissionError as e:
+        raise InputError(
+            "forbidden",
+            f"{ref}: the store refused access ({e}); S3 also answers so for a missing key when the credentials "
+            "may not list the bucket",
+        ) from None
+    except (FSTimeoutError, TimeoutError):
+        raise InputError("fetch_failed", f"{ref}: no complete answer within {policy.timeout_s:g} s") from None
+    except Exception as e:  # botocore's and the other stores' errors share no base class but Exception
+        if _range_past_end(e):  # an empty object: a range starting at 0 lies past its end
+            return b""
+        raise InputError("fetch_failed", f"{ref}: {type(e).__name__}: {e}") from None
+    if len(data) > policy.max_bytes:
+        raise InputError("too_large", f"{ref} is over the limit of {policy.max_bytes} bytes")
+    return data
+
+
+def _range_past_end(error: Exception) -> bool:
+    """Whether a store answered a ranged read with 416 (S3's InvalidRange): the object is empty."""
+    response = getattr(error.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") == "InvalidRange"
 
 
 # -- http(s) --------------------------------------------------------------------------------------

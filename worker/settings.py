@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.object_store import parse_root
+
 # What a photo pipeline needs (Pillow's names). Every other format Pillow knows (EPS runs
 # Ghostscript, PSD, FITS, ICO, ...) is refused before its plugin parses anything.
 DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
@@ -67,8 +69,9 @@ class WorkerSettings(CommonSettings):
     )
     allowed_roots: Annotated[list[str], NoDecode] = Field(
         default=[],
-        description="folders (os.pathsep- or comma-separated) whose files jobs may reference; other local paths "
-        "are refused",
+        description="folders (os.pathsep- or comma-separated) whose files jobs may reference, and object-store "
+        "roots (comma-separated: s3://bucket/prefix/, s3://bucket/, s3:// for every bucket); other local paths "
+        "and objects are refused",
     )
     max_image_bytes: int = Field(default=32 * 1024 * 1024, ge=1, description="largest image file or download")
     max_image_pixels: int = Field(
@@ -92,7 +95,10 @@ class WorkerSettings(CommonSettings):
         "(format_refused) before its decoder runs",
     )
     fetch_timeout_s: float = Field(
-        default=30.0, gt=0, description="deadline of one whole http(s) fetch: connects, redirects, headers and body"
+        default=30.0,
+        gt=0,
+        description="deadline of one whole http(s) fetch (connects, redirects, headers and body) or object read "
+        "(retries included)",
     )
     fetch_allowed_networks: Annotated[list[str], NoDecode] = Field(
         default=[],
@@ -167,7 +173,23 @@ class WorkerSettings(CommonSettings):
             ipaddress.ip_network(network.strip(), strict=False)  # ValueError names the bad one
         return [network.strip() for network in value]
 
-    @field_validator("queues", "allowed_roots", "fetch_allowed_networks", mode="before")
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):  # a URL's "://" holds os.pathsep: split URLs by commas only
+            pieces = [p.strip() for p in value.split(",")]
+            return [part for p in pieces for part in ([p] if "://" in p else p.split(os.pathsep)) if part]
+        return value
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _object_roots(cls, value: list[str]) -> list[str]:
+        for root in value:
+            if "://" in root:
+                parse_root(root)  # ValueError names the bad one
+        return value
+
+    @field_validator("queues", "fetch_allowed_networks", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
