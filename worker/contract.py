@@ -7,7 +7,10 @@ record, instead of guessing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -71,6 +74,22 @@ class Item(BaseModel):
     ref: Annotated[str, StringConstraints(min_length=1, max_length=8192)]
 
 
+ChunkId = Annotated[str, StringConstraints(pattern=r"^[0-9]{9}-[0-9a-f]{8}$")]
+
+
+def chunk_id(index: int, items: Sequence[Item]) -> str:
+    """A chunk's deterministic id, e.g. "000000123-3f9a1c2b": its index in the job's listing, then
+    the first 8 hex digits of the SHA-256 of the JSON list of its [key, ref] pairs. The same inputs
+    chunked the same way give the same ids (resume); other content at that index, another id."""
+    digest = hashlib.sha256(json.dumps([[item.key, item.ref] for item in items]).encode()).hexdigest()
+    return f"{index:09d}-{digest[:8]}"
+
+
+def shard_name(job: str, chunk: str) -> str:
+    """Where a chunk's records go in sharded mode, relative to the job's out_dir."""
+    return f"{job}/part-{chunk}.parquet"
+
+
 class ChunkMessage(BaseModel):
     """Bulk work: many image references of one job, classified in batches by one worker."""
 
@@ -80,6 +99,8 @@ class ChunkMessage(BaseModel):
     job: JobId
     items: list[Item] = Field(min_length=1, max_length=100_000)
     topk: int = Field(default=5, ge=1, le=1000)
+    chunk: ChunkId | None = None  # deterministic chunk id (sharded mode)
+    out_dir: str | None = None  # set => sharded mode for this chunk
 
 
 class OnlineMessage(BaseModel):
