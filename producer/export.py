@@ -19,9 +19,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from worker.contract import Record
+from worker.records import arrow_schema, columns, flat_row
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-BATCH_ROWS = 10_000  # rows converted and written at once: a few MB
+BATCH_ROWS = 2_000  # rows converted and written at once: a few MB at most
 
 
 def export_format(path: Path) -> str:
@@ -33,7 +34,8 @@ def export_format(path: Path) -> str:
 
 def write_results(records: Iterable[Record], path: Path, topk: int = 5, sort: bool = True) -> int:
     """Write records (sorted by key if `sort`, which holds them all; else as they come, in
-    bounded memory); return how many. JSONL holds whole records, CSV and Parquet `flat_row`s."""
+    bounded memory); return how many. JSONL holds whole records, CSV and Parquet `flat_row`s
+    (worker/records.py: the shards' schema too)."""
     fmt = export_format(path)
     if sort:
         records = sorted(records, key=lambda r: r.key)
@@ -42,9 +44,9 @@ def write_results(records: Iterable[Record], path: Path, topk: int = 5, sort: bo
             return _write_rows(tmp, fmt, (r.model_dump(mode="json", exclude_none=True) for r in records), [])
         rows = (flat_row(r, topk) for r in records)
         if fmt == "csv":
-            return _write_rows(tmp, fmt, rows, list(flat_row(Record(job="", key="", status="ok"), topk)))
+            return _write_rows(tmp, fmt, rows, columns(topk))
         pa, _, _ = _pyarrow()
-        schema = flat_schema(topk)
+        schema = arrow_schema(topk)
         return _write_parquet(tmp, schema, (pa.RecordBatch.from_pylist(b, schema=schema) for b in _batched(rows)))
 
 
@@ -72,29 +74,6 @@ def shards(folder: str):
     if not files:
         raise ValueError(f"{folder}: no Parquet shards there (has a worker completed a chunk of the job yet?)")
     return ds.dataset(files, format="parquet", filesystem=fs)
-
-
-def flat_row(record: Record, topk: int) -> dict[str, object]:
-    """One record as flat columns: top-k labels and scores side by side, then the error if any."""
-    row: dict[str, object] = {"key": record.key, "ref": record.ref, "status": record.status}
-    for rank in range(topk):
-        label = record.topk[rank] if rank < len(record.topk) else None
-        row[f"label_{rank + 1}"] = label.label if label else None
-        row[f"score_{rank + 1}"] = round(label.score, 6) if label else None
-    row["error_kind"] = record.error.kind if record.error else None
-    row["error"] = record.error.message if record.error else None
-    row["model"] = record.model
-    row["worker"] = record.worker
-    return row
-
-
-def flat_schema(topk: int):
-    """The Arrow schema of `flat_row` (every column nullable; scores float64)."""
-    pa, _, _ = _pyarrow()
-    kinds = (("label", pa.string()), ("score", pa.float64()))
-    ranks = [(f"{kind}_{rank + 1}", t) for rank in range(topk) for kind, t in kinds]
-    names = [("key", pa.string()), ("ref", pa.string()), ("status", pa.string()), *ranks]
-    return pa.schema(names + [(name, pa.string()) for name in ("error_kind", "error", "model", "worker")])
 
 
 @contextlib.contextmanager

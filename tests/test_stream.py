@@ -14,6 +14,7 @@ import tracemalloc
 from collections import Counter
 
 import pyarrow as pa
+import pyarrow.dataset
 import pyarrow.parquet as pq
 import pytest
 import redis
@@ -24,10 +25,10 @@ from test_producer_faults import Background, queued_images
 from producer import Item, JobProgress, Kiln, SourceError, iter_items
 from producer import client as client_module
 from producer.embedded import LocalWorker
-from producer.export import flat_row, flat_schema
 from producer.settings import ProducerSettings
 from producer.sources import inputs_job_id
 from worker.contract import BULK_QUEUE, Record, chunk_id, shard_name
+from worker.records import arrow_schema, flat_row
 from worker.store import ResultStore
 
 SHARDED = pytest.mark.skipif(
@@ -209,16 +210,19 @@ def test_export_streams_in_bounded_memory(kiln, tmp_path, monkeypatch):
     as_list = list(kiln.store.records("big-export"))
     in_memory = tracemalloc.get_traced_memory()[0] - base
     del as_list
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    written = {fmt: kiln.export("big-export", tmp_path / f"out.{fmt}") for fmt in ("jsonl", "csv", "parquet")}
-    peak = tracemalloc.get_traced_memory()[1] - base
+    written, peaks = {}, {}
+    for fmt in ("jsonl", "csv", "parquet"):
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        written[fmt] = kiln.export("big-export", tmp_path / f"out.{fmt}")
+        peaks[fmt] = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
+    peak = max(peaks.values())
     assert written == {"jsonl": n, "csv": n, "parquet": n}
     keys = [json.loads(line)["key"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert sorted(keys) == [r.key for r in records]
     assert sorted(pq.read_table(tmp_path / "out.parquet").column("key").to_pylist()) == sorted(keys)
-    print(f"export peak {peak / 1e6:.1f} MB; the records in a list: {in_memory / 1e6:.1f} MB")
+    print(f"export peaks { ({f: round(p / 1e6, 1) for f, p in peaks.items()}) } MB; a list: {in_memory / 1e6:.1f} MB")
     assert peak < in_memory / 2, (peak, in_memory)
 
 
@@ -226,7 +230,7 @@ def write_shard(folder, job: str, index: int, records: list[Record], topk: int =
     path = folder / shard_name(job, chunk_id(index, [Item(key=r.key, ref=r.ref) for r in records]))
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = sorted((flat_row(r, topk) for r in records), key=lambda row: row["key"])
-    pq.write_table(pa.Table.from_pylist(rows, schema=flat_schema(topk)), path)
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(topk)), path)
 
 
 def test_export_of_shards_reads_them_in_chunk_order(tmp_path):

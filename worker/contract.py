@@ -78,20 +78,26 @@ ChunkId = Annotated[str, StringConstraints(pattern=r"^[0-9]{9}-[0-9a-f]{8}$")]
 
 
 def chunk_id(index: int, items: Sequence[Item]) -> str:
-    """A chunk's deterministic id, e.g. "000000123-3f9a1c2b": its index in the job's listing, then
-    the first 8 hex digits of the SHA-256 of the JSON list of its [key, ref] pairs. The same inputs
-    chunked the same way give the same ids (resume); other content at that index, another id."""
-    digest = hashlib.sha256(json.dumps([[item.key, item.ref] for item in items]).encode()).hexdigest()
-    return f"{index:09d}-{digest[:8]}"
+    """A chunk's id: its position in the job (0 <= index < 10**9) and the first 8 hex digits of a
+    SHA-256 over its (key, ref) pairs as a JSON list. The same inputs chunked the same way give the
+    same ids (so a resumed job finds its written shards); other content at an index, another id.
+    Raises ValueError for an index outside the range."""
+    if not 0 <= index < 10**9:
+        raise ValueError(f"chunk index {index} outside 0..999999999")
+    pairs = json.dumps([[item.key, item.ref] for item in items])
+    return f"{index:09d}-{hashlib.sha256(pairs.encode()).hexdigest()[:8]}"
 
 
 def shard_name(job: str, chunk: str) -> str:
-    """Where a chunk's records go in sharded mode, relative to the job's out_dir."""
+    """Where a chunk's Parquet shard lives, relative to the job's out_dir: `{job}/part-{chunk}.parquet`."""
     return f"{job}/part-{chunk}.parquet"
 
 
 class ChunkMessage(BaseModel):
-    """Bulk work: many image references of one job, classified in batches by one worker."""
+    """Bulk work: many image references of one job, classified in batches by one worker.
+
+    With `out_dir` (a folder or an fsspec URL such as s3://bucket/prefix) and `chunk`, the chunk's
+    records go to one Parquet shard, `out_dir/shard_name(job, chunk)`, instead of the Redis store."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -99,8 +105,16 @@ class ChunkMessage(BaseModel):
     job: JobId
     items: list[Item] = Field(min_length=1, max_length=100_000)
     topk: int = Field(default=5, ge=1, le=1000)
-    chunk: ChunkId | None = None  # deterministic chunk id (sharded mode)
-    out_dir: str | None = None  # set => sharded mode for this chunk
+    chunk: ChunkId | None = None
+    out_dir: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+
+    @model_validator(mode="after")
+    def _sharded(self) -> ChunkMessage:
+        if (self.chunk is None) != (self.out_dir is None):
+            raise ValueError("give both chunk and out_dir (sharded output), or neither")
+        if self.out_dir is not None and self.job in (".", ".."):
+            raise ValueError(f"job {self.job!r} cannot name a folder of out_dir")
+        return self
 
 
 class OnlineMessage(BaseModel):
