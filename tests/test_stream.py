@@ -5,6 +5,7 @@ the sink's side merged: the `scale` branch) sharded jobs that resume by chunk.""
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import os
 import shutil
@@ -373,3 +374,24 @@ def test_chunk_ids_are_deterministic():
     assert chunk_id(3, a) != chunk_id(4, a) and chunk_id(3, a) != chunk_id(3, a[:1])
     assert chunk_id(3, a) != chunk_id(3, [Item(key="a", ref="/other.jpg"), a[1]])
     assert shard_name("j", chunk_id(0, a)).startswith("j/part-000000000-")
+
+
+@SHARDED
+def test_label_with_out_dir_writes_shards_and_resumes(lite0_worker, work_dir, tmp_path):
+    """Needs the `scale` branch. `label --out-dir` as a user runs it: shards under URL/JOB/, the
+    results file read from them, and a second run that finds every chunk done."""
+    folder = work_dir / "cli-sharded"
+    folder.mkdir()
+    for name in ("coffee", "chelsea", "rocket"):
+        shutil.copy(SAMPLES / f"{name}.jpg", folder)
+    env = {"KILN_REDIS_URL": lite0_worker.redis_url, "KILN_CHUNK_SIZE": "2"}
+    out_dir, out = tmp_path / "labels", tmp_path / "labels.csv"
+    args = ["label", str(folder), "--job", "cli-sharded", "--out-dir", str(out_dir), "--out", str(out), "--no-progress"]
+    first = producer(*args, **env)
+    assert first.returncode == 0, first.stderr
+    assert f"shards in {out_dir}/cli-sharded/" in first.stderr and "3 labelled, 0 failed" in first.stderr
+    assert len(list((out_dir / "cli-sharded").glob("part-*.parquet"))) == 2
+    rows = {row["key"].rsplit("/", 1)[1]: row["label_1"] for row in csv.DictReader(out.open())}
+    assert rows["coffee.jpg"] == "espresso" and len(rows) == 3
+    second = producer(*args, **env)
+    assert second.returncode == 0 and "3 images (3 already done)" in second.stderr, second.stderr
