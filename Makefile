@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.kiln-installed
 MODEL := models/efficientnet_lite0-cpu-float32.pt2
 
-.PHONY: demo test test-fast lint bench system-deps docker-engine clean
+.PHONY: demo test test-fast lint bench bench-compare system-deps docker-engine clean
 
 # torch and torchvision are pinned to the releases this project is built and tested with.
 $(INSTALLED): pyproject.toml
@@ -49,5 +49,9 @@ bench: $(INSTALLED)
 	$(PY) bench/runtime.py
 	$(PY) bench/pipeline.py
 
+## kiln vs Ray Data (bench/compare.py creates Ray's own venv, bench/.venv-ray, on its first run).
+bench-compare: $(INSTALLED)
+	$(PY) bench/compare.py
+
 clean:
-	rm -rf $(VENV) build models out .pytest_cache
+	rm -rf $(VENV) build models out .pytest_cache bench/.venv-ray

@@ -8,7 +8,9 @@ exit codes are theirs: `kiln build ...` is `python -m compile build ...`, `kiln 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 # subcommand -> (module whose main() runs it, arguments put first, one-line summary)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -25,7 +27,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: kiln COMMAND [ARGS...]   (kiln COMMAND --help explains each)", "", "commands:"]
+    lines = ["usage: kiln COMMAND [ARGS...]   (kiln COMMAND --help explains each; kiln --version)", "", "commands:"]
     lines += [f"  {name:9s} {summary}" for name, (_, _, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -35,12 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version", "version"):
+        try:
+            print(f"kiln {version('kiln')}")
+        except PackageNotFoundError:
+            print("kiln (not installed: run from a checkout)")
+        return 0
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command
-    return importlib.import_module(module).main([*first, *argv[1:]])
+    try:
+        return importlib.import_module(module).main([*first, *argv[1:]])
+    except BrokenPipeError:
+        # The reader went away (`kiln models | head`): not an error of kiln's. Python would print a
+        # traceback flushing stdout at exit, so stdout is pointed at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

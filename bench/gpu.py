@@ -295,15 +295,20 @@ def _worker(package: str, url: str, roots: list[Path], log: Path, env_extra: dic
     return LocalWorker(Path(package), url, log, roots, ["--loglevel", "INFO"], env=env)
 
 
-def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300) -> dict:
+def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repeat: int = 1) -> dict:
+    """One job of every image in `folder`, `repeat` times under distinct keys (a job long enough
+    that submitting it and its last batch do not dominate), through Redis and the workers."""
     import uuid
 
     from bench.pipeline import _kiln
+    from worker.contract import Item
 
     job = f"gpu-{uuid.uuid4().hex[:10]}"
+    files = sorted(str(f) for f in folder.rglob("*") if f.is_file())
+    items = [Item(key=f"{copy}:{f}", ref=f) for copy in range(repeat) for f in files]
     with _kiln(url, chunk_size=128) as kiln:
         started = time.perf_counter()
-        submitted = kiln.submit([folder], job=job, topk=5)
+        submitted = kiln.submit(items, job=job, topk=5)
         counts = kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
         seconds = time.perf_counter() - started
         kinds: dict[str, int] = {}
@@ -333,25 +338,36 @@ def plan_line(log: Path) -> str:
     return lines[-1].split("] ", 1)[-1] if lines else "(no plan logged)"
 
 
-def bench_e2e(package: str, folders: dict[str, Path], workdir: Path) -> dict:
+def bench_e2e(
+    package: str, folders: dict[str, Path], workdir: Path, variants: dict[str, dict[str, str]], repeat: int
+) -> dict:
+    """Default settings on every folder, then each variant (worker environment) on the first;
+    the first folder's images `repeat` times (it is the fast one)."""
     from producer.embedded import embedded_redis
 
-    results = {}
+    results: dict = {}
     with embedded_redis(workdir / "redis", persist=False) as url:
-        worker = _worker(package, url, list(folders.values()), workdir / "worker-e2e.log")
-        try:
-            started = time.perf_counter()
-            warm(url, folders["640x480"], [worker])
-            results["worker_ready_and_warm_s"] = time.perf_counter() - started
-            results["plan"] = plan_line(worker.log_path)
-            print(f"  {results['plan']}", flush=True)
-            for name, folder in folders.items():
-                row = e2e_rate(url, folder, [worker])
-                results[name] = row
-                print(f"  e2e {name}: {row['images_per_s']:,.0f} img/s ({row['images']} images, {row['failed']} "
-                      f"failed {row['failed_kinds']}), median ms {row['median_ms']}", flush=True)  # fmt: skip
-        finally:
-            worker.stop()
+        for variant, env in {"default": {}, **variants}.items():
+            log = workdir / f"worker-e2e-{variant}.log"
+            worker = _worker(package, url, list(folders.values()), log, env)
+            try:
+                started = time.perf_counter()
+                warm(url, next(iter(folders.values())), [worker])
+                row: dict = {"env": env, "ready_and_warm_s": time.perf_counter() - started, "plan": plan_line(log)}
+                print(f"  {variant}: {row['plan']}", flush=True)
+                for index, (name, folder) in enumerate(folders.items()):
+                    if index and variant != "default":
+                        break
+                    row[name] = e2e_rate(url, folder, [worker], repeat=1 if index else repeat)
+                    print(f"  e2e {variant} {name}: {row[name]['images_per_s']:,.0f} img/s ({row[name]['images']} "
+                          f"images, {row[name]['failed']} failed {row[name]['failed_kinds']}), median ms "
+                          f"{row[name]['median_ms']}", flush=True)  # fmt: skip
+            finally:
+                worker.stop()
+            if variant == "default":
+                results.update(row)
+            else:
+                results.setdefault("variants", {})[variant] = row
     return results
 
 
@@ -470,6 +486,8 @@ def summarise(results: dict) -> list[str]:
                 f"{name}: kiln {rate:,.0f} img/s; ceilings: GPU decode {gpu:,.0f}, CPU {cpu:,.0f} "
                 f"-> {rate / max(gpu, cpu):.2f}x the better one, {rate / (gpu + cpu):.2f}x their sum"
             )
+    for variant, row in e2e.get("variants", {}).items():
+        lines.append(f"640x480, {variant} ({row['env']}): kiln {row['640x480']['images_per_s']:,.0f} img/s")
     if "mixed" in e2e:
         lines.append(f"mixed folder: kiln {e2e['mixed']['images_per_s']:,.0f} img/s")
     if "gpus" in results and "ratio" in results["gpus"]:
@@ -487,9 +505,23 @@ def main() -> None:
     parser.add_argument("--small-images", type=int, default=8192)
     parser.add_argument("--large-images", type=int, default=384)
     parser.add_argument("--mixed-images", type=int, default=2048)
+    parser.add_argument(
+        "--repeat", type=int, default=4, help="end to end: each 640x480 image this many times, under distinct keys"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-h200.json")
+    parser.add_argument(
+        "--e2e-variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE,...",
+        help="also run the worker with these environment settings on the 640x480 folder (repeatable)",
+    )
     args = parser.parse_args()
+    variants = {
+        name: dict(pair.split("=", 1) for pair in assignments.split(",") if pair)
+        for name, _, assignments in (v.partition(":") for v in args.e2e_variant)
+    }
     if args.wheels:
         install_wheels(args.wheels)
     from worker.cxx_runtime import ensure_cxx_runtime
@@ -538,7 +570,9 @@ def main() -> None:
     section(
         "e2e",
         lambda: {
-            **bench_e2e(resnet18, {"640x480": small, "4000x3000": large, "mixed": mixed}, workdir),
+            **bench_e2e(
+                resnet18, {"640x480": small, "4000x3000": large, "mixed": mixed}, workdir, variants, args.repeat
+            ),
             "in_process_640x480": bench_in_process(resnet18, small, workdir),
         },
     )

@@ -225,14 +225,16 @@ def self_cpu_s() -> float:
 class Ceiling:
     """The worker's decode + model loop, in this process, over the whole data set as one stream."""
 
-    def __init__(self, package: Path, roots: list[Path], fetch_threads: int) -> None:
+    def __init__(self, package: Path, roots: list[Path], fetch_threads: int, runtime=None) -> None:
+        """`runtime`: a `worker.runtime.ModelRuntime` to run instead of the package (bench/compare.py
+        passes one around the eager model); default: the package, loaded here."""
         from worker.fetch import FetchPolicy
         from worker.pipeline import Pipeline, PipelineConfig
         from worker.runtime import load_runtime
         from worker.settings import WorkerSettings
 
         defaults = WorkerSettings(_env_file=None)
-        runtime = load_runtime(package)
+        runtime = runtime or load_runtime(package)
         policy = FetchPolicy.create([str(r) for r in roots], defaults.max_image_bytes, defaults.fetch_timeout_s)
         config = PipelineConfig(
             policy=policy,

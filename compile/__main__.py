@@ -22,6 +22,15 @@ examples:
 """
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one to show: not "None" beside a default the help explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "[default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m compile",
@@ -33,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser(
-        "build", help="compile a model into a .pt2", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "build",
+        help="compile a model into a .pt2",
+        description="Compile a model into a .pt2 package, check it against the eager model, and write it.",
+        formatter_class=_DefaultsHelp,
     )
     build.add_argument(
         "model",
@@ -60,13 +72,24 @@ def _parser() -> argparse.ArgumentParser:
     prep = build.add_argument_group("preprocessing (defaults: the model's own; ImageNet's for others)")
     prep.add_argument("--resize", type=int, help="short side after resizing")
     prep.add_argument("--crop", type=int, help="centre crop side")
-    prep.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"])
+    prep.add_argument(
+        "--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], help="resize filter (Pillow's)"
+    )
     prep.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean, 0..255 units")
     prep.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel std, 0..255 units")
 
-    inspect = commands.add_parser("inspect", help="print a package's manifest as JSON")
-    inspect.add_argument("package", type=Path)
-    commands.add_parser("models", help="list the model names `build` accepts")
+    inspect = commands.add_parser(
+        "inspect",
+        help="print a package's manifest as JSON",
+        description="Print the manifest stored in a .pt2 package (model, weights digest, labels, "
+        "preprocessing, batch range, device, versions) as JSON.",
+    )
+    inspect.add_argument("package", type=Path, help="the .pt2 package to read")
+    commands.add_parser(
+        "models",
+        help="list the model names `build` accepts",
+        description="List the model names `build` accepts: kiln's own and torchvision's classifiers.",
+    )
     return parser
 
 

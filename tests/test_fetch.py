@@ -162,3 +162,24 @@ def test_a_symlink_swapped_in_during_reads_never_leads_outside(tmp_path):
     assert b"SECRET" not in outcomes
     assert b"inside" in outcomes and "forbidden" in outcomes  # the swaps did happen during the reads
     assert set(outcomes) <= {b"inside", "forbidden", "not_found", "fetch_failed"}
+
+
+def test_the_one_call_open_stays_beneath_its_root(tmp_path):
+    """worker/beneath.py, the fast path: links that stay inside the root open; `..` above it and
+    links out of it do not (the checked path then refuses them, with the reason)."""
+    from worker.beneath import open_beneath
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.jpg").write_bytes(b"inside")
+    (tmp_path / "outside.jpg").write_bytes(b"outside")
+    (root / "sub" / "in.jpg").symlink_to("../a.jpg")
+    (root / "out.jpg").symlink_to(tmp_path / "outside.jpg")
+    (root / "up.jpg").symlink_to("../outside.jpg")
+    fd = open_beneath(str(root), "sub/in.jpg")
+    if fd is None:
+        pytest.skip("no openat2 here: the checked path serves every file")
+    assert os.read(fd, 100) == b"inside"
+    os.close(fd)
+    for escape in ("out.jpg", "up.jpg", "../outside.jpg", "sub/../../outside.jpg"):
+        assert open_beneath(str(root), escape) is None, escape

@@ -179,3 +179,15 @@ def test_a_taken_port_stops_the_worker_with_the_reason(lite0_package, redis_url,
         finally:
             worker.stop()
     assert f"error: cannot serve metrics and health on port {port}" in worker.log_path.read_text()
+
+
+def test_the_health_check_finds_the_port_in_the_port_file_alone(tmp_path):
+    """KILN_METRICS_PORT_FILE without KILN_METRICS_PORT (what a worker with a free port wrote)."""
+    from worker.health import endpoint_port
+    from worker.settings import WorkerSettings
+
+    port_file = tmp_path / "port"
+    port_file.write_text("12345")
+    assert endpoint_port(WorkerSettings(_env_file=None, metrics_port_file=str(port_file))) == 12345
+    with pytest.raises(ValueError, match="KILN_METRICS_PORT"):
+        endpoint_port(WorkerSettings(_env_file=None))

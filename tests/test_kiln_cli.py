@@ -61,3 +61,29 @@ def test_commands_run_the_owning_module(lite0_package):
 def test_an_unknown_command_is_refused():
     done = kiln("bulid")
     assert done.returncode == 2 and "unknown command 'bulid'" in done.stderr
+
+
+def test_version():
+    done = kiln("--version")
+    assert done.returncode == 0 and done.stdout.startswith("kiln "), done
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_error(lite0_package):
+    """`kiln inspect x.pt2 | head -1`: the reader has closed the pipe; no traceback, status 0."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: that write fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "kiln_cli", "inspect", str(lite0_package)],
+            env=python_env(), stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_build_help_shows_no_empty_defaults():
+    done = kiln("build", "--help")
+    assert "(default: None)" not in done.stdout and "(default: False)" not in done.stdout

@@ -150,3 +150,50 @@ def test_a_reply_wait_longer_than_the_socket_timeout(redis_url, redis_client):
     later.start()
     assert store.wait_reply("kiln:reply:slow", 30).key == "late"
     later.join()
+
+
+# -- sharded jobs: counters and per-chunk completion only ------------------------------------------
+
+
+def test_a_sharded_job_counts_each_chunk_once(store, redis_client):
+    store.begin_sharded("s", "/out", topk=5)
+    assert [store.add_chunk("s", c, n) for c, n in [("c1", 3), ("c2", 2), ("c1", 3)]] == [True, True, False]
+    counts = store.counts("s")
+    assert (counts.total, counts.listed, counts.complete) == (5, False, False)
+    assert store.complete_chunk("s", "c1", ok=2, failed=1) is True
+    assert store.complete_chunk("s", "c1", ok=3, failed=0) is False  # a redelivery rewrote the same shard
+    assert store.complete_chunk("s", "c2", ok=2, failed=0) is True
+    counts = store.counts("s")
+    assert (counts.total, counts.done, counts.failed, counts.complete) == (5, 4, 1, False)  # listing still open
+    store.finish_listing("s")
+    assert store.counts("s").complete and store.completed_chunks("s") == {"c1", "c2"}
+    assert redis_client.hget("kiln:{s}:meta", "chunks") == b"2" and store.sink("s") == "/out"
+    # O(chunks): nothing per image.
+    assert {k.decode().rsplit(":", 1)[1] for k in redis_client.keys("kiln:{s}:*")} == {"meta", "listed", "chunks"}
+    for part in ("meta", "listed", "chunks"):
+        assert 0 < redis_client.ttl(f"kiln:{{s}}:{part}") <= 3600
+
+
+def test_a_resumed_sharded_job_reopens_its_listing_and_keeps_its_counts(store):
+    store.begin_sharded("s", "s3://bucket/out", topk=3)
+    store.add_chunk("s", "c1", 4)
+    store.complete_chunk("s", "c1", 4, 0)
+    store.finish_listing("s")
+    store.begin_sharded("s", "s3://bucket/out", topk=3)  # the producer runs again
+    counts = store.counts("s")
+    assert (counts.total, counts.done, counts.listed) == (4, 4, False)
+    assert store.add_chunk("s", "c1", 4) is False and store.counts("s").total == 4
+
+
+def test_a_job_keeps_one_output_mode(store):
+    store.register("in-redis", items("a"))
+    with pytest.raises(JobConflict, match="keeps its records in Redis"):
+        store.begin_sharded("in-redis", "/out", topk=5)
+    store.begin_sharded("sharded", "/out", topk=5)
+    with pytest.raises(JobConflict, match="writes its records as Parquet shards to /out"):
+        store.register("sharded", items("a"))
+    with pytest.raises(JobConflict, match="writes its shards to /out, not /elsewhere"):
+        store.begin_sharded("sharded", "/elsewhere", topk=5)
+    with pytest.raises(JobConflict, match="topk=5, not 3"):
+        store.begin_sharded("sharded", "/out", topk=3)
+    assert store.sink("in-redis") is None and store.counts("in-redis").listed

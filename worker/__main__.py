@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs on the GPU [default: auto]")
     parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
-    parser.add_argument("--allowed-roots", help="folders whose files jobs may reference (os.pathsep-separated)")
+    parser.add_argument(
+        "--allowed-roots", help="folders whose files jobs may reference, separated by ':' or ',' [KILN_ALLOWED_ROOTS]"
+    )
     parser.add_argument("--loglevel", default="INFO", help="log level [default: INFO]")
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz here [KILN_METRICS_PORT]")
     parser.add_argument(

@@ -10,7 +10,8 @@ the worker holds back, and nothing is lost. Declaring queues at start-up is retr
 A worker also reserves messages ahead of the ones it runs (the prefetch). Online requests need
 that: celery-batches only batches what was prefetched. Bulk chunks must not be hoarded: a chunk
 reserved by a busy worker waits while another worker idles. So once a worker holds
-`bulk_prefetch` bulk chunks (what its processes run at once), it BRPOPs the other queues only.
+`bulk_prefetch` bulk chunks (what its processes run at once), it BRPOPs the other queues only,
+with a short timeout, so that it takes the next chunk as soon as one is acknowledged.
 
 Messages over `max_message_bytes` are dropped unread and dead-lettered (worker/message_cap.py).
 
@@ -77,10 +78,16 @@ class _BulkCappedCycle(round_robin_cycle):
 
     def consume(self, n: int) -> list[str]:
         queues = super().consume(n)
-        cap = self.channel.bulk_prefetch
-        if cap and self.channel.qos.held_bulk() >= cap:
+        if self.channel.at_bulk_cap():
             return [q for q in queues if q != BULK_QUEUE]
         return queues
+
+
+# While a worker holds its cap of bulk chunks, its BRPOP on the other queues returns after this
+# long, so that a chunk slot freed by an acknowledgement is filled within it: kombu's 1 s BRPOP
+# held each slot empty for up to a second, which capped a GPU worker at 8 chunks (1,000 images)
+# a second (bench/results/gpu-h200.json, "e2e").
+CAPPED_BRPOP_TIMEOUT_S = 0.02
 
 
 class Channel(kombu_redis.Channel):
@@ -103,6 +110,14 @@ class Channel(kombu_redis.Channel):
         super().__init__(*args, **kwargs)
         self._queue_cycle = _BulkCappedCycle(self)
         self._update_queue_cycle()
+
+    def at_bulk_cap(self) -> bool:
+        return bool(self.bulk_prefetch) and self.qos.held_bulk() >= self.bulk_prefetch
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if timeout is None and self.at_bulk_cap():
+            timeout = CAPPED_BRPOP_TIMEOUT_S
+        super()._brpop_start(timeout)
 
     # Declaring and binding queues write to Redis: a worker started while Redis is full (or
     # loading its data after a restart) waits here instead of exiting.

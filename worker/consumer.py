@@ -6,6 +6,10 @@ may be megabytes, or a pickle crafted to run code) and drops the message. kiln's
 such a message in `kiln:dead-letters` instead, with the reason, its headers and the size and
 digest of its body, logs one line without the body, and acknowledges it, so it is never retried.
 The body itself is not kept: it was refused because it cannot be trusted.
+
+It also wakes its event loop every `CAPPED_BRPOP_TIMEOUT_S`: a worker that consumes the bulk queue
+only has nothing to poll while it holds its cap of chunks, and would otherwise take the next chunk
+only when the loop next woke for something else (up to a second after an acknowledgement).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer
 
+from worker.broker import CAPPED_BRPOP_TIMEOUT_S
 from worker.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,15 @@ def describe(message: Any, error: BaseException | None, reason: str) -> dict[str
 
 class KilnConsumer(Consumer):
     _store: ResultStore | None = None
+    _tick: Any = None
+
+    def loop_args(self) -> tuple:
+        # Called each time the event loop starts, also after a reconnect: one tick, on this hub.
+        if self.hub is not None:
+            if self._tick is not None:
+                self._tick.cancel()
+            self._tick = self.hub.call_repeatedly(CAPPED_BRPOP_TIMEOUT_S, _nothing)
+        return super().loop_args()
 
     def _dead_letter(self, message: Any, error: BaseException | None, reason: str) -> None:
         entry = describe(message, error, reason)
@@ -64,3 +78,7 @@ class KilnConsumer(Consumer):
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         self._dead_letter(message, None, "not a task message")
+
+
+def _nothing() -> None:
+    """The tick's work: none; waking the loop is the point (it then polls for chunks again)."""

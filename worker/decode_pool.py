@@ -1,12 +1,19 @@
-"""CPU decoding in worker processes: Pillow (`worker.preprocess.decode_image`, with `draft` for
-large JPEGs) scales with cores only outside the GIL, so the images go to spawned processes and the
-decoded crops come back through shared memory, not pickles.
+"""Fetching, routing and CPU decoding in worker processes: Python's per-image work (reading the
+file, parsing the header, checking a JPEG for the GPU) and Pillow (`worker.preprocess.decode_image`,
+with `draft` for large JPEGs) scale with cores only outside the GIL, so they run in spawned
+processes, and decoded crops come back through shared memory, not pickles.
 
-    pool = DecodePool(processes=14, prep=manifest.preprocess, max_pixels=..., slots=1024)
+    pool = DecodePool(processes=14, prep=manifest.preprocess, max_pixels=..., slots=1024, policy=...)
     future = pool.submit(data)          # blocks while every slot is taken (backpressure)
     slot = future.result()              # or raises InputError: that image's own failure
     pixels = pool.pixels(slot)          # uint8 crop x crop x 3, a view into shared memory
     pool.release([slot])
+
+    loads = pool.load(refs, gpu=True, cpu_takes_large=False).result()   # fetched in the processes:
+    loads[i].slot / loads[i].data / loads[i].error   # decoded here, a JPEG for the GPU, or a failure
+
+Measured on the H200 (bench/results/gpu-h200.json): with fetching and routing in the worker
+process's threads, its GIL bounded kiln at 1.5k 640x480 images/s against a GPU decode ceiling of 16k.
 
 Processes are spawned, never forked: the worker process may hold a CUDA context, and a fork
 after CUDA (or after torch's thread pools started) hangs the child (FACTS.md). The children
@@ -24,12 +31,15 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
 
 from worker.contract import InputError
+from worker.fetch import FetchPolicy
 from worker.manifest import Preprocess
+from worker.probe import ImageHeader
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +47,31 @@ log = logging.getLogger(__name__)
 _child: dict[str, object] = {}
 
 
-def _attach(name: str, shape: tuple[int, ...], prep: Preprocess, max_pixels: int, formats: frozenset[str]) -> None:
+@dataclass(frozen=True)
+class Loaded:
+    """What a pool process made of one reference: pixels in `slot`, or a JPEG (`data`, `header`)
+    for the GPU, or `error` (kind, message). Times in milliseconds."""
+
+    slot: int | None = None
+    data: bytes | None = None
+    header: ImageHeader | None = None
+    error: tuple[str, str] | None = None
+    fetch_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+def _attach(
+    name: str,
+    shape: tuple[int, ...],
+    prep: Preprocess,
+    max_pixels: int,
+    formats: frozenset[str],
+    policy: FetchPolicy | None,
+) -> None:
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
-    _child.update(max_pixels=max_pixels, formats=formats)
+    _child.update(max_pixels=max_pixels, formats=formats, policy=policy)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -67,10 +97,51 @@ def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:
     return None
 
 
-class DecodePool:
-    """`processes` decoding processes writing into `slots` shared-memory crops. Thread-safe."""
+def _load_into(slots: list[int], refs: list[str], gpu: bool, cpu_takes_large: bool) -> list[Loaded]:
+    """In a pool process: fetch each reference and read its header; hand a JPEG that nvJPEG takes
+    back for the GPU (unless `cpu_takes_large` and `draft` shrinks it), decode the rest into its slot."""
+    from worker.fetch import fetch
+    from worker.probe import read_header
+    from worker.route import draft_factor, gpu_decodable
 
-    def __init__(self, processes: int, prep: Preprocess, max_pixels: int, formats: frozenset[str], slots: int) -> None:
+    prep = _child["prep"]
+    loads = []
+    for slot, ref in zip(slots, refs, strict=True):
+        started = time.perf_counter()
+        try:
+            data = fetch(ref, _child["policy"])
+            header = read_header(data, _child["max_pixels"], _child["formats"])
+        except InputError as e:
+            loads.append(Loaded(error=(e.kind, str(e)), fetch_ms=(time.perf_counter() - started) * 1e3))
+            continue
+        except Exception as e:  # a bug fails this image, not the others of the task
+            loads.append(Loaded(error=("internal", f"{type(e).__name__}: {e}")))
+            continue
+        fetched = time.perf_counter()
+        fetch_ms = (fetched - started) * 1e3
+        large = cpu_takes_large and draft_factor(header.width, header.height, prep.resize) > 1
+        if gpu and not large and gpu_decodable(data, header):
+            loads.append(Loaded(data=data, header=header, fetch_ms=fetch_ms))
+            continue
+        failure = _decode_into(slot, data)
+        decode_ms = (time.perf_counter() - fetched) * 1e3
+        loads.append(Loaded(slot=slot, error=failure, fetch_ms=fetch_ms, decode_ms=decode_ms))
+    return loads
+
+
+class DecodePool:
+    """`processes` decoding processes writing into `slots` shared-memory crops. Thread-safe.
+    With a fetch `policy`, the processes also fetch and route images (`load`)."""
+
+    def __init__(
+        self,
+        processes: int,
+        prep: Preprocess,
+        max_pixels: int,
+        formats: frozenset[str],
+        slots: int,
+        policy: FetchPolicy | None = None,
+    ) -> None:
         self.processes = processes
         self.shape = (slots, prep.crop, prep.crop, 3)
         self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)))
@@ -78,10 +149,10 @@ class DecodePool:
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(slots):
             self._free.put(slot)
-        self._in_flight = 0
         self._closed = False
         self._lock = threading.Lock()
-        self._init_args = (self._memory.name, self.shape, prep, max_pixels, formats)
+        self.fetches = policy is not None
+        self._init_args = (self._memory.name, self.shape, prep, max_pixels, formats, policy)
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -92,17 +163,10 @@ class DecodePool:
             initargs=self._init_args,
         )
 
-    @property
-    def idle(self) -> bool:
-        """Whether a process is waiting for work (the router's cue to send it more)."""
-        return self._in_flight < self.processes
-
     def submit(self, data: bytes) -> Future[int]:
         """Decode `data` into a free slot; the future gives the slot, or raises `InputError`."""
         slot = self._free.get()
         result: Future[int] = Future()
-        with self._lock:
-            self._in_flight += 1
         try:
             future = self._executor.submit(_decode_into, slot, data)
         except BrokenProcessPool:
@@ -111,9 +175,42 @@ class DecodePool:
         future.add_done_callback(lambda done: self._finish(done, slot, result))
         return result
 
+    def load(self, refs: list[str], gpu: bool, cpu_takes_large: bool) -> Future[list[Loaded]]:
+        """Fetch, route and (for the CPU) decode `refs` in one process; blocks while the slots are
+        taken. Each `Loaded` holds its slot (pixels, or a JPEG not yet decoded: `release` it
+        either way) or, with `error` set, none. Needs a pool created with a fetch policy."""
+        if not self.fetches:
+            raise RuntimeError("this decode pool was created without a fetch policy")
+        slots = [self._free.get() for _ in refs]
+        result: Future[list[Loaded]] = Future()
+        try:
+            future = self._executor.submit(_load_into, slots, refs, gpu, cpu_takes_large)
+        except BrokenProcessPool:
+            future = Future()
+            future.set_exception(BrokenProcessPool("decode pool is being restarted"))
+        future.add_done_callback(lambda done: self._loaded(done, slots, result))
+        return result
+
+    def _loaded(self, done: Future, slots: list[int], result: Future[list[Loaded]]) -> None:
+        try:
+            loads = done.result()
+        except BaseException as e:
+            if isinstance(e, BrokenProcessPool):
+                self._restart()
+                why = "the decoding process died while loading this image (see the worker log)"
+            else:  # cancelled by close(), or anything else: each image still gets its answer
+                why = f"not loaded: {type(e).__name__}: {e}"
+            loads = [Loaded(error=("internal", why)) for _ in slots]
+        kept = []
+        for slot, loaded in zip(slots, loads, strict=True):
+            if loaded.error is None:
+                kept.append(Loaded(slot, loaded.data, loaded.header, None, loaded.fetch_ms, loaded.decode_ms))
+            else:
+                self._free.put(slot)
+                kept.append(Loaded(None, None, None, loaded.error, loaded.fetch_ms, loaded.decode_ms))
+        result.set_result(kept)
+
     def _finish(self, done: Future, slot: int, result: Future[int]) -> None:
-        with self._lock:
-            self._in_flight -= 1
         try:
             failure = done.result()
         except BrokenProcessPool:

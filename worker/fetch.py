@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.beneath import open_beneath
 from worker.contract import InputError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -84,24 +85,11 @@ def _read_local(path_text: str, policy: FetchPolicy) -> bytes:
         raise InputError("bad_ref", f"path {path_text!r} is not a valid file name") from None
     if not os.path.isabs(path_text):
         raise InputError("unsupported_ref", f"relative path {path_text!r}: workers need absolute paths")
-    try:
-        real = os.path.realpath(path_text)  # symlinks resolved, so a link cannot lead outside the roots
-    except OSError as e:  # a link loop, or the path changing under the resolution
-        raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
-    root = next((r for r in policy.allowed_roots if real.startswith(r)), None)
-    if root is None:
-        roots = ", ".join(policy.allowed_roots) or "none configured"
-        raise InputError(
-            "forbidden", f"{path_text} is outside the worker's allowed roots ({roots}); see KILN_ALLOWED_ROOTS"
-        )
-    try:
-        fd = _open_beneath(root, real[len(root) :].split(os.sep))
-    except FileNotFoundError:
-        raise InputError("not_found", f"{path_text}: no such file") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise InputError("forbidden", f"{path_text}: a symlink appeared on the path as it was opened") from None
-        raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
+    # Fast path: a path spelled beneath an allowed root opens in one call that cannot leave it.
+    root = next((r for r in policy.allowed_roots if path_text.startswith(r)), None)
+    fd = open_beneath(root, path_text[len(root) :]) if root is not None else None
+    if fd is None:
+        fd = _open_checked(path_text, policy)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):  # a folder, a FIFO, a device
@@ -114,6 +102,31 @@ def _read_local(path_text: str, policy: FetchPolicy) -> bytes:
         raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
     finally:
         os.close(fd)
+
+
+def _open_checked(path_text: str, policy: FetchPolicy) -> int:
+    """The slow path, which also says why a file is refused: resolve the links, check the result
+    against the roots, then open it beneath its root without following any link."""
+    try:
+        real = os.path.realpath(path_text)  # symlinks resolved, so a link cannot lead outside the roots
+    except OSError as e:  # a link loop, or the path changing under the resolution
+        raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
+    root = next((r for r in policy.allowed_roots if real.startswith(r)), None)
+    if root is None:
+        roots = ", ".join(policy.allowed_roots) or "none configured"
+        target = f" (it resolves to {real})" if real != path_text else ""
+        raise InputError(
+            "forbidden",
+            f"{path_text}{target} is outside the worker's allowed roots ({roots}); see KILN_ALLOWED_ROOTS",
+        )
+    try:
+        return _open_beneath(root, real[len(root) :].split(os.sep))
+    except FileNotFoundError:
+        raise InputError("not_found", f"{path_text}: no such file") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError("forbidden", f"{path_text}: a symlink appeared on the path as it was opened") from None
+        raise InputError("fetch_failed", f"{path_text}: {e.strerror or e}") from None
 
 
 def _open_beneath(root: str, parts: list[str]) -> int:

@@ -17,7 +17,6 @@ is how CI tests the batching, the fallbacks and the error isolation.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch
 
 from worker.manifest import Preprocess
 from worker.resample import CropPlan, crop_plan, resample
+from worker.route import draft_factor
 
 if TYPE_CHECKING:
     from worker.probe import ImageHeader
@@ -40,44 +40,6 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 MAX_DECODED_PIXELS = 128 * 2**20  # full-size pixels decoded at once: 384 MiB of RGB
 PLANS_KEPT = 64  # resample weights kept on the device, by image size (~0.5 MiB each)
-GPU_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: camera JPEGs with extra frames; the first is a JPEG
-GPU_MODES = frozenset({"RGB", "L"})  # CMYK and YCCK JPEGs go to Pillow, which knows Adobe's inversion
-
-
-def gpu_decodable(data: bytes, header: ImageHeader) -> bool:
-    """Whether nvJPEG should get this image: a complete, well-formed baseline or progressive JPEG
-    in YCbCr or greyscale. nvJPEG's hardware decoder turns a truncated file or noise in the
-    entropy-coded data into pixels without an error (seen on the H200), where Pillow refuses
-    them: such files go to Pillow, which decides."""
-    return (
-        header.format in GPU_FORMATS
-        and header.mode in GPU_MODES
-        and data.rstrip(b"\0").endswith(b"\xff\xd9")
-        and entropy_data_is_well_formed(data)
-    )
-
-
-# In entropy-coded data a 0xFF byte is followed by 0x00 (stuffing), a restart marker (D0-D7),
-# more 0xFF fill, or, between the scans of a progressive JPEG, a table or scan header.
-_BAD_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff\xc4\xda\xdb\xdd\xfe\xe0-\xef]")
-
-
-def entropy_data_is_well_formed(data: bytes) -> bool:
-    """False when a marker that cannot occur there sits between the first scan header and the
-    end-of-image marker: the sign of noise or a splice. The marker segments before the first
-    scan are walked by their lengths, so an EXIF thumbnail's own markers are skipped."""
-    position = 2  # after SOI
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            position += 1
-            continue
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        position += 2 + length
-        if marker == 0xDA:  # start of scan: entropy-coded data follows its header
-            end = data.rstrip(b"\0").rfind(b"\xff\xd9")
-            return end >= position and _BAD_MARKER.search(data, position, end) is None
-    return False
 
 
 def decoder_available(device: torch.device) -> str | None:
@@ -198,13 +160,6 @@ def _parts(items: Sequence[tuple[bytes, ImageHeader]]) -> list[list[int]]:
         parts[-1].append(index)
         pixels += size
     return [part for part in parts if part]
-
-
-def draft_factor(width: int, height: int, resize: int) -> int:
-    """The scale Pillow's `draft("RGB", (resize, resize))` decodes a JPEG at: 8, 4, 2 or 1, the
-    largest that keeps both sides at least `resize` (`PIL.JpegImagePlugin.JpegImageFile.draft`)."""
-    scale = min(width // resize, height // resize)
-    return next((factor for factor in (8, 4, 2) if scale >= factor), 1)
 
 
 def reduce_like_draft(frame: torch.Tensor, resize: int) -> torch.Tensor:

@@ -157,15 +157,18 @@ class HealthMonitor:
 
 
 def endpoint_port(settings: WorkerSettings) -> int:
-    """The port of this host's worker endpoint: KILN_METRICS_PORT, or the one written to
-    KILN_METRICS_PORT_FILE when the port was 0 (any free one)."""
-    if settings.metrics_port is None:
-        raise ValueError("no endpoint: set KILN_METRICS_PORT on the worker and here")
+    """The port of this host's worker endpoint: KILN_METRICS_PORT, else the one the worker wrote to
+    KILN_METRICS_PORT_FILE (when it chose a free one). Raises ValueError saying what to set."""
+    if settings.metrics_port:
+        return settings.metrics_port
+    if settings.metrics_port_file:  # the worker chose a free port (KILN_METRICS_PORT=0) and wrote it here
+        try:
+            return int(Path(settings.metrics_port_file).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the endpoint's port from {settings.metrics_port_file}: {e}") from None
     if settings.metrics_port == 0:
-        if not settings.metrics_port_file:
-            raise ValueError("KILN_METRICS_PORT=0 needs KILN_METRICS_PORT_FILE to find the port chosen")
-        return int(Path(settings.metrics_port_file).read_text())
-    return settings.metrics_port
+        raise ValueError("KILN_METRICS_PORT=0 needs KILN_METRICS_PORT_FILE to find the port chosen")
+    raise ValueError("no endpoint: set KILN_METRICS_PORT (or KILN_METRICS_PORT_FILE) on the worker and here")
 
 
 def main(argv: list[str] | None = None) -> int:

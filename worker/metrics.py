@@ -67,15 +67,17 @@ def _define() -> SimpleNamespace | None:
     return _metrics
 
 
-def observe_records(records: Sequence[Record], write_s: float, batch_size: int | None = None) -> None:
+def observe_records(records: Sequence[Record], write_s: float | None, batch_size: int | None = None) -> None:
     """Count written records and observe their stage timings (`Record.timings_ms`).
 
-    `records` are those of one store write; when they came from one model call, pass
-    `batch_size` (the images per call) to observe the batch and its fill."""
+    `records` are those of one store write, which took `write_s` seconds (None: records of a
+    shard, which is written whole later and observed by `observe_write`); when they came from
+    one model call, pass `batch_size` (the images per call) to observe the batch and its fill."""
     m = _define()
     if m is None or not records:
         return
-    m.stage.labels("write").observe(write_s)
+    if write_s is not None:
+        m.stage.labels("write").observe(write_s)
     # Label lookups and multiprocess writes cost microseconds each: count per label, not per image.
     kinds = Counter((r.status, r.error.kind if r.error else "") for r in records)
     for (status, kind), count in kinds.items():
@@ -98,6 +100,13 @@ def observe_records(records: Sequence[Record], write_s: float, batch_size: int |
         m.stage.labels("infer").observe(infer_ms / 1e3)
         m.batches.inc()
         m.batch_fill.observe(min(1.0, inferred / batch_size))
+
+
+def observe_write(write_s: float) -> None:
+    """Observe one store write whose records `observe_records` counted already (a shard)."""
+    m = _define()
+    if m is not None:
+        m.stage.labels("write").observe(write_s)
 
 
 def observe_deliveries(task: str, deliveries: Iterable[int], max_deliveries: int) -> None:

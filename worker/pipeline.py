@@ -1,9 +1,12 @@
 """The classification pipeline inside one worker process, with no broker in sight:
 
-    fetch (threads) -> route -> decode -> batch -> predict -> unbatch -> encode (records)
-                               ├─ GPU: JPEGs in batches (nvJPEG) + batched resize/crop
-                               ├─ CPU processes: other formats, CMYK, and JPEGs while a process is idle
-                               └─ fetch threads: where there are neither
+    fetch -> route -> decode -> batch -> predict -> unbatch -> encode (records)
+                      ├─ GPU: JPEGs in batches (nvJPEG) + batched resize/crop
+                      ├─ CPU processes: other formats, CMYK, and large JPEGs while the GPU has a batch waiting
+                      └─ fetch threads: where there are neither
+
+With decode processes, they also fetch and route (worker/decode_pool.py), so that the worker
+process's GIL spends its time on batches, not on files; without them, fetch threads do.
 
 Each stage has its own workers and a bounded queue in front, so fetching, both decoders, the
 model and the callers' result writes all run at once. Many callers (Celery task threads) may
@@ -33,11 +36,12 @@ import torch
 
 from worker.budget import MemoryBudget
 from worker.contract import InputError, Label, Record
-from worker.decode_pool import DecodePool
+from worker.decode_pool import DecodePool, Loaded
 from worker.fetch import FetchPolicy, fetch
-from worker.gpu_decode import JpegBatchDecoder, draft_factor, gpu_decodable
+from worker.gpu_decode import JpegBatchDecoder
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
+from worker.route import draft_factor, gpu_decodable
 from worker.runtime import ModelRuntime
 from worker.settings import DEFAULT_FORMATS
 
@@ -111,7 +115,7 @@ class _Image:
     data: bytes | None = None
     header: ImageHeader | None = None
     pixels: np.ndarray | None = None  # decoded in a fetch thread: crop x crop x 3
-    slot: int | None = None  # decoded by the decode pool, into this slot
+    slot: int | None = None  # the decode pool's slot it holds: its pixels, or a place while it waits for the GPU
 
 
 @dataclass
@@ -147,6 +151,7 @@ class Pipeline:
                 config.max_pixels,
                 config.formats,
                 slots=2 * self.batch_size + 4 * config.decode_processes,
+                policy=config.policy,
             )
             if config.decode_processes
             else None
@@ -154,7 +159,8 @@ class Pipeline:
         self._gpu = JpegBatchDecoder(runtime.device, self.prep) if config.gpu_decode else None
         cuda = runtime.device.type == "cuda"
         self._decode_stream = torch.cuda.Stream(runtime.device) if self._gpu is not None and cuda else None
-        self._gpu_queue: queue.Queue[_Image] = queue.Queue(maxsize=2 * self.batch_size)
+        # Unbounded: what waits for the GPU holds a pool slot, or is one of the callers' windows.
+        self._gpu_queue: queue.Queue[_Image] = queue.Queue()
         self._ready: queue.Queue[_Image | _Rows] = queue.Queue()
         crop = self.prep.crop
         pin = runtime.device.type == "cuda"
@@ -231,8 +237,35 @@ class Pipeline:
     # -- fetch and route (fetch threads) --------------------------------------------------------
 
     def _load_all(self, images: list[_Image]) -> None:
+        pool = self._pool
+        by_reference = [image for image in images if image.work.data_b64 is None] if pool is not None else []
         for image in images:
-            self._guarded(image, self._load, image)
+            if image.work.data_b64 is not None or pool is None:
+                self._guarded(image, self._load, image)
+        if by_reference:
+            refs = [image.work.ref or "" for image in by_reference]
+            future = pool.load(refs, self._gpu is not None, self._gpu_has_a_batch())
+            future.add_done_callback(lambda done: self._route_loaded(by_reference, done))
+
+    def _route_loaded(self, images: list[_Image], done: Future[list[Loaded]]) -> None:
+        """Images the decode pool fetched (on the pool's result thread): to the GPU, or decoded."""
+        for image, loaded in zip(images, done.result(), strict=True):
+            try:
+                image.timings_ms["fetch"] = loaded.fetch_ms
+                if loaded.error is not None:
+                    self._fail(image, InputError(*loaded.error))
+                    continue
+                image.slot = loaded.slot
+                if loaded.data is not None:
+                    image.data, image.header = loaded.data, loaded.header
+                    self._gpu_queue.put(image)
+                else:
+                    image.timings_ms["decode"] = loaded.decode_ms
+                    self._count("processes")
+                    self._ready.put(image)
+            except Exception as e:  # a bug must fail one image, not the others
+                log.exception("routing image %s failed", image.work.key)
+                self._fail(image, InputError("internal", f"{type(e).__name__}: {e}"))
 
     def _guarded(self, image: _Image, step, *args) -> None:
         """Run one image's step; whatever it raises becomes that image's record, never a lost image."""
@@ -256,11 +289,17 @@ class Pipeline:
             self._decode_on_cpu(image, data)
 
     def _cpu_takes(self, header: ImageHeader) -> bool:
-        """Whether a JPEG the GPU could decode goes to an idle CPU process instead: only one that
-        `draft` decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does (FACTS.md);
-        at full scale the GPU is five times faster and the hand-over would cost more than it saves."""
-        pool = self._pool
-        return pool is not None and pool.idle and draft_factor(header.width, header.height, self.prep.resize) > 1
+        """Whether a JPEG the GPU could decode goes to a CPU process instead: only one that `draft`
+        decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does (FACTS.md), and only
+        while the GPU has a batch waiting; at full scale the GPU is five times faster."""
+        return (
+            self._pool is not None
+            and self._gpu_has_a_batch()
+            and draft_factor(header.width, header.height, self.prep.resize) > 1
+        )
+
+    def _gpu_has_a_batch(self) -> bool:
+        return self._gpu_queue.qsize() >= self.batch_size
 
     def _decode_on_cpu(self, image: _Image, data: bytes) -> None:
         """Decode in the pool when there is one (the result comes back on its own thread), else here."""
@@ -305,6 +344,11 @@ class Pipeline:
         images = self._gather(self._gpu_queue, self.batch_size)
         if not images:
             return
+        held = [image.slot for image in images if image.slot is not None]
+        if held:  # the pool's slots only held these images' places: the bytes are in `data`
+            for image in images:
+                image.slot = None
+            self._pool.release(held)
         try:
             self._decode_on_gpu(images)
         except Exception as e:

@@ -134,8 +134,8 @@ def _bomb_check(size: tuple[int, int], *, error_only: bool = False) -> None:
     # disabling it to apply kiln's per-call cap disabled the inner checks too; a per-thread cap
     # keeps every check and applies kiln's limit exactly, with no warnings band.
     cap = _cap.get()
-    if cap is None:
-        _pillow_bomb_check(size, error_only=error_only)
+    if cap is None:  # Pillow before 12 has no `error_only`, and calls the hook without it
+        _pillow_bomb_check(size, error_only=True) if error_only else _pillow_bomb_check(size)
         return
     width, height = abs(size[0]), abs(size[1])
     if width * height > cap:

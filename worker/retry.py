@@ -4,6 +4,7 @@ A worker must not lose work because Redis paused, restarted, failed over or ran 
 a while: every such error is transient from the worker's point of view, and the operations
 retried here (upserts, delivery bookkeeping) are idempotent. The delays come from redis-py's own
 backoff (`ExponentialWithJitterBackoff`); this module only adds the deadline and the log line.
+Shard writes of sharded output (worker/sink.py) ride out a failing folder or object store the same way.
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ _TRANSIENT_REPLIES = (
 _TRANSIENT_TEXTS = ("OOM", "maxmemory", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "EXECABORT")
 
 
-class RedisUnavailable(RuntimeError):
+class Unavailable(RuntimeError):
+    """A service kept failing an operation for longer than the caller was willing to wait."""
+
+    service = "a service"  # how log lines name it
+
+
+class RedisUnavailable(Unavailable):
     """Redis kept failing an operation for longer than the caller was willing to wait."""
+
+    service = "Redis"
 
 
 def is_transient(error: BaseException) -> bool:
@@ -55,14 +64,20 @@ def shutting_down(warm: bool = False) -> bool:
 
 
 def with_retries(
-    operation: Callable[[], T], what: str, give_up_after_s: float | None, abandon: Callable[[], bool] = shutting_down
+    operation: Callable[[], T],
+    what: str,
+    give_up_after_s: float | None,
+    abandon: Callable[[], bool] = shutting_down,
+    transient: Callable[[BaseException], bool] = is_transient,
+    unavailable: type[Unavailable] = RedisUnavailable,
 ) -> T:
-    """Run `operation`, retrying transient Redis errors (`is_transient`) with backoff.
+    """Run `operation`, retrying errors that `transient` accepts (by default: transient Redis
+    errors) with backoff.
 
     `what` names the operation in the log. `give_up_after_s=None` retries forever (for a message
     that exists nowhere but in this process), unless `abandon()` says to stop (by default: on a
-    cold shutdown of the worker). Raises `RedisUnavailable` once the deadline passes or on
-    `abandon()`; any other error propagates at once."""
+    cold shutdown of the worker). Raises `unavailable` (by default `RedisUnavailable`) once the
+    deadline passes or on `abandon()`; any other error propagates at once."""
     backoff = ExponentialWithJitterBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S)
     deadline = None if give_up_after_s is None else time.monotonic() + give_up_after_s
     attempt = 0
@@ -70,23 +85,23 @@ def with_retries(
         try:
             result = operation()
         except Exception as error:
-            if not is_transient(error):
+            if not transient(error):
                 raise
             attempt += 1
             delay = max(backoff.compute(attempt), BACKOFF_BASE_S)
             if abandon():
-                raise RedisUnavailable(f"abandoned retrying to {what}: the worker is shutting down") from error
+                raise unavailable(f"abandoned retrying to {what}: the worker is shutting down") from error
             if deadline is not None and time.monotonic() + delay > deadline:
-                raise RedisUnavailable(
+                raise unavailable(
                     f"gave up to {what} after {attempt} attempts in {give_up_after_s:.0f} s: "
                     f"{type(error).__name__}: {error}"
                 ) from error
             log.warning(
-                "Redis failed to %s (attempt %d: %s: %s); retrying in %.1f s",
-                what, attempt, type(error).__name__, error, delay,
+                "%s failed to %s (attempt %d: %s: %s); retrying in %.1f s",
+                unavailable.service, what, attempt, type(error).__name__, error, delay,
             )  # fmt: skip
             time.sleep(delay)
         else:
             if attempt:
-                log.warning("Redis is back: %s succeeded after %d failed attempts", what, attempt)
+                log.warning("%s is back: %s succeeded after %d failed attempts", unavailable.service, what, attempt)
             return result

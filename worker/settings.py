@@ -126,6 +126,12 @@ class WorkerSettings(CommonSettings):
         description="how long a worker retries a failed Redis write (stalled, restarting, failing over or full) "
         "before it gives the task back to the queue",
     )
+    sink_retry_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="how long a worker retries writing a chunk's Parquet shard (sharded output: out_dir "
+        "unwritable, object store down) before it gives the chunk back to the queue",
+    )
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="port of /metrics, /livez, /readyz; 0: any free port; unset: none"
     )

@@ -1,12 +1,21 @@
-"""The result store: one record per (job, image) in Redis, written as an idempotent upsert.
+"""The result store: one record per (job, image) in Redis, written as an idempotent upsert; or,
+for a sharded job (records in Parquet shards under its out_dir, worker/sink.py), only counters
+and per-chunk completion: O(chunks) in Redis, nothing per image.
 
 Keys of a job share the hash tag `{job}`, so they live on one Redis Cluster slot and one Lua
 script can update them together:
 
-    kiln:{job}:meta      hash: total, done, failed, created_at, online, topk
+    kiln:{job}:meta      hash: total, done, failed, created_at, online, topk; sharded jobs also
+                         sink (the out_dir URL), chunks (chunks enqueued), listing ("open", or
+                         "done" once the producer has enqueued every chunk: total is final then),
+                         sink_error (why a worker last gave a chunk back unwritten; cleared when
+                         a shard is written)
+    kiln:{job}:listed    hash: chunk id -> images, once enqueued (sharded; what total counts)
+    kiln:{job}:chunks    hash: chunk id -> "ok|failed" once its shard is written (sharded)
     kiln:{job}:items     hash: image key -> reference   (the job's images; total is its length)
     kiln:{job}:records   hash: image key -> record JSON
     kiln:{job}:status    hash: image key -> "ok" | "error"   (what the counters count)
+                         (items, records and status: Redis-store jobs only)
     kiln:{job}:delivery  hash: chunk task id -> "holder|deaths" while it runs, "done" once its records
                          are written (online requests: deliveries so far)
     kiln:{job}:executions hash: chunk task id -> times it started running (for the soak benchmark)
@@ -14,7 +23,8 @@ script can update them together:
     kiln:dead-letters    list: messages that name no job (or no caller), with the reason
 
 A record is written with its counters in one script call, so a redelivered task rewrites its
-records without counting them twice, and a success is never replaced by a later failure.
+records without counting them twice, and a success is never replaced by a later failure. A
+sharded chunk is counted once, when the first of its deliveries marks it complete.
 This module imports no torch: producers read through it too.
 """
 
@@ -55,6 +65,8 @@ end
 # registered them, so done + failed never exceeds it. Returns {'ok', {new keys}}, or a refusal.
 _REGISTER = """
 local ttl, now, online, topk = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local sink = redis.call('HGET', KEYS[1], 'sink')
+if sink then return {'sharded', sink} end
 for i = 5, #ARGV, 2 do
   local old = redis.call('HGET', KEYS[2], ARGV[i])
   if old and old ~= ARGV[i + 1] then return {'conflict', ARGV[i], old} end
@@ -113,6 +125,52 @@ for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, tonumber(ARGV[5])) end
 return {'run', deaths}
 """
 
+# Create or resume a sharded job: refused for a job that keeps its records in Redis, or that
+# writes to another out_dir, or with another top-k (its shards would have other columns).
+_BEGIN_SHARDED = """
+local ttl, out_dir, topk, now = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local sink = redis.call('HGET', KEYS[1], 'sink')
+if not sink then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return {'records'} end
+  redis.call('HSET', KEYS[1], 'sink', out_dir, 'topk', topk, 'created_at', now,
+             'total', 0, 'done', 0, 'failed', 0, 'chunks', 0)
+elseif sink ~= out_dir then
+  return {'other_sink', sink}
+elseif redis.call('HGET', KEYS[1], 'topk') ~= topk then
+  return {'other_topk', redis.call('HGET', KEYS[1], 'topk')}
+end
+redis.call('HSET', KEYS[1], 'listing', 'open')
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return {'ok'}
+"""
+
+# Count a chunk into the job once, however often it is enqueued (a resumed job enqueues again
+# the chunks that were not complete).
+_ADD_CHUNK = """
+local ttl = tonumber(ARGV[3])
+local added = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+if added == 1 then
+  redis.call('HINCRBY', KEYS[1], 'total', tonumber(ARGV[2]))
+  redis.call('HINCRBY', KEYS[1], 'chunks', 1)
+end
+if ttl > 0 then for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end end
+return added
+"""
+
+# Mark a chunk's shard written, and count its images, once: a redelivered chunk rewrote the same
+# shard, so it must not be counted again.
+_COMPLETE_CHUNK = """
+local ttl = tonumber(ARGV[4])
+local new = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
+if new == 1 then
+  redis.call('HINCRBY', KEYS[1], 'done', tonumber(ARGV[2]))
+  redis.call('HINCRBY', KEYS[1], 'failed', tonumber(ARGV[3]))
+end
+redis.call('HDEL', KEYS[1], 'sink_error')
+if ttl > 0 then for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end end
+return new
+"""
+
 DEAD_LETTERS = "kiln:dead-letters"  # messages too broken to name a job or a caller
 DELIVERY_TTL_S = 24 * 3600  # at least: delivery entries outlive the workers that wrote them
 
@@ -137,9 +195,15 @@ class Delivery:
 
 @dataclass(frozen=True)
 class JobCounts:
+    """Images of a job: `total` so far, `done` (classified), `failed` (an error record).
+
+    `listed`: whether `total` is final. Always so for a Redis-store job; a sharded job's total
+    grows while its producer enqueues chunks, and is final once the producer finished listing."""
+
     total: int
     done: int
     failed: int
+    listed: bool = True
 
     @property
     def finished(self) -> int:
@@ -147,7 +211,7 @@ class JobCounts:
 
     @property
     def complete(self) -> bool:
-        return self.total > 0 and self.finished >= self.total
+        return self.listed and self.total > 0 and self.finished >= self.total
 
 
 class ResultStore:
@@ -161,6 +225,9 @@ class ResultStore:
         self._unregister = client.register_script(_UNREGISTER)
         self._reply = client.register_script(_REPLY)
         self._claim = client.register_script(_CLAIM)
+        self._begin_sharded = client.register_script(_BEGIN_SHARDED)
+        self._add_chunk = client.register_script(_ADD_CHUNK)
+        self._complete_chunk = client.register_script(_COMPLETE_CHUNK)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 0, timeout_s: float | None = None) -> ResultStore:
@@ -198,7 +265,71 @@ class ResultStore:
             )
         if verdict == "bulk_only":
             raise JobConflict(f"job {job} was created for bulk work only; online requests may not write into it")
+        if verdict == "sharded":
+            raise JobConflict(
+                f"job {job} writes its records as Parquet shards to {answer[1].decode()}, not to Redis; "
+                "submit to it with that out_dir, or use a new job name"
+            )
         return [key.decode() for key in answer[1]]
+
+    def begin_sharded(self, job: str, out_dir: str, topk: int) -> None:
+        """Create a sharded job writing to `out_dir`, or resume it; its listing is open until
+        `finish_listing`. Raises JobConflict for a job that keeps its records in Redis, or that
+        writes to another out_dir or with another top-k."""
+        answer = self._begin_sharded(keys=[_key(job, "meta")], args=[self.ttl_s, out_dir, topk, time.time()])
+        verdict = answer[0].decode()
+        if verdict == "records":
+            raise JobConflict(
+                f"job {job} keeps its records in Redis; it cannot write shards to {out_dir}. "
+                "Submit to it without an out_dir, or use a new job name"
+            )
+        if verdict == "other_sink":
+            raise JobConflict(f"job {job} writes its shards to {answer[1].decode()}, not {out_dir}")
+        if verdict == "other_topk":
+            raise JobConflict(f"job {job} was started with topk={answer[1].decode()}, not {topk}")
+
+    def add_chunk(self, job: str, chunk: str, n_images: int) -> bool:
+        """Count a chunk of `n_images` into a sharded job's `total` and `chunks`, once however
+        often it is enqueued. Returns whether it was new."""
+        keys = [_key(job, "meta"), _key(job, "listed")]
+        return bool(self._add_chunk(keys=keys, args=[chunk, n_images, self.ttl_s]))
+
+    def finish_listing(self, job: str) -> None:
+        """Say that every chunk of a sharded job is enqueued: its total is final."""
+        self.redis.hset(_key(job, "meta"), "listing", "done")
+
+    def completed_chunks(self, job: str) -> set[str]:
+        """Ids of a sharded job's chunks whose shard is written."""
+        return {chunk.decode() for chunk, _ in self.redis.hscan_iter(_key(job, "chunks"), count=1000)}
+
+    def chunk_complete(self, job: str, chunk: str) -> bool:
+        """Whether the shard of a sharded job's chunk is written (and counted)."""
+        return bool(self.redis.hexists(_key(job, "chunks"), chunk))
+
+    def complete_chunk(self, job: str, chunk: str, ok: int, failed: int) -> bool:
+        """Mark a chunk's shard written and count its `ok` and `failed` images into the job, once:
+        True if it was new, False if an earlier delivery had completed it (nothing counted)."""
+        keys = [_key(job, "meta"), _key(job, "chunks")]
+        return bool(self._complete_chunk(keys=keys, args=[chunk, ok, failed, self.ttl_s]))
+
+    def note_sink_error(self, job: str, message: str) -> None:
+        """Keep why a worker gave a sharded chunk back unwritten (out_dir unwritable, store down,
+        pyarrow missing), for the producer to show; the next shard written clears it."""
+        self.redis.hset(_key(job, "meta"), "sink_error", message[:2000])
+
+    def sink_error(self, job: str) -> str | None:
+        """Why a worker last gave a chunk of a sharded job back unwritten, if no shard was written since."""
+        message = self.redis.hget(_key(job, "meta"), "sink_error")
+        return None if message is None else message.decode()
+
+    def sink(self, job: str) -> str | None:
+        """The out_dir of a sharded job; None for a job that keeps its records in Redis (or none)."""
+        return self.output(job)[0]
+
+    def output(self, job: str) -> tuple[str | None, int | None]:
+        """(out_dir, topk) of a sharded job; (None, topk or None) for a job that keeps its records in Redis."""
+        out_dir, topk = self.redis.hmget(_key(job, "meta"), ["sink", "topk"])
+        return (None if out_dir is None else out_dir.decode()), (None if topk is None else int(topk))
 
     def unregister(self, job: str, keys: Sequence[str]) -> None:
         """Take images out of a job again (those a failed submission registered but never enqueued)."""
@@ -247,8 +378,10 @@ class ResultStore:
             pipe.execute()
 
     def counts(self, job: str) -> JobCounts:
+        """The job's counters, Redis-store or sharded (where `listed` says whether total is final)."""
         meta = self.redis.hgetall(_key(job, "meta"))
-        return JobCounts(*(int(meta.get(k, 0)) for k in (b"total", b"done", b"failed")))
+        total, done, failed = (int(meta.get(k, 0)) for k in (b"total", b"done", b"failed"))
+        return JobCounts(total, done, failed, listed=meta.get(b"listing", b"done") == b"done")
 
     def exists(self, job: str) -> bool:
         return bool(self.redis.exists(_key(job, "meta")))
@@ -270,11 +403,6 @@ class ResultStore:
         A cursor stays valid across reconnects, so a reader can retry a page and go on."""
         cursor, page = self.redis.hscan(_key(job, "records"), cursor, count=count)
         return cursor, [Record.model_validate_json(raw) for raw in page.values()]
-
-    def sink(self, job: str) -> str | None:
-        """A sharded job's out_dir (meta field `sink`); None for a job in the Redis result store."""
-        raw = self.redis.hget(_key(job, "meta"), "sink")
-        return None if raw is None else raw.decode()
 
     def get(self, job: str, key: str) -> Record | None:
         raw = self.redis.hget(_key(job, "records"), key)

@@ -1,9 +1,14 @@
 """Celery tasks, kept thin: validate the message, claim the chunk, hand the images to the pipeline,
 write the records. The model is loaded once per process by `init_process`.
 
+Records go to the Redis store batch by batch, or, for a chunk that names an out_dir (sharded
+output), into one Parquet shard written once the whole chunk is classified, then the chunk is
+counted complete in Redis; nothing per image goes to Redis then.
+
 A chunk is acknowledged only after all its records are written: writes that Redis refuses
-(stalled, restarting, full) are retried with backoff for `KILN_REDIS_RETRY_S`, and past that the
-chunk goes back to the queue (`Reject(requeue=True)`), never acknowledged half done.
+(stalled, restarting, full) are retried with backoff for `KILN_REDIS_RETRY_S`, shard writes that
+fail for `KILN_SINK_RETRY_S`, and past that the chunk goes back to the queue
+(`Reject(requeue=True)`), never acknowledged half done.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ from worker.fetch import FetchPolicy
 from worker.lease import Heartbeat, holder_running
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.plan import DataPathPlan, plan_data_path
-from worker.retry import RedisUnavailable, with_retries
+from worker.retry import RedisUnavailable, Unavailable, with_retries
 from worker.settings import WorkerSettings
+from worker.sink import SinkUnavailable, shard_url, write_shard
 from worker.store import DEAD_LETTERS, Delivery, ResultStore
 
 log = logging.getLogger(__name__)
@@ -183,18 +189,25 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
     current, task_id = state(), task.request.id
     delivery: Delivery | None = None
     try:
+        refusal = current.retrying(lambda: _output_refusal(current.store, chunk), "read a job's output")
+        if refusal:
+            dead_letter(message, refusal)
+            return {"error": "bad_message"}
         delivery = claim_chunk(current, chunk.job, task_id)
         metrics.observe_deliveries("chunk", [delivery.deaths + 1], current.settings.max_deliveries)
         if delivery.done:  # finished by an earlier delivery whose acknowledgement was lost
             return {"job": chunk.job, "records": 0}
-        written = _run_chunk(current, chunk, delivery)
+        run = _run_to_redis if chunk.out_dir is None else _run_to_shard
+        written = run(current, chunk, delivery)
         current.retrying(lambda: current.store.finish(chunk.job, task_id), "mark a chunk done")
-    except RedisUnavailable as e:
-        # Not acknowledged: the chunk goes back to the queue (or, if Redis cannot even take it
-        # back, stays unacknowledged until its lease lapses).
+    except Unavailable as e:
+        # Redis or the shard's store failed for too long. Not acknowledged: the chunk goes back to
+        # the queue (or, if Redis cannot even take it back, stays unacknowledged until its lease lapses).
         log.error("giving chunk %s of job %s back to the queue: %s", task_id, chunk.job, e)
         if delivery is not None:
             try:
+                if isinstance(e, SinkUnavailable):  # for the producer to show: the worker log is not at hand
+                    current.store.note_sink_error(chunk.job, f"{current.heartbeat.worker}: {e}")
                 current.store.release(chunk.job, task_id, delivery.deaths)
             except Exception as release_error:  # Redis is failing; the chunk's lease still brings it back
                 log.warning("could not release chunk %s: %s", task_id, release_error)
@@ -204,22 +217,88 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
     return {"job": chunk.job, "records": written}
 
 
-def _run_chunk(current: ProcessState, chunk: ChunkMessage, delivery: Delivery) -> int:
-    """Write one record per image of the chunk; returns how many were written."""
-    store, limit = current.store, current.settings.max_deliveries
+def _output_refusal(store: ResultStore, chunk: ChunkMessage) -> str | None:
+    """Why a chunk may not write where it says (None if it may): a shard goes only to the out_dir
+    its job was begun with, in the job's columns (top-k), and a sharded job takes no records into
+    Redis, so a message can neither scatter a job's rows nor make a worker write elsewhere."""
+    out_dir, topk = store.output(chunk.job)
+    if chunk.out_dir is None:
+        return None if out_dir is None else f"job {chunk.job} is sharded (out_dir {out_dir}); this chunk names none"
+    if chunk.out_dir != out_dir:
+        return f"job {chunk.job} was not begun with out_dir {chunk.out_dir} (its out_dir: {out_dir or 'none'})"
+    if chunk.topk != topk:
+        return f"job {chunk.job} writes top-{topk} shards; this chunk asks for top-{chunk.topk}"
+    return None
+
+
+def _run_to_redis(current: ProcessState, chunk: ChunkMessage, delivery: Delivery) -> int:
+    """Upsert the chunk's records into the Redis store, batch by batch; returns how many."""
 
     def write(records: list[Record], batch_size: int | None = None) -> None:
         write_records(records, f"job {chunk.job}", batch_size)
 
     def missing() -> list[Item]:
-        done = current.retrying(lambda: store.recorded_keys(chunk.job), "read a job's recorded keys")
+        done = current.retrying(lambda: current.store.recorded_keys(chunk.job), "read a job's recorded keys")
         return [item for item in chunk.items if item.key not in done]
 
+    return _run_chunk(current, chunk, delivery, write, missing)
+
+
+def _run_to_shard(current: ProcessState, chunk: ChunkMessage, delivery: Delivery) -> int:
+    """Collect the chunk's records, write them as its shard, then count the chunk complete (once,
+    whichever delivery gets there first); returns how many records the shard holds (0 for a
+    chunk complete already, whose shard stays as it was counted)."""
+    assert chunk.out_dir is not None and chunk.chunk is not None  # the message's validator ensures both
+    out_dir, chunk_id = chunk.out_dir, chunk.chunk
+    if current.retrying(lambda: current.store.chunk_complete(chunk.job, chunk_id), "read a chunk's state"):
+        # Another message of this chunk wrote and counted its shard: rewriting it could change rows
+        # (a transient fetch error this time) that the counters already hold.
+        log.info("chunk %s of job %s: its shard is written already", chunk_id, chunk.job)
+        return 0
+    records: dict[str, Record] = {}
+
+    def collect(batch: list[Record], batch_size: int | None = None) -> None:
+        for record in batch:  # one row per key; a success is never replaced by a failure
+            if record.status == "ok" or record.key not in records:
+                records[record.key] = record
+        metrics.observe_records(batch, None, batch_size)
+
+    def missing() -> list[Item]:
+        return [item for item in chunk.items if item.key not in records]
+
+    _run_chunk(current, chunk, delivery, collect, missing)
+    rows = list(records.values())
+    started = time.perf_counter()
+    with_retries(
+        lambda: write_shard(out_dir, chunk.job, chunk_id, rows, chunk.topk),
+        f"write shard {shard_url(out_dir, chunk.job, chunk_id)}",
+        current.settings.sink_retry_s,
+        transient=lambda _: True,  # a folder or store that fails may be mended: the chunk waits for it
+        unavailable=SinkUnavailable,
+    )
+    ok = sum(record.status == "ok" for record in rows)
+    current.retrying(
+        lambda: current.store.complete_chunk(chunk.job, chunk_id, ok, len(rows) - ok), "count a chunk complete"
+    )
+    metrics.observe_write(time.perf_counter() - started)
+    return len(rows)
+
+
+def _run_chunk(
+    current: ProcessState,
+    chunk: ChunkMessage,
+    delivery: Delivery,
+    write: Callable[[list[Record], int | None], None],
+    missing: Callable[[], list[Item]],
+) -> int:
+    """Give `write` one record per image of the chunk, batch by batch (with the batch's model
+    size); `missing()` names the images without a record yet. Returns how many were written."""
+    limit = current.settings.max_deliveries
     if delivery.deaths >= limit:
         # Workers died on this chunk each time: record what is missing as failed, and stop the loop.
         reason = f"{delivery.deaths} workers died on this chunk (KILN_MAX_DELIVERIES={limit})"
         records = [Record.failure(chunk.job, i.key, "poison", reason, ref=i.ref) for i in missing()]
-        write(records)
+        write(records, None)
         return len(records)
     written = 0
     works = (Work(chunk.job, item.key, ref=item.ref) for item in chunk.items)
@@ -234,7 +313,7 @@ def _run_chunk(current: ProcessState, chunk: ChunkMessage, delivery: Delivery) -
         log.exception("chunk of job %s failed; recording its remaining images as internal errors", chunk.job)
         reason = f"the chunk failed: {type(e).__name__}: {e}"
         records = [Record.failure(chunk.job, i.key, "internal", reason, ref=i.ref) for i in missing()]
-        write(records)
+        write(records, None)
         written += len(records)
     return written
 
