@@ -185,7 +185,8 @@ class Kiln:
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
         try:
             while True:
-                bar.show(follow.name, follow.finished, follow.total)
+                # a sharded job's total is final only once its listing is done (`listed`)
+                bar.show(follow.name, follow.finished, follow.total if follow.job.listed else None)
                 if follow.complete:
                     break
                 if deadline is not None and time.monotonic() > deadline:

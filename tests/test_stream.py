@@ -151,7 +151,7 @@ def test_progress_total_is_unknown_until_the_listing_ends(kiln, work_dir, capsys
     assert bar.shown[-1] == (12, 12, None)  # known once the listing ended, and reached
     assert counts.done == 12
     err = capsys.readouterr().err
-    assert "listed 12" in err and "12/12" in err
+    assert "12/12" in err  # drawn with its total at the end (what is drawn between depends on tqdm's timing)
 
 
 def test_resume_in_the_result_store_looks_up_each_chunk(kiln, work_dir):
