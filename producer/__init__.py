@@ -2,7 +2,8 @@
 
 from producer.client import JobTimeout, Kiln, SubmitIncomplete, SubmittedJob
 from producer.faults import RedisUnavailable
-from producer.sources import Expansion, SourceError, expand
+from producer.progress import JobProgress
+from producer.sources import Expansion, SourceError, expand, iter_items
 from worker.contract import Item, Record
 from worker.store import JobConflict
 
@@ -10,6 +11,7 @@ __all__ = [
     "Expansion",
     "Item",
     "JobConflict",
+    "JobProgress",
     "JobTimeout",
     "Kiln",
     "Record",
@@ -18,4 +20,5 @@ __all__ = [
     "SubmitIncomplete",
     "SubmittedJob",
     "expand",
+    "iter_items",
 ]

@@ -12,10 +12,11 @@ from kombu.exceptions import OperationalError
 
 from producer.client import Kiln, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
-from producer.export import export_format, write_results
+from producer.export import export_format
 from producer.faults import describe, mask_url
+from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
-from producer.sources import SourceError, expand, local_roots, object_roots
+from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots
 from worker.contract import Record
 
 EPILOG = """\
@@ -23,8 +24,20 @@ Without KILN_REDIS_URL, `label` runs everything itself: it starts a Redis (its d
 KILN_DATA_DIR, so a job can resume) and a local worker, labels the images and stops both. With
 KILN_REDIS_URL set, it only enqueues and waits for the workers running there.
 
+Inputs are listed lazily and enqueued chunk by chunk as they are listed; enqueuing pauses while
+the bulk queue holds KILN_MAX_PENDING_CHUNKS chunks. The progress bar shows the images done and
+listed so far until the listing ends, then the total, a percentage and an ETA.
+
+--out-dir URL (a folder, or an fsspec URL such as s3://bucket/prefix) chooses sharded mode for the
+job: workers write each chunk's records as one Parquet shard, URL/JOB/part-CHUNK.parquet, and Redis
+keeps counters per chunk only. Run the same command again to resume: completed chunks are skipped.
+Without it, records go to the Redis result store.
+
 examples:
   python -m producer label samples/ --out results.csv
+  python -m producer label /data/photos --job photos --out-dir /shared/labels --out photos.parquet
+  KILN_REDIS_URL=redis://queue:6379/0 python -m producer submit manifest.csv --job big --out-dir s3://bucket/labels
+  KILN_REDIS_URL=redis://queue:6379/0 python -m producer export big --out-dir s3://bucket/labels --out big.parquet
   python -m producer label 'photos/**/*.jpg' list.csv --job holiday --topk 3 --out holiday.parquet
   KILN_REDIS_URL=redis://queue:6379/0 python -m producer status holiday
   KILN_REDIS_URL=redis://queue:6379/0 python -m producer export holiday --out holiday.jsonl
@@ -40,22 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     label = commands.add_parser("label", help="classify images and write the results to a file")
-    label.add_argument(
-        "inputs", nargs="+", metavar="PATH", help="folders, image files, globs, URLs, CSV/JSONL manifests"
-    )
+    _job_arguments(label)
     label.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
-    label.add_argument("--topk", type=int, default=5, help="labels per image [default: 5]")
-    label.add_argument(
-        "--job",
-        help="job name; the same name again resumes it, or adds new images to it [default: derived from the images]",
-    )
     label.add_argument("--model", type=Path, help="embedded mode: package for the local worker [KILN_MODEL]")
-    label.add_argument("--retry-failed", action="store_true", help="also enqueue images whose record is an error")
     label.add_argument("--timeout", type=float, help="give up after this many seconds (the job keeps running)")
     label.add_argument("--no-progress", action="store_true", help="no progress bar")
     label.add_argument(
         "--show", type=int, default=20, help="print a top-5 table when the job has at most this many images"
     )
+    submit = commands.add_parser("submit", help="enqueue images for the workers and return (needs KILN_REDIS_URL)")
+    _job_arguments(submit)
+    submit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     status = commands.add_parser("status", help="counters of a job")
     status.add_argument("job")
@@ -63,11 +71,37 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("job")
     export.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     export.add_argument("--topk", type=int, default=5, help="label columns in CSV/Parquet [default: 5]")
+    export.add_argument(
+        "--out-dir",
+        metavar="URL",
+        help="read a sharded job's Parquet shards from URL (default: the job's own, as recorded in Redis); "
+        "works once the job's Redis keys have expired",
+    )
     classify = commands.add_parser("classify", help="classify one image now, through the online queue")
     classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
     classify.add_argument("--topk", type=int, default=5)
     classify.add_argument("--timeout", type=float, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
     return parser
+
+
+def _job_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "inputs", nargs="+", metavar="PATH", help="folders, image files, globs, URLs, CSV/JSONL manifests"
+    )
+    command.add_argument("--topk", type=int, default=5, help="labels per image [default: 5]")
+    command.add_argument(
+        "--job",
+        help="job name; the same name again resumes it, or adds new images to it [default: derived from the inputs]",
+    )
+    command.add_argument(
+        "--out-dir",
+        metavar="URL",
+        help="sharded mode: workers write the records as Parquet shards under URL/JOB/ (a folder, or an fsspec "
+        "URL such as s3://bucket/prefix); Redis keeps counters per chunk only [default: the Redis result store]",
+    )
+    command.add_argument(
+        "--retry-failed", action="store_true", help="also enqueue images whose record is an error (not with --out-dir)"
+    )
 
 
 def print_table(records: list[Record], topk: int = 5) -> None:
@@ -83,9 +117,6 @@ def print_table(records: list[Record], topk: int = 5) -> None:
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
     export_format(args.out)  # refuse a bad --out before any work
-    expansion = expand(args.inputs)
-    if expansion.skipped:
-        print(expansion.skipped_summary(), file=sys.stderr)
     with contextlib.ExitStack() as stack:
         check = None
         if settings.redis_url:
@@ -94,7 +125,9 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         else:
             model = args.model or settings.model or ensure_default_model(default_model_path())
             url = stack.enter_context(embedded_redis(settings.data_dir))
-            roots = local_roots(expansion.items) + object_roots(expansion.items)
+            # Listing passes first, for the folders and prefixes the local worker may read: each
+            # holds one entry per folder, not per image.
+            roots = local_roots(iter_items(args.inputs)) + object_roots(iter_items(args.inputs))
             worker = LocalWorker(model, url, settings.data_dir / "worker.log", roots)
             stack.callback(worker.stop)
             settings = settings.model_copy(update={"redis_url": url})
@@ -103,24 +136,36 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 f"embedded mode: Redis and a local worker ({model.name}); data in {settings.data_dir}", file=sys.stderr
             )
         kiln = stack.enter_context(Kiln(settings=settings))
-        submitted: SubmittedJob = kiln.submit(expansion, job=args.job, topk=args.topk, retry_failed=args.retry_failed)
-        resumed = submitted.total - submitted.enqueued
-        others = submitted.job_total - submitted.total
-        print(
-            f"job {submitted.id}: {submitted.total} images"
-            + (f" ({resumed} already done)" if resumed else "")
-            + (f"; the job also holds {others} images of other submissions" if others > 0 else ""),
-            file=sys.stderr,
-        )
-        counts = kiln.wait(submitted, timeout_s=args.timeout, progress=not args.no_progress, check=check)
-        records = kiln.results(submitted)
-    written = write_results(records, args.out, args.topk)
-    if len(records) <= args.show:
-        print_table(records)
+        bar = JobProgress(not args.no_progress)
+        stack.callback(bar.close)
+        submitted = _submit(kiln, args, bar)
+        counts = kiln.wait(submitted, timeout_s=args.timeout, progress=bar, check=check)
+        bar.close()
+        written = kiln.export(submitted, args.out, args.topk)
+        if submitted.out_dir is None and counts.total <= args.show:
+            print_table(kiln.results(submitted))
     print(f"{counts.done} labelled, {counts.failed} failed; wrote {written} records to {args.out}", file=sys.stderr)
-    if expansion.skipped:
-        print(expansion.skipped_summary(), file=sys.stderr)
+    if submitted.skipped:
+        print(Expansion([], submitted.skipped).skipped_summary(), file=sys.stderr)
     return 0 if counts.failed == 0 else 1
+
+
+def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress) -> SubmittedJob:
+    """Enqueue the inputs (streamed, with backpressure), drawing on `bar`; say what was enqueued."""
+    submitted = kiln.submit(
+        args.inputs, job=args.job, topk=args.topk, retry_failed=args.retry_failed, out_dir=args.out_dir, progress=bar
+    )
+    resumed = submitted.total - submitted.enqueued
+    others = submitted.job_total - submitted.total if submitted.out_dir is None else 0
+    bar.write(
+        f"job {submitted.id}: {submitted.total} images"
+        + (f" ({resumed} already done)" if resumed else "")
+        + (f"; the job also holds {others} images of other submissions" if others > 0 else "")
+        + (f"; shards in {submitted.out_dir}/{submitted.id}/" if submitted.out_dir else "")
+    )
+    if submitted.skipped:
+        bar.write(Expansion([], submitted.skipped).skipped_summary())
+    return submitted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,14 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "label":
             return _label(args, settings)
         with Kiln(settings=settings) as kiln:
-            if args.command in ("status", "export") and not kiln.exists(args.job):
+            shards_given = args.command == "export" and args.out_dir
+            if args.command in ("status", "export") and not shards_given and not kiln.exists(args.job):
                 raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
+            if args.command == "submit":
+                bar = JobProgress(not args.no_progress)
+                with contextlib.closing(bar):
+                    submitted = _submit(kiln, args, bar)
+                print(submitted.id)
             if args.command == "status":
                 counts = kiln.counts(args.job)
                 state = "complete" if counts.complete else "running"
                 print(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
             elif args.command == "export":
-                written = write_results(kiln.results(args.job), args.out, args.topk)
+                written = kiln.export(args.job, args.out, args.topk, out_dir=args.out_dir)
                 print(f"wrote {written} records to {args.out}", file=sys.stderr)
             elif args.command == "classify":
                 path = Path(args.image)

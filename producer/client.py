@@ -16,12 +16,12 @@ producers run anywhere Python and Redis do.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
+import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -31,23 +31,24 @@ from pydantic import TypeAdapter, ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producer.faults import RedisUnavailable, retrying
+from producer.enqueue import KEYS_KEPT, Submission
+from producer.enqueue import SubmitIncomplete as SubmitIncomplete  # where callers have imported it from
+from producer.export import write_results, write_shards
+from producer.faults import retrying
+from producer.progress import JobProgress
 from producer.settings import ProducerSettings
-from producer.sources import Expansion, default_job_id, expand
+from producer.sources import Expansion, default_job_id, inputs_job_id, iter_items
 from worker.celery_app import make_app
 from worker.contract import (
-    BULK_QUEUE,
-    CHUNK_TASK,
     ONLINE_QUEUE,
     ONLINE_TASK,
-    ChunkMessage,
     Item,
     JobId,
     OnlineMessage,
     Record,
     reply_key,
 )
-from worker.store import JobConflict, JobCounts, ResultStore
+from worker.store import JobCounts, ResultStore
 
 T = TypeVar("T")
 _KEYS_PER_CALL = 10_000  # keys per HMGET: one reply of a few hundred KB
@@ -57,21 +58,19 @@ class JobTimeout(TimeoutError):
     """The job did not finish in the time given."""
 
 
-class SubmitIncomplete(RedisUnavailable):
-    """Redis failed while a job was being enqueued; the job holds only what was enqueued, and
-    running the same submission again enqueues the rest."""
-
-
 @dataclass(frozen=True)
 class SubmittedJob:
-    """One submission: `keys` are its images (a job may hold more, from other submissions)."""
+    """One submission. `keys` are its images (a job may hold more, from other submissions), kept
+    for submissions of at most `KEYS_KEPT` images in the Redis result store; None otherwise, and
+    then `wait` and `results` cover the whole job."""
 
     id: str
     total: int  # images in this submission
     enqueued: int  # images sent to workers now; the rest already had a record (resume)
     job_total: int = 0  # images the job holds, this submission's and any other's
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] | None = ()
     skipped: Counter[str] = field(default_factory=Counter)  # files left out of folders, by extension
+    out_dir: str | None = None  # sharded mode: where the workers write the job's shards
 
 
 class Kiln:
@@ -118,63 +117,46 @@ class Kiln:
 
     def submit(
         self,
-        sources: Iterable[str | Path] | Sequence[Item] | Expansion,
+        sources: Iterable[str | Path] | Iterable[Item] | Expansion,
         job: str | None = None,
         topk: int = 5,
         retry_failed: bool = False,
+        out_dir: str | None = None,
+        progress: bool | JobProgress = False,
     ) -> SubmittedJob:
         """Enqueue every image of the sources (folders, globs, files, URLs, CSV/JSONL manifests,
-        `Item`s, or an `expand` result) that has no record in the job yet; with `retry_failed`,
-        failed ones again too.
+        `Item`s, a stream of Items, or an `expand` result) that has no record in the job yet.
 
-        A job name used again adds this submission's images to the job (a grown folder, or
-        another producer's images); `wait(submitted)` then waits for this submission's images.
-        Raises JobConflict if the job holds one of the keys for another image, SourceError for
-        inputs that name no images, and SubmitIncomplete if Redis fails partway (run it again)."""
-        expansion = _expansion(sources)
-        items = expansion.items
-        job = _job_name(job or default_job_id(items))
-        self._check_conflicts(job, items)
-        done = self._redis(lambda: self.store.recorded_keys(job, include_failed=not retry_failed))
-        todo = [item for item in items if item.key not in done]
-        recorded = [item for item in items if item.key in done]
-        for start in range(0, len(recorded), _KEYS_PER_CALL):
-            batch = recorded[start : start + _KEYS_PER_CALL]
-            self._redis(lambda batch=batch: self.store.register(job, batch, topk))
-        # Each chunk joins the job's total just before it is enqueued, and leaves it again if
-        # enqueuing fails: the job never counts images that no worker will see.
-        size = self.settings.chunk_size
-        for start in range(0, len(todo), size):
-            chunk = todo[start : start + size]
-            added: list[str] = []
-            try:
-                added = self._redis(lambda chunk=chunk: self.store.register(job, chunk, topk))
-                message = ChunkMessage(job=job, items=chunk, topk=topk).model_dump(mode="json")
-                self._redis(lambda message=message: self._send(CHUNK_TASK, message, BULK_QUEUE))
-            except RedisUnavailable as e:
-                # Briefly: if Redis is gone, the images stay in the job without a record, and
-                # running the submission again enqueues them.
-                with contextlib.suppress(RedisUnavailable):
-                    retrying(lambda added=added: self.store.unregister(job, added), self.settings.redis_url, 5.0)
-                raise SubmitIncomplete(
-                    f"job {job}: enqueued {start} of {len(todo)} images, then: {e}. "
-                    "Run the same submission again to enqueue the rest"
-                ) from e
-        total = self._redis(lambda: self.store.counts(job)).total
-        keys = tuple(item.key for item in items)
-        return SubmittedJob(job, len(items), len(todo), total, keys, expansion.skipped)
+        The sources are listed lazily and cut into chunks of KILN_CHUNK_SIZE as they are listed;
+        each chunk is enqueued as soon as it is formed, and the call pauses while the bulk queue
+        holds KILN_MAX_PENDING_CHUNKS chunks or more. So memory stays bounded whatever the job's
+        size, and the call returns once the last chunk is enqueued.
 
-    def _check_conflicts(self, job: str, items: list[Item]) -> None:
-        """Refuse, before enqueuing anything, a key the job already holds for another image."""
-        for start in range(0, len(items), _KEYS_PER_CALL):
-            batch = items[start : start + _KEYS_PER_CALL]
-            refs = self._redis(lambda batch=batch: self.store.registered_refs(job, [i.key for i in batch]))
-            for item, ref in zip(batch, refs, strict=True):
-                if ref is not None and ref != item.ref:
-                    raise JobConflict(
-                        f"job {job} already holds image key {item.key!r} for {ref}, not {item.ref}: use a new "
-                        "job name, or give the images other keys"
-                    )
+        Redis result store (no `out_dir`): a chunk's images that already have a record are left
+        out (with `retry_failed`, failed ones are sent again). A job name used again adds this
+        submission's images to the job. `out_dir` (a folder or an fsspec URL such as
+        s3://bucket/prefix): sharded mode, workers write each chunk's records as one Parquet
+        shard there, and Redis keeps counters per chunk only; chunks already completed are
+        skipped (resume: the same inputs give the same chunks).
+
+        `progress`: draw a progress bar (or draw on the given one) while enqueuing. Raises
+        JobConflict if the job holds one of the keys for another image (checked chunk by chunk:
+        the chunks before it are enqueued) or exists in the other mode, SourceError for bad
+        inputs, ValueError for a stream of Items without a job name, and SubmitIncomplete if
+        Redis fails partway (run it again)."""
+        items, skipped, default = _source_items(sources)
+        job = _job_name(job or default())
+        if out_dir is not None and retry_failed:
+            raise ValueError("retry_failed applies to the Redis result store; in sharded mode a chunk runs once")
+        bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
+        run = Submission(self, job, topk, retry_failed, out_dir, bar)
+        try:
+            run.enqueue(items)
+        finally:
+            if bar is not progress:
+                bar.close()
+        job_total = self._redis(lambda: self.store.counts(job)).total
+        return SubmittedJob(job, run.listed, run.enqueued, job_total, run.keys, skipped, out_dir)
 
     def _send(self, task: str, message: dict, queue: str) -> None:
         self._app.send_task(task, args=[message], queue=queue, retry=False)
@@ -189,19 +171,24 @@ class Kiln:
         self,
         job: str | SubmittedJob,
         timeout_s: float | None = None,
-        progress: bool = True,
+        progress: bool | JobProgress = True,
         check: Callable[[], None] | None = None,
     ) -> JobCounts:
         """Block until every image has a record: a submission's images (given a SubmittedJob) or
-        the whole job's (given its name). Shows a progress bar (rate, ETA). Returns the counters
-        of those images. `check` runs at every poll and may raise to give up (the embedded mode
-        checks its worker). Raises JobTimeout after `timeout_s`, RedisUnavailable if Redis stays
-        away until then (or for KILN_REDIS_RETRY_S without a timeout)."""
+        the whole job's (given its name). Shows a progress bar (rate, ETA), or draws on the one
+        given (`submit` may have started it). Returns the counters of those images. `check` runs
+        at every poll and may raise to give up (the embedded mode checks its worker). Raises
+        JobTimeout after `timeout_s`, RedisUnavailable if Redis stays away until then (or for
+        KILN_REDIS_RETRY_S without a timeout)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         follow = _Follow(self, job, deadline)
-        bar = _progress_bar(follow.name, follow.total, follow.finished) if progress else None
+        bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
         try:
-            while not follow.complete:
+            while True:
+                # a sharded job's total is final only once its listing is done (`listed`)
+                bar.show(follow.name, follow.finished, follow.total if follow.job.listed else None)
+                if follow.complete:
+                    break
                 if deadline is not None and time.monotonic() > deadline:
                     raise JobTimeout(
                         f"job {follow.name}: {follow.finished} of {follow.total} images after {timeout_s} s"
@@ -210,21 +197,46 @@ class Kiln:
                     check()
                 time.sleep(self.settings.poll_interval_s)
                 follow.poll()
-                if bar is not None and follow.finished != bar.n:
-                    bar.update(follow.finished - bar.n)
         finally:
-            if bar is not None:
+            if bar is not progress:
                 bar.close()
         return follow.counts()
 
     def results(self, job: str | SubmittedJob) -> list[Record]:
-        """The records of a job (given its name) or of one submission's images, in no order."""
+        """The records of a job (given its name) or of one submission's images, in no order, from
+        the Redis result store (a sharded job's records are in its shards: see `export`). Holds
+        them all: for large jobs, use `export`."""
+        keys = _kept_keys(job)
+        records = list(self._records(job.id if isinstance(job, SubmittedJob) else job))
+        return records if keys is None else [r for r in records if r.key in keys]
+
+    def export(self, job: str | SubmittedJob, path: Path, topk: int = 5, out_dir: str | None = None) -> int:
+        """Write the records of a job (or of one submission's images) to `path` (.jsonl, .csv or
+        .parquet); return how many. Memory stays bounded: records stream in batches.
+
+        Sharded jobs (`out_dir`, or the job's own, recorded in Redis): the shards are read with
+        pyarrow.dataset and written in chunk order, each chunk's rows by key; `out_dir` also
+        works once the job's Redis keys have expired. Redis result store: sorted by key when the
+        job has at most KEYS_KEPT records, else in Redis's order (sorting needs every record)."""
         name = job.id if isinstance(job, SubmittedJob) else job
-        records = self._redis(lambda: list(self.store.records(name)))
-        if isinstance(job, SubmittedJob):
-            keys = set(job.keys)
-            records = [r for r in records if r.key in keys]
-        return records
+        if out_dir is None:
+            out_dir = job.out_dir if isinstance(job, SubmittedJob) else self._redis(lambda: self.store.sink(name))
+        if out_dir is not None:
+            return write_shards(f"{out_dir.rstrip('/')}/{name}", path)
+        keys = _kept_keys(job)
+        records = self._records(name)
+        if keys is not None:
+            records = (r for r in records if r.key in keys)
+        small = self._redis(lambda: self.store.counts(name)).total <= KEYS_KEPT
+        return write_results(records, path, topk, sort=small)
+
+    def _records(self, job: str) -> Iterator[Record]:
+        """A job's records from the Redis result store, one HSCAN page at a time (each page
+        retried on its own: a cursor survives a reconnect)."""
+        cursor = None
+        while cursor != 0:
+            cursor, page = self._redis(lambda cursor=cursor: self.store.records_page(job, cursor or 0))
+            yield from page
 
     def check_inline(self, size: int) -> None:
         """Raise ValueError if an inline image of `size` bytes is over KILN_MAX_INLINE_BYTES."""
@@ -333,13 +345,32 @@ class _Follow:
         return JobCounts(len(self.keys), statuses["ok"], statuses["error"])
 
 
-def _expansion(sources: Iterable[str | Path] | Sequence[Item] | Expansion) -> Expansion:
+def _source_items(
+    sources: Iterable[str | Path] | Iterable[Item] | Expansion,
+) -> tuple[Iterator[Item], Counter[str], Callable[[], str]]:
+    """The items of `sources` as a lazy iterator, the skipped-files counter the listing fills,
+    and how to make the default job id (from the keys of a list of Items, else from the inputs)."""
     if isinstance(sources, Expansion):
-        return sources
-    sources = list(sources)
-    if sources and all(isinstance(s, Item) for s in sources):
-        return Expansion(sources)
-    return expand(sources)
+        return iter(sources.items), sources.skipped, lambda: default_job_id(sources.items)
+    if isinstance(sources, Sequence) and sources and all(isinstance(s, Item) for s in sources):
+        return iter(sources), Counter(), lambda: default_job_id(sources)
+    stream = iter(sources)
+    first = next(stream, None)
+    if isinstance(first, Item):
+
+        def unnamed() -> str:
+            raise ValueError("a stream of Items has no default job id: name the job")
+
+        return itertools.chain([first], stream), Counter(), unnamed
+    inputs = [] if first is None else [first, *stream]  # the inputs themselves: a few names
+    skipped: Counter[str] = Counter()
+    return iter_items(inputs, skipped), skipped, lambda: inputs_job_id(inputs)
+
+
+def _kept_keys(job: str | SubmittedJob) -> set[str] | None:
+    """A submission's own keys, where it kept them; None: the whole job."""
+    keys = job.keys if isinstance(job, SubmittedJob) else None
+    return None if keys is None else set(keys)
 
 
 _JOB_ID = TypeAdapter(JobId)
@@ -352,9 +383,3 @@ def _job_name(job: str) -> str:
         raise ValueError(
             f"job name {job!r}: use 1 to 200 letters, digits and . _ : @ - (it becomes part of Redis keys)"
         ) from None
-
-
-def _progress_bar(job: str, total: int, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=job, unit="img", dynamic_ncols=True, mininterval=0.5)

@@ -1,20 +1,28 @@
 """Write a job's records to a file: JSONL, CSV or Parquet, chosen by the file's extension.
 
-Written to a temporary file beside the target and renamed, so a reader never sees half a file.
+Records stream into the file in batches, so an export of any size takes bounded memory: from the
+Redis result store (`write_results`, sorted by key only when asked, since sorting needs every
+record at once) or from a sharded job's Parquet shards (`write_shards`, in chunk order, each
+shard's rows sorted by key). Written to a temporary file beside the target and renamed, so a
+reader never sees half a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
+import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from worker.contract import Record
 from worker.records import arrow_schema, columns, flat_row
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+BATCH_ROWS = 2_000  # rows converted and written at once: a few MB at most
 
 
 def export_format(path: Path) -> str:
@@ -24,40 +32,99 @@ def export_format(path: Path) -> str:
     return fmt
 
 
-def write_results(records: Iterable[Record], path: Path, topk: int = 5) -> int:
-    """Write records sorted by key; return how many."""
+def write_results(records: Iterable[Record], path: Path, topk: int = 5, sort: bool = True) -> int:
+    """Write records (sorted by key if `sort`, which holds them all; else as they come, in
+    bounded memory); return how many. JSONL holds whole records, CSV and Parquet `flat_row`s
+    (worker/records.py: the shards' schema too)."""
     fmt = export_format(path)
-    rows = sorted(records, key=lambda r: r.key)
+    if sort:
+        records = sorted(records, key=lambda r: r.key)
+    with _replacing(path) as tmp:
+        if fmt == "jsonl":
+            return _write_rows(tmp, fmt, (r.model_dump(mode="json", exclude_none=True) for r in records), [])
+        rows = (flat_row(r, topk) for r in records)
+        if fmt == "csv":
+            return _write_rows(tmp, fmt, rows, columns(topk))
+        pa, _, _ = _pyarrow()
+        schema = arrow_schema(topk)
+        return _write_parquet(tmp, schema, (pa.RecordBatch.from_pylist(b, schema=schema) for b in _batched(rows)))
+
+
+def write_shards(folder: str, path: Path) -> int:
+    """Write a sharded job's records (the Parquet shards in `folder`, a path or an fsspec URL)
+    to one file, shard by shard in name (chunk) order; return how many rows."""
+    fmt = export_format(path)
+    dataset = shards(folder)
+    batches = dataset.to_batches(batch_size=BATCH_ROWS, batch_readahead=1, fragment_readahead=1)
+    with _replacing(path) as tmp:
+        if fmt == "parquet":
+            return _write_parquet(tmp, dataset.schema, batches)
+        rows = (row for batch in batches for row in batch.to_pylist())
+        return _write_rows(tmp, fmt, rows, dataset.schema.names)
+
+
+def shards(folder: str):
+    """A `pyarrow.dataset.Dataset` of the Parquet shards in `folder` (a path or an fsspec URL),
+    in name order. Raises ValueError if there are none."""
+    _, _, ds = _pyarrow()
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(folder)
+    files = sorted(f for f in fs.find(root) if f.endswith(".parquet")) if fs.isdir(root) else []
+    if not files:
+        raise ValueError(f"{folder}: no Parquet shards there (has a worker completed a chunk of the job yet?)")
+    return ds.dataset(files, format="parquet", filesystem=fs)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside `path` that replaces it once the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[fmt](rows, Path(tmp), topk)
+        yield Path(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return len(rows)
 
 
-def _jsonl(rows: list[Record], path: Path, topk: int) -> None:
-    with open(path, "w") as f:
-        for record in rows:
-            f.write(record.model_dump_json(exclude_none=True) + "\n")
-
-
-def _csv(rows: list[Record], path: Path, topk: int) -> None:
-    flat = [flat_row(r, topk) for r in rows]
+def _write_rows(path: Path, fmt: str, rows: Iterable[dict], columns: list[str]) -> int:
+    written = 0
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns(topk))
-        writer.writeheader()
-        writer.writerows(flat)
+        writer = csv.DictWriter(f, fieldnames=columns) if fmt == "csv" else None
+        if writer is not None:
+            writer.writeheader()
+        for batch in _batched(rows):
+            if writer is not None:
+                writer.writerows(batch)
+            else:
+                f.writelines(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n" for row in batch)
+            written += len(batch)
+    return written
 
 
-def _parquet(rows: list[Record], path: Path, topk: int) -> None:
+def _write_parquet(path: Path, schema, batches: Iterable) -> int:
+    _, pq, _ = _pyarrow()
+    written = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            written += batch.num_rows
+    return written
+
+
+def _batched(rows: Iterable[dict]) -> Iterator[list[dict]]:
+    rows = iter(rows)
+    while batch := list(itertools.islice(rows, BATCH_ROWS)):
+        yield batch
+
+
+def _pyarrow():
     try:
         import pyarrow as pa
+        import pyarrow.dataset as ds
         import pyarrow.parquet as pq
     except ImportError:
         raise ValueError("Parquet needs pyarrow: pip install 'kiln[parquet]'") from None
-    table = pa.Table.from_pylist([flat_row(r, topk) for r in rows], schema=arrow_schema(topk))
-    pq.write_table(table, path)
+    return pa, pq, ds

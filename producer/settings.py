@@ -27,6 +27,11 @@ def default_model_path() -> Path:
 
 class ProducerSettings(CommonSettings):
     chunk_size: int = Field(default=128, ge=1, le=100_000, description="images per bulk task message")
+    max_pending_chunks: int = Field(
+        default=64,
+        ge=1,
+        description="backpressure: `submit` pauses while the bulk queue holds this many chunks or more",
+    )
     poll_interval_s: float = Field(default=0.25, gt=0, description="how often `wait` reads a job's counters")
     online_timeout_s: float = Field(default=30.0, gt=0, description="how long `classify` waits for its answer")
     max_inline_bytes: int = Field(

@@ -1,17 +1,24 @@
 """Expand what a user points at (folders, globs, image files, URLs, CSV/JSONL manifests, object-store
 prefixes and globs) into job items: a stable key (the record's identity, used to resume) and a
-reference a worker can fetch."""
+reference a worker can fetch.
+
+`iter_items` streams: it holds one folder's entry names at a time (never the whole tree) and one
+manifest line, so a producer lists a data set of any size in bounded memory. Its order is stable
+for the same inputs (each folder's entries by name, depth first), which resume relies on: the
+same inputs give the same chunks.
+"""
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import hashlib
-import io
+import itertools
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,55 +64,71 @@ class Expansion:
         """e.g. "skipped 3 files without an image extension: .txt 2, (no extension) 1"; "" when none."""
         if not self.skipped:
             return ""
-        parts = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in self.skipped.most_common())
+        # most first; ties by name, files without an extension last: the same summary every run
+        order = sorted(self.skipped.items(), key=lambda pair: (-pair[1], pair[0] == "", pair[0]))
+        parts = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in order)
         total = sum(self.skipped.values())
         return f"skipped {total} {'file' if total == 1 else 'files'} without an image extension: {parts}"
 
 
-def expand(inputs: Iterable[str | Path]) -> Expansion:
-    """Items for every image the inputs name, in a stable order, without duplicates.
+def iter_items(inputs: Iterable[str | Path], skipped: Counter[str] | None = None) -> Iterator[Item]:
+    """Items for every image the inputs name, lazily, in a stable order.
 
-    Raises SourceError for an input that names nothing, an unreadable manifest, or one key that
-    names two different images."""
-    inputs = list(inputs)
-    found: dict[str, tuple[Item, str]] = {}  # key -> (item, where it came from)
-    skipped: Counter[str] = Counter()
-    for source in inputs:
-        for item, origin in _expand_one(str(source), skipped):
-            known = found.get(item.key)
-            if known is not None and known[0].ref != item.ref:
-                raise SourceError(
-                    f"{origin}: key {item.key!r} names two images: {known[0].ref} ({known[1]}) and {item.ref}"
-                )
-            found[item.key] = (item, origin)
+    `skipped` (if given) counts, as the listing goes, the files that folders and globs left out,
+    by lower-case extension. Every input is checked before the first item comes (a missing path
+    fails before anything is listed). Duplicates are not looked for: that needs every key (see
+    `expand`). Raises SourceError for an input that names nothing, an unreadable folder or
+    manifest (`file:line: reason`), and, once the listing ends, for inputs that named no image."""
+    for item, _ in _listing(inputs, Counter() if skipped is None else skipped):
+        yield item
+
+
+def _listing(inputs: Iterable[str | Path], skipped: Counter[str]) -> Iterator[tuple[Item, str]]:
+    """(item, where it came from) for every image of the inputs."""
+    inputs = [str(source) for source in inputs]
+    sources = [_expand_one(source, skipped) for source in inputs]  # each checks its input now
+    found = 0
+    for item, origin in itertools.chain.from_iterable(sources):
+        found += 1
+        yield item, origin
     if not found:
         detail = Expansion([], skipped).skipped_summary()
-        raise SourceError("no images found in " + ", ".join(map(str, inputs)) + (f" ({detail})" if detail else ""))
+        raise SourceError("no images found in " + ", ".join(inputs) + (f" ({detail})" if detail else ""))
+
+
+def expand(inputs: Iterable[str | Path]) -> Expansion:
+    """Items for every image the inputs name, in `iter_items` order, without duplicates: for small
+    jobs and callers that need the whole list (it holds every item).
+
+    Raises what `iter_items` raises, and SourceError for one key that names two images."""
+    found: dict[str, tuple[Item, str]] = {}  # key -> (item, where it came from)
+    skipped: Counter[str] = Counter()
+    for item, origin in _listing(inputs, skipped):
+        known = found.get(item.key)
+        if known is not None and known[0].ref != item.ref:
+            raise SourceError(
+                f"{origin}: key {item.key!r} names two images: {known[0].ref} ({known[1]}) and {item.ref}"
+            )
+        found[item.key] = (item, origin)
     return Expansion([item for item, _ in found.values()], skipped)
 
 
 def _expand_one(source: str, skipped: Counter[str]) -> Iterator[tuple[Item, str]]:
+    """The items of one input, as a lazy iterator; checks the input itself at once."""
     if object_scheme(source) is not None:
-        yield from ((Item(key=ref, ref=ref), source) for ref in _objects(source, skipped))
-        return
+        return ((Item(key=ref, ref=ref), source) for ref in _objects(source, skipped))
     if source.startswith(URL_PREFIXES):
-        yield Item(key=source, ref=source), source
-        return
+        return iter([(Item(key=source, ref=source), source)])
     path = Path(source).expanduser()
     if path.is_dir():
-        for f in _images_under(os.path.realpath(path), skipped):
-            yield Item(key=f, ref=f), source
-    elif path.is_file():
+        return ((Item(key=f, ref=f), source) for f in _images_under(os.path.realpath(path), skipped))
+    if path.is_file():
         if path.suffix.lower() in MANIFEST_SUFFIXES:
-            yield from _read_manifest(path)
-        else:
-            yield _local(path), source
-    elif glob.has_magic(source):
-        for match in sorted(glob.glob(str(path), recursive=True)):
-            if os.path.isfile(match) and _is_image(match, skipped):
-                yield _local(Path(match)), source
-    else:
-        raise SourceError(f"{source}: no such file, folder, URL or glob match")
+            return _read_manifest(path)
+        return iter([(_local(path), source)])
+    if glob.has_magic(source):
+        return ((_local(Path(f)), source) for f in _glob(os.path.abspath(path), skipped))
+    raise SourceError(f"{source}: no such file, folder, URL or glob match")
 
 
 def _is_image(name: str, skipped: Counter[str]) -> bool:
@@ -145,12 +168,74 @@ def _objects(source: str, skipped: Counter[str]) -> Iterator[str]:
         raise SourceError(f"{source}: {e}") from None
 
 
-def _images_under(folder: str, skipped: Counter[str]) -> list[str]:
-    """Image files below `folder`, sorted; strings and os.walk, since data sets run to millions."""
-    found = []
-    for parent, _, names in os.walk(folder):
-        found += [os.path.join(parent, n) for n in names if _is_image(n, skipped)]
-    return sorted(found)
+def _entries(folder: str) -> tuple[list[str], set[str], set[str]]:
+    """A folder's entry names, sorted; the names of its sub folders; those of them that are links.
+
+    Only this folder's names are held: a data set's tree is never listed whole."""
+    names: list[str] = []
+    folders: set[str] = set()
+    links: set[str] = set()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                if entry.is_dir():
+                    folders.add(entry.name)
+                    if entry.is_symlink():
+                        links.add(entry.name)
+    except OSError as e:
+        raise SourceError(f"{folder}: cannot list the folder: {e.strerror or e}") from e
+    names.sort()
+    return names, folders, links
+
+
+def _images_under(folder: str, skipped: Counter[str]) -> Iterator[str]:
+    """Image files below `folder`, each folder's entries by name, depth first. Like os.walk, links
+    to folders are not followed (no cycles); an unreadable folder is an error, not a gap."""
+    names, folders, links = _entries(folder)
+    for name in names:
+        path = os.path.join(folder, name)
+        if name in folders:
+            if name not in links:
+                yield from _images_under(path, skipped)
+        elif _is_image(name, skipped):
+            yield path
+
+
+def _glob(pattern: str, skipped: Counter[str]) -> Iterator[str]:
+    """Files matching an absolute glob pattern (`**` for any depth), in `_images_under` order:
+    Python's glob lists in the file system's order, which changes as a folder grows."""
+    parts = pattern.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = os.sep.join(parts[:first]) or os.sep
+    if os.path.isdir(root):
+        yield from _glob_in(root, parts[first:] + ["*"] * (parts[-1] == "**"), skipped)
+
+
+def _glob_in(folder: str, parts: list[str], skipped: Counter[str]) -> Iterator[str]:
+    part, rest = parts[0], parts[1:]
+    names, folders, links = _entries(folder)
+    for name in names:
+        path = os.path.join(folder, name)
+        hidden = name.startswith(".")  # as in glob: only a pattern starting with a dot matches them
+        if part == "**":
+            # `**` is any number of folders, none included: try the rest here, then go deeper
+            if rest and len(rest) == 1 and name not in folders and _matches(name, rest[0]):
+                if _is_image(name, skipped):
+                    yield path
+            elif rest and len(rest) > 1 and name in folders and _matches(name, rest[0]):
+                yield from _glob_in(path, rest[1:], skipped)
+            if name in folders and name not in links and not hidden:
+                yield from _glob_in(path, parts, skipped)
+        elif _matches(name, part):
+            if rest and name in folders:
+                yield from _glob_in(path, rest, skipped)
+            elif not rest and name not in folders and _is_image(name, skipped):
+                yield path
+
+
+def _matches(name: str, part: str) -> bool:
+    return fnmatch.fnmatchcase(name, part) and (part.startswith(".") or not name.startswith("."))
 
 
 def _local(path: Path) -> Item:
@@ -161,18 +246,28 @@ def _local(path: Path) -> Item:
 def _read_manifest(path: Path) -> Iterator[tuple[Item, str]]:
     """CSV with a header (a `path`/`url`/`ref` column, optionally `key`/`id`), or JSONL of such
     objects or of plain strings; UTF-8, with or without a BOM (spreadsheets write one). Relative
-    paths are relative to the manifest's folder. Every error names `file:line`, counting blank lines."""
+    paths are relative to the manifest's folder. Read line by line, so a manifest of any size
+    streams. Every error names `file:line`, counting blank lines."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            lines = _text_lines(path, f)
+            rows = _csv_rows(path, lines) if path.suffix.lower() == ".csv" else _jsonl_rows(path, lines)
+            yield from _manifest_items(path, rows)
     except OSError as e:
         raise SourceError(f"{path}: cannot read manifest: {e.strerror or e}") from e
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        reason = f"not UTF-8 text (byte {data[e.start]:#04x}); save the manifest as UTF-8"
-        raise SourceError(f"{path}:{line}: {reason}") from e
-    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+
+
+def _text_lines(path: Path, f: Iterable[bytes]) -> Iterator[str]:
+    """The file's lines as text (split at \n only: JSON may hold U+2028), the BOM dropped."""
+    for number, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            reason = f"not UTF-8 text (byte {raw[e.start]:#04x}); save the manifest as UTF-8"
+            raise SourceError(f"{path}:{number}: {reason}") from e
+
+
+def _manifest_items(path: Path, rows: Iterable[tuple[int, dict]]) -> Iterator[tuple[Item, str]]:
     for line, row in rows:
         where = f"{path}:{line}"
         ref = next((str(row[c]) for c in REF_COLUMNS if row.get(c) not in (None, "")), None)
@@ -184,14 +279,15 @@ def _read_manifest(path: Path) -> Iterator[tuple[Item, str]]:
             ref = str((path.parent / ref).resolve())
         key = next((str(row[c]) for c in KEY_COLUMNS if row.get(c) not in (None, "")), ref)
         try:
-            yield Item(key=key, ref=ref), where
+            item = Item(key=key, ref=ref)
         except ValidationError as e:
             problem = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False))
             raise SourceError(f"{where}: {problem}") from None
+        yield item, where
 
 
-def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _csv_rows(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
+    reader = csv.reader(lines)
     try:
         header = next(reader, None)
         if header is None:
@@ -213,8 +309,8 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         raise SourceError(f"{path}:{reader.line_num}: {e}") from None
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+def _jsonl_rows(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -228,16 +324,29 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-def default_job_id(items: list[Item]) -> str:
-    """A job id derived from the image keys: the same inputs again resume the same job.
-
-    The keys are hashed as a JSON list, so no two different key sets share an id (joining them
-    with a separator let ["x", "y"] and ["x\\ny"] collide)."""
-    digest = hashlib.sha256(json.dumps(sorted(i.key for i in items)).encode()).hexdigest()
-    return f"job-{digest[:16]}"
+def default_job_id(items: Sequence[Item]) -> str:
+    """A job id derived from the image keys (for a list of Items): the same keys again resume the
+    same job. The keys are hashed as a JSON list, so no two different key sets share an id
+    (joining them with a separator let ["x", "y"] and ["x\\ny"] collide)."""
+    return _job_digest(sorted(i.key for i in items))
 
 
-def object_roots(items: list[Item]) -> list[str]:
+def inputs_job_id(inputs: Iterable[str | Path]) -> str:
+    """A job id derived from the inputs as given (folders, globs and manifests made absolute,
+    URLs as they are), not from the images: a streamed listing has no key set until it ends. The
+    same inputs again resume the same job, a grown folder included."""
+    return _job_digest([_absolute(str(source)) for source in inputs])
+
+
+def _absolute(source: str) -> str:
+    return source if "://" in source else os.path.abspath(os.path.expanduser(source))
+
+
+def _job_digest(names: list[str]) -> str:
+    return f"job-{hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]}"
+
+
+def object_roots(items: Iterable[Item]) -> list[str]:
     """The fewest object-store prefixes (`s3://bucket/folder/`) that contain every object reference
     of the items (for the embedded worker, as local_roots). References the worker refuses anyway
     (no key, an empty, "." or ".." segment) give none."""
@@ -257,9 +366,10 @@ def object_roots(items: list[Item]) -> list[str]:
     return roots
 
 
-def local_roots(items: list[Item]) -> list[str]:
-    """The fewest folders that contain every local file of the items (for the embedded worker)."""
-    folders = sorted({str(Path(i.ref).parent) for i in items if not i.ref.startswith(URL_PREFIXES)})
+def local_roots(items: Iterable[Item]) -> list[str]:
+    """The fewest folders that contain every local file of the items (for the embedded worker).
+    Holds one entry per folder, not per item, so it takes a streamed listing."""
+    folders = sorted({os.path.dirname(i.ref) for i in items if not i.ref.startswith(URL_PREFIXES)})
     roots: list[str] = []
     for folder in folders:
         if not any(Path(folder).is_relative_to(root) for root in roots):

@@ -398,6 +398,12 @@ class ResultStore:
         for _, raw in self.redis.hscan_iter(_key(job, "records"), count=1000):
             yield Record.model_validate_json(raw)
 
+    def records_page(self, job: str, cursor: int = 0, count: int = 1000) -> tuple[int, list[Record]]:
+        """One HSCAN page of a job's records: (next cursor, records); the cursor is 0 at the end.
+        A cursor stays valid across reconnects, so a reader can retry a page and go on."""
+        cursor, page = self.redis.hscan(_key(job, "records"), cursor, count=count)
+        return cursor, [Record.model_validate_json(raw) for raw in page.values()]
+
     def get(self, job: str, key: str) -> Record | None:
         raw = self.redis.hget(_key(job, "records"), key)
         return None if raw is None else Record.model_validate_json(raw)
