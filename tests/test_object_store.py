@@ -285,3 +285,30 @@ def test_the_embedded_mode_labels_an_s3_prefix(s3, lite0_package, tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "2 labelled, 0 failed" in done.stderr, done.stderr
     assert "espresso" in done.stdout
+
+
+def test_a_job_read_from_an_object_store_writes_its_shards_to_one(kiln, s3, tmp_path):
+    """Issue #11 end to end on the S3 server: the producer lists an s3:// prefix, the session worker
+    reads the objects and writes each chunk as one Parquet object under an s3:// out_dir (one PUT
+    per shard), and the producer exports the shards: one row per image, read as one data set."""
+    import pyarrow.parquet as pq
+
+    folder = f"{ALLOWED_PREFIX}sharded/"
+    refs = {
+        s3.put(f"{folder}{i}-{name}", SAMPLES / name): name for i, name in enumerate(["coffee.jpg", "rocket.jpg"] * 3)
+    }
+    out_dir = s3.url("shards")
+    submitted = kiln.submit([s3.url(folder)], job="s3-sharded", out_dir=out_dir)
+    counts = kiln.wait(submitted, timeout_s=300, progress=False)
+    assert (counts.total, counts.done, counts.failed) == (6, 6, 0)
+    s3.fs.invalidate_cache()
+    table = pq.read_table(f"{s3.bucket}/shards/s3-sharded", filesystem=s3.fs)
+    labels = dict(zip(table.column("key").to_pylist(), table.column("label_1").to_pylist(), strict=True))
+    assert sorted(labels) == sorted(refs)  # one row per image
+    assert all(labels[ref] == "espresso" for ref, name in refs.items() if name == "coffee.jpg")
+    out = tmp_path / "export.csv"
+    command = [sys.executable, "-m", "producer", "export", "s3-sharded", "--out-dir", out_dir, "--out", str(out)]
+    env = python_env(KILN_REDIS_URL=kiln.settings.redis_url)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == 1 + len(refs)
