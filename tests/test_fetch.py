@@ -95,6 +95,40 @@ def test_internal_addresses_are_refused_unless_allowed(images):
         assert fetch(f"http://localhost:{port}/coffee.jpg", FetchPolicy.create([], 10**7, 5, ["127.0.0.0/8", "::1"]))
 
 
+# IPv6 forms that a gateway or tunnel delivers to an internal IPv4 address, and deprecated ranges.
+EMBEDDED_INTERNAL = [
+    "64:ff9b::a00:1",  # NAT64 (RFC 6052) of 10.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of the metadata service 169.254.169.254
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "64:ff9b:1::a00:1",  # local-use NAT64 (RFC 8215)
+    "2002:a00:1::1",  # 6to4 of 10.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
+    "2a00:1450::5efe:a00:1",  # ISATAP interface id of 10.0.0.1
+    "::127.0.0.1",  # IPv4-compatible (deprecated)
+    "::8.8.8.8",
+    "fec0::1",  # site-local (deprecated)
+]
+
+
+@pytest.mark.parametrize("address", EMBEDDED_INTERNAL)
+def test_ipv6_forms_of_internal_ipv4_addresses_are_refused(images, address):
+    closed = FetchPolicy(max_bytes=10**7, timeout_s=5)
+    assert kind_of(f"http://[{address}]/coffee.jpg", closed) == "forbidden_address"
+    if address == "64:ff9b::7f00:1":  # stands for the test server's 127.0.0.1, which the hop's policy allows
+        return
+    with serve_folder(images) as base:  # and on a redirect hop
+        hop = FetchPolicy.create([], 10**7, 5, LOOPBACK)
+        assert kind_of(f"{base}/redirect?to=http://[{address}]:6379/", hop) == "forbidden_address"
+
+
+def test_an_embedded_address_is_judged_by_the_ipv4_address_it_stands_for(images):
+    # Allowing 10.0.0.0/8 allows its NAT64 form too: the check passes, the connection then fails here.
+    policy = FetchPolicy.create([], 10**7, 5, ["10.0.0.0/8"])
+    assert kind_of("http://[64:ff9b::a00:1]/coffee.jpg", policy) != "forbidden_address"
+    assert kind_of("http://[64:ff9b::a00:1]/coffee.jpg", FetchPolicy(max_bytes=10**7, timeout_s=5)) == "forbidden_address"
+
+
 @pytest.mark.parametrize("path", ["/drip-body", "/drip-headers"])
 def test_a_dripping_server_meets_the_total_deadline(images, path):
     """Each byte comes well within the read timeout; only a deadline on the whole fetch stops it."""

@@ -257,6 +257,33 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
     return data
 
 
+# IPv6 ranges refused whatever they embed: deprecated (IPv4-compatible ::a.b.c.d, site-local, the
+# returned 6bone) or meaningful only inside one network (local-use NAT64, RFC 8215).
+_REFUSED_IPV6 = tuple(
+    ipaddress.IPv6Network(n) for n in ("::/96", "fec0::/10", "3ffe::/16", "64:ff9b:1::/48")
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+_ISATAP_IDS = (0x00005EFE, 0x02005EFE)  # an ISATAP interface id: 0[02]00:5efe:a.b.c.d, any prefix
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address stands for (IPv4-mapped, NAT64, 6to4, Teredo server and
+    client, ISATAP); empty when it embeds none. Python's `is_global` judges these forms as IPv6
+    addresses, so a NAT64 gateway would carry 64:ff9b::a00:1 to 10.0.0.1 unchecked."""
+    value = int(address)
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address in _NAT64:
+        return [ipaddress.IPv4Address(value & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if (value >> 32) & 0xFFFFFFFF in _ISATAP_IDS:
+        return [ipaddress.IPv4Address(value & 0xFFFFFFFF)]
+    return []
+
+
 class _Guard:
     """One fetch's connections: each made only to an address the policy allows, and all of them
     cut when the fetch's total deadline passes (socket timeouts only bound a single read, so a
@@ -299,10 +326,14 @@ class _Guard:
 
     def allows(self, address_text: str) -> bool:
         address = ipaddress.ip_address(address_text.split("%", 1)[0])  # an IPv6 scope id is no part of it
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if any(address in network for network in self.policy.allowed_networks):
             return True
+        if isinstance(address, ipaddress.IPv6Address):
+            if any(address in network for network in _REFUSED_IPV6):
+                return False
+            embedded = _embedded_ipv4(address)
+            if embedded:  # a gateway or tunnel delivers it to these IPv4 addresses: judge those
+                return all(self.allows(str(ipv4)) for ipv4 in embedded)
         return address.is_global and not address.is_multicast
 
     def cut(self) -> None:
