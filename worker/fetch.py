@@ -259,9 +259,7 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
 
 # IPv6 ranges refused whatever they embed: deprecated (IPv4-compatible ::a.b.c.d, site-local, the
 # returned 6bone) or meaningful only inside one network (local-use NAT64, RFC 8215).
-_REFUSED_IPV6 = tuple(
-    ipaddress.IPv6Network(n) for n in ("::/96", "fec0::/10", "3ffe::/16", "64:ff9b:1::/48")
-)
+_REFUSED_IPV6 = tuple(ipaddress.IPv6Network(n) for n in ("::/96", "fec0::/10", "3ffe::/16", "64:ff9b:1::/48"))
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
 _ISATAP_IDS = (0x00005EFE, 0x02005EFE)  # an ISATAP interface id: 0[02]00:5efe:a.b.c.d, any prefix
 
