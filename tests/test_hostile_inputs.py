@@ -52,6 +52,56 @@ def test_formats_outside_the_list_are_refused_by_name(photo):
     assert decode_image(files["PSD"], PREP, formats=DEFAULT_FORMATS | {"PSD"}).shape == (224, 224, 3)
 
 
+def _every_writable_format() -> list[tuple[str, str]]:
+    Image.init()
+    readable = set(Image.OPEN) | {"MPO"}  # Pillow writes PDF and PALM but cannot read them
+    return [(fmt, mode) for fmt in sorted(set(Image.SAVE) & readable) for mode in ("RGB", "L", "1", "P", "RGBA")]
+
+
+@pytest.mark.parametrize(("fmt", "mode"), _every_writable_format())
+def test_every_format_pillow_reads_is_named_by_its_signature(fmt, mode):
+    """Each format Pillow (and pillow-heif) writes and reads, in each mode it writes: decoded when
+    allowed, else refused with its own name (not another format's, not `not_an_image`)."""
+    try:
+        data = encode(Image.new(mode, (64, 48), 90), fmt)
+    except (OSError, ValueError, KeyError):
+        pytest.skip(f"Pillow does not write {mode} as {fmt}")
+    if fmt in DEFAULT_FORMATS:
+        assert decode_image(data, PREP).shape == (224, 224, 3)
+        return
+    with pytest.raises(InputError, match=rf"^{fmt} image") as caught:
+        decode_image(data, PREP)
+    assert caught.value.kind == "format_refused"
+    if fmt not in ("EPS", "HEIF"):  # Ghostscript, and the optional extra's plugin, may be absent
+        assert decode_image(data, PREP, formats=DEFAULT_FORMATS | {fmt}).shape == (224, 224, 3)
+
+
+def test_formats_without_a_writer_are_named_too():
+    files = {
+        "IMT": b"width 64\nheight 48\npixel n8\n\x0c" + bytes(64 * 48),
+        "IPTC": b"\x1c\x02\x00\x00\x02\x00\x02" + bytes(100),
+        "PCD": bytes(2048) + b"PCD_IPI" + bytes(4096),
+    }
+    for name, data in files.items():
+        with pytest.raises(InputError, match=rf"^{name} image") as caught:
+            decode_image(data, PREP)
+        assert caught.value.kind == "format_refused", name
+    for noise in (os.urandom(4096), bytes(range(256)) * 16, b"hello\n" * 100):
+        assert kind_of(noise) == "not_an_image"
+
+
+def test_heic_with_a_generic_brand_is_refused_as_heic_not_broken(photo):
+    """`mif1`/`msf1` major brands (Android phones, libheif) name no codec: the coded item type does,
+    so the allowed AVIF plugin never gets a HEVC file and an AVIF so branded still decodes."""
+    pytest.importorskip("pillow_heif", reason="the `heif` extra is not installed")
+    heic, avif = encode(photo, "HEIF"), encode(photo, "AVIF")
+    for brand in (b"mif1", b"msf1"):
+        with pytest.raises(InputError, match=r"^HEIF image") as caught:
+            decode_image(heic[:8] + brand + heic[12:], PREP)
+        assert caught.value.kind == "format_refused"
+        assert decode_image(avif[:8] + brand + avif[12:], PREP).shape == (224, 224, 3)
+
+
 def test_eps_never_reaches_ghostscript(photo, tmp_path, monkeypatch):
     """Pillow opens EPS through Ghostscript when `gs` is on the PATH: a stand-in `gs` that leaves a
     mark shows that no decoder ran."""

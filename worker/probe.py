@@ -11,7 +11,7 @@ import contextvars
 import io
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,6 +20,7 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 from worker.contract import InputError
 from worker.metadata import without_metadata
 from worker.settings import DEFAULT_FORMATS
+from worker.sniff import container_format, signature_formats
 
 try:
     from pillow_heif import register_heif_opener
@@ -30,9 +31,6 @@ else:
 
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000 x 7000; a decoded RGBA image of that size is 200 MB
 
-
-# ISO base media file brands of HEIF still images (HEVC-coded); AVIF shares the container.
-_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"})
 
 # Errors Pillow raises for a file it recognised but could not parse or decode.
 CORRUPT_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, zlib.error)
@@ -96,13 +94,16 @@ def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS) -> ImageFi
     """Open (parse the headers of) an image whose format is in `formats`; call it inside
     `pixel_cap`. Raises InputError as `read_header` does."""
     allowed = frozenset(formats)
+    container = container_format(data)  # HEIC and AVIF share one container: judged before any plugin
+    if container is not None and container not in allowed:
+        raise _refused(container, allowed)
     buffer = io.BytesIO(data)
     try:
-        image = Image.open(buffer, formats=_pillow_formats(allowed))
+        image = Image.open(buffer, formats=[container] if container else _pillow_formats(allowed))
     except Image.DecompressionBombError as e:
         raise InputError("too_large", str(e)) from None
     except UnidentifiedImageError:
-        raise _unidentified(data[:16], allowed) from None
+        raise _unidentified(data, allowed) from None
     except CORRUPT_ERRORS as e:
         raise InputError("unreadable", f"corrupt image header: {e}") from None
     if image.format not in allowed:  # JPEG's plugin opens MPO files too
@@ -160,24 +161,14 @@ def _pillow_formats(allowed: frozenset[str]) -> list[str]:
     return sorted(name for name in names if name in Image.OPEN)
 
 
-def _unidentified(prefix: bytes, allowed: frozenset[str]) -> InputError:
-    """Why no allowed plugin opened the file: judged from the signature checks alone."""
-    matches = [name for name, (_, accept) in Image.OPEN.items() if accept and _signature_matches(accept, prefix)]
+def _unidentified(data: bytes, allowed: frozenset[str]) -> InputError:
+    """Why no allowed plugin opened the file: judged from its signature alone."""
+    matches = signature_formats(data)
     if any(name in allowed or (name == "JPEG" and "MPO" in allowed) for name in matches):
         return InputError("unreadable", f"corrupt {matches[0]} header")
     if matches:
         return _refused(matches[0], allowed)
-    if prefix[4:8] == b"ftyp" and prefix[8:12] in _HEIF_BRANDS:
-        return _refused("HEIF", allowed)
     return InputError("not_an_image", "not an image in any format kiln reads")
-
-
-def _signature_matches(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
-    try:
-        result = accept(prefix)
-    except Exception:  # a plugin's signature check that trips on odd bytes is no match
-        return False
-    return bool(result) and not isinstance(result, str)  # a string is a "cannot open" note
 
 
 def _refused(name: str, allowed: frozenset[str]) -> InputError:
