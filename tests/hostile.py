@@ -68,3 +68,48 @@ def fits(width: int, height: int) -> bytes:
 
 
 ASCII_PBM = b"P1\n4 4\n0 1 0 1\n1 0 1 0\n0 1 0 1\n1 0 1 0\n"
+
+
+def tiff_in_one_tile(side: int, tile: int) -> bytes:
+    """A `side` x `side` RGB TIFF stored as one deflate tile of `tile` x `tile` black pixels: libtiff
+    decodes the whole tile, tile^2 x 3 bytes, whatever the image's size."""
+    data = zlib.compress(bytes(tile * tile * 3), 9)
+    bits_at = 8 + 2 + 11 * 12 + 4
+    entries = [(256, 4, 1, side), (257, 4, 1, side), (258, 3, 3, bits_at), (259, 3, 1, 8), (262, 3, 1, 2),
+               (277, 3, 1, 3), (284, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile), (324, 4, 1, bits_at + 6),
+               (325, 4, 1, len(data))]  # fmt: skip
+    ifd = struct.pack("<H", len(entries)) + b"".join(_ifd_entry(*entry) for entry in entries)
+    return b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + struct.pack("<HHH", 8, 8, 8) + data
+
+
+def _ifd_entry(tag: int, kind: int, count: int, value: int) -> bytes:
+    if kind == 3 and count == 1:  # one SHORT: left-justified in the 4-byte value field
+        return struct.pack("<HHIHH", tag, kind, count, value, 0)
+    return struct.pack("<HHII", tag, kind, count, value)
+
+
+def jpeg_scan_bomb(side: int, scans: int) -> bytes:
+    """A `side` x `side` greyscale progressive JPEG with `scans` AC scans, each a few end-of-band
+    runs over every block (~23 bytes a scan): libjpeg walks all blocks once per scan."""
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    blocks = ((side + 7) // 8) ** 2
+    out = bytearray(b"\xff\xd8")
+    out += segment(0xDB, b"\x00" + bytes([1] * 64))
+    out += segment(0xC2, struct.pack(">BHHB", 8, side, side, 1) + bytes([1, 0x11, 0]))
+    out += segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # DC table: one symbol, code '0'
+    out += segment(0xC4, b"\x10" + bytes([0, 0, 0, 15] + [0] * 12) + bytes(r << 4 for r in range(15)))  # EOBn
+    out += segment(0xDA, bytes([1, 1, 0x00, 0, 0, 0x00])) + bytes((blocks + 7) // 8)  # DC scan: a bit a block
+    bits, left = [], blocks
+    while left:  # end-of-band runs of up to 32767 blocks
+        run = min(left, 32767)
+        r = run.bit_length() - 1
+        bits.append(format(r, "04b") + (format(run - (1 << r), f"0{r}b") if r else ""))
+        left -= run
+    text = "".join(bits)
+    text += "1" * (-len(text) % 8)
+    payload = bytes(int(text[i : i + 8], 2) for i in range(0, len(text), 8)).replace(b"\xff", b"\xff\x00")
+    out += (segment(0xDA, bytes([1, 1, 0x00, 1, 63, 0x00])) + payload) * scans
+    return bytes(out + b"\xff\xd9")

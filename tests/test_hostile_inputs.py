@@ -11,13 +11,25 @@ import sys
 import numpy as np
 import pytest
 from conftest import python_env
-from hostile import ASCII_PBM, fits, gif_with_large_frame, icns, icon_directory, png_bomb, psd, tiff_bomb
+from hostile import (
+    ASCII_PBM,
+    fits,
+    gif_with_large_frame,
+    icns,
+    icon_directory,
+    jpeg_scan_bomb,
+    png_bomb,
+    psd,
+    tiff_bomb,
+    tiff_in_one_tile,
+)
 from PIL import Image, PngImagePlugin
 
 from compile.models import LITE0_PREPROCESS
 from worker.contract import InputError
+from worker.decode_cost import MAX_JPEG_SCANS, jpeg_scans
 from worker.preprocess import decode_image
-from worker.probe import DEFAULT_FORMATS
+from worker.probe import DEFAULT_FORMATS, read_header
 
 PREP = LITE0_PREPROCESS
 
@@ -140,7 +152,9 @@ def test_no_container_decodes_past_the_pixel_cap(bomb, fmt, wrap):
 # -- 3. memory per image --------------------------------------------------------------------------
 
 PEAK = """
+import contextlib
 import sys
+from worker.contract import InputError
 from worker.preprocess import decode_image
 from compile.models import LITE0_PREPROCESS
 def status(field):
@@ -151,7 +165,8 @@ decode_image(open(sys.argv[2], "rb").read(), LITE0_PREPROCESS)  # imports and fi
 before = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets the peak (VmHWM) to the current size
-decode_image(data, LITE0_PREPROCESS, formats=sys.argv[3].split(","))
+with contextlib.suppress(InputError):  # refused: what it cost up to then counts
+    decode_image(data, LITE0_PREPROCESS, formats=sys.argv[3].split(","))
 print(status("VmHWM:") - before)
 """
 
@@ -170,16 +185,37 @@ def large_images(tmp_path_factory, photo) -> dict[str, object]:
         "palette-transparent.png": (gradient.convert("P"), "PNG", {"transparency": 0}),
         "grey16.png": (Image.fromarray(np.asarray(gradient, dtype=np.uint16) * 257), "PNG", {}),
         "cmyk.tif": (Image.new("CMYK", size, (10, 200, 30, 0)), "TIFF", {"compression": "tiff_deflate"}),
+        # Decoder buffers the decoded size does not show (refused past the cap, budgeted under it):
+        "progressive-cmyk.jpg": (Image.new("CMYK", size, (10, 200, 30, 0)), "JPEG", PROGRESSIVE_444),
+        "progressive-cmyk-4500.jpg": (Image.new("CMYK", (4500, 4500), (10, 200, 30, 0)), "JPEG", PROGRESSIVE_444),
+        "rgb.webp": (Image.merge("RGB", (gradient, gradient, gradient)), "WEBP", {}),
+        "rgb-4000.webp": (Image.merge("RGB", (gradient, gradient, gradient)).resize((4000, 4000)), "WEBP", {}),
     }
     paths = {}
     for name, (image, fmt, options) in images.items():
         image.save(folder / name, fmt, **options)
         paths[name] = folder / name
+    for name, tile in (("tile-bomb.tif", 16384), ("tile-7000.tif", 7000)):  # a 64x64 image in one large tile
+        (folder / name).write_bytes(tiff_in_one_tile(64, tile))
+        paths[name] = folder / name
     (folder / "small.jpg").write_bytes(encode(photo, "JPEG"))
     return {"paths": paths, "small": folder / "small.jpg"}
 
 
-@pytest.mark.parametrize("name", ["rgba.png", "rgb-rotated.png", "palette-transparent.png", "grey16.png", "cmyk.tif"])
+PROGRESSIVE_444 = {"progressive": True, "subsampling": 0, "quality": 90}
+HEAVY = [
+    "progressive-cmyk.jpg",
+    "progressive-cmyk-4500.jpg",
+    "rgb.webp",
+    "rgb-4000.webp",
+    "tile-bomb.tif",
+    "tile-7000.tif",
+]
+
+
+@pytest.mark.parametrize(
+    "name", ["rgba.png", "rgb-rotated.png", "palette-transparent.png", "grey16.png", "cmyk.tif", *HEAVY]
+)
 def test_one_decode_raises_the_peak_memory_by_less_than_300_mb(large_images, name):
     """The issue's 7000x7000 RGBA PNG took ~750 MB: full-size copies for the orientation, the
     alpha compositing and the conversions, before the resize."""
@@ -286,3 +322,59 @@ def test_heic_is_named_and_decoded_where_allowed(photo):
     assert caught.value.kind == "format_refused"
     pixels = decode_image(heic, PREP, formats=DEFAULT_FORMATS | {"HEIF"}).astype(np.int16)
     assert np.abs(pixels - decode_image(encode(photo, "PNG"), PREP)).mean() < 4
+
+
+@pytest.mark.parametrize(
+    ("name", "refused"),
+    [("progressive-cmyk.jpg", "multi-scan JPEG's coefficients"), ("rgb.webp", "WEBP's decoder copies"),
+     ("tile-bomb.tif", "tiles of 16384x16384"), ("progressive-cmyk-4500.jpg", None), ("rgb-4000.webp", None),
+     ("tile-7000.tif", None)],
+)  # fmt: skip
+def test_decoder_buffers_count_against_the_pixel_cap(large_images, name, refused):
+    """A progressive JPEG's coefficients (2 bytes x 64 per block of every component, whatever the
+    draft scale), a TIFF tile larger than its image, WebP's frame copies: past what an RGBA image
+    at the pixel cap takes, refused from the headers; under it, decoded (and budgeted)."""
+    data = large_images["paths"][name].read_bytes()
+    if refused is None:
+        assert decode_image(data, PREP).shape == (224, 224, 3)
+        return
+    for attempt in (lambda: read_header(data, 50_000_000), lambda: decode_image(data, PREP)):
+        with pytest.raises(InputError, match=refused) as caught:
+            attempt()
+        assert caught.value.kind == "too_large"
+
+
+def test_the_coefficient_limit_follows_the_pixel_cap(photo):
+    square = photo.resize((1000, 1000))
+    progressive = encode(square, "JPEG", **PROGRESSIVE_444)  # 6 MB of coefficients
+    assert kind_of(progressive, max_pixels=1_000_000) == "too_large"  # 4 MB a cap of 1 M pixels allows
+    assert decode_image(encode(square, "JPEG", subsampling=0), PREP, max_pixels=1_000_000).shape == (224, 224, 3)
+    assert decode_image(progressive, PREP, max_pixels=2_000_000).shape == (224, 224, 3)
+
+
+# -- CPU: scans ------------------------------------------------------------------------------------
+
+
+def test_a_jpeg_scan_bomb_is_refused_before_decoding():
+    """40,000 scans of end-of-band runs: 1.3 MB that libjpeg took minutes over (once per scan over
+    every block). Refused from a byte search, for the CPU and the GPU paths alike (read_header)."""
+    bomb = jpeg_scan_bomb(4000, 40_000)
+    for attempt in (lambda: read_header(bomb, 50_000_000), lambda: decode_image(bomb, PREP)):
+        with pytest.raises(InputError, match="JPEG with 40001 scans") as caught:
+            attempt()
+        assert caught.value.kind == "too_large"
+    assert decode_image(jpeg_scan_bomb(400, MAX_JPEG_SCANS - 1), PREP).shape == (224, 224, 3)  # DC + AC scans
+
+
+def test_scans_are_counted_in_the_image_not_in_its_metadata(photo):
+    """An EXIF thumbnail is a JPEG with a scan of its own, inside an APP1 segment: not a scan of
+    the image; nor are the scans of an MPO's second frame, which is never decoded."""
+    thumbnail = encode(photo.resize((160, 120)), "JPEG", progressive=True)
+    app1 = b"Exif\0\0" + thumbnail * 300  # 300 progressive thumbnails' scans in metadata
+    baseline = encode(photo, "JPEG")
+    with_thumbnails = (
+        baseline[:2] + b"\xff\xe1" + (len(app1[:65000]) + 2).to_bytes(2, "big") + app1[:65000] + baseline[2:]
+    )
+    assert decode_image(with_thumbnails, PREP).shape == (224, 224, 3)
+    assert jpeg_scans(with_thumbnails) == 1
+    assert jpeg_scans(encode(photo, "JPEG", progressive=True)) > 1

@@ -21,6 +21,7 @@ from PIL import Image
 
 from worker.budget import MemoryBudget
 from worker.contract import InputError
+from worker.decode_cost import decoder_bytes
 from worker.manifest import Preprocess
 from worker.metadata import without_metadata
 from worker.probe import CORRUPT_ERRORS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, open_image, orientation, pixel_cap
@@ -80,9 +81,9 @@ def decode_image(
     """Encoded image bytes -> `crop x crop x 3` uint8 RGB array, per `prep`, upright per EXIF.
 
     Only `formats` (Pillow names) are decoded, and nothing of more than `max_pixels` pixels. With
-    a `budget`, the decoded pixels are held against it while they exist. Broken metadata is
-    dropped, not fatal. Raises InputError: `format_refused`, `too_large`, `not_an_image`,
-    `unreadable`."""
+    a `budget`, the decoded pixels and the decoder's own buffers are held against it while they
+    exist. Broken metadata is dropped, not fatal. Raises InputError: `format_refused`, `too_large`,
+    `not_an_image`, `unreadable`."""
     with pixel_cap(max_pixels):
         try:
             return _decode(data, prep, formats, budget)
@@ -103,10 +104,11 @@ def decode_image(
 
 def _decode(data: bytes, prep: Preprocess, formats: Iterable[str], budget: MemoryBudget | None) -> np.ndarray:
     with open_image(data, formats) as image:
+        working = decoder_bytes(image, data)  # a progressive JPEG's coefficients stay full size under draft
         if image.format in ("JPEG", "MPO"):
             # Decode at 1/2, 1/4 or 1/8 scale when the short side stays >= the resize target.
             image.draft("RGB", (prep.resize, prep.resize))
-        decoded_bytes = image.width * image.height * _BYTES_PER_PIXEL.get(image.mode, 4)
+        decoded_bytes = image.width * image.height * _BYTES_PER_PIXEL.get(image.mode, 4) + working
         with budget.hold(decoded_bytes) if budget else contextlib.nullcontext():
             image.load()
             small = _reduce_centre(image, prep)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from worker.contract import InputError
+from worker.decode_cost import check_cost
 from worker.metadata import without_metadata
 from worker.settings import DEFAULT_FORMATS
 from worker.sniff import container_format, signature_formats
@@ -92,7 +93,8 @@ def orientation(image: Image.Image) -> int:
 
 def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS) -> ImageFile.ImageFile:
     """Open (parse the headers of) an image whose format is in `formats`; call it inside
-    `pixel_cap`. Raises InputError as `read_header` does."""
+    `pixel_cap`, which also bounds the decoder's own buffers (`worker.decode_cost`). Raises
+    InputError as `read_header` does."""
     allowed = frozenset(formats)
     container = container_format(data)  # HEIC and AVIF share one container: judged before any plugin
     if container is not None and container not in allowed:
@@ -109,6 +111,11 @@ def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS) -> ImageFi
     if image.format not in allowed:  # JPEG's plugin opens MPO files too
         image.close()
         raise _refused(image.format or "unknown", allowed)
+    try:
+        check_cost(image, data, _cap.get())
+    except InputError:
+        image.close()
+        raise
     return image
 
 
