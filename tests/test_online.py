@@ -5,7 +5,9 @@ oversized message is refused before the worker parses or even keeps it."""
 from __future__ import annotations
 
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -137,6 +139,40 @@ def test_a_huge_inline_image_is_refused_before_it_is_parsed(private_redis_url, l
     finally:
         app.close()
         worker.stop()
+
+
+def test_inline_images_under_the_caps_leave_no_memory_behind(private_redis_url, lite0_package, tmp_path):
+    """24 MB inline images (random bytes: `not_an_image`, so no decode at all), one and then four
+    at once, as the last messages a worker gets: its RSS returns within 10% of idle. kombu kept
+    each acknowledged message (body, envelope and parsed copy, ~4.5x the image) until the next
+    delivery, so an idle worker held its last requests' images: +214 MB after six."""
+    url = private_redis_url
+    worker = LocalWorker(lite0_package, url, tmp_path / "worker.log", [SAMPLES], env=python_env())
+    try:
+        with Kiln(url) as kiln:
+            assert kiln.classify(SAMPLES / "coffee.jpg", timeout_s=180).topk[0].label == "espresso"
+            pid = worker.process.pid
+            time.sleep(2)
+            idle, _ = _memory_mb(pid)
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            assert kiln.classify(os.urandom(24 * 2**20), timeout_s=120).error.kind == "not_an_image"
+            _, peak = _memory_mb(pid)
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda _: _classify_inline(url, os.urandom(24 * 2**20)), range(4)))
+            assert answers == ["not_an_image"] * 4
+            time.sleep(3)
+            rss, _ = _memory_mb(pid)
+        log = worker.log_path.read_text()[-2000:]
+        print(f"idle {idle} MB; one 24 MB request: peak +{peak - idle} MB; after five: {rss - idle:+} MB")
+        assert peak - idle < 300, (idle, peak, log)
+        assert rss < idle * 1.1, (idle, rss, log)
+    finally:
+        worker.stop()
+
+
+def _classify_inline(url: str, data: bytes) -> str:
+    with Kiln(url) as kiln:
+        return kiln.classify(data, timeout_s=120).error.kind
 
 
 def test_the_producer_refuses_an_oversized_inline_image(kiln):

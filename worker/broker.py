@@ -43,6 +43,24 @@ class QoS(kombu_redis.QoS):
             give_up_after_s=None,  # it is in no queue now: only a cold shutdown gives it up (and loses it)
         )
 
+    # kombu drops an acknowledged message from `_delivered` only at the next delivery, and its event
+    # loop keeps the last ack callback (and so the message) until the next event: an idle worker
+    # kept its last online requests' inline images, body and parsed envelope, ~4.5x the image each.
+    def ack(self, delivery_tag) -> None:
+        message = self._delivered.get(delivery_tag)
+        super().ack(delivery_tag)
+        self._let_go(message)
+
+    def reject(self, delivery_tag, requeue=False) -> None:
+        message = self._delivered.get(delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)  # a requeue re-sends the body first
+        self._let_go(message)
+
+    def _let_go(self, message) -> None:
+        self._flush()
+        if message is not None:  # Celery's request holds what it parsed: nothing reads these again
+            message.body = message._raw = message._decoded_cache = None
+
     def restore_visible(self, *args, **kwargs) -> None:
         # A periodic sweep (and the first one, at start-up): when Redis cannot take it now, the
         # next sweep will; kombu would let the error stop the worker.
