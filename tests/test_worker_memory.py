@@ -8,6 +8,7 @@ import shutil
 import time
 
 from conftest import SAMPLES, python_env
+from hostile import tiff_in_one_tile
 from PIL import Image
 
 from producer import Kiln
@@ -68,5 +69,42 @@ def test_hostile_images_leave_a_workers_memory_as_it_was(private_redis_url, lite
         assert one["VmHWM"] - idle < 300 * MB
         assert many["VmHWM"] - idle < 300 * MB  # two decode threads share one memory budget
         assert one["VmRSS"] < 1.1 * idle and many["VmRSS"] < 1.1 * idle
+    finally:
+        worker.stop()
+
+
+def test_decoder_buffers_share_the_decode_budget(private_redis_url, lite0_package, tmp_path):
+    """Images whose decoders hold more than their pixels, under the limit that refuses them: a
+    64x64 TIFF in one 7000x7000 tile (libtiff decodes the whole tile, 147 MB) and a 4500x4500
+    progressive CMYK JPEG (155 MB of coefficients at any draft scale). Two decode threads share
+    KILN_DECODE_MEMORY_MB, which now counts those buffers: the worker peaks under 300 MB above
+    idle with two of each in one job (it counted 12 KB and 2 MB: +1.5 GB for two tile bombs)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("CMYK", (4500, 4500), (10, 200, 30, 0)).save(
+        folder / "progressive-1.jpg", "JPEG", progressive=True, subsampling=0, quality=90
+    )
+    shutil.copy(folder / "progressive-1.jpg", folder / "progressive-2.jpg")
+    for i in (1, 2):
+        (folder / f"tile-{i}.tif").write_bytes(tiff_in_one_tile(64, 7000))
+    shutil.copy(SAMPLES / "coffee.jpg", tmp_path / "coffee.jpg")
+    worker = LocalWorker(
+        lite0_package, private_redis_url, tmp_path / "worker.log", [folder, tmp_path], ["--queues", "kiln.bulk"],
+        python_env(),
+    )  # fmt: skip
+    try:
+        with Kiln(settings=ProducerSettings(redis_url=private_redis_url, chunk_size=16)) as kiln:
+            kiln.submit([tmp_path / "coffee.jpg"], job="warm-up")
+            kiln.wait("warm-up", timeout_s=300, progress=False, check=worker.check)
+            pid = int(next(iter(kiln.results("warm-up"))).worker.rsplit(":", 1)[1])
+            time.sleep(2)
+            idle = memory(pid)["VmRSS"]
+            reset_peak(pid)
+            kiln.submit([folder], job="heavy")
+            counts = kiln.wait("heavy", timeout_s=300, progress=False, check=worker.check)
+            assert counts.failed == 0, [r.error for r in kiln.results("heavy") if r.error]
+            after = memory(pid)
+        print(f"idle {idle / MB:.0f} MB; four heavy decodes: peak +{(after['VmHWM'] - idle) / MB:.0f} MB")
+        assert after["VmHWM"] - idle < 300 * MB
     finally:
         worker.stop()
