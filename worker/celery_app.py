@@ -58,6 +58,10 @@ def configure_worker(app: Celery, settings: WorkerSettings) -> None:
             # The visibility timeout is a lease that live workers renew (worker/lease.py).
             "visibility_timeout": lease,
             "unacked_restore_interval": max(1, min(5, lease // 12)),
+            # The sweep that brings lapsed messages back holds a lock in Redis while it runs. A worker
+            # killed during a sweep leaves the lock behind until it expires: kombu's 300 s would hold
+            # every other worker's sweep, and a dead worker's chunks, that long, past the lease.
+            "unacked_mutex_expire": max(5, lease // 6),
             "unacked_restore_throttle": 1,
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
