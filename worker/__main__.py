@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker import tasks
     from worker.celery_app import make_app
+    from worker.consumer import stopped_by
     from worker.endpoint import start_endpoint
     from worker.lease import node_name
     from worker.plan import tasks_in_flight
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
     status = app.start(worker_args) or 0
+    if stopped_by:
+        print(f"error: the worker stopped on an error it cannot recover from: {stopped_by[-1]}", file=sys.stderr)
+        return status or 1
     if status:
         print(f"error: the worker stopped with status {status}; the reason is logged above", file=sys.stderr)
     return status

@@ -121,7 +121,8 @@ class Client(CappedClient):
             return super().parse_response(connection, command_name, **options)
         except redis.ResponseError as e:
             if is_transient(e):
-                raise NotNow(f"{command_name!s}: {reply_code(e)} {e}") from e
+                code, text = reply_code(e), str(e)
+                raise NotNow(f"{command_name!s}: {text if text.startswith(code) else f'{code} {text}'}") from e
             raise
 
 
