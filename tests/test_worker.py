@@ -174,7 +174,7 @@ def test_prefork_children_each_load_the_model_and_share_the_work(private_redis_u
             workers = {r.worker for r in kiln.results("prefork")}
         log = worker.log_path.read_text()[-2000:]
         assert counts.done == 6, log
-        pids = {int(w.rsplit(":", 1)[1]) for w in workers}
+        pids = {int(w.split(":")[1]) for w in workers}
         assert worker.process.pid not in pids and len(pids) == 2, (workers, log)
     finally:
         worker.stop()
@@ -213,7 +213,7 @@ def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(private_redis_u
         assert len(records) == 60 and len({r.key for r in records}) == 60
         assert executions == [2]
         # The chunk was done again in full: its upserts replaced the first worker's records.
-        assert {r.worker.rsplit(":", 1)[1] for r in records} == {str(second.process.pid)}
+        assert {r.worker.split(":")[1] for r in records} == {str(second.process.pid)}
     finally:
         for worker in workers:
             worker.stop()

@@ -46,6 +46,15 @@ NOT_NOW_CODES = frozenset(
         "EXECABORT",
     ]
 )
+# redis-py's classes for some of those codes (an error made by hand may carry no code)
+_NOT_NOW_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ExecAbortError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
+)
 # A code inside the text of another error reply: a script's failed call (`-OOM ...` after
 # `@user_script`), as older servers report it.
 _EMBEDDED_CODE = re.compile(r"-(" + "|".join(sorted(NOT_NOW_CODES)) + r")\b")
@@ -80,7 +89,7 @@ def reply_code(error: redis.ResponseError) -> str:
 def is_transient(error: BaseException) -> bool:
     """Whether a Redis error may go away by itself: connection loss, timeouts, or an error reply
     that means "not now" (`NOT_NOW_CODES`)."""
-    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError, *_NOT_NOW_CLASSES)):
         return True
     if not isinstance(error, redis.ResponseError):
         return False
