@@ -31,7 +31,7 @@ from producer import Item, Kiln
 from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
 from worker.celery_app import make_app
-from worker.contract import BULK_QUEUE, CHUNK_TASK
+from worker.contract import BULK_QUEUE, CHUNK_TASK, ChunkMessage, chunk_id
 from worker.eviction import EvictingRedis, check_eviction_policy
 from worker.settings import CommonSettings, WorkerSettings
 from worker.store import DEAD_LETTERS, ResultStore
@@ -646,17 +646,42 @@ def test_a_forged_chunk_cannot_rewrite_or_add_to_another_job(kiln, lite0_worker)
             app.send_task(CHUNK_TASK, args=[{"v": 1, "job": job, "items": items}], queue=BULK_QUEUE)
     finally:
         app.close()
-
-    def refusals() -> list[str]:
-        entries = [json.loads(e) for e in kiln.store.redis.lrange(DEAD_LETTERS, 0, -1)]
-        return [e["reason"] for e in entries if isinstance(e.get("message"), dict) and e["message"].get("job") == job]
-
-    wait_for(lambda: len(refusals()) == 2, 120, "both forged chunks refused")
-    assert all("a chunk writes only images its producer registered" in reason for reason in refusals())
+    wait_for(lambda: len(refusals(kiln.store, job)) == 2, 120, "both forged chunks refused")
+    assert all("a chunk writes only images its producer registered" in r for r in refusals(kiln.store, job))
     after = {r.key: r for r in kiln.store.records(job)}
     assert after == before
     counts = kiln.store.counts(job)
     assert (counts.total, counts.done, counts.failed) == (2, 2, 0)
+
+
+def refusals(store: ResultStore, job: str) -> list[str]:
+    """Reasons of the dead letters whose message names `job`."""
+    entries = [json.loads(e) for e in store.redis.lrange(DEAD_LETTERS, 0, -1)]
+    return [e["reason"] for e in entries if isinstance(e.get("message"), dict) and e["message"].get("job") == job]
+
+
+def test_a_forged_sharded_chunk_is_refused(kiln, lite0_worker, tmp_path):
+    """A sharded job holds its chunks, not its images: a chunk whose id its producer never
+    counted in, or whose images are not those its id was made of, is refused and writes no shard."""
+    job, out = f"sharded-victim-{os.getpid()}", tmp_path / "out"
+    items = [Item(key="coffee", ref=str(SAMPLES / "coffee.jpg"))]
+    other = [Item(key="coffee", ref=str(SAMPLES / "rocket.jpg"))]
+    kiln.store.begin_sharded(job, str(out), 5)
+    kiln.store.add_chunk(job, chunk_id(0, items), 1)
+    kiln.store.finish_listing(job)
+    forged = [(chunk_id(0, items), other), (chunk_id(1, other), other)]  # a counted id; an id never counted
+    app = make_app(CommonSettings(redis_url=lite0_worker.redis_url))
+    try:
+        for chunk, chunk_items in forged:
+            message = ChunkMessage(job=job, items=chunk_items, topk=5, chunk=chunk, out_dir=str(out))
+            app.send_task(CHUNK_TASK, args=[message.model_dump(mode="json")], queue=BULK_QUEUE)
+    finally:
+        app.close()
+    wait_for(lambda: len(refusals(kiln.store, job)) == 2, 120, "both forged chunks refused")
+    assert all("holds no chunk" in reason for reason in refusals(kiln.store, job))
+    assert not out.exists() or not any(out.rglob("*.parquet"))
+    counts = kiln.store.counts(job)
+    assert (counts.total, counts.done, counts.failed) == (1, 0, 0)
 
 
 # -- poison sees the deaths of a worker restarted in place ---------------------------------------
