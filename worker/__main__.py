@@ -84,17 +84,20 @@ def device_for_child(settings: WorkerSettings, package_device: str, index: int) 
 
 
 def _check_redis(settings: WorkerSettings) -> None:
-    """Refuse a Redis that may evict kiln's keys (worker/eviction.py); a Redis that is not up yet
-    is waited for, each attempt logged."""
-    import redis
+    """Refuse a Redis that may evict kiln's keys (worker/eviction.py). One attempt: a Redis that
+    is not up yet is left to Celery's connection retries (each logged), unchecked, since
+    producers check it too before they submit anything."""
+    import logging
 
-    from worker.retry import with_retries
+    import redis
 
     timeout = settings.redis_timeout_s
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
-        with_retries(
-            lambda: check_eviction_policy(client, settings.allow_evicting_redis), "read maxmemory-policy", None
+        check_eviction_policy(client, settings.allow_evicting_redis)
+    except redis.RedisError as e:
+        logging.getLogger("worker").warning(
+            "could not read Redis's maxmemory-policy (%s: %s); it is not checked for this start", type(e).__name__, e
         )
     finally:
         client.close()
