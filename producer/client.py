@@ -48,6 +48,7 @@ from worker.contract import (
     Record,
     reply_key,
 )
+from worker.eviction import check_eviction_policy
 from worker.store import JobCounts, ResultStore
 
 T = TypeVar("T")
@@ -92,6 +93,7 @@ class Kiln:
             health_check_interval=30,
         )
         self.store = ResultStore(client, settings.result_ttl_s)
+        self._redis_checked = False
         self._app = make_app(settings)
         # Without a socket timeout, a publish to a paused Redis would block forever.
         self._app.conf.broker_transport_options = {
@@ -99,6 +101,13 @@ class Kiln:
             "socket_timeout": settings.redis_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,
         }
+
+    def _check_redis(self, deadline: float | None = None) -> None:
+        """Refuse, once per Kiln, a Redis that may evict kiln's keys (raises EvictingRedis, a ValueError)."""
+        if not self._redis_checked:
+            allow = self.settings.allow_evicting_redis
+            self._redis(lambda: check_eviction_policy(self.store.redis, allow), deadline)
+            self._redis_checked = True
 
     def close(self) -> None:
         self.store.redis.close()
@@ -144,6 +153,7 @@ class Kiln:
         the chunks before it are enqueued) or exists in the other mode, SourceError for bad
         inputs, ValueError for a stream of Items without a job name, and SubmitIncomplete if
         Redis fails partway (run it again)."""
+        self._check_redis()
         items, skipped, default = _source_items(sources)
         job = _job_name(job or default())
         if out_dir is not None and retry_failed:
@@ -267,6 +277,7 @@ class Kiln:
             self.check_inline(len(image))
         timeout_s = timeout_s or self.settings.online_timeout_s
         deadline = time.monotonic() + timeout_s
+        self._check_redis(deadline)
         request_id = uuid.uuid4().hex
         if job is not None:
             job = _job_name(job)

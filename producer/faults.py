@@ -18,6 +18,8 @@ from kombu.exceptions import OperationalError
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthorizationError, NoPermissionError
 
+from worker.retry import is_transient
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -46,13 +48,14 @@ def redis_error(error: BaseException) -> redis.RedisError | None:
 
 
 def transient(error: BaseException) -> bool:
-    """A fault that may pass: Redis down, restarting, loading its data, paused or full."""
+    """A fault that may pass: Redis down, restarting, loading its data, paused, full, busy with a
+    script, failing over or failing to save (`worker.retry.is_transient`), but not a credential refused."""
     cause = redis_error(error)
     if isinstance(cause, redis.AuthenticationError | AuthorizationError):
         return False
     if cause is None:
         return isinstance(error, OperationalError)  # kombu lost its connection
-    return isinstance(cause, redis.ConnectionError | redis.TimeoutError | redis.OutOfMemoryError | redis.ReadOnlyError)
+    return is_transient(cause)
 
 
 def describe(error: BaseException, url: str) -> str:

@@ -47,9 +47,15 @@ _databases = itertools.count(1)
 
 @pytest.fixture
 def private_redis_url(redis_url) -> str:
-    """A Redis database of its own (the session's worker consumes database 0): for tests that
-    start their own workers and must get every task themselves."""
-    return f"{redis_url.rsplit('/', 1)[0]}/{next(_databases)}"
+    """A Redis database of its own (the session's worker consumes database 0), emptied first: for
+    tests that start their own workers and must get every task themselves. Redis has 16 databases:
+    they are reused in turn, each test's workers being gone by then."""
+    import redis
+
+    url = f"{redis_url.rsplit('/', 1)[0]}/{next(_databases) % 15 + 1}"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url
 
 
 @pytest.fixture

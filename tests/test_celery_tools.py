@@ -47,7 +47,7 @@ def test_inspect_sees_the_worker_and_task_events_follow_the_flag(events, private
                 [sys.executable, "-m", "celery", "-b", url, "inspect", "ping", "--timeout", "10"],
                 capture_output=True, text=True, env=python_env(), timeout=120,
             )  # fmt: skip
-            assert ping.returncode == 0 and f"kiln-{worker.process.pid}@" in ping.stdout and "pong" in ping.stdout, (
+            assert ping.returncode == 0 and f"kiln-{worker.process.pid}-" in ping.stdout and "pong" in ping.stdout, (
                 ping.stdout + ping.stderr
             )
             listener = threading.Thread(target=lambda: seen.extend(task_events(url, 40)))
@@ -91,7 +91,7 @@ def test_flower_sees_the_worker_and_its_tasks(private_redis_url, lite0_package, 
             time.sleep(2)
             with contextlib.suppress(OSError, ValueError):
                 workers, tasks = api("workers?refresh=1"), api("tasks")
-        assert any(name.startswith(f"kiln-{worker.process.pid}@") for name in workers), workers
+        assert any(name.startswith(f"kiln-{worker.process.pid}-") for name in workers), workers
         assert {task["name"] for task in tasks.values()} == {"kiln.classify_chunk"}, tasks
     finally:
         flower.terminate()

@@ -14,6 +14,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +31,8 @@ from producer import Item, Kiln
 from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
 from worker.celery_app import make_app
-from worker.contract import BULK_QUEUE, CHUNK_TASK
+from worker.contract import BULK_QUEUE, CHUNK_TASK, ChunkMessage, chunk_id
+from worker.eviction import EvictingRedis, check_eviction_policy
 from worker.settings import CommonSettings, WorkerSettings
 from worker.store import DEAD_LETTERS, ResultStore
 
@@ -459,3 +462,269 @@ def test_a_pickle_message_is_dead_lettered_and_its_body_is_not_logged(kiln, lite
     wait_for(lambda: redis_client.llen(BULK_QUEUE) == 0 and redis_client.hlen("unacked") == 0, 30, "acknowledged")
     assert marker not in lite0_worker.log_path.read_text(errors="replace")
     assert "dead-lettered a message" in lite0_worker.log_path.read_text(errors="replace")
+
+
+# -- every error reply that means "not now" (QA after issue 9: BUSY, failover, MISCONF) ----------
+
+
+@contextlib.contextmanager
+def not_now(fault: str, client: redis.Redis, folder: Path) -> Iterator[None]:
+    """Make Redis answer writes (and the worker's BRPOP) with an error reply for about 10 s."""
+    if fault == "busy":  # a long Lua script elsewhere: BUSY to every other command
+        client.config_set("busy-reply-threshold", 200)
+        script = "local t = redis.call('TIME')[1] while redis.call('TIME')[1] - t < 10 do end"
+        blocker = threading.Thread(target=lambda: redis.Redis.from_url(server_url(client)).eval(script, 0))
+        blocker.start()
+        yield
+        blocker.join(60)
+    elif fault == "failover":  # demoted to a replica (UNBLOCKED, then READONLY), then promoted
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        client.replicaof("127.0.0.1", closed)
+        time.sleep(10)
+        client.replicaof("NO", "ONE")
+        yield
+    else:  # MISCONF: a snapshot fails (its folder is gone) with stop-writes-on-bgsave-error yes
+        snapshots = folder / "snapshots"
+        shutil.rmtree(snapshots)
+        client.bgsave()
+        wait_for(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "err", 30, "a failed BGSAVE")
+        time.sleep(10)
+        snapshots.mkdir()
+        client.config_set("dir", str(snapshots))  # the removed folder is gone for good: the new one
+        client.bgsave()
+        wait_for(lambda: client.info("persistence")["rdb_last_bgsave_status"] == "ok", 30, "a good BGSAVE")
+        yield
+
+
+def server_url(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+@pytest.fixture
+def snapshotting_server(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server that snapshots (RDB) into a folder of its own, and stops writes when that fails."""
+    folder = tmp_path / "redis"
+    (folder / "snapshots").mkdir(parents=True)
+    server = RedisServer(
+        folder, "--appendonly", "no", "--save", "3600 1", "--dir", str(folder / "snapshots"),
+        "--stop-writes-on-bgsave-error", "yes", "--enable-protected-configs", "yes",
+    )  # fmt: skip
+    yield server
+    with contextlib.suppress(redis.RedisError):  # a server that cannot save refuses a plain shutdown
+        server.client().shutdown(nosave=True)
+    server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["busy", "failover", "misconf"])
+def test_redis_answering_not_now_holds_chunks_back_and_the_worker_rides_it_out(
+    fault, snapshotting_server, lite0_package, photos, tmp_path
+):
+    """Redis busy with a script (BUSY), demoted in a failover (UNBLOCKED on BRPOP, READONLY), or
+    unable to save (MISCONF), for ~10 s mid-job. Before: BUSY made a chunk be acknowledged without
+    its records (lost for good); UNBLOCKED and MISCONF ended the worker with "Unrecoverable error"
+    and exit status 0."""
+    server = snapshotting_server
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(lite0_package, server.url, photos, logs)
+    try:
+        worker = workers.start(fault, KILN_LEASE_S="20")
+        with serve_folder(photos, delay_s=0.1) as base:
+            keys = submit(server, [f"{base}/{i:04d}.jpg" for i in range(64)], fault)
+            wait_for(lambda: done(server, fault) >= 8, 240, "the job to start")
+            with not_now(fault, server.client(), server.folder):
+                assert worker.process.poll() is None, log_of(worker)[-3000:]
+            wait_complete(server, fault, [worker])
+        assert_exactly_once(server, fault, keys)
+        assert worker.process.poll() is None, log_of(worker)[-3000:]
+        log = log_of(worker)
+        assert "Unrecoverable error" not in log, log[-3000:]
+        # redis-py keeps READONLY's code apart from the text: "ReadOnlyError: You can't write ..."
+        said = {"busy": "BUSY", "failover": "read only replica", "misconf": "MISCONF"}[fault]
+        assert said in log and "retrying in" in log, log[-3000:]
+    finally:
+        workers.stop_all()
+
+
+@pytest.mark.slow
+def test_a_worker_that_gives_up_exits_non_zero_with_the_reason(server, workers):
+    """An error that waiting does not heal (the queue's key holds a string: WRONGTYPE on BRPOP)
+    stops the worker with a non-zero status and the reason on its last line, so that
+    `restart: on-failure` and systemd restart it. Before: exit status 0."""
+    worker = workers.start("gives-up")
+    wait_for(lambda: "ready" in log_of(worker).lower(), 240, "the worker to start")
+    server.client().set(BULK_QUEUE, "not a list")
+    assert worker.process.wait(120) != 0
+    assert "WRONGTYPE" in log_of(worker).strip().splitlines()[-1], log_of(worker)[-3000:]
+
+
+# -- an evicting Redis is refused ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_workers_and_producers_refuse_a_redis_that_evicts(server, workers, photos):
+    """With maxmemory-policy volatile-lru (ElastiCache's default), a full Redis silently evicted
+    kiln's records, counters and images (QA: 1,568 of 3,000 images lost, nothing said). Workers
+    and producers now refuse such a Redis, naming the setting, unless told to run anyway."""
+    server.client().config_set("maxmemory-policy", "volatile-lru")
+    worker = workers.start("evicting")
+    assert worker.process.wait(240) == 2
+    assert "maxmemory-policy is volatile-lru" in log_of(worker) and "noeviction" in log_of(worker)
+    with pytest.raises(EvictingRedis, match=r"noeviction.*KILN_ALLOW_EVICTING_REDIS"):
+        submit(server, [str(photos / "0000.jpg")], "evicting")
+    assert not store_of(server).exists("evicting")
+    allowed = workers.start("allowed", KILN_ALLOW_EVICTING_REDIS="true")
+    settings = ProducerSettings(redis_url=server.url, allow_evicting_redis=True)
+    with Kiln(settings=settings) as kiln:
+        kiln.submit([photos / "0000.jpg"], job="allowed")
+        assert kiln.wait("allowed", timeout_s=240, progress=False, check=allowed.check).done == 1
+    assert "Running anyway" in log_of(allowed)
+
+
+def test_a_redis_that_refuses_config_is_said_once_and_not_refused(server, caplog):
+    """Managed Redis often refuses CONFIG: the policy cannot be read, which is logged, not fatal."""
+    admin = server.client()
+    admin.acl_setuser(
+        "kiln", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"], commands=["+@all", "-config"]
+    )
+    limited = redis.Redis(host="127.0.0.1", port=server.port, username="kiln", password="secret")
+    with caplog.at_level("WARNING"):
+        assert check_eviction_policy(limited, allow=False) is None
+    assert "could not read Redis's maxmemory-policy" in caplog.text
+    assert check_eviction_policy(admin, allow=False) == "noeviction"
+
+
+# -- online writes ride out a stall too -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_online_request_is_answered_across_a_stall_longer_than_the_timeout(server, workers, photos):
+    """Redis frozen for 8 s, longer than the worker's 2 s socket timeout, while an online request
+    (with a job record) is being classified. Before: the answer's write timed out, the request
+    was dropped, and the caller got TimeoutError with no record in its job."""
+    worker = workers.start("online", ("--queues", "kiln.online"), KILN_REDIS_TIMEOUT_S="2", KILN_ONLINE_FLUSH_MS="50")
+    with online_client(server) as kiln, serve_folder(photos, delay_s=4) as base:
+        kiln.classify(f"{base}/0001.jpg", timeout_s=240)  # warm
+        answers: list[object] = []
+        caller = threading.Thread(
+            target=lambda: answers.append(kiln.classify(f"{base}/0000.jpg", job="live", key="k", timeout_s=180))
+        )
+        caller.start()
+        time.sleep(1.5)  # the image is being fetched
+        with server.paused(8):
+            pass
+        caller.join(200)
+    worker.check()
+    assert len(answers) == 1 and answers[0].status == "ok", answers
+    record = store_of(server).get("live", "k")
+    assert record is not None and record.status == "ok"
+    assert "Redis failed to" in log_of(worker), log_of(worker)[-3000:]
+
+
+# -- a chunk writes only what its job registered ------------------------------------------------
+
+
+def test_a_forged_chunk_cannot_rewrite_or_add_to_another_job(kiln, lite0_worker):
+    """A hand-made chunk naming a job's key with another image, and a key the job never
+    registered: refused whole (dead-lettered with the reason); the job's records and counters are
+    untouched. Before: the record was rewritten and `injected` added (done 3 of total 2)."""
+    job = f"victim-{os.getpid()}"
+    kiln.submit([SAMPLES / "coffee.jpg", SAMPLES / "chelsea.jpg"], job=job)
+    kiln.wait(job, timeout_s=120, progress=False, check=lite0_worker.check)
+    before = {r.key: r for r in kiln.store.records(job)}
+    coffee = next(key for key, record in before.items() if record.ref.endswith("coffee.jpg"))
+    forged = [
+        [{"key": coffee, "ref": str(SAMPLES / "rocket.jpg")}],
+        [{"key": "injected", "ref": str(SAMPLES / "rocket.jpg")}],
+    ]
+    app = make_app(CommonSettings(redis_url=lite0_worker.redis_url))
+    try:
+        for items in forged:
+            app.send_task(CHUNK_TASK, args=[{"v": 1, "job": job, "items": items}], queue=BULK_QUEUE)
+    finally:
+        app.close()
+    wait_for(lambda: len(refusals(kiln.store, job)) == 2, 120, "both forged chunks refused")
+    assert all("a chunk writes only images its producer registered" in r for r in refusals(kiln.store, job))
+    after = {r.key: r for r in kiln.store.records(job)}
+    assert after == before
+    counts = kiln.store.counts(job)
+    assert (counts.total, counts.done, counts.failed) == (2, 2, 0)
+
+
+def refusals(store: ResultStore, job: str) -> list[str]:
+    """Reasons of the dead letters whose message names `job`."""
+    entries = [json.loads(e) for e in store.redis.lrange(DEAD_LETTERS, 0, -1)]
+    return [e["reason"] for e in entries if isinstance(e.get("message"), dict) and e["message"].get("job") == job]
+
+
+def test_a_forged_sharded_chunk_is_refused(kiln, lite0_worker, tmp_path):
+    """A sharded job holds its chunks, not its images: a chunk whose id its producer never
+    counted in, or whose images are not those its id was made of, is refused and writes no shard."""
+    job, out = f"sharded-victim-{os.getpid()}", tmp_path / "out"
+    items = [Item(key="coffee", ref=str(SAMPLES / "coffee.jpg"))]
+    other = [Item(key="coffee", ref=str(SAMPLES / "rocket.jpg"))]
+    kiln.store.begin_sharded(job, str(out), 5)
+    kiln.store.add_chunk(job, chunk_id(0, items), 1)
+    kiln.store.finish_listing(job)
+    forged = [(chunk_id(0, items), other), (chunk_id(1, other), other)]  # a counted id; an id never counted
+    app = make_app(CommonSettings(redis_url=lite0_worker.redis_url))
+    try:
+        for chunk, chunk_items in forged:
+            message = ChunkMessage(job=job, items=chunk_items, topk=5, chunk=chunk, out_dir=str(out))
+            app.send_task(CHUNK_TASK, args=[message.model_dump(mode="json")], queue=BULK_QUEUE)
+    finally:
+        app.close()
+    wait_for(lambda: len(refusals(kiln.store, job)) == 2, 120, "both forged chunks refused")
+    assert all("holds no chunk" in reason for reason in refusals(kiln.store, job))
+    assert not out.exists() or not any(out.rglob("*.parquet"))
+    counts = kiln.store.counts(job)
+    assert (counts.total, counts.done, counts.failed) == (1, 0, 0)
+
+
+# -- poison sees the deaths of a worker restarted in place ---------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_poison_counts_the_deaths_of_a_worker_restarted_as_the_same_pid(server, lite0_package, photos, tmp_path):
+    """Each worker runs as pid 1 of its own pid namespace, on this hostname: a container restarted
+    in place. It is killed as soon as it starts the chunk, three times; the fourth records the
+    images as `poison`. Before: every life was `host:1`, took the chunk for its own, counted no
+    death, and ran it again for ever."""
+    env = python_env(KILN_LEASE_S="10", KILN_THREADS="1", KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32")
+    command = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--", sys.executable, "-m", "worker",
+               "--model", str(lite0_package), "--redis-url", server.url, "--allowed-roots", str(photos),
+               "--queues", "kiln.bulk", "--loglevel", "INFO"]  # fmt: skip
+    client = server.client()
+    lives: list[subprocess.Popen] = []
+
+    def executions() -> int:
+        return sum(int(n) for n in client.hvals("kiln:{restarted}:executions"))
+
+    try:
+        with serve_folder(photos, delay_s=20) as base:
+            keys = submit(server, [f"{base}/{i:04d}.jpg" for i in range(2)], "restarted")
+            for life in range(4):
+                with open(tmp_path / f"life{life}.log", "w") as log:
+                    lives.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                  start_new_session=True))  # fmt: skip
+                if life == 3:
+                    break
+                wait_for(lambda n=life + 1: executions() >= n, 240, f"life {life} to start the chunk")
+                os.killpg(lives[-1].pid, signal.SIGKILL)
+                lives[-1].wait(30)
+            wait_for(lambda: store_of(server).counts("restarted").complete, 240, "the job to complete")
+        records = list(store_of(server).records("restarted"))
+        assert sorted(r.key for r in records) == sorted(keys)
+        assert {r.error.kind for r in records if r.error} == {"poison"} and len(records) == 2
+        assert "3 workers died" in records[0].error.message
+        assert executions() == 4  # three deaths, and the run that records them as poison
+    finally:
+        for process in lives:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)

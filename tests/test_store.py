@@ -19,13 +19,17 @@ def failed(key: str) -> Record:
     return Record.failure("j", key, "fetch_failed", "connection refused")
 
 
+def items(*keys: str, folder: str = "/data") -> list[Item]:
+    return [Item(key=k, ref=f"{folder}/{k}.jpg") for k in keys]
+
+
 @pytest.fixture
 def store(redis_client):
     return ResultStore(redis_client, ttl_s=3600)
 
 
 def test_redelivered_records_are_not_counted_twice(store):
-    store.begin_job("j", 3)
+    store.register("j", items("a", "b", "c"))
     store.write([ok("a"), ok("b")])
     store.write([ok("a"), ok("b")])  # the same batch again, as after a redelivery
     store.write([failed("c")])
@@ -35,7 +39,7 @@ def test_redelivered_records_are_not_counted_twice(store):
 
 
 def test_a_retry_that_succeeds_replaces_the_failure(store):
-    store.begin_job("j", 1)
+    store.register("j", items("a"))
     store.write([failed("a")])
     store.write([ok("a")])
     assert (store.counts("j").done, store.counts("j").failed) == (1, 0)
@@ -43,7 +47,7 @@ def test_a_retry_that_succeeds_replaces_the_failure(store):
 
 
 def test_a_success_is_never_replaced_by_a_failure(store):
-    store.begin_job("j", 1)
+    store.register("j", items("a"))
     store.write([ok("a")])
     store.write([failed("a")])
     assert (store.counts("j").done, store.counts("j").failed) == (1, 0)
@@ -51,24 +55,26 @@ def test_a_success_is_never_replaced_by_a_failure(store):
 
 
 def test_recorded_keys_for_resume(store):
-    store.begin_job("j", 3)
+    store.register("j", items("a", "b", "c"))
     store.write([ok("a"), failed("b")])
     assert store.recorded_keys("j") == {"a", "b"}
     assert store.recorded_keys("j", include_failed=False) == {"a"}
 
 
 def test_one_write_can_span_jobs(store):
+    store.register("j", items("x"))
+    store.register("other", items("y"))
     store.write([ok("x"), Record(job="other", key="y", status="ok")])
     assert store.get("j", "x") is not None and store.get("other", "y") is not None
 
 
 def test_keys_expire(store, redis_client):
-    store.begin_job("j", 1)
+    store.register("j", items("a"))
     store.write([ok("a")])
     for part in ("meta", "records", "status"):
         assert 0 < redis_client.ttl(f"kiln:{{j}}:{part}") <= 3600
     forever = ResultStore(redis_client, ttl_s=0)
-    forever.begin_job("k", 1)
+    forever.register("k", items("a"))
     forever.write([Record(job="k", key="a", status="ok")])
     assert redis_client.ttl("kiln:{k}:records") == -1
 
@@ -79,10 +85,6 @@ def test_delivery_counts_and_replies(store):
     assert store.reply([("kiln:reply:r1", ok("a"))]) == []
     assert store.wait_reply("kiln:reply:r1", 1).key == "a"
     assert store.wait_reply("kiln:reply:r1", 0.1) is None
-
-
-def items(*keys: str, folder: str = "/data") -> list[Item]:
-    return [Item(key=k, ref=f"{folder}/{k}.jpg") for k in keys]
 
 
 def test_a_job_counts_every_image_registered_in_it(store):
@@ -136,7 +138,7 @@ def test_each_reply_stands_alone(store, redis_client):
         ]
     )
     assert [to for to, _ in failures] == ["kiln:{victim}:records", "kiln:reply:../x", "kiln:reply:taken"]
-    assert "WRONGTYPE" in dict(failures)["kiln:reply:taken"]
+    assert "WRONGTYPE" in str(dict(failures)["kiln:reply:taken"])
     assert redis_client.ttl("kiln:{victim}:records") == -1 and redis_client.ttl("kiln:reply:taken") == -1
     assert redis_client.hgetall("kiln:{victim}:records") == {b"k": b"precious"}
     assert store.wait_reply("kiln:reply:fine", 1).key == "z"
@@ -197,3 +199,16 @@ def test_a_job_keeps_one_output_mode(store):
     with pytest.raises(JobConflict, match="topk=5, not 3"):
         store.begin_sharded("sharded", "/out", topk=3)
     assert store.sink("in-redis") is None and store.counts("in-redis").listed
+
+
+def test_a_write_never_adds_images_to_a_job(store):
+    """Records only for keys the job holds: a message naming another job or a made-up key writes
+    nothing, and the counters stay within the total."""
+    store.register("j", items("a"))
+    assert store.write([ok("a"), ok("injected"), Record(job="nojob", key="a", status="ok")]) == [
+        ("j", "injected"),
+        ("nojob", "a"),
+    ]
+    counts = store.counts("j")
+    assert (counts.total, counts.done) == (1, 1) and store.get("j", "injected") is None
+    assert not store.exists("nojob")

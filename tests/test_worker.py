@@ -101,8 +101,8 @@ def wait_for(condition, timeout_s: float = 30) -> None:
 def test_invalid_messages_fail_with_the_reason_and_are_not_retried(kiln, raw_app):
     redis = kiln.store.redis
     redis.delete(DEAD_LETTERS)
-    kiln.store.begin_job("bad", 2)
     items = [{"key": "a", "ref": str(SAMPLES / "coffee.jpg")}, {"key": "b", "ref": "x"}]
+    kiln.store.register("bad", [Item(**item) for item in items])
     raw_app.send_task(CHUNK_TASK, args=[{"v": 1, "job": "bad", "items": items, "topk": 0}], queue=BULK_QUEUE)
     raw_app.send_task(CHUNK_TASK, args=["just a string"], queue=BULK_QUEUE)
     raw_app.send_task(CHUNK_TASK, args=[{"v": 99, "items": []}], queue=BULK_QUEUE)
@@ -125,8 +125,8 @@ def test_a_message_delivered_too_often_is_recorded_as_poison(kiln, raw_app):
     as failed instead of crashing another worker (the entry three killed workers leave)."""
     task_id = "poison-task-1"
     kiln.store.redis.hset("kiln:{poison}:delivery", task_id, "gone-host:1|2")  # two deaths, a third holder gone
-    kiln.store.begin_job("poison", 1)
     message = {"v": 1, "job": "poison", "items": [{"key": "k", "ref": str(SAMPLES / "coffee.jpg")}]}
+    kiln.store.register("poison", [Item(**message["items"][0])])
     raw_app.send_task(CHUNK_TASK, args=[message], queue=BULK_QUEUE, task_id=task_id)
     assert kiln.wait("poison", timeout_s=30, progress=False).failed == 1
     record = kiln.store.get("poison", "k")
@@ -174,7 +174,7 @@ def test_prefork_children_each_load_the_model_and_share_the_work(private_redis_u
             workers = {r.worker for r in kiln.results("prefork")}
         log = worker.log_path.read_text()[-2000:]
         assert counts.done == 6, log
-        pids = {int(w.rsplit(":", 1)[1]) for w in workers}
+        pids = {int(w.split(":")[1]) for w in workers}
         assert worker.process.pid not in pids and len(pids) == 2, (workers, log)
     finally:
         worker.stop()
@@ -213,7 +213,7 @@ def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(private_redis_u
         assert len(records) == 60 and len({r.key for r in records}) == 60
         assert executions == [2]
         # The chunk was done again in full: its upserts replaced the first worker's records.
-        assert {r.worker.rsplit(":", 1)[1] for r in records} == {str(second.process.pid)}
+        assert {r.worker.split(":")[1] for r in records} == {str(second.process.pid)}
     finally:
         for worker in workers:
             worker.stop()

@@ -54,7 +54,7 @@ def test_hostile_images_leave_a_workers_memory_as_it_was(private_redis_url, lite
                 assert counts.failed == 0, [r.error for r in kiln.results(job) if r.error]
 
             run("warm-up")
-            pid = int(next(iter(kiln.results("warm-up"))).worker.rsplit(":", 1)[1])
+            pid = int(next(iter(kiln.results("warm-up"))).worker.split(":")[1])
             time.sleep(2)
             idle = memory(pid)["VmRSS"]
             reset_peak(pid)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import socket
 import sys
 
+from worker.eviction import EvictingRedis, check_eviction_policy
 from worker.manifest import PackageError, read_manifest
 from worker.settings import WorkerSettings
 
@@ -84,6 +83,26 @@ def device_for_child(settings: WorkerSettings, package_device: str, index: int) 
     return f"cuda:{index % max(torch.cuda.device_count(), 1)}"
 
 
+def _check_redis(settings: WorkerSettings) -> None:
+    """Refuse a Redis that may evict kiln's keys (worker/eviction.py). One attempt: a Redis that
+    is not up yet is left to Celery's connection retries (each logged), unchecked, since
+    producers check it too before they submit anything."""
+    import logging
+
+    import redis
+
+    timeout = settings.redis_timeout_s
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        check_eviction_policy(client, settings.allow_evicting_redis)
+    except redis.RedisError as e:
+        logging.getLogger("worker").warning(
+            "could not read Redis's maxmemory-policy (%s: %s); it is not checked for this start", type(e).__name__, e
+        )
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -104,11 +123,19 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_cxx_runtime(settings.model)  # may restart this process with the C++ runtime preloaded
 
+    try:
+        _check_redis(settings)
+    except EvictingRedis as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
     from celery import signals
 
     from worker import tasks
     from worker.celery_app import make_app
+    from worker.consumer import stopped_by
     from worker.endpoint import start_endpoint
+    from worker.lease import node_name
     from worker.plan import tasks_in_flight
     from worker.scratch import remove_process_scratch_dir
 
@@ -119,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     processes = settings.concurrency
     worker_args = [
         "worker",
-        f"--hostname=kiln-{os.getpid()}@{socket.gethostname()}",
+        f"--hostname={node_name()}",
         f"--queues={','.join(settings.queues)}",
         f"--loglevel={args.loglevel}",
         "--without-mingle",
@@ -151,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
     status = app.start(worker_args) or 0
+    if stopped_by:
+        print(f"error: the worker stopped on an error it cannot recover from: {stopped_by[-1]}", file=sys.stderr)
+        return status or 1
     if status:
         print(f"error: the worker stopped with status {status}; the reason is logged above", file=sys.stderr)
     return status

@@ -15,6 +15,11 @@ with a short timeout, so that it takes the next chunk as soon as one is acknowle
 
 Messages over `max_message_bytes` are dropped unread and dead-lettered (worker/message_cap.py).
 
+An error reply that means "not now" (BUSY, READONLY, UNBLOCKED, MISCONF, OOM, LOADING, ...: see
+`worker.retry.is_transient`) on the consuming connection is raised as a connection error, so that
+Celery reconnects with backoff instead of stopping the worker; acknowledging and giving messages
+back are retried like the unacked bookkeeping.
+
 Select it with `broker_transport="worker.broker:Transport"` (worker/celery_app.py does).
 """
 
@@ -30,7 +35,7 @@ from kombu.utils.scheduling import round_robin_cycle
 
 from worker.contract import BULK_QUEUE
 from worker.message_cap import CappedClient, capped_parser
-from worker.retry import is_transient, shutting_down, with_retries
+from worker.retry import is_transient, reply_code, shutting_down, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +48,23 @@ class QoS(kombu_redis.QoS):
             give_up_after_s=None,  # it is in no queue now: only a cold shutdown gives it up (and loses it)
         )
 
-    # kombu drops an acknowledged message from `_delivered` only at the next delivery, and its event
-    # loop keeps the last ack callback (and so the message) until the next event: an idle worker
-    # kept its last online requests' inline images, body and parsed envelope, ~4.5x the image each.
+    # Acknowledging (or giving back) a message that Redis cannot take now must not fail: a tag
+    # whose ack failed stays held by this worker, whose lease renewal would keep it forever.
+    # Both are idempotent (the give-back is one transaction that finds the message only once).
+    # Then the message is let go at once: kombu drops an acknowledged message from `_delivered`
+    # only at the next delivery, and its event loop keeps the last ack callback (and so the
+    # message) until the next event: an idle worker kept its last online requests' inline images,
+    # body and parsed envelope, ~4.5x the image each.
     def ack(self, delivery_tag) -> None:
         message = self._delivered.get(delivery_tag)
-        super().ack(delivery_tag)
+        ack = lambda: super(QoS, self).ack(delivery_tag)  # noqa: E731
+        with_retries(ack, f"acknowledge message {delivery_tag}", give_up_after_s=None)
         self._let_go(message)
 
     def reject(self, delivery_tag, requeue=False) -> None:
         message = self._delivered.get(delivery_tag)
-        super().reject(delivery_tag, requeue=requeue)  # a requeue re-sends the body first
+        reject = lambda: super(QoS, self).reject(delivery_tag, requeue=requeue)  # noqa: E731
+        with_retries(reject, f"give back message {delivery_tag}", give_up_after_s=None)  # a requeue re-sends first
         self._let_go(message)
 
     def _let_go(self, message) -> None:
@@ -108,6 +119,26 @@ class _BulkCappedCycle(round_robin_cycle):
 CAPPED_BRPOP_TIMEOUT_S = 0.02
 
 
+class NotNow(redis.ConnectionError):
+    """An error reply on the consuming connection that means "not now" (`is_transient`): Redis
+    busy with a script, demoted in a failover (BRPOP answers `UNBLOCKED`, then `READONLY`), its
+    disk failing (`MISCONF`), full, or loading. As a connection error, Celery reconnects with
+    backoff and logs each attempt; as the error reply it is, Celery stopped the worker."""
+
+
+class Client(CappedClient):
+    """The client kombu consumes with (see `CappedClient`), raising `NotNow` for transient replies."""
+
+    def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
+        try:
+            return super().parse_response(connection, command_name, **options)
+        except redis.ResponseError as e:
+            if is_transient(e):
+                code, text = reply_code(e), str(e)
+                raise NotNow(f"{command_name!s}: {text if text.startswith(code) else f'{code} {text}'}") from e
+            raise
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     bulk_prefetch = 0  # bulk chunks reserved at most (0: no cap beyond the prefetch count)
@@ -122,7 +153,7 @@ class Channel(kombu_redis.Channel):
     def _get_client(self) -> Any:
         if self.global_keyprefix:  # kiln sets none; kombu's prefixed client would lose the cap
             raise ValueError("kiln's transport does not support global_keyprefix")
-        return functools.partial(CappedClient, max_message_bytes=self.max_message_bytes)
+        return functools.partial(Client, max_message_bytes=self.max_message_bytes)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

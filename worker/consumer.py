@@ -7,6 +7,9 @@ such a message in `kiln:dead-letters` instead, with the reason, its headers and 
 digest of its body, logs one line without the body, and acknowledges it, so it is never retried.
 The body itself is not kept: it was refused because it cannot be trusted.
 
+An error that escapes the consumer (one that reconnecting does not heal) is kept in
+`stopped_by`, for `python -m worker` to exit non-zero with it.
+
 It also wakes its event loop every `CAPPED_BRPOP_TIMEOUT_S`: a worker that consumes the bulk queue
 only has nothing to poll while it holds its cap of chunks, and would otherwise take the next chunk
 only when the loop next woke for something else (up to a second after an acknowledgement).
@@ -44,9 +47,23 @@ def describe(message: Any, error: BaseException | None, reason: str) -> dict[str
     }
 
 
+# Why the consumer stopped the worker, if it did: Celery logs "Unrecoverable error" and, run as
+# kiln runs it, ends with status 0, so `python -m worker` reads this to exit non-zero with it.
+stopped_by: list[str] = []
+
+
 class KilnConsumer(Consumer):
     _store: ResultStore | None = None
     _tick: Any = None
+
+    def start(self) -> None:
+        # Celery's consumer reconnects on connection errors (and on Redis's "not now" replies:
+        # worker/broker.py); what escapes here stops the worker.
+        try:
+            super().start()
+        except Exception as e:
+            stopped_by.append(f"{type(e).__name__}: {e}")
+            raise
 
     def loop_args(self) -> tuple:
         # Called each time the event loop starts, also after a reconnect: one tick, on this hub.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -30,9 +31,28 @@ log = logging.getLogger(__name__)
 IDLE = "-"
 
 
+def _new_boot() -> None:
+    global _boot
+    _boot = secrets.token_hex(4)
+
+
+_boot = ""
+_new_boot()
+os.register_at_fork(after_in_child=_new_boot)
+
+
 def process_id() -> str:
-    """This process as records and heartbeats name it: `host:pid`."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as records, heartbeats and delivery entries name it: `host:pid:boot`, where
+    `boot` is random per process start. host:pid alone is not unique: a restarted container's
+    worker is pid 1 on the same hostname each time, and would take its previous life's chunks
+    for its own (never counting that death towards poison)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_boot}"
+
+
+def node_name() -> str:
+    """This worker's Celery node name, `kiln-pid-boot@host`: unique per start as well."""
+    host, pid, boot = process_id().split(":")
+    return f"kiln-{pid}-{boot}@{host}"
 
 
 def heartbeat_key(worker: str) -> str:
@@ -40,11 +60,14 @@ def heartbeat_key(worker: str) -> str:
 
 
 def process_alive(worker: str) -> bool:
-    """False when `worker` (`host:pid`) is a process of this host that no longer exists; True when
-    it exists, or lives on another host (whose death only its heartbeat's expiry shows)."""
-    host, _, pid = worker.rpartition(":")
+    """False when `worker` (`host:pid:boot`) is a process of this host that no longer exists, or an
+    earlier life of this very process's pid (a restarted container); True when it exists, or
+    lives on another host (whose death only its heartbeat's expiry shows)."""
+    host, pid = [*worker.split(":"), ""][:2]
     if host != socket.gethostname() or not pid.isdigit():
         return True
+    if int(pid) == os.getpid():
+        return worker == process_id()
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -21,7 +21,6 @@ import binascii
 import logging
 import os
 import queue
-import socket
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ from worker.contract import InputError, Label, Record
 from worker.decode_pool import DecodePool, Loaded
 from worker.fetch import FetchPolicy, fetch
 from worker.gpu_decode import JpegBatchDecoder
+from worker.lease import process_id
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
 from worker.route import draft_factor, gpu_decodable
@@ -141,7 +141,7 @@ class Pipeline:
         self.prep = runtime.manifest.preprocess
         self.batch_size = min(config.batch_size or runtime.batch_max, runtime.batch_max)
         # Taken here, in the process that serves: prefork children import this module in the parent.
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = process_id()
         self._fetchers = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-fetch")
         self._decode_budget = MemoryBudget(config.decode_memory_bytes)
         self._pool = (

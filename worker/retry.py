@@ -10,6 +10,7 @@ Shard writes of sharded output (worker/sink.py) ride out a failing folder or obj
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,13 +26,38 @@ BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 10.0
 
 
-_TRANSIENT_REPLIES = (
+# Error replies that mean "not now": a script running elsewhere (BUSY), a server loading its data
+# or demoted, promoted or cut off from its master in a failover (LOADING, READONLY, MASTERDOWN,
+# UNBLOCKED, NOREPLICAS), a cluster resharding or down (TRYAGAIN, CLUSTERDOWN), a failing disk
+# (MISCONF), a full server (OOM), or a transaction refused whole for one of those (EXECABORT).
+# Any other error reply (a wrong type, a bad script) will not heal by waiting.
+NOT_NOW_CODES = frozenset(
+    [
+        "BUSY",
+        "LOADING",
+        "READONLY",
+        "MASTERDOWN",
+        "UNBLOCKED",
+        "NOREPLICAS",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "MISCONF",
+        "OOM",
+        "EXECABORT",
+    ]
+)
+# redis-py's classes for some of those codes (an error made by hand may carry no code)
+_NOT_NOW_CLASSES = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.ReadOnlyError,
-    redis.exceptions.ExecAbortError,  # a transaction refused whole, e.g. on OOM
+    redis.exceptions.ExecAbortError,
     redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError,
 )
-_TRANSIENT_TEXTS = ("OOM", "maxmemory", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "EXECABORT")
+# A code inside the text of another error reply: a script's failed call (`-OOM ...` after
+# `@user_script`), as older servers report it.
+_EMBEDDED_CODE = re.compile(r"-(" + "|".join(sorted(NOT_NOW_CODES)) + r")\b")
 
 
 class Unavailable(RuntimeError):
@@ -46,13 +72,28 @@ class RedisUnavailable(Unavailable):
     service = "Redis"
 
 
+def _reply_text(error: redis.ResponseError) -> str:
+    """The error reply as Redis sent it, less a pipeline's annotation (which quotes the command,
+    whose arguments may hold any text)."""
+    text = str(error.args[0]) if error.args else ""
+    _, annotated, reply = text.partition(" of pipeline caused error: ")
+    return reply if annotated else text
+
+
+def reply_code(error: redis.ResponseError) -> str:
+    """The code of a Redis error reply (`BUSY`, `OOM`, ...): redis-py strips the codes it knows
+    from the text and keeps them as `status_code`; others stay the text's first word."""
+    return getattr(error, "status_code", None) or _reply_text(error).split(" ", 1)[0]
+
+
 def is_transient(error: BaseException) -> bool:
-    """Whether a Redis error may go away by itself: connection loss, timeouts, a server that is
-    loading its data, a replica that is read-only during a failover, or a full server (OOM)."""
-    if isinstance(error, (redis.ConnectionError, redis.TimeoutError, *_TRANSIENT_REPLIES)):
+    """Whether a Redis error may go away by itself: connection loss, timeouts, or an error reply
+    that means "not now" (`NOT_NOW_CODES`)."""
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError, *_NOT_NOW_CLASSES)):
         return True
-    # Errors inside a pipeline or a script arrive as a plain ResponseError with the reply's text.
-    return isinstance(error, redis.ResponseError) and any(mark in str(error) for mark in _TRANSIENT_TEXTS)
+    if not isinstance(error, redis.ResponseError):
+        return False
+    return reply_code(error) in NOT_NOW_CODES or _EMBEDDED_CODE.search(_reply_text(error)) is not None
 
 
 def shutting_down(warm: bool = False) -> bool:

@@ -31,6 +31,11 @@ class CommonSettings(BaseSettings):
     result_ttl_s: int = Field(
         default=7 * 24 * 3600, ge=0, description="seconds a job's records are kept after its last write; 0 keeps them"
     )
+    allow_evicting_redis: bool = Field(
+        default=False,
+        description="run against a Redis whose maxmemory-policy is not noeviction (kiln's keys may then vanish "
+        "when it is full); by default workers and producers refuse to start on one",
+    )
 
 
 class WorkerSettings(CommonSettings):

@@ -41,12 +41,17 @@ import redis
 
 from worker.contract import Item, Record, is_reply_key
 
+# Only keys that the job holds (KEYS[4], registered by its producer) are written: a message may
+# not add images to a job, or write into another job. Returns the keys refused.
 _UPSERT = """
 local ttl = tonumber(ARGV[1])
+local refused = {}
 for i = 2, #ARGV, 3 do
   local key, status, record = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local old = redis.call('HGET', KEYS[3], key)
-  if not (old == 'ok' and status == 'error') then
+  if redis.call('HEXISTS', KEYS[4], key) == 0 then
+    refused[#refused + 1] = key
+  elseif not (old == 'ok' and status == 'error') then
     redis.call('HSET', KEYS[2], key, record)
     if old ~= status then
       redis.call('HSET', KEYS[3], key, status)
@@ -58,6 +63,7 @@ end
 if ttl > 0 then
   for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
 end
+return refused
 """
 
 # Register images in a job, all or nothing: a key that the job already holds with another
@@ -235,19 +241,6 @@ class ResultStore:
         timeouts = {} if timeout_s is None else {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         return cls(redis.Redis.from_url(url, health_check_interval=30, **timeouts), ttl_s)
 
-    def begin_job(self, job: str, total: int, **info: str | int) -> None:
-        """Record a job's size (the whole job, also when resumed) and what it was started with."""
-        meta = _key(job, "meta")
-        with self.redis.pipeline() as pipe:
-            pipe.hsetnx(meta, "created_at", time.time())
-            pipe.hset(meta, mapping={"total": total, **info})
-            for part in ("done", "failed"):
-                pipe.hincrby(meta, part, 0)
-            if self.ttl_s:
-                for part in ("meta", "records", "status"):
-                    pipe.expire(_key(job, part), self.ttl_s)
-            pipe.execute()
-
     def register(self, job: str, items: Sequence[Item], topk: int = 5, online: bool = False) -> list[str]:
         """Add images to a job (creating it), all or nothing; return the keys that were new.
 
@@ -297,6 +290,11 @@ class ResultStore:
     def finish_listing(self, job: str) -> None:
         """Say that every chunk of a sharded job is enqueued: its total is final."""
         self.redis.hset(_key(job, "meta"), "listing", "done")
+
+    def listed_images(self, job: str, chunk: str) -> int | None:
+        """How many images a sharded job's producer counted in for `chunk` (None: not one of its chunks)."""
+        raw = self.redis.hget(_key(job, "listed"), chunk)
+        return None if raw is None else int(raw)
 
     def completed_chunks(self, job: str) -> set[str]:
         """Ids of a sharded job's chunks whose shard is written."""
@@ -365,8 +363,9 @@ class ResultStore:
                 refusals.append(None)
         return refusals
 
-    def write(self, records: Sequence[Record]) -> None:
-        """Upsert records: one round trip for a whole batch, whatever the jobs."""
+    def write(self, records: Sequence[Record]) -> list[tuple[str, str]]:
+        """Upsert records: one round trip for a whole batch, whatever the jobs. Returns the
+        (job, key) pairs refused, not written: keys their job does not hold."""
         by_job: dict[str, list[str]] = defaultdict(list)
         for record in records:
             by_job[record.job] += [record.key, record.status, record.model_dump_json(exclude_none=True)]
@@ -375,7 +374,8 @@ class ResultStore:
                 # The job's images (KEYS[4]) expire with its records, which the script refreshes.
                 keys = [_key(job, "meta"), _key(job, "records"), _key(job, "status"), _key(job, "items")]
                 self._upsert(keys=keys, args=[self.ttl_s, *args], client=pipe)
-            pipe.execute()
+            refused = pipe.execute()
+        return [(job, key.decode()) for job, keys in zip(by_job, refused, strict=True) for key in keys]
 
     def counts(self, job: str) -> JobCounts:
         """The job's counters, Redis-store or sharded (where `listed` says whether total is final)."""
@@ -454,18 +454,21 @@ class ResultStore:
             pipe.expire(delivery, max(self.ttl_s, 24 * 3600))
             return [int(n) for n in pipe.execute()[:-1]]
 
-    def reply(self, answers: Iterable[tuple[str, Record]]) -> list[tuple[str, str]]:
+    def reply(self, answers: Iterable[tuple[str, Record]]) -> list[tuple[str, Exception]]:
         """Answer online requests: push each record on its caller's reply list, each push on its
-        own, so one bad reply key costs only its own answer. Returns (reply_to, reason) for each
-        answer not delivered; only kiln's reply keys (`kiln:reply:<id>`) are ever written."""
+        own, so one bad reply key costs only its own answer. Returns (reply_to, error) for each
+        answer not delivered; only kiln's reply keys (`kiln:reply:<id>`) are ever written. Raises
+        redis.RedisError when the whole round trip fails."""
         answers = list(answers)
-        failed = [(to, "not a kiln reply key") for to, _ in answers if not is_reply_key(to)]
+        failed: list[tuple[str, Exception]] = [
+            (to, ValueError("not a kiln reply key")) for to, _ in answers if not is_reply_key(to)
+        ]
         valid = [(to, record) for to, record in answers if is_reply_key(to)]
         with self.redis.pipeline(transaction=False) as pipe:
             for reply_to, record in valid:
                 self._reply(keys=[reply_to], args=[record.model_dump_json(exclude_none=True), REPLY_TTL_S], client=pipe)
             outcomes = pipe.execute(raise_on_error=False) if valid else []
-        failed += [(to, str(out)) for (to, _), out in zip(valid, outcomes, strict=True) if isinstance(out, Exception)]
+        failed += [(to, out) for (to, _), out in zip(valid, outcomes, strict=True) if isinstance(out, Exception)]
         return failed
 
     def wait_reply(self, reply_to: str, timeout_s: float) -> Record | None:

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from itertools import count
 from queue import Empty
 from typing import Any, TypeVar
 
+import redis
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery_batches import Batches
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
 from worker import health, metrics
@@ -34,6 +36,7 @@ from worker.contract import (
     Item,
     OnlineMessage,
     Record,
+    chunk_id,
     is_reply_key,
     reply_key,
 )
@@ -41,7 +44,7 @@ from worker.fetch import FetchPolicy
 from worker.lease import Heartbeat, holder_running
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.plan import DataPathPlan, plan_data_path
-from worker.retry import RedisUnavailable, Unavailable, with_retries
+from worker.retry import RedisUnavailable, Unavailable, is_transient, with_retries
 from worker.settings import WorkerSettings
 from worker.sink import SinkUnavailable, shard_url, write_shard
 from worker.store import DEAD_LETTERS, Delivery, ResultStore
@@ -114,12 +117,16 @@ def write_records(records: list[Record], what: str, batch_size: int | None = Non
     (`batch_size`: they came from one model call)."""
     current = state()
     started = time.perf_counter()
-    current.retrying(lambda: current.store.write(records), f"write {len(records)} records of {what}")
+    refused = current.retrying(lambda: current.store.write(records), f"write {len(records)} records of {what}")
+    if refused:  # checked before the chunk ran: its job was deleted or expired meanwhile
+        log.error("%d records of %s not written: their job holds no such images (%s)", len(refused), what, refused[:3])
     metrics.observe_records(records, time.perf_counter() - started, batch_size)
 
 
 def dead_letter(message: Any, reason: str) -> None:
-    state().store.dead_letter({"message": message, "reason": reason})
+    """Keep a refused message with its reason, retried while Redis cannot take it."""
+    current = state()
+    current.retrying(lambda: current.store.dead_letter({"message": message, "reason": reason}), "dead-letter a message")
     log.error("dead-lettered a message: %s", reason)
 
 
@@ -189,7 +196,10 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
     current, task_id = state(), task.request.id
     delivery: Delivery | None = None
     try:
-        refusal = current.retrying(lambda: _output_refusal(current.store, chunk), "read a job's output")
+        refusal = current.retrying(
+            lambda: _output_refusal(current.store, chunk) or _registration_refusal(current.store, chunk),
+            "read a job's output and images",
+        )
         if refusal:
             dead_letter(message, refusal)
             return {"error": "bad_message"}
@@ -200,10 +210,12 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         run = _run_to_redis if chunk.out_dir is None else _run_to_shard
         written = run(current, chunk, delivery)
         current.retrying(lambda: current.store.finish(chunk.job, task_id), "mark a chunk done")
-    except Unavailable as e:
-        # Redis or the shard's store failed for too long. Not acknowledged: the chunk goes back to
-        # the queue (or, if Redis cannot even take it back, stays unacknowledged until its lease lapses).
-        log.error("giving chunk %s of job %s back to the queue: %s", task_id, chunk.job, e)
+    except (Unavailable, redis.RedisError) as e:
+        # Redis or the shard's store failed for too long, or Redis with an error that waiting does
+        # not heal: either way the chunk's records are not all written, so it is not acknowledged
+        # (Celery acknowledges any task that raises). It goes back to the queue, or, if Redis
+        # cannot even take it back, stays unacknowledged until its lease lapses.
+        log.error("giving chunk %s of job %s back to the queue: %s: %s", task_id, chunk.job, type(e).__name__, e)
         if delivery is not None:
             try:
                 if isinstance(e, SinkUnavailable):  # for the producer to show: the worker log is not at hand
@@ -228,6 +240,31 @@ def _output_refusal(store: ResultStore, chunk: ChunkMessage) -> str | None:
         return f"job {chunk.job} was not begun with out_dir {chunk.out_dir} (its out_dir: {out_dir or 'none'})"
     if chunk.topk != topk:
         return f"job {chunk.job} writes top-{topk} shards; this chunk asks for top-{chunk.topk}"
+    return None
+
+
+def _registration_refusal(store: ResultStore, chunk: ChunkMessage) -> str | None:
+    """Why a chunk may not write its records (None if it may): each of its images must be one its
+    job holds, with the reference its producer registered, so that a message can neither rewrite
+    another job's records nor add images to a job. A sharded job holds no images in Redis, only
+    its chunks: the chunk must be one its producer counted in (`add_chunk`), with the images its
+    id was made of (the id holds a digest of them)."""
+    if chunk.out_dir is not None and chunk.chunk is not None:
+        listed = store.listed_images(chunk.job, chunk.chunk)
+        if listed != len(chunk.items) or chunk_id(int(chunk.chunk[:9]), chunk.items) != chunk.chunk:
+            return (
+                f"refused: job {chunk.job} holds no chunk {chunk.chunk} of these {len(chunk.items)} images; "
+                "a chunk writes only images its producer registered"
+            )
+        return None
+    refs = store.registered_refs(chunk.job, [item.key for item in chunk.items])
+    for item, ref in zip(chunk.items, refs, strict=True):
+        if ref != item.ref:
+            holds = "no such image" if ref is None else f"it for {ref[:300]}"
+            return (
+                f"refused: job {chunk.job} holds {holds}, not image key {item.key[:300]!r} for {item.ref[:300]}; "
+                "a chunk writes only images its producer registered"
+            )
     return None
 
 
@@ -306,8 +343,8 @@ def _run_chunk(
         for pairs in current.pipeline.run(works, chunk.topk):
             write([record for _, record in pairs], current.pipeline.batch_size)
             written += len(pairs)
-    except RedisUnavailable:
-        raise
+    except (Unavailable, redis.RedisError):
+        raise  # a Redis (or store) failure is never recorded as the images' fault: the chunk is given back
     except Exception as e:
         # A bug, not a fault of the images or of Redis: every image still ends with a record.
         log.exception("chunk of job %s failed; recording its remaining images as internal errors", chunk.job)
@@ -318,11 +355,25 @@ def _run_chunk(
     return written
 
 
-def classify_online(requests: list[Any]) -> None:
+def classify_online(requests: list[Any]) -> list[str]:
     """Online work, batched by celery-batches: answer each caller, and record jobs that allow it.
 
     Every request stands alone: a bad one is answered (on its own kiln reply key) or
-    dead-lettered, and never costs the other requests of the batch their answers or records."""
+    dead-lettered, and never costs the other requests of the batch their answers or records.
+    Redis writes are retried like the bulk path's; past `KILN_REDIS_RETRY_S` (or on an error reply
+    that waiting does not heal) the requests not yet answered are given back. Returns their ids:
+    `OnlineBatches.flush` puts them back on the queue instead of acknowledging them."""
+    unanswered = {request.id for request in requests}
+    try:
+        _classify_online(requests, unanswered)
+    except (RedisUnavailable, redis.RedisError) as e:
+        log.error("giving %d online requests back to the queue: %s: %s", len(unanswered), type(e).__name__, e)
+        return sorted(unanswered)
+    return []
+
+
+def _classify_online(requests: list[Any], unanswered: set[str]) -> None:
+    """`classify_online`'s work; takes each request's id out of `unanswered` once it is answered."""
     current = state()
     accepted: list[tuple[Any, OnlineMessage]] = []
     for request in requests:
@@ -337,36 +388,47 @@ def classify_online(requests: list[Any]) -> None:
                 _answer([(own, Record.failure(ONLINE_JOB, str(raw.get("id")), "bad_message", reason))])
             else:
                 dead_letter(raw, reason)
-    accepted = _refuse_foreign_jobs(accepted)
+            unanswered.discard(request.id)
+    accepted = _refuse_foreign_jobs(accepted, unanswered)
     if not accepted:
         return
-    deliveries = current.store.count_deliveries(ONLINE_JOB, [request.id for request, _ in accepted])
+    ids = [request.id for request, _ in accepted]
+    deliveries = current.retrying(lambda: current.store.count_deliveries(ONLINE_JOB, ids), "count online deliveries")
     metrics.observe_deliveries("online", deliveries, current.settings.max_deliveries)
-    works, topks = [], {}
-    for (_, message), delivered in zip(accepted, deliveries, strict=True):
+    works, topks, request_ids = [], {}, {}
+    for (request, message), delivered in zip(accepted, deliveries, strict=True):
         work = Work(
             message.job or ONLINE_JOB, message.key or message.id, message.ref, message.data_b64, message.reply_to
         )
         if delivered > current.settings.max_deliveries:
             poison = Record.failure(work.job, work.key, "poison", "delivered too many times without finishing")
             _answer([(work.reply_to, poison)])
+            unanswered.discard(request.id)
             continue
         works.append(work)
-        topks[id(work)] = message.topk
+        topks[id(work)], request_ids[id(work)] = message.topk, request.id
     if not works:
         return
     for pairs in current.pipeline.run(works, max(topks.values())):
         answers = [(w, r.model_copy(update={"topk": r.topk[: topks[id(w)]]})) for w, r in pairs]
         started = time.perf_counter()
+        # The job's record first: a caller that has its answer finds the record in the job too.
+        kept = [r for w, r in answers if w.job != ONLINE_JOB]
+        if kept:
+            current.retrying(lambda kept=kept: current.store.write(kept), f"write {len(kept)} online records")
         _answer([(w.reply_to, r) for w, r in answers])
-        current.store.write([r for w, r in answers if w.job != ONLINE_JOB])
+        unanswered.difference_update(request_ids[id(w)] for w, _ in answers)
         metrics.observe_records([r for _, r in answers], time.perf_counter() - started, current.pipeline.batch_size)
 
 
-def _refuse_foreign_jobs(accepted: list[tuple[Any, OnlineMessage]]) -> list[tuple[Any, OnlineMessage]]:
+def _refuse_foreign_jobs(
+    accepted: list[tuple[Any, OnlineMessage]], unanswered: set[str]
+) -> list[tuple[Any, OnlineMessage]]:
     """Answer `forbidden` to requests that name a job which does not take online writes; keep the rest."""
+    current = state()
     targets = [(message.job, message.key or message.id) for _, message in accepted if message.job]
-    refusals = iter(state().store.online_refusals(targets) if targets else [])
+    found = current.retrying(lambda: current.store.online_refusals(targets), "check online jobs") if targets else []
+    refusals = iter(found)
     kept = []
     for request, message in accepted:
         refusal = next(refusals) if message.job else None
@@ -374,12 +436,28 @@ def _refuse_foreign_jobs(accepted: list[tuple[Any, OnlineMessage]]) -> list[tupl
             kept.append((request, message))
         else:
             _answer([(message.reply_to, Record.failure(ONLINE_JOB, message.id, "forbidden", refusal))])
+            unanswered.discard(request.id)
     return kept
 
 
 def _answer(answers: list[tuple[str, Record]]) -> None:
-    for reply_to, reason in state().store.reply(answers):
-        log.error("could not answer an online request on %r: %s", reply_to[:300], reason)
+    """Push answers to their callers, retrying those that Redis cannot take now (RedisUnavailable
+    past KILN_REDIS_RETRY_S); an answer refused for good (not a kiln reply key, a key of another
+    type) is logged and dropped."""
+    current, pending = state(), answers
+
+    def push() -> None:
+        nonlocal pending
+        failed = current.store.reply(pending)
+        again = {to for to, error in failed if is_transient(error)}
+        for reply_to, error in failed:
+            if reply_to not in again:
+                log.error("could not answer an online request on %r: %s", reply_to[:300], error)
+        pending = [(to, record) for to, record in pending if to in again]
+        if pending:
+            raise next(error for to, error in failed if to in again)
+
+    current.retrying(push, f"answer {len(answers)} online requests")
 
 
 class OnlineBatches(Batches):
@@ -405,6 +483,22 @@ class OnlineBatches(Batches):
                 pass
         self._count = count(1)
         return super().Strategy(task, app, consumer)
+
+    def flush(self, requests: Collection[Any]) -> Any:
+        """celery-batches' flush (every kiln task is acknowledged late), except that the requests
+        the batch returns as given back (`classify_online`) go back to the queue: celery-batches
+        acknowledges every request of a batch, answered or not."""
+        batch = ([SimpleRequest.from_request(request) for request in requests],)
+
+        def on_return(given_back: list[str] | None) -> None:
+            back = set(given_back or ())
+            for request in requests:
+                if request.id in back:
+                    request.reject(requeue=True)
+                else:
+                    request.acknowledge()
+
+        return self._pool.apply_async(apply_batches_task, (self, batch, 0, None), callback=on_return)
 
 
 def register_tasks(app: Celery, settings: WorkerSettings) -> None:
