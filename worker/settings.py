@@ -20,16 +20,16 @@ from worker.object_store import parse_root
 DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
 
 
-def settings_error(error: ValidationError) -> str:
+def settings_error(error: ValidationError, where: str = "the environment or .env") -> str:
     """One line for invalid settings: each variable named (`KILN_CHUNK_SIZE='abc'`) with what is
-    wrong, for the CLIs to print instead of pydantic's traceback."""
+    wrong and `where` settings come from, for the CLIs to print instead of pydantic's traceback."""
     problems = []
     for problem in error.errors():
         name = "KILN_" + "_".join(str(part) for part in problem["loc"]).upper()
         value = problem.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
         problems.append(f"{name}{shown}: {problem['msg']}")
-    return "invalid setting " + "; ".join(problems) + " (in the environment or .env)"
+    return f"invalid setting {'; '.join(problems)} (from {where})"
 
 
 class CommonSettings(BaseSettings):
