@@ -1,6 +1,6 @@
 """kiln's producer side: enqueue jobs, follow them, read and export results. Imports no torch."""
 
-from producer.client import JobTimeout, Kiln, SubmitIncomplete, SubmittedJob
+from producer.client import JobNotFound, JobTimeout, Kiln, SubmitIncomplete, SubmittedJob
 from producer.faults import RedisUnavailable
 from producer.progress import JobProgress
 from producer.sources import Expansion, SourceError, expand, iter_items
@@ -11,6 +11,7 @@ __all__ = [
     "Expansion",
     "Item",
     "JobConflict",
+    "JobNotFound",
     "JobProgress",
     "JobTimeout",
     "Kiln",

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import redis
 from kombu.exceptions import OperationalError
+from pydantic import ValidationError
 
 from producer.client import Kiln, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
-from producer.export import export_format
+from producer.export import check_writable
 from producer.faults import describe, mask_url
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots
 from worker.contract import Record
+from worker.settings import settings_error
 
 EPILOG = """\
 Without KILN_REDIS_URL, `label` runs everything itself: it starts a Redis (its data kept under
@@ -70,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a job's results to a file")
     export.add_argument("job")
     export.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
-    export.add_argument("--topk", type=int, default=5, help="label columns in CSV/Parquet [default: 5]")
+    export.add_argument(
+        "--topk", type=_positive, help="label columns in CSV/Parquet, at most the job's top-k [default: the job's]"
+    )
     export.add_argument(
         "--out-dir",
         metavar="URL",
@@ -79,16 +83,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     classify = commands.add_parser("classify", help="classify one image now, through the online queue")
     classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
-    classify.add_argument("--topk", type=int, default=5)
+    classify.add_argument("--topk", type=_positive, default=5)
     classify.add_argument("--timeout", type=float, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
     return parser
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
 
 
 def _job_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "inputs", nargs="+", metavar="PATH", help="folders, image files, globs, URLs, CSV/JSONL manifests"
     )
-    command.add_argument("--topk", type=int, default=5, help="labels per image [default: 5]")
+    command.add_argument("--topk", type=_positive, default=5, help="labels per image [default: 5]")
     command.add_argument(
         "--job",
         help="job name; the same name again resumes it, or adds new images to it [default: derived from the inputs]",
@@ -116,7 +131,7 @@ def print_table(records: list[Record], topk: int = 5) -> None:
 
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
-    export_format(args.out)  # refuse a bad --out before any work
+    check_writable(args.out)  # refuse a bad --out before any work
     with contextlib.ExitStack() as stack:
         check = None
         if settings.redis_url:
@@ -141,7 +156,13 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         submitted = _submit(kiln, args, bar)
         counts = kiln.wait(submitted, timeout_s=args.timeout, progress=bar, check=check)
         bar.close()
-        written = kiln.export(submitted, args.out, args.topk)
+        try:
+            written = kiln.export(submitted, args.out, args.topk)
+        except OSError as e:
+            raise OSError(
+                f"{e}. The records are safe in job {submitted.id}: write them with "
+                f"`kiln export {submitted.id} --out PATH`"
+            ) from e
         if submitted.out_dir is None and counts.total <= args.show:
             print_table(kiln.results(submitted))
     print(f"{counts.done} labelled, {counts.failed} failed; wrote {written} records to {args.out}", file=sys.stderr)
@@ -168,9 +189,37 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress) -> Submitted
     return submitted
 
 
+def _classify_input(kiln: Kiln, image: str) -> bytes | str:
+    """The bytes of a local image file (sent inline), or a URL as given. Raises ValueError for a
+    local path that is missing or not a file: the workers could not read it either."""
+    if "://" in image:
+        return image
+    path = Path(image).expanduser()
+    if not path.exists():
+        raise ValueError(f"{path.absolute()}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path.absolute()}: not a file (classify takes one image; use `label` for a folder)")
+    kiln.check_inline(path.stat().st_size)  # before reading a huge file into memory
+    return path.read_bytes()
+
+
+def _export_topk(kiln: Kiln, args: argparse.Namespace) -> int:
+    """The label columns to export: the job's top-k, or fewer if asked; more would be empty."""
+    job_topk = kiln.job_topk(args.job) or 5
+    if args.topk is not None and args.topk > job_topk:
+        print(
+            f"note: job {args.job} has {job_topk} labels per image; writing {job_topk} label columns", file=sys.stderr
+        )
+    return job_topk if args.topk is None else min(args.topk, job_topk)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = ProducerSettings()
+    try:
+        settings = ProducerSettings()
+    except ValidationError as e:
+        print(f"error: {settings_error(e)}", file=sys.stderr)
+        return 2
     try:
         if args.command == "label":
             return _label(args, settings)
@@ -188,15 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                 state = "complete" if counts.complete else "running"
                 print(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
             elif args.command == "export":
-                written = kiln.export(args.job, args.out, args.topk, out_dir=args.out_dir)
+                written = kiln.export(args.job, args.out, _export_topk(kiln, args), out_dir=args.out_dir)
                 print(f"wrote {written} records to {args.out}", file=sys.stderr)
             elif args.command == "classify":
-                path = Path(args.image)
-                if path.is_file():
-                    kiln.check_inline(path.stat().st_size)  # before reading a huge file into memory
-                image = path.read_bytes() if path.is_file() else args.image
-                record = kiln.classify(image, topk=args.topk, timeout_s=args.timeout)
+                record = kiln.classify(_classify_input(kiln, args.image), topk=args.topk, timeout_s=args.timeout)
                 print(record.model_dump_json(indent=2, exclude_none=True))
+                return 0 if record.status == "ok" else 1
         return 0
     except (redis.RedisError, OperationalError) as e:  # one the retries did not describe
         print(f"error: {describe(e, settings.redis_url or '')}", file=sys.stderr)

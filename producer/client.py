@@ -34,12 +34,13 @@ from redis.retry import Retry
 from producer.enqueue import KEYS_KEPT, Submission
 from producer.enqueue import SubmitIncomplete as SubmitIncomplete  # where callers have imported it from
 from producer.export import write_results, write_shards
-from producer.faults import retrying
+from producer.faults import mask_url, retrying
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings
 from producer.sources import Expansion, default_job_id, inputs_job_id, iter_items
 from worker.celery_app import make_app
 from worker.contract import (
+    BULK_QUEUE,
     ONLINE_QUEUE,
     ONLINE_TASK,
     Item,
@@ -53,10 +54,17 @@ from worker.store import JobCounts, ResultStore
 
 T = TypeVar("T")
 _KEYS_PER_CALL = 10_000  # keys per HMGET: one reply of a few hundred KB
+# `wait` says once that no worker seems to consume after this long without a record or a chunk
+# taken: long enough for a worker to load its model, short enough to spare a user's patience.
+STALL_NOTE_S = 30.0
 
 
 class JobTimeout(TimeoutError):
     """The job did not finish in the time given."""
+
+
+class JobNotFound(ValueError):
+    """No job of that name in this Redis (never submitted, or its keys expired)."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,15 @@ class Kiln:
     def exists(self, job: str) -> bool:
         return self._redis(lambda: self.store.exists(job))
 
+    def job_topk(self, job: str) -> int | None:
+        """The labels per image a job was created with; None for no such job."""
+        return self._redis(lambda: self.store.output(job))[1]
+
+    def _require(self, job: str | SubmittedJob, deadline: float | None = None) -> None:
+        """Raise JobNotFound for a job name that this Redis holds no job for (a SubmittedJob exists)."""
+        if isinstance(job, str) and not self._redis(lambda: self.store.exists(job), deadline):
+            raise JobNotFound(f"no job named {job!r} in {mask_url(self.settings.redis_url)}")
+
     def wait(
         self,
         job: str | SubmittedJob,
@@ -189,12 +206,15 @@ class Kiln:
         given (`submit` may have started it). Returns the counters of those images. `check` runs
         at every poll and may raise to give up (the embedded mode checks its worker). Raises
         JobTimeout after `timeout_s`, RedisUnavailable if Redis stays away until then (or for
-        KILN_REDIS_RETRY_S without a timeout)."""
+        KILN_REDIS_RETRY_S without a timeout), JobNotFound for a job name this Redis does not hold."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._require(job, deadline)
         follow = _Follow(self, job, deadline)
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
+        stall = _Stall(self, follow)
         try:
             while True:
+                stall.check(bar)
                 # a sharded job's total is final only once its listing is done (`listed`)
                 bar.show(follow.name, follow.finished, follow.total if follow.job.listed else None)
                 if follow.complete:
@@ -215,7 +235,9 @@ class Kiln:
     def results(self, job: str | SubmittedJob) -> list[Record]:
         """The records of a job (given its name) or of one submission's images, in no order, from
         the Redis result store (a sharded job's records are in its shards: see `export`). Holds
-        them all: for large jobs, use `export`."""
+        them all: for large jobs, use `export`. Raises JobNotFound for a job name this Redis does
+        not hold."""
+        self._require(job)
         keys = _kept_keys(job)
         records = list(self._records(job.id if isinstance(job, SubmittedJob) else job))
         return records if keys is None else [r for r in records if r.key in keys]
@@ -227,12 +249,15 @@ class Kiln:
         Sharded jobs (`out_dir`, or the job's own, recorded in Redis): the shards are read with
         pyarrow.dataset and written in chunk order, each chunk's rows by key; `out_dir` also
         works once the job's Redis keys have expired. Redis result store: sorted by key when the
-        job has at most KEYS_KEPT records, else in Redis's order (sorting needs every record)."""
+        job has at most KEYS_KEPT records, else in Redis's order (sorting needs every record).
+        Raises JobNotFound for a job name this Redis does not hold, OSError naming `path` where
+        it cannot be written."""
         name = job.id if isinstance(job, SubmittedJob) else job
         if out_dir is None:
             out_dir = job.out_dir if isinstance(job, SubmittedJob) else self._redis(lambda: self.store.sink(name))
         if out_dir is not None:
             return write_shards(f"{out_dir.rstrip('/')}/{name}", path)
+        self._require(job)
         keys = _kept_keys(job)
         records = self._records(name)
         if keys is not None:
@@ -268,13 +293,17 @@ class Kiln:
         """Classify one image now, through the online queue: bytes (sent inline, at most
         KILN_MAX_INLINE_BYTES), or a reference (path, file:// or http(s):// URL) that the workers
         can read. With `job`, the record is also kept in that job under `key` (default: the
-        request id); the job is created for online use if new, and must have been created so.
+        request id); the job is created for online use if new, and must have been created so. A
+        relative path is sent made absolute (the workers do not share the caller's folder).
 
         Raises ValueError for an oversized image, JobConflict for a job that takes no online
         writes, TimeoutError if no worker answers within `timeout_s` (KILN_ONLINE_TIMEOUT_S)."""
         inline = isinstance(image, bytes)
         if inline:
             self.check_inline(len(image))
+        elif "://" not in str(image):
+            # A worker cannot know the caller's working folder: send local paths absolute.
+            image = str(Path(image).expanduser().absolute())
         timeout_s = timeout_s or self.settings.online_timeout_s
         deadline = time.monotonic() + timeout_s
         self._check_redis(deadline)
@@ -301,6 +330,34 @@ class Kiln:
         if record is None:
             raise TimeoutError(f"no worker answered within {timeout_s} s (are workers consuming {ONLINE_QUEUE}?)")
         return record
+
+
+class _Stall:
+    """Notices a wait that has seen no progress at all: no record and no chunk taken by a worker
+    in STALL_NOTE_S since it began, and says once what to check (workers on another Redis, or
+    none running). A worker slow on a chunk it took is progress: it is never reported."""
+
+    def __init__(self, kiln: Kiln, follow: _Follow) -> None:
+        self.kiln, self.follow = kiln, follow
+        self.start = self._state()
+        self.since = time.monotonic()
+        self.done = False  # noted, or progress seen: nothing more to say
+
+    def _state(self) -> tuple[int, int]:
+        name = self.follow.name
+        return self.follow.finished, self.kiln._redis(lambda: self.kiln.store.deliveries(name), self.follow.deadline)
+
+    def check(self, bar: JobProgress) -> None:
+        if self.done or time.monotonic() - self.since < STALL_NOTE_S:
+            return
+        self.done = True
+        if self._state() != self.start:
+            return
+        bar.write(
+            f"job {self.follow.name}: no worker has taken a chunk yet ({STALL_NOTE_S:.0f} s); check that workers run "
+            f"against this Redis (KILN_REDIS_URL={mask_url(self.kiln.settings.redis_url)}) and consume "
+            f"{BULK_QUEUE}. Still waiting"
+        )
 
 
 class _Follow:

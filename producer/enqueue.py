@@ -97,6 +97,7 @@ class Submission:
         kiln, store, job = self.kiln, self.kiln.store, self.job
         statuses = kiln._redis(lambda: store.statuses(job, [item.key for item in chunk]))
         todo = [i for i, s in zip(chunk, statuses, strict=True) if s is None or (s == "error" and self.retry_failed)]
+        failed = [i.key for i, s in zip(chunk, statuses, strict=True) if s == "error" and self.retry_failed]
         if todo:
             self._wait_for_room()
         # The chunk joins the job's total just before it is enqueued, and leaves it again if
@@ -104,6 +105,10 @@ class Submission:
         added: list[str] = []
         try:
             added = kiln._redis(lambda: store.register(job, chunk, self.topk))
+            # Retried images lose their old error record first, so `wait` counts them only once a
+            # worker has written a new one. Should enqueuing fail now, they are left without a
+            # record: running the submission again enqueues them.
+            kiln._redis(lambda: store.forget_failed(job, failed))
             if todo:
                 self._send(ChunkMessage(job=job, items=todo, topk=self.topk))
         except RedisUnavailable:

@@ -4,7 +4,7 @@ Records stream into the file in batches, so an export of any size takes bounded 
 Redis result store (`write_results`, sorted by key only when asked, since sorting needs every
 record at once) or from a sharded job's Parquet shards (`write_shards`, in chunk order, each
 shard's rows sorted by key). Written to a temporary file beside the target and renamed, so a
-reader never sees half a file.
+reader never sees half a file; the file gets the umask's permissions, as any file the user makes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import csv
 import itertools
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -76,17 +76,39 @@ def shards(folder: str):
     return ds.dataset(files, format="parquet", filesystem=fs)
 
 
+def check_writable(path: Path) -> str:
+    """Check, before any work, that results can be written to `path`: a known format, and a
+    folder (created if missing) where a file can be made. Returns the format. Raises ValueError
+    for an unknown extension, OSError (naming `path`) where no file can be written there."""
+    fmt = export_format(path)
+    with _replacing(path, keep=False):
+        pass
+    return fmt
+
+
 @contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path` that replaces it once the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+def _replacing(path: Path, keep: bool = True) -> Iterator[Path]:
+    """A temporary file beside `path` that replaces it once the block succeeds (`keep`). Raises
+    OSError naming `path`, not the temporary file, where it cannot be made."""
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OSError(f"cannot write {path}: {path.parent} (or a folder above it) is a file, not a folder") from None
+    except OSError as e:
+        raise OSError(f"cannot write {path}: cannot make its folder: {e.strerror}") from e
+    try:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+        # os.open with mode 0o666 leaves the permissions to the umask, as open() would (mkstemp
+        # would make the file 0600 whatever the umask).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror}") from e
+    try:
+        yield tmp
+        if keep:
+            os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def _write_rows(path: Path, fmt: str, rows: Iterable[dict], columns: list[str]) -> int:

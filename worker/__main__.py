@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from worker.eviction import EvictingRedis, check_eviction_policy
 from worker.manifest import PackageError, read_manifest
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, settings_error
 
 EPILOG = """\
 Every option has a KILN_* environment variable (e.g. KILN_REDIS_URL, KILN_MODEL,
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         if not settings.redis_url:
             raise ValueError("no Redis: pass --redis-url or set KILN_REDIS_URL (e.g. redis://localhost:6379/0)")
         manifest = read_manifest(settings.model)
+    except ValidationError as e:
+        print(f"error: {settings_error(e, 'its option, the environment or .env')}", file=sys.stderr)
+        return 2
     except (ValueError, PackageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import ipaddress
 import os
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.object_store import parse_root
@@ -18,6 +18,18 @@ from worker.object_store import parse_root
 # What a photo pipeline needs (Pillow's names). Every other format Pillow knows (EPS runs
 # Ghostscript, PSD, FITS, ICO, ...) is refused before its plugin parses anything.
 DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
+
+
+def settings_error(error: ValidationError, where: str = "the environment or .env") -> str:
+    """One line for invalid settings: each variable named (`KILN_CHUNK_SIZE='abc'`) with what is
+    wrong and `where` settings come from, for the CLIs to print instead of pydantic's traceback."""
+    problems = []
+    for problem in error.errors():
+        name = "KILN_" + "_".join(str(part) for part in problem["loc"]).upper()
+        value = problem.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        problems.append(f"{name}{shown}: {problem['msg']}")
+    return f"invalid setting {'; '.join(problems)} (from {where})"
 
 
 class CommonSettings(BaseSettings):

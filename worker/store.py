@@ -95,6 +95,22 @@ end
 return {'ok', added}
 """
 
+# Take failed images' records back out (a retry): their keys count as unfinished again until a
+# worker writes a new record, so a wait cannot mistake the old error for the new outcome. Only
+# "error" ones: a success that landed since the caller looked stays. Returns the keys cleared.
+_FORGET_FAILED = """
+local cleared = {}
+for i = 1, #ARGV do
+  if redis.call('HGET', KEYS[3], ARGV[i]) == 'error' then
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    redis.call('HDEL', KEYS[3], ARGV[i])
+    redis.call('HINCRBY', KEYS[1], 'failed', -1)
+    cleared[#cleared + 1] = ARGV[i]
+  end
+end
+return cleared
+"""
+
 _UNREGISTER = """
 for i = 1, #ARGV do redis.call('HDEL', KEYS[2], ARGV[i]) end
 redis.call('HSET', KEYS[1], 'total', redis.call('HLEN', KEYS[2]))
@@ -229,6 +245,7 @@ class ResultStore:
         self._upsert = client.register_script(_UPSERT)
         self._register = client.register_script(_REGISTER)
         self._unregister = client.register_script(_UNREGISTER)
+        self._forget_failed = client.register_script(_FORGET_FAILED)
         self._reply = client.register_script(_REPLY)
         self._claim = client.register_script(_CLAIM)
         self._begin_sharded = client.register_script(_BEGIN_SHARDED)
@@ -334,6 +351,14 @@ class ResultStore:
         if keys:
             self._unregister(keys=[_key(job, "meta"), _key(job, "items")], args=list(keys))
 
+    def forget_failed(self, job: str, keys: Sequence[str]) -> list[str]:
+        """Delete the error records (and their `failed` count) of those `keys` that have one, in
+        one script call, so that they count as unfinished until retried; return those keys."""
+        if not keys:
+            return []
+        meta_records_status = [_key(job, part) for part in ("meta", "records", "status")]
+        return [key.decode() for key in self._forget_failed(keys=meta_records_status, args=list(keys))]
+
     def registered_refs(self, job: str, keys: Sequence[str]) -> list[str | None]:
         """The reference the job holds for each key (None where it holds none), in order."""
         raw = self.redis.hmget(_key(job, "items"), list(keys)) if keys else []
@@ -407,6 +432,10 @@ class ResultStore:
     def get(self, job: str, key: str) -> Record | None:
         raw = self.redis.hget(_key(job, "records"), key)
         return None if raw is None else Record.model_validate_json(raw)
+
+    def deliveries(self, job: str) -> int:
+        """How many chunk tasks of the job workers have taken so far (entries in its delivery hash)."""
+        return int(self.redis.hlen(_key(job, "delivery")))
 
     def delivery(self, job: str, task_id: str) -> Delivery | None:
         raw = self.redis.hget(_key(job, "delivery"), task_id)

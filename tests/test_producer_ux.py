@@ -1,0 +1,191 @@
+"""What a new user meets first on the producer side: retrying failed images, `classify` on a
+local path, an output path that cannot be written, output permissions, invalid settings, a job
+that does not exist, no worker consuming, and `export --topk` bounds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import PYTHON, ROOT, SAMPLES, python_env
+from test_producer_cli import producer
+
+from producer import JobNotFound, Kiln
+
+
+def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path):
+    """The old error records of retried images do not count as finished: `label --retry-failed`
+    waits for the new records and writes them."""
+    folder = work_dir / "retry"
+    folder.mkdir()
+    (folder / "late.jpg").write_bytes(b"not a jpeg yet")
+    shutil.copy(SAMPLES / "chelsea.jpg", folder)
+    env = {"KILN_REDIS_URL": lite0_worker.redis_url}
+    first = producer(
+        "label", str(folder), "--job", "retry", "--out", str(tmp_path / "first.jsonl"), "--no-progress", **env
+    )
+    assert first.returncode == 1, first.stderr
+    assert "1 labelled, 1 failed" in first.stderr
+
+    shutil.copy(SAMPLES / "coffee.jpg", folder / "late.jpg")  # fixed in place: the same key and reference
+    out = tmp_path / "again.jsonl"
+    again = producer(
+        "label", str(folder), "--job", "retry", "--retry-failed", "--out", str(out), "--no-progress", **env
+    )
+    assert again.returncode == 0, again.stderr
+    assert "2 labelled, 0 failed" in again.stderr
+    records = {json.loads(line)["key"].rsplit("/", 1)[-1]: json.loads(line) for line in out.read_text().splitlines()}
+    assert records["late.jpg"]["status"] == "ok" and records["late.jpg"]["topk"][0]["label"] == "espresso"
+    with Kiln(lite0_worker.redis_url) as kiln:
+        counts = kiln.counts("retry")
+    assert (counts.total, counts.done, counts.failed) == (2, 2, 0)
+
+
+@pytest.mark.parametrize(("image", "message"), [("nosuch.jpg", "no such file"), (".", "not a file")])
+def test_classify_refuses_a_missing_path_or_a_folder_locally(lite0_worker, tmp_path, image, message):
+    done = subprocess.run(
+        [PYTHON, "-m", "producer", "classify", image], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        env=python_env(KILN_REDIS_URL=lite0_worker.redis_url),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and str(tmp_path) in done.stderr and not done.stdout
+
+
+def test_classify_exits_non_zero_on_an_error_record(lite0_worker, tmp_path):
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"no image here")
+    done = producer("classify", str(junk), KILN_REDIS_URL=lite0_worker.redis_url)
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["error"]["kind"] == "not_an_image"
+
+
+def test_classify_sends_a_relative_path_absolute(kiln, monkeypatch):
+    monkeypatch.chdir(SAMPLES)
+    record = kiln.classify("coffee.jpg", topk=1, timeout_s=120)
+    assert record.status == "ok", record.error
+    assert record.ref == str(SAMPLES / "coffee.jpg") and record.topk[0].label == "espresso"
+
+
+@pytest.mark.parametrize("out", ["/proc/kiln-results.csv", "{tmp}/a-file/results.csv"])
+def test_an_unwritable_out_is_refused_before_the_job(lite0_worker, tmp_path, out):
+    (tmp_path / "a-file").write_text("a file, not a folder")
+    out = out.format(tmp=tmp_path)
+    job = f"never-{tmp_path.name}"
+    done = producer("label", str(SAMPLES / "coffee.jpg"), "--job", job, "--out", out, "--no-progress",
+                    KILN_REDIS_URL=lite0_worker.redis_url)  # fmt: skip
+    assert done.returncode == 2 and f"cannot write {out}" in done.stderr, done.stderr
+    assert ".kiln-results" not in done.stderr and ".results" not in done.stderr  # no temporary file named
+    with Kiln(lite0_worker.redis_url) as kiln:
+        assert not kiln.exists(job)  # refused before anything was enqueued
+
+
+def test_a_write_failing_after_the_job_says_how_to_export(lite0_worker, work_dir, tmp_path):
+    """The folder passes the check, then turns into a file while the job runs: the message says
+    that the records are kept in the job and how to write them."""
+    folder = work_dir / "slow"
+    folder.mkdir()
+    for i in range(24):
+        shutil.copy(SAMPLES / "coffee.jpg", folder / f"{i:02d}.jpg")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    command = [PYTHON, "-m", "producer", "label", str(folder), "--job", "late-write", "--out", str(out_dir / "r.csv"),
+               "--no-progress"]  # fmt: skip
+    env = python_env(KILN_REDIS_URL=lite0_worker.redis_url, KILN_CHUNK_SIZE="4")
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) as label:
+        first = label.stderr.readline()  # "job late-write: 24 images": enqueued, now waiting
+        assert first.startswith("job late-write"), first
+        out_dir.rmdir()
+        out_dir.write_text("now a file")
+        rest = label.stderr.read()
+        assert label.wait(timeout=300) == 2, rest
+    assert f"cannot write {out_dir / 'r.csv'}" in rest
+    assert "The records are safe in job late-write" in rest and "kiln export late-write --out PATH" in rest
+    exported = producer("export", "late-write", "--out", str(tmp_path / "r.csv"), KILN_REDIS_URL=lite0_worker.redis_url)
+    assert exported.returncode == 0 and "wrote 24 records" in exported.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_files_get_the_umask_mode(lite0_worker, kiln, tmp_path, umask):
+    kiln.submit([SAMPLES / "coffee.jpg"], job="modes")
+    kiln.wait("modes", timeout_s=120, progress=False)
+    old = os.umask(umask)
+    try:
+        written = kiln.export("modes", tmp_path / "api.csv")
+        # the CLI's export and label, in processes that inherit the umask
+        exported = producer(
+            "export", "modes", "--out", str(tmp_path / "cli.parquet"), KILN_REDIS_URL=kiln.settings.redis_url
+        )
+        labelled = producer("label", str(SAMPLES / "coffee.jpg"), "--job", "modes", "--out", str(tmp_path / "l.jsonl"),
+                            "--no-progress", KILN_REDIS_URL=kiln.settings.redis_url)  # fmt: skip
+    finally:
+        os.umask(old)
+    assert written == 1 and exported.returncode == 0 and labelled.returncode == 0, exported.stderr + labelled.stderr
+    for name in ("api.csv", "cli.parquet", "l.jsonl"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [
+        ([PYTHON, "-m", "producer", "status", "x"], "KILN_CHUNK_SIZE"),
+        ([PYTHON, str(ROOT / "kiln_cli.py"), "label", "x", "--out", "r.csv"], "KILN_CHUNK_SIZE"),
+        ([PYTHON, str(ROOT / "kiln_cli.py"), "classify", "x.jpg"], "KILN_POLL_INTERVAL_S"),
+        ([PYTHON, "-m", "worker", "--model", "m.pt2"], "KILN_CONCURRENCY"),
+        ([PYTHON, str(ROOT / "kiln_cli.py"), "worker", "--model", "m.pt2"], "KILN_RESULT_TTL_S"),
+    ],
+)
+def test_an_invalid_setting_is_one_line_and_exit_2(tmp_path, command, variable):
+    """From the environment or from .env (in the working folder), for every CLI entry point."""
+    (tmp_path / ".env").write_text("KILN_POLL_INTERVAL_S=-1\nKILN_RESULT_TTL_S=forever\n")
+    env = python_env(KILN_CHUNK_SIZE="abc", KILN_CONCURRENCY="many", KILN_REDIS_URL="redis://127.0.0.1:9/0")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid setting"), done.stderr
+    assert variable in lines[0] and "Traceback" not in done.stderr
+
+
+def test_waiting_for_a_job_that_does_not_exist_raises(kiln, tmp_path):
+    with pytest.raises(JobNotFound, match="no job named 'nosuchjob'"):
+        kiln.wait("nosuchjob", timeout_s=60, progress=False)
+    with pytest.raises(JobNotFound):
+        kiln.results("nosuchjob")
+    with pytest.raises(JobNotFound):
+        kiln.export("nosuchjob", tmp_path / "r.csv")
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_label_says_when_no_worker_takes_a_chunk(private_redis_url, tmp_path):
+    """No worker consumes this database: after 30 s, one line says what to check, and `label`
+    keeps waiting (here until its --timeout)."""
+    done = producer("label", str(SAMPLES / "coffee.jpg"), "--out", str(tmp_path / "r.csv"), "--timeout", "45",
+                    "--no-progress", KILN_REDIS_URL=private_redis_url)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    notes = [line for line in done.stderr.splitlines() if "no worker has taken a chunk yet" in line]
+    assert len(notes) == 1, done.stderr
+    assert f"KILN_REDIS_URL={private_redis_url}" in notes[0] and "kiln.bulk" in notes[0]
+    assert "after 45" in done.stderr  # it kept waiting until the timeout
+
+
+def test_export_topk_bounds(lite0_worker, tmp_path):
+    env = {"KILN_REDIS_URL": lite0_worker.redis_url}
+    labelled = producer("label", str(SAMPLES / "coffee.jpg"), "--job", "three", "--topk", "3",
+                        "--out", str(tmp_path / "l.csv"), "--no-progress", **env)  # fmt: skip
+    assert labelled.returncode == 0, labelled.stderr
+    for bad in ("0", "-2", "x"):
+        refused = producer("export", "three", "--topk", bad, "--out", str(tmp_path / "r.csv"), **env)
+        assert refused.returncode == 2 and "--topk" in refused.stderr, refused.stderr
+    wide = producer("export", "three", "--topk", "9", "--out", str(tmp_path / "wide.csv"), **env)
+    assert wide.returncode == 0 and "job three has 3 labels per image" in wide.stderr, wide.stderr
+    header = next(csv.reader((tmp_path / "wide.csv").open()))
+    assert "label_3" in header and "label_4" not in header
+    default = producer("export", "three", "--out", str(tmp_path / "default.csv"), **env)
+    assert default.returncode == 0 and "note" not in default.stderr
+    assert "label_3" in next(csv.reader((tmp_path / "default.csv").open()))
+    narrow = producer("export", "three", "--topk", "1", "--out", str(tmp_path / "narrow.csv"), **env)
+    header = next(csv.reader((tmp_path / "narrow.csv").open()))
+    assert narrow.returncode == 0 and "label_1" in header and "label_2" not in header
