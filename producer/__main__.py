@@ -237,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                 state = "complete" if counts.complete else "running"
                 print(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
             elif args.command == "export":
-                written = kiln.export(args.job, args.out, _export_topk(kiln, args), out_dir=args.out_dir)
+                # Shards carry their own label columns, and are read without Redis.
+                topk = 5 if shards_given else _export_topk(kiln, args)
+                written = kiln.export(args.job, args.out, topk, out_dir=args.out_dir)
                 print(f"wrote {written} records to {args.out}", file=sys.stderr)
             elif args.command == "classify":
                 record = kiln.classify(_classify_input(kiln, args.image), topk=args.topk, timeout_s=args.timeout)
