@@ -304,8 +304,8 @@ def test_a_dead_workers_chunk_runs_again_within_the_lease_with_default_settings(
 
         def held_by(worker: LocalWorker) -> list[str]:
             entries = store.redis.hgetall("kiln:{lease}:delivery")
-            pid = f":{worker.process.pid}"
-            return [t.decode() for t, v in entries.items() if v.decode().split("|")[0].endswith(pid)]
+            pid = str(worker.process.pid)  # holders are host:pid:boot
+            return [t.decode() for t, v in entries.items() if v.decode().split("|")[0].split(":")[1:2] == [pid]]
 
         # Either worker may take both chunks (each runs two at once): kill one that holds some.
         wait_for(lambda: held_by(a) or held_by(b), 240, "a worker to start a chunk")
