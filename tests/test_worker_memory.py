@@ -96,7 +96,7 @@ def test_decoder_buffers_share_the_decode_budget(private_redis_url, lite0_packag
         with Kiln(settings=ProducerSettings(redis_url=private_redis_url, chunk_size=16)) as kiln:
             kiln.submit([tmp_path / "coffee.jpg"], job="warm-up")
             kiln.wait("warm-up", timeout_s=300, progress=False, check=worker.check)
-            pid = int(next(iter(kiln.results("warm-up"))).worker.rsplit(":", 1)[1])
+            pid = int(next(iter(kiln.results("warm-up"))).worker.split(":")[1])
             time.sleep(2)
             idle = memory(pid)["VmRSS"]
             reset_peak(pid)
