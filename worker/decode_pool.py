@@ -102,7 +102,7 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool, cpu_takes_large: bo
     back for the GPU (unless `cpu_takes_large` and `draft` shrinks it), decode the rest into its slot."""
     from worker.fetch import fetch
     from worker.probe import read_header
-    from worker.route import draft_factor, gpu_decodable
+    from worker.route import cpu_takes, gpu_decodable
 
     prep = _child["prep"]
     loads = []
@@ -119,8 +119,7 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool, cpu_takes_large: bo
             continue
         fetched = time.perf_counter()
         fetch_ms = (fetched - started) * 1e3
-        large = cpu_takes_large and draft_factor(header.width, header.height, prep.resize) > 1
-        if gpu and not large and gpu_decodable(data, header):
+        if gpu and not cpu_takes(header, prep.resize, cpu_takes_large) and gpu_decodable(data, header):
             loads.append(Loaded(data=data, header=header, fetch_ms=fetch_ms))
             continue
         failure = _decode_into(slot, data)

@@ -41,7 +41,7 @@ from worker.gpu_decode import JpegBatchDecoder
 from worker.lease import process_id
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
-from worker.route import draft_factor, gpu_decodable
+from worker.route import cpu_takes, gpu_decodable
 from worker.runtime import ModelRuntime
 from worker.settings import DEFAULT_FORMATS
 
@@ -289,14 +289,8 @@ class Pipeline:
             self._decode_on_cpu(image, data)
 
     def _cpu_takes(self, header: ImageHeader) -> bool:
-        """Whether a JPEG the GPU could decode goes to a CPU process instead: only one that `draft`
-        decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does (FACTS.md), and only
-        while the GPU has a batch waiting; at full scale the GPU is five times faster."""
-        return (
-            self._pool is not None
-            and self._gpu_has_a_batch()
-            and draft_factor(header.width, header.height, self.prep.resize) > 1
-        )
+        """`worker.route.cpu_takes`, where there are CPU decode processes to take it."""
+        return self._pool is not None and cpu_takes(header, self.prep.resize, self._gpu_has_a_batch())
 
     def _gpu_has_a_batch(self) -> bool:
         return self._gpu_queue.qsize() >= self.batch_size

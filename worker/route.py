@@ -63,3 +63,10 @@ def draft_factor(width: int, height: int, resize: int) -> int:
     largest that keeps both sides at least `resize` (`PIL.JpegImagePlugin.JpegImageFile.draft`)."""
     scale = min(width // resize, height // resize)
     return next((factor for factor in (8, 4, 2) if scale >= factor), 1)
+
+
+def cpu_takes(header: ImageHeader, resize: int, gpu_has_a_batch: bool) -> bool:
+    """Whether a JPEG the GPU could decode goes to a CPU process instead: only one that `draft`
+    decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does (FACTS.md), and only
+    while the GPU already has a batch waiting; at full scale the GPU is five times faster."""
+    return gpu_has_a_batch and draft_factor(header.width, header.height, resize) > 1
