@@ -324,13 +324,16 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
 
 
 def warm(url: str, folder: Path, workers: list) -> None:
+    import uuid
+
     from bench.pipeline import _kiln
     from worker.contract import Item
 
     files = sorted(folder.rglob("*.jpg"))[:512]
+    job = f"gpu-warm-up-{uuid.uuid4().hex[:10]}"  # a new job each time: a finished one would not wait for these workers
     with _kiln(url, chunk_size=64) as kiln:
-        kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job="gpu-warm-up")
-        kiln.wait("gpu-warm-up", timeout_s=300, progress=False, check=lambda: [w.check() for w in workers])
+        kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job=job)
+        kiln.wait(job, timeout_s=300, progress=False, check=lambda: [w.check() for w in workers])
 
 
 def plan_line(log: Path) -> str:

@@ -472,12 +472,13 @@ def bench_tiny(args, env, cores: int) -> dict:
 
 def compare_tiny(args, env, cores: int, package: Path, folder: Path, files: list[Path]) -> dict:
     """One feature off vs on, nothing else: the same solo worker started without and with it, one
-    timed run each, alternating `--repeats` times, so that a change in the host's load hits both."""
+    timed run each, `--repeats` pairs in the order off-on, on-off, off-on, ..., so that a change in
+    the host's load hits both and neither state always runs second (after the other's job)."""
     chunk, option = args.tiny_chunks[:1], COMPARED_OPTIONS[args.compare]
     setups = [
         (Workers(f"1 solo, {args.compare} {state}", 1, "solo", cores, option if state == "on" else ()), chunk)
-        for _ in range(args.repeats)
-        for state in ("off", "on")
+        for repeat in range(args.repeats)
+        for state in (("off", "on") if repeat % 2 == 0 else ("on", "off"))
     ]
     measured = measure(argparse.Namespace(**{**vars(args), "repeats": 1}), package, folder, files, setups, [cores], env)
     rates = {

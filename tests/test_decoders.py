@@ -237,6 +237,34 @@ def test_decode_pool_decodes_into_shared_memory(pool, photos):
     pool.release([slots[name] for name in photos])
 
 
+def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, photos):
+    """A JPEG for the GPU comes back as its bytes in its slot (no pickle through the result pipe);
+    one larger than a slot (crop x crop x 3 bytes) comes back in `data`; pixels for the CPU path
+    stay as they were."""
+    small = tmp_path / "small.jpg"
+    small.write_bytes(photos["coffee"])
+    large = tmp_path / "large.jpg"  # noise does not compress: well over a 224 crop's 150,528 bytes
+    noise = np.random.default_rng(1).integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(large, "JPEG", quality=95)
+    png = tmp_path / "coffee.png"
+    Image.open(io.BytesIO(photos["coffee"])).save(png)
+    policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
+    pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=4, policy=policy)
+    try:
+        loads = pool.load([str(small), str(large), str(png)], gpu=True, cpu_takes_large=False).result(timeout=120)
+        in_slot, in_pipe, decoded = loads
+        assert in_slot.error is None and in_slot.data is None and in_slot.header is not None
+        assert in_slot.encoded_bytes == len(photos["coffee"])
+        assert pool.encoded(in_slot.slot, in_slot.encoded_bytes).tobytes() == photos["coffee"]
+        assert len(large.read_bytes()) > IMAGENET_PREPROCESS.crop**2 * 3
+        assert in_pipe.data == large.read_bytes() and in_pipe.encoded_bytes == 0
+        assert decoded.header is None and decoded.encoded_bytes == 0
+        assert np.array_equal(pool.pixels(decoded.slot), decode_image(png.read_bytes(), IMAGENET_PREPROCESS))
+        pool.release([load.slot for load in loads])
+    finally:
+        pool.close()
+
+
 def test_decode_pool_survives_a_dead_process(pool, photos):
     """A decoder that takes its process down fails the images in flight, alone; the pool restarts."""
     pool.submit(photos["coffee"]).result(timeout=120)  # processes started
@@ -386,13 +414,15 @@ def test_small_jpegs_with_decode_processes(lite0_runtime, small_and_odd):
         both.close()
 
 
-def test_a_failing_gpu_batch_falls_back_to_the_cpu(lite0_runtime, small_and_odd, monkeypatch):
-    """Out of GPU memory (or a bug) in the GPU stage: the batch's images are decoded by Pillow."""
+@pytest.mark.parametrize("processes", [0, 1])
+def test_a_failing_gpu_batch_falls_back_to_the_cpu(lite0_runtime, small_and_odd, monkeypatch, processes):
+    """Out of GPU memory (or a bug) in the GPU stage: the batch's images are decoded by Pillow,
+    also where their bytes were in decode-pool slots (released, and reused, meanwhile)."""
     folder = small_and_odd[0].parent
     cpu_only = _pipeline(lite0_runtime, folder)
     expected = _labels(cpu_only, small_and_odd)
     cpu_only.close()
-    pipeline = _pipeline(lite0_runtime, folder, gpu_decode=True)
+    pipeline = _pipeline(lite0_runtime, folder, gpu_decode=True, decode_processes=processes, batch_size=2)
 
     def out_of_memory(*_args):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")

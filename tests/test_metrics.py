@@ -64,3 +64,30 @@ def test_metrics_count_what_the_records_say(processes, private_redis_url, lite0_
     info = {"model": manifest.model, "weights_sha256": manifest.weights_sha256, "device": "cpu"}
     assert value("kiln_model_info", **info, compute_dtype=manifest.compute_dtype) == 1
     assert value("kiln_broker_up") == 1
+
+
+def test_observing_many_values_at_once_gives_what_observing_each_gives():
+    """`observe_all` updates prometheus-client's histogram fields directly (one update per bucket,
+    not per value): its exposition must equal `observe` called for each value, bounds included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from worker.metrics import observe_all
+
+    values = [0.0, 0.0005, 0.0005001, 0.001, 0.003, 0.003, 0.2, 7.5, 30.0, 31.0, 1e9]
+    texts = []
+    for bulk in (True, False):
+        registry = CollectorRegistry()
+        histogram = Histogram(
+            "latency_seconds", "t", ["stage"], buckets=(0.0005, 0.001, 0.0025, 0.5, 30), registry=registry
+        )
+        child = histogram.labels("decode")
+        if bulk:
+            observe_all(child, values)
+            observe_all(child, [])
+        else:
+            for value in values:
+                child.observe(value)
+        text = generate_latest(registry).decode()
+        texts.append([line for line in text.splitlines() if "_created" not in line])  # creation times differ
+    assert any(line.startswith("latency_seconds_count") for line in texts[0])
+    assert texts[0] == texts[1]

@@ -11,9 +11,13 @@ processes, and decoded crops come back through shared memory, not pickles.
 
     loads = pool.load(refs, gpu=True, cpu_takes_large=False).result()   # fetched in the processes:
     loads[i].slot / loads[i].data / loads[i].error   # decoded here, a JPEG for the GPU, or a failure
+    pool.encoded(slot, loads[i].encoded_bytes)       # a JPEG for the GPU that fits its slot: its bytes
 
 Measured on the H200 (bench/results/gpu-h200.json): with fetching and routing in the worker
 process's threads, its GIL bounded kiln at 1.5k 640x480 images/s against a GPU decode ceiling of 16k.
+JPEGs for the GPU come back in their slot too, where they fit (a 640x480 photo is ~60 kB, a 224
+crop's slot 150 kB): reading them from the result pipe was a fifth of the worker process's time
+(py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json).
 
 Processes are spawned, never forked: the worker process may hold a CUDA context, and a fork
 after CUDA (or after torch's thread pools started) hangs the child (FACTS.md). The children
@@ -31,7 +35,7 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -49,8 +53,9 @@ _child: dict[str, object] = {}
 
 @dataclass(frozen=True)
 class Loaded:
-    """What a pool process made of one reference: pixels in `slot`, or a JPEG (`data`, `header`)
-    for the GPU, or `error` (kind, message). Times in milliseconds."""
+    """What a pool process made of one reference: pixels in `slot`, or a JPEG for the GPU (with its
+    `header`: the first `encoded_bytes` bytes of `slot`, or `data` where it did not fit), or
+    `error` (kind, message). Times in milliseconds."""
 
     slot: int | None = None
     data: bytes | None = None
@@ -58,6 +63,7 @@ class Loaded:
     error: tuple[str, str] | None = None
     fetch_ms: float = 0.0
     decode_ms: float = 0.0
+    encoded_bytes: int = 0
 
 
 def _attach(
@@ -120,7 +126,12 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool, cpu_takes_large: bo
         fetched = time.perf_counter()
         fetch_ms = (fetched - started) * 1e3
         if gpu and not cpu_takes(header, prep.resize, cpu_takes_large) and gpu_decodable(data, header):
-            loads.append(Loaded(data=data, header=header, fetch_ms=fetch_ms))
+            room = _child["pixels"][slot].reshape(-1)
+            if len(data) <= len(room):  # through shared memory, not the result pipe
+                room[: len(data)] = np.frombuffer(data, np.uint8)
+                loads.append(Loaded(header=header, fetch_ms=fetch_ms, encoded_bytes=len(data)))
+            else:
+                loads.append(Loaded(data=data, header=header, fetch_ms=fetch_ms))
             continue
         failure = _decode_into(slot, data)
         decode_ms = (time.perf_counter() - fetched) * 1e3
@@ -203,10 +214,10 @@ class DecodePool:
         kept = []
         for slot, loaded in zip(slots, loads, strict=True):
             if loaded.error is None:
-                kept.append(Loaded(slot, loaded.data, loaded.header, None, loaded.fetch_ms, loaded.decode_ms))
+                kept.append(replace(loaded, slot=slot))
             else:
                 self._free.put(slot)
-                kept.append(Loaded(None, None, None, loaded.error, loaded.fetch_ms, loaded.decode_ms))
+                kept.append(Loaded(error=loaded.error, fetch_ms=loaded.fetch_ms, decode_ms=loaded.decode_ms))
         result.set_result(kept)
 
     def _finish(self, done: Future, slot: int, result: Future[int]) -> None:
@@ -236,6 +247,11 @@ class DecodePool:
     def pixels(self, slot: int) -> np.ndarray:
         """The decoded `crop x crop x 3` uint8 image in `slot` (a view: copy it before release)."""
         return self._pixels[slot]
+
+    def encoded(self, slot: int, length: int) -> np.ndarray:
+        """The JPEG a process left in `slot` for the GPU: its `length` bytes, as a uint8 view
+        (valid until the slot is released)."""
+        return self._pixels[slot].reshape(-1)[:length]
 
     def gather(self, slots: list[int], out: np.ndarray) -> np.ndarray:
         """Copy the images of `slots` into `out[:len(slots)]` (N x crop x crop x 3) in one call."""

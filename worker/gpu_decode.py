@@ -30,6 +30,8 @@ from worker.resample import CropPlan, crop_plan, resample
 from worker.route import draft_factor
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from worker.probe import ImageHeader
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,9 @@ class JpegBatchDecoder:
         self.prep = prep
         self._plans: OrderedDict[tuple[int, int], CropPlan] = OrderedDict()
 
-    def decode(self, items: Sequence[tuple[bytes, ImageHeader]]) -> DecodeResult:
-        """Decode, orient, resize and crop `items`. An image nvJPEG refuses lands in `refused`
+    def decode(self, items: Sequence[tuple[bytes | np.ndarray, ImageHeader]]) -> DecodeResult:
+        """Decode, orient, resize and crop `items` (encoded bytes, or a uint8 array of them, and
+        the header). An image nvJPEG refuses lands in `refused`
         alone: a failing batch is split in halves until the failures are single images. Rows come
         grouped by image size (`decoded` says which item each is), and nothing here waits for
         the GPU: a host-to-device copy from pageable memory would (CUDA's API sync rules).
@@ -124,7 +127,7 @@ class JpegBatchDecoder:
 
     def _decode_or_split(
         self,
-        items: Sequence[tuple[bytes, ImageHeader]],
+        items: Sequence[tuple[bytes | np.ndarray, ImageHeader]],
         indices: list[int],
         frames: dict[int, torch.Tensor],
         refused: list[int],
@@ -148,7 +151,7 @@ class JpegBatchDecoder:
         frames.update(zip(indices, decoded, strict=True))
 
 
-def _parts(items: Sequence[tuple[bytes, ImageHeader]]) -> list[list[int]]:
+def _parts(items: Sequence[tuple[bytes | np.ndarray, ImageHeader]]) -> list[list[int]]:
     """Indices of `items` in consecutive parts of at most `MAX_DECODED_PIXELS` (one image at least)."""
     parts: list[list[int]] = [[]]
     pixels = 0

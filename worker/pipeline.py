@@ -112,7 +112,7 @@ class _Image:
     work: Work
     request: _Request
     timings_ms: dict[str, float] = field(default_factory=dict)
-    data: bytes | None = None
+    data: bytes | np.ndarray | None = None  # encoded; an ndarray is a view of a decode pool slot
     header: ImageHeader | None = None
     pixels: np.ndarray | None = None  # decoded in a fetch thread: crop x crop x 3
     slot: int | None = None  # the decode pool's slot it holds: its pixels, or a place while it waits for the GPU
@@ -256,8 +256,10 @@ class Pipeline:
                     self._fail(image, InputError(*loaded.error))
                     continue
                 image.slot = loaded.slot
-                if loaded.data is not None:
-                    image.data, image.header = loaded.data, loaded.header
+                if loaded.header is not None:  # a JPEG for the GPU, in its slot or (larger) in `data`
+                    data = loaded.data
+                    image.data = data if data is not None else self._pool.encoded(loaded.slot, loaded.encoded_bytes)
+                    image.header = loaded.header
                     self._gpu_queue.put(image)
                 else:
                     image.timings_ms["decode"] = loaded.decode_ms
@@ -338,11 +340,11 @@ class Pipeline:
         images = self._gather(self._gpu_queue, self.batch_size)
         if not images:
             return
+        # Pool slots hold these images' places, and most of their bytes (`data` is a view): free
+        # once the decode call has returned (it copies its input before it returns).
         held = [image.slot for image in images if image.slot is not None]
-        if held:  # the pool's slots only held these images' places: the bytes are in `data`
-            for image in images:
-                image.slot = None
-            self._pool.release(held)
+        for image in images:
+            image.slot = None
         try:
             self._decode_on_gpu(images)
         except Exception as e:
@@ -352,8 +354,16 @@ class Pipeline:
             log.exception("GPU decoding of %d images failed: decoding them on the CPU", len(images))
             for image in images:
                 if image.data is not None:
-                    data, image.data = image.data, None
-                    self._fetchers.submit(self._guarded, image, self._decode_on_cpu, image, data)
+                    self._to_cpu(image)
+        finally:
+            if held:
+                self._pool.release(held)
+
+    def _to_cpu(self, image: _Image) -> None:
+        """Decode with Pillow an image meant for the GPU, from a copy of its bytes (a slot's view
+        is released when the GPU batch is done)."""
+        data, image.data = bytes(image.data), None
+        self._fetchers.submit(self._guarded, image, self._decode_on_cpu, image, data)
 
     def _decode_on_gpu(self, images: list[_Image]) -> None:
         started = time.perf_counter()
@@ -376,9 +386,7 @@ class Pipeline:
             self._count("gpu", len(decoded))
             self._ready.put(_Rows(decoded, result.images, ready))
         for index in result.refused:  # nvJPEG said no: Pillow decides, for this image alone
-            image = images[index]
-            data, image.data = image.data, None
-            self._fetchers.submit(self._guarded, image, self._decode_on_cpu, image, data)
+            self._to_cpu(images[index])
 
     # -- batch, predict, unbatch, encode (one thread) -----------------------------------------------
 

@@ -55,7 +55,9 @@ class WorkerSettings(CommonSettings):
     device: str | None = Field(default=None, description="cpu, cuda or cuda:N; default: the package's device")
     concurrency: int = Field(default=1, ge=1, description="worker processes (prefork children); 1 runs solo")
     threads: int | None = Field(
-        default=None, ge=1, description="torch threads per process; default: the cores divided among the processes"
+        default=None,
+        ge=1,
+        description="torch threads per process; default: the cores divided among the processes (1 on a GPU)",
     )
     fetch_threads: int | None = Field(
         default=None,
