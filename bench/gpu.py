@@ -19,6 +19,7 @@ Sections, each measured in this run (ratios only compare numbers from the same r
           greyscale, CMYK, PNG, WebP). The in-process pipeline (no broker) is timed too.
 - cold:   fresh process to the first prediction of the ResNet-18 package.
 - gpus:   with more than one GPU visible: one worker process per GPU against one GPU, end to end.
+- per_gpu: 1, 2 and 3 worker processes sharing one GPU (cores split between them), end to end.
 
 `--wheels DIR` installs the wheels the host lacks (celery, redis, pydantic-settings, ...) into a
 private folder first and re-executes with it on the path. Prints a table and merges its sections
@@ -45,7 +46,7 @@ if str(ROOT) not in sys.path:
 
 DATA = ROOT / "build" / "gpu-bench-data"
 MODELS = ("resnet18", "resnet50", "efficientnet_lite0")
-SECTIONS = ("build", "model", "decode", "agree", "e2e", "cold", "gpus")
+SECTIONS = ("build", "model", "decode", "agree", "e2e", "cold", "gpus", "per_gpu")
 SMALL, LARGE = (640, 480), (4000, 3000)
 
 
@@ -436,8 +437,30 @@ def bench_in_process(package: str, folder: Path, workdir: Path) -> dict:
     return results
 
 
+def _workers_rate(
+    package: str, url: str, folder: Path, workdir: Path, gpus: list[int], name: str, share: int | None = None
+) -> dict:
+    """End to end with one worker process per entry of `gpus` (the GPU it uses), each on `share`
+    cores of its own (default: the host's split evenly; CPU affinity, so each plans its decode
+    processes for its share), on a fresh warm-up job."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = share or len(cores) // len(gpus)
+    workers = []
+    for index, gpu in enumerate(gpus):
+        env = {"CUDA_VISIBLE_DEVICES": str(gpu)}
+        worker = _worker(package, url, [folder], workdir / f"worker-{name}-{index}.log", env)
+        os.sched_setaffinity(worker.process.pid, cores[index * share : (index + 1) * share])
+        workers.append(worker)
+    try:
+        warm(url, folder, workers)
+        return {**e2e_rate(url, folder, workers, repeat=4), "plan": plan_line(workdir / f"worker-{name}-0.log")}
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
 def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
-    """One worker process per GPU (`CUDA_VISIBLE_DEVICES`, cores split) against one GPU alone."""
+    """One worker process per GPU against one GPU alone (each with the cores of one GPU's share)."""
     import torch
 
     from producer.embedded import embedded_redis
@@ -445,25 +468,32 @@ def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
     count = torch.cuda.device_count()
     if count < 2:
         return {"skipped": f"{count} GPU visible"}
-    cores = sorted(os.sched_getaffinity(0))
     results = {}
     with embedded_redis(workdir / "redis-gpus", persist=False) as url:
+        share = len(os.sched_getaffinity(0)) // count  # one GPU's share of the host, alone or not
         for gpus in (1, count):
-            workers = []
-            share = len(cores) // count  # one GPU's share of the host, alone or not
-            for gpu in range(gpus):
-                env = {"CUDA_VISIBLE_DEVICES": str(gpu), "KILN_DECODE_PROCESSES": str(max(1, share - 3))}
-                worker = _worker(package, url, [folder], workdir / f"worker-gpus{gpus}-{gpu}.log", env)
-                os.sched_setaffinity(worker.process.pid, cores[gpu * share : (gpu + 1) * share])
-                workers.append(worker)
-            try:
-                warm(url, folder, workers)
-                results[f"{gpus}_gpu"] = e2e_rate(url, folder, workers)
-                print(f"  {gpus} GPU(s): {results[f'{gpus}_gpu']['images_per_s']:,.0f} img/s", flush=True)
-            finally:
-                for worker in workers:
-                    worker.stop()
+            row = _workers_rate(package, url, folder, workdir, list(range(gpus)), f"gpus{gpus}", share)
+            results[f"{gpus}_gpu"] = row
+            print(f"  {gpus} GPU(s): {row['images_per_s']:,.0f} img/s", flush=True)
     results["ratio"] = results[f"{count}_gpu"]["images_per_s"] / results["1_gpu"]["images_per_s"]
+    return results
+
+
+def bench_per_gpu(package: str, folder: Path, workdir: Path) -> dict:
+    """1, 2 and 3 worker processes sharing GPU 0 and the host's cores: whether more processes (more
+    GILs) per GPU raise the end-to-end rate."""
+    from producer.embedded import embedded_redis
+
+    results = {}
+    with embedded_redis(workdir / "redis-per-gpu", persist=False) as url:
+        for processes in (1, 2, 3):
+            row = _workers_rate(package, url, folder, workdir, [0] * processes, f"per-gpu{processes}")
+            results[f"{processes}_processes"] = row
+            print(f"  {processes} worker process(es) on one GPU: {row['images_per_s']:,.0f} img/s", flush=True)
+    for processes in (2, 3):
+        results[f"ratio_{processes}"] = (
+            results[f"{processes}_processes"]["images_per_s"] / results["1_processes"]["images_per_s"]
+        )
     return results
 
 
@@ -495,6 +525,11 @@ def summarise(results: dict) -> list[str]:
         lines.append(f"mixed folder: kiln {e2e['mixed']['images_per_s']:,.0f} img/s")
     if "gpus" in results and "ratio" in results["gpus"]:
         lines.append(f"GPUs: {results['gpus']['ratio']:.2f}x one GPU")
+    for processes in (2, 3):
+        if f"ratio_{processes}" in results.get("per_gpu", {}):
+            row = results["per_gpu"][f"{processes}_processes"]
+            ratio = results["per_gpu"][f"ratio_{processes}"]
+            lines.append(f"{processes} worker processes on one GPU: {row['images_per_s']:,.0f} img/s, {ratio:.2f}x one")
     return lines
 
 
@@ -581,6 +616,7 @@ def main() -> None:
     )
     section("cold", lambda: {"aoti_first_prediction_s": cold_start_s(resnet18)})
     section("gpus", lambda: bench_gpus(resnet18, small, workdir))
+    section("per_gpu", lambda: bench_per_gpu(resnet18, small, workdir))
     results["summary"] = summarise(results)
     args.out.write_text(json.dumps(results, indent=2))
     print("\n".join(["", "kiln GPU benchmark", *results["summary"], f"wrote {args.out}"]), flush=True)
