@@ -52,9 +52,29 @@ def jpeg(image: Image.Image, **options) -> bytes:
     return buffer.getvalue()
 
 
-def no_scan(data: bytes) -> bytes:
-    """A JPEG whose headers parse but which has no scan at all (every decoder refuses it)."""
-    return data[: data.index(b"\xff\xda")] + b"\xff\xd9"
+def without_quantization_tables(data: bytes) -> bytes:
+    """A JPEG without its DQT segments: nvJPEG and libjpeg both refuse it with an error (on the
+    H200, unlike a JPEG without a scan, which crashes nvJPEG's process:
+    bench/results/gpu-h200-malformed.json)."""
+    position, kept = 2, [data[:2]]
+    while data[position] == 0xFF and data[position + 1] != 0xDA:
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if data[position + 1] != 0xDB:
+            kept.append(data[position:end])
+        position = end
+    return b"".join([*kept, data[position:]])
+
+
+def scan_of(data: bytes, selectors: bytes) -> bytes:
+    """`data` with its first scan header's component count and selectors replaced by `selectors`
+    (count first, then an (id, tables) pair per component), the rest of the file unchanged."""
+    start = data.index(b"\xff\xda")
+    length = int.from_bytes(data[start + 2 : start + 4], "big")
+    header = data[start + 4 : start + 2 + length]
+    count = header[0]
+    tail = header[1 + 2 * count :]  # Ss, Se, Ah/Al
+    body = selectors + tail
+    return data[:start] + b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + data[start + 2 + length :]
 
 
 def corrupt_scan(data: bytes) -> bytes:
@@ -194,12 +214,36 @@ def test_cmyk_truncated_corrupt_and_non_jpegs_are_left_to_the_cpu(photos):
         assert not gpu_decodable(bad, read_header(bad, DEFAULT_MAX_PIXELS))
 
 
+@pytest.mark.parametrize(
+    "selectors",
+    [
+        pytest.param(b"\x03\x01\x00\x09\x11\x03\x11", id="a component the frame does not have"),
+        pytest.param(b"\x00", id="no component"),
+        pytest.param(b"\x04\x01\x00\x02\x11\x03\x11\x04\x11", id="more components than the frame"),
+        pytest.param(b"\x03\x01\x00", id="selectors cut short"),
+    ],
+)
+def test_a_scan_that_does_not_match_its_frame_is_left_to_the_cpu(photos, selectors):
+    """nvJPEG decodes a scan of components the frame does not declare into pixels, where libjpeg
+    refuses it (seen on the H200): such files go to Pillow. Valid scans of every layout stay
+    on the GPU."""
+    data = photos["coffee"]
+    assert data[data.index(b"\xff\xda") + 4] == 3  # a YCbCr frame, components 1, 2, 3
+    bad = scan_of(data, selectors)
+    assert not gpu_decodable(bad, read_header(bad, DEFAULT_MAX_PIXELS))
+    image = Image.open(io.BytesIO(data))
+    for options in ({}, {"progressive": True}, {"subsampling": 0}, {"restart_marker_blocks": 4}):
+        for mode in ("RGB", "L"):
+            good = jpeg(image.convert(mode), **options)
+            assert gpu_decodable(good, read_header(good, DEFAULT_MAX_PIXELS)), (options, mode)
+
+
 def test_one_corrupt_jpeg_is_refused_alone(decoder, photos):
     """A batch with images the decoder refuses: it splits the batch until each is alone."""
     good = list(photos.values())
-    datas = [*good[:3], no_scan(photos["coffee"]), *good[3:], no_scan(photos["rocket"])]
-    # Some Pillow releases refuse a JPEG without a scan at the header already: give the broken
-    # ones their source's header, since what is tested is the decoder's refusal.
+    refused = without_quantization_tables
+    datas = [*good[:3], refused(photos["coffee"]), *good[3:], refused(photos["rocket"])]
+    # Give the broken ones their source's header: what is tested is the decoder's refusal.
     headers = {d: read_header(d, DEFAULT_MAX_PIXELS) for d in good}
     headers[datas[3]], headers[datas[-1]] = headers[photos["coffee"]], headers[photos["rocket"]]
     result = decoder.decode([(d, headers[d]) for d in datas])

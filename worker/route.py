@@ -16,9 +16,11 @@ GPU_MODES = frozenset({"RGB", "L"})  # CMYK and YCCK JPEGs go to Pillow, which k
 
 def gpu_decodable(data: bytes, header: ImageHeader) -> bool:
     """Whether nvJPEG should get this image: a complete, well-formed baseline or progressive JPEG
-    in YCbCr or greyscale. nvJPEG's hardware decoder turns a truncated file or noise in the
-    entropy-coded data into pixels without an error (seen on the H200), where Pillow refuses
-    them: such files go to Pillow, which decides."""
+    in YCbCr or greyscale. nvJPEG's hardware decoder turns a truncated file, noise in the
+    entropy-coded data or a scan of components the frame does not have into pixels without an
+    error, and crashes the process on a JPEG without a scan (seen on the H200:
+    bench/results/gpu-h200-malformed.json), where Pillow refuses them: such files go to Pillow,
+    which decides."""
     return (
         header.format in GPU_FORMATS
         and header.mode in GPU_MODES
@@ -40,19 +42,33 @@ def _data_end(data: bytes) -> int:
 _BAD_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff\xc4\xda\xdb\xdd\xfe\xe0-\xef]")
 
 
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
 def entropy_data_is_well_formed(data: bytes) -> bool:
-    """False when a marker that cannot occur there sits between the first scan header and the
-    end-of-image marker: the sign of noise or a splice. The marker segments before the first
-    scan are walked by their lengths, so an EXIF thumbnail's own markers are skipped."""
+    """False when the first scan names a component the frame header does not declare (or none,
+    or more than it has), or when a marker that cannot occur there sits between the first scan
+    header and the end-of-image marker: the sign of noise or a splice. The marker segments before
+    the first scan are walked by their lengths, so an EXIF thumbnail's own markers are skipped."""
     position = 2  # after SOI
+    components: set[int] | None = None  # the frame's component ids, from its SOF segment
     while position + 4 <= len(data) and data[position] == 0xFF:
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte before a marker
             position += 1
             continue
         length = int.from_bytes(data[position + 2 : position + 4], "big")
+        segment = data[position + 4 : position + 2 + length]
         position += 2 + length
-        if marker == 0xDA:  # start of scan: entropy-coded data follows its header
+        if marker in _SOF_MARKERS and len(segment) >= 6:  # P, Y, X, Nf, then Nf x (id, sampling, Tq)
+            components = {segment[6 + 3 * i] for i in range(segment[5]) if 6 + 3 * i < len(segment)}
+        if marker == 0xDA:  # start of scan: Ns, Ns x (id, tables), ...; entropy-coded data follows
+            if components is None or not segment or not 1 <= segment[0] <= len(components):
+                return False
+            if any(
+                segment[1 + 2 * i : 2 + 2 * i] == b"" or segment[1 + 2 * i] not in components for i in range(segment[0])
+            ):
+                return False
             end = data.rfind(b"\xff\xd9", 0, _data_end(data))
             return end >= position and _BAD_MARKER.search(data, position, end) is None
     return False
