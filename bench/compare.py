@@ -411,7 +411,8 @@ def run_model(args, model: str, package: Path, folders: list[Path], url: str, re
 
     for kind in ("ceiling", "eager"):
         child = Child(me, {**base, "kind": kind, "threads": cores}, logfile(kind))
-        rows[kind] = measure_jobs(child, [], folders, kind)
+        jobs = [f for f in folders if kind == "ceiling" or len(_files(str(f))) <= args.eager_up_to]
+        rows[kind] = measure_jobs(child, [], jobs, kind)
     for processes in args.kiln_processes:
         name = f"kiln x{processes}"
         workers = Workers(name, processes, "solo", max(1, cores // processes))
@@ -446,7 +447,12 @@ def with_ratios(rows: dict[str, list[dict]], sizes: list[int]) -> list[dict]:
     for index, size in enumerate(sizes):
         ceiling = rows["ceiling"][index]
         for contender, runs in rows.items():
-            row = runs[index] if index < len(runs) else runs[-1]
+            row = next((r for r in runs if r.get("images") == size), None)
+            if row is None:
+                errors = [r for r in runs if "error" in r]
+                if not errors:  # not run at this size (eager beyond --eager-up-to)
+                    continue
+                row = errors[-1]
             if "error" in row:
                 flat.append({"contender": contender, "size": size, **row})
                 continue
@@ -567,6 +573,13 @@ def main() -> None:
     parser.add_argument("--ray-actor-cpus", type=float, default=0.5, help="Ray logical CPUs per model actor")
     parser.add_argument("--ray-decode-cpus", type=float, default=0.5, help="Ray logical CPUs per decode task")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one kiln job may take")
+    parser.add_argument(
+        "--eager-up-to",
+        type=int,
+        default=10**9,
+        metavar="IMAGES",
+        help="run eager PyTorch only on jobs of at most this many images (it is 5-10x slower, and no target is on it)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare.json")
     parser.add_argument(
         "--workdir", type=Path, default=ROOT / "build" / "compare-work", help="redis, worker and client logs (emptied)"
