@@ -17,7 +17,7 @@ runtime = load_runtime(sys.argv[1])
 c, h, w = runtime.manifest.input_shape
 runtime.predict(torch.zeros((1, c, h, w), dtype=torch.uint8))'
 for _ in $(seq "$rounds"); do
-    docker run --rm --network host $DOCKER_RUN_OPTIONS --entrypoint sh "$image" -c '
+    docker run --rm --network host ${DOCKER_RUN_OPTIONS:-} --entrypoint sh "$image" -c '
         timed() { s=$(date +%s.%N); python -c "$1" "$2" || exit 1; e=$(date +%s.%N); python -c "print($e - $s)"; }
         cold=$(timed "$0" "$1"); warm=$(timed "$0" "$1")
         echo "{\"cold_s\": $cold, \"warm_s\": $warm}"' "$probe" "$package"

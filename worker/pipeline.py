@@ -341,7 +341,8 @@ class Pipeline:
         if not images:
             return
         # Pool slots hold these images' places, and most of their bytes (`data` is a view): free
-        # once the decode call has returned (it copies its input before it returns).
+        # once the decode call has returned, which is when nvJPEG is done with them (torchvision's
+        # `decode_jpegs_cuda` synchronises its stream before it returns; on the CPU it is synchronous).
         held = [image.slot for image in images if image.slot is not None]
         for image in images:
             image.slot = None
