@@ -37,7 +37,7 @@ from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, read_header
 from worker.resample import crop_plan, resample
-from worker.route import draft_factor, gpu_decodable
+from worker.route import draft_factor, gpu_decodable, marker_segments
 from worker.settings import DEFAULT_FORMATS
 
 CUDA = DEVICE == "cuda"
@@ -56,25 +56,18 @@ def without_quantization_tables(data: bytes) -> bytes:
     """A JPEG without its DQT segments: nvJPEG and libjpeg both refuse it with an error (on the
     H200, unlike a JPEG without a scan, which crashes nvJPEG's process:
     bench/results/gpu-h200-malformed.json)."""
-    position, kept = 2, [data[:2]]
-    while data[position] == 0xFF and data[position + 1] != 0xDA:
-        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-        if data[position + 1] != 0xDB:
-            kept.append(data[position:end])
-        position = end
-    return b"".join([*kept, data[position:]])
+    *tables, (_, scan, _) = marker_segments(data)
+    kept = [data[start:end] for marker, start, end in tables if marker != 0xDB]
+    return b"".join([data[:2], *kept, data[scan:]])
 
 
 def scan_of(data: bytes, selectors: bytes) -> bytes:
     """`data` with its first scan header's component count and selectors replaced by `selectors`
     (count first, then an (id, tables) pair per component), the rest of the file unchanged."""
-    start = data.index(b"\xff\xda")
-    length = int.from_bytes(data[start + 2 : start + 4], "big")
-    header = data[start + 4 : start + 2 + length]
-    count = header[0]
-    tail = header[1 + 2 * count :]  # Ss, Se, Ah/Al
-    body = selectors + tail
-    return data[:start] + b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + data[start + 2 + length :]
+    *_, (_, start, end) = marker_segments(data)
+    header = data[start + 4 : end]
+    body = selectors + header[1 + 2 * header[0] :]  # then Ss, Se, Ah/Al as they were
+    return data[:start] + b"\xff\xda" + (len(body) + 2).to_bytes(2, "big") + body + data[end:]
 
 
 def corrupt_scan(data: bytes) -> bytes:

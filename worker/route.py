@@ -5,6 +5,7 @@ decoding processes (worker/decode_pool.py), which fetch and route images themsel
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,32 +46,42 @@ _BAD_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff\xc4\xda\xdb\xdd\xfe\xe0-\xef
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
-def entropy_data_is_well_formed(data: bytes) -> bool:
-    """False when the first scan names a component the frame header does not declare (or none,
-    or more than it has), or when a marker that cannot occur there sits between the first scan
-    header and the end-of-image marker: the sign of noise or a splice. The marker segments before
-    the first scan are walked by their lengths, so an EXIF thumbnail's own markers are skipped."""
-    position = 2  # after SOI
-    components: set[int] | None = None  # the frame's component ids, from its SOF segment
+def marker_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, end) of each marker segment of a JPEG after its SOI, up to and including
+    the first scan header (SOS): `data[start:end]` is the whole segment, marker and length
+    included, and the first scan's entropy-coded data begins at that SOS's `end`. Fill bytes
+    before a marker are skipped; segments are walked by their lengths, so an EXIF thumbnail's own
+    markers are never seen."""
+    position = 2
     while position + 4 <= len(data) and data[position] == 0xFF:
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte before a marker
             position += 1
             continue
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        segment = data[position + 4 : position + 2 + length]
-        position += 2 + length
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        yield marker, position, end
+        if marker == 0xDA:
+            return
+        position = end
+
+
+def entropy_data_is_well_formed(data: bytes) -> bool:
+    """False when the first scan names a component the frame header does not declare (or none,
+    or more than it has), or when a marker that cannot occur there sits between the first scan
+    header and the end-of-image marker: the sign of noise or a splice."""
+    components: set[int] | None = None  # the frame's component ids, from its SOF segment
+    for marker, start, end in marker_segments(data):
+        segment = data[start + 4 : end]
         if marker in _SOF_MARKERS and len(segment) >= 6:  # P, Y, X, Nf, then Nf x (id, sampling, Tq)
             components = {segment[6 + 3 * i] for i in range(segment[5]) if 6 + 3 * i < len(segment)}
         if marker == 0xDA:  # start of scan: Ns, Ns x (id, tables), ...; entropy-coded data follows
             if components is None or not segment or not 1 <= segment[0] <= len(components):
                 return False
-            if any(
-                segment[1 + 2 * i : 2 + 2 * i] == b"" or segment[1 + 2 * i] not in components for i in range(segment[0])
-            ):
+            count = segment[0]
+            if len(segment) < 2 * count or any(segment[1 + 2 * i] not in components for i in range(count)):
                 return False
-            end = data.rfind(b"\xff\xd9", 0, _data_end(data))
-            return end >= position and _BAD_MARKER.search(data, position, end) is None
+            eoi = data.rfind(b"\xff\xd9", 0, _data_end(data))
+            return eoi >= end and _BAD_MARKER.search(data, end, eoi) is None
     return False
 
 

@@ -3,7 +3,6 @@ runs at a third of its ceiling. Writes JSON to argv[1]."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,17 +10,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from common import Results
 
-from bench.gpu import SMALL, build_packages, dataset, install_wheels  # noqa: E402
+from bench.gpu import SMALL, build_packages, dataset, install_wheels
 
-OUT = Path(sys.argv[1])
-R: dict = {}
-
-
-def save() -> None:
-    OUT.write_text(json.dumps(R, indent=1))
+R = Results(sys.argv[1])
 
 
 def rate(fn, n_images: int, rounds: int = 3) -> float:
@@ -64,7 +57,7 @@ def main() -> None:
         curve[b] = rate(run, len(tensors))
     R["tv_batch_curve"] = curve
     print("tv curve", curve, flush=True)
-    save()
+    R.save()
 
     # 2. contention: model inference in a thread; a Python busy thread; CPU hogs
     from worker.runtime import load_runtime
@@ -109,7 +102,7 @@ def main() -> None:
         h.kill()
     R["tv_contention"] = cont
     print("contention", cont, flush=True)
-    save()
+    R.save()
 
     # 3. kiln decoder curve
     from worker.gpu_decode import JpegBatchDecoder
@@ -128,7 +121,7 @@ def main() -> None:
         kc[b] = rate(run, len(datas))
     R["kiln_decoder_curve"] = kc
     print("kiln curve", kc, flush=True)
-    save()
+    R.save()
 
     # 4. nvImageCodec
     try:
@@ -178,7 +171,7 @@ def main() -> None:
         print("nvimgcodec", nv, flush=True)
     except Exception as e:
         R["nvimgcodec_error"] = f"{type(e).__name__}: {e}"[:300]
-    save()
+    R.save()
 
     # 5. in-process pipeline, instrumented
     import torchvision.io
@@ -282,9 +275,9 @@ def main() -> None:
         }
         print(name, pipe_r[name], flush=True)
         if dumps:
-            (OUT.parent / "native-dumps.txt").write_text("\n=====\n".join(dumps))
+            (R.path.parent / "native-dumps.txt").write_text("\n=====\n".join(dumps))
         R["pipeline"] = pipe_r
-        save()
+        R.save()
 
 
 if __name__ == "__main__":

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import collections
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, Results
 
-from bench.gpu import SMALL, _worker, build_packages, dataset, e2e_rate, install_wheels, warm  # noqa: E402
+from bench.gpu import SMALL, _worker, build_packages, dataset, e2e_rate, install_wheels, warm
 
-OUT = Path(sys.argv[1])
-R: dict = {}
+R = Results(sys.argv[1])
 
 
 def summarise(raw: Path) -> str:
@@ -76,10 +73,10 @@ def main() -> None:
                 if spy is not None:
                     spy.send_signal(2)
                     spy.wait(60)
-                    (OUT.parent / "e2e-spy-summary.txt").write_text(summarise(raw))
+                    (R.path.parent / "e2e-spy-summary.txt").write_text(summarise(raw))
                 R[name] = row
                 print(name, round(row["images_per_s"]), row["median_ms"], flush=True)
-                OUT.write_text(json.dumps(R, indent=1))
+                R.save()
             finally:
                 worker.stop()
 

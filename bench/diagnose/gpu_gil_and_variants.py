@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, Results
 
-from bench.gpu import LARGE, SMALL, bench_e2e, build_packages, dataset, install_wheels, mixed_dataset  # noqa: E402
+from bench.gpu import LARGE, SMALL, bench_e2e, build_packages, dataset, install_wheels, mixed_dataset
 
-OUT = Path(sys.argv[1])
-R: dict = {}
-
-
-def save() -> None:
-    OUT.write_text(json.dumps(R, indent=1))
+R = Results(sys.argv[1])
 
 
 def main() -> None:
@@ -76,7 +69,7 @@ def main() -> None:
         print(gil, flush=True)
     sys.setswitchinterval(0.005)
     R["gil"] = gil
-    save()
+    R.save()
 
     import worker.pipeline as wp
     from worker.fetch import FetchPolicy
@@ -123,7 +116,7 @@ def main() -> None:
         pipe[name] = {"images_per_s": best, "stages": {k: vars(s) for k, s in pipeline.stages.items()}}
         print(name, round(best), flush=True)
         R["pipeline"] = pipe
-        save()
+        R.save()
     wp.SWITCH_INTERVAL_S, wp.LINGER_S = 0.0005, 0.003
     del runtime
     torch.cuda.empty_cache()
@@ -132,7 +125,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     variants_e2e = {"procs_6": {"KILN_DECODE_PROCESSES": "6"}, "threads_16": {"KILN_THREADS": "16"}}
     R["e2e"] = bench_e2e(pkg, {"640x480": small, "4000x3000": large, "mixed": mixed}, workdir, variants_e2e, 4)
-    save()
+    R.save()
 
 
 if __name__ == "__main__":

@@ -10,32 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from common import ROOT
 
-
-def segments(data: bytes) -> list[tuple[int, int, int]]:
-    """(marker, start, end) of the marker segments before the first scan's data."""
-    out, position = [], 2
-    while position + 4 <= len(data) and data[position] == 0xFF:
-        marker = data[position + 1]
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        out.append((marker, position, position + 2 + length))
-        position += 2 + length
-        if marker == 0xDA:
-            break
-    return out
+from worker.route import marker_segments
 
 
 def without(data: bytes, marker: int) -> bytes:
-    for m, start, end in reversed(segments(data)):
+    for m, start, end in reversed(list(marker_segments(data))):
         if m == marker:
             data = data[:start] + data[end:]
     return data
 
 
 def cases(data: bytes) -> dict[str, bytes]:
-    segs = segments(data)
+    segs = list(marker_segments(data))
     sos_end = next(end for m, _, end in segs if m == 0xDA)
     sof = next((m, s, e) for m, s, e in segs if m in (0xC0, 0xC1, 0xC2))
     _, sof_start, _ = sof
