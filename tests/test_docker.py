@@ -131,6 +131,25 @@ def test_a_wrong_or_corrupt_package_stops_the_container_with_the_reason(images, 
         assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+def test_compose_names_the_folder_setting_it_lacks():
+    """Without KILN_IMAGES (or KILN_OUT) compose stops and says which to set: before, it mounted an
+    empty ./images it created in docker/, and only the producer's "no images found" hinted why."""
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("no docker compose (make test installs docker-compose as root: docker/engine.sh)")
+    env = {k: v for k, v in os.environ.items() if k not in ("KILN_IMAGES", "KILN_OUT")}
+    for missing in ("KILN_IMAGES", "KILN_OUT"):
+        done = subprocess.run(
+            [*compose, "-f", DOCKER / "compose.yaml", "config"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode != 0 and f"set {missing} to the absolute path" in done.stdout + done.stderr
+        env[missing] = "/tmp"
+    assert (
+        subprocess.run([*compose, "-f", DOCKER / "compose.yaml", "config"], env=env, capture_output=True).returncode
+        == 0
+    )
+
+
 @pytest.fixture(scope="module")
 def stack(images, tmp_path_factory) -> Iterator[dict]:
     """Redis and two workers from docker/compose.yaml (with the host-network override)."""
