@@ -18,8 +18,8 @@ Sections, each measured in this run (ratios only compare numbers from the same r
           written; on 640x480 JPEGs, 4000x3000 JPEGs and a mixed folder (JPEG sizes, progressive,
           greyscale, CMYK, PNG, WebP). The in-process pipeline (no broker) is timed too.
 - cold:   fresh process to the first prediction of the ResNet-18 package.
-- gpus:   with more than one GPU visible: one worker process per GPU against one GPU, end to end.
-- per_gpu: 1, 2 and 3 worker processes sharing one GPU (cores split between them), end to end.
+- gpus:   with more than one GPU visible: every GPU against one, default settings, end to end.
+- per_gpu: 1 to 4 worker processes sharing one GPU (KILN_PROCESSES_PER_GPU), end to end.
 
 `--wheels DIR` installs the wheels the host lacks (celery, redis, pydantic-settings, ...) into a
 private folder first and re-executes with it on the path. Prints a table and merges its sections
@@ -437,30 +437,21 @@ def bench_in_process(package: str, folder: Path, workdir: Path) -> dict:
     return results
 
 
-def _workers_rate(
-    package: str, url: str, folder: Path, workdir: Path, gpus: list[int], name: str, share: int | None = None
-) -> dict:
-    """End to end with one worker process per entry of `gpus` (the GPU it uses), each on `share`
-    cores of its own (default: the host's split evenly; CPU affinity, so each plans its decode
-    processes for its share), on a fresh warm-up job."""
-    cores = sorted(os.sched_getaffinity(0))
-    share = share or len(cores) // len(gpus)
-    workers = []
-    for index, gpu in enumerate(gpus):
-        env = {"CUDA_VISIBLE_DEVICES": str(gpu)}
-        worker = _worker(package, url, [folder], workdir / f"worker-{name}-{index}.log", env)
-        os.sched_setaffinity(worker.process.pid, cores[index * share : (index + 1) * share])
-        workers.append(worker)
+def _default_worker_rate(url: str, package: str, folder: Path, workdir: Path, name: str, env: dict[str, str]) -> dict:
+    """End to end with one `python -m worker` (default settings but `env`: it starts its worker
+    processes itself), on a fresh warm-up job."""
+    log = workdir / f"worker-{name}.log"
+    worker = _worker(package, url, [folder], log, env)
     try:
-        warm(url, folder, workers)
-        return {**e2e_rate(url, folder, workers, repeat=4), "plan": plan_line(workdir / f"worker-{name}-0.log")}
+        warm(url, folder, [worker])
+        return {**e2e_rate(url, folder, [worker], repeat=4), "env": env, "plan": plan_line(log)}
     finally:
-        for worker in workers:
-            worker.stop()
+        worker.stop()
 
 
 def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
-    """One worker process per GPU against one GPU alone (each with the cores of one GPU's share)."""
+    """Every GPU against one (CUDA_VISIBLE_DEVICES=0), each with default settings: the worker
+    starts its processes per GPU, sized to the host's cores per GPU."""
     import torch
 
     from producer.embedded import embedded_redis
@@ -470,9 +461,9 @@ def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
         return {"skipped": f"{count} GPU visible"}
     results = {}
     with embedded_redis(workdir / "redis-gpus", persist=False) as url:
-        share = len(os.sched_getaffinity(0)) // count  # one GPU's share of the host, alone or not
         for gpus in (1, count):
-            row = _workers_rate(package, url, folder, workdir, list(range(gpus)), f"gpus{gpus}", share)
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))}
+            row = _default_worker_rate(url, package, folder, workdir, f"gpus{gpus}", env)
             results[f"{gpus}_gpu"] = row
             print(f"  {gpus} GPU(s): {row['images_per_s']:,.0f} img/s", flush=True)
     results["ratio"] = results[f"{count}_gpu"]["images_per_s"] / results["1_gpu"]["images_per_s"]
@@ -480,17 +471,18 @@ def bench_gpus(package: str, folder: Path, workdir: Path) -> dict:
 
 
 def bench_per_gpu(package: str, folder: Path, workdir: Path) -> dict:
-    """1, 2 and 3 worker processes sharing GPU 0 and the host's cores: whether more processes (more
-    GILs) per GPU raise the end-to-end rate."""
+    """1 to 4 worker processes on GPU 0 (KILN_PROCESSES_PER_GPU; CPU decode processes sized by the
+    plan): the measurement behind the default (worker/plan.py)."""
     from producer.embedded import embedded_redis
 
     results = {}
     with embedded_redis(workdir / "redis-per-gpu", persist=False) as url:
-        for processes in (1, 2, 3):
-            row = _workers_rate(package, url, folder, workdir, [0] * processes, f"per-gpu{processes}")
+        for processes in (1, 2, 3, 4):
+            env = {"KILN_PROCESSES_PER_GPU": str(processes), "CUDA_VISIBLE_DEVICES": "0"}
+            row = _default_worker_rate(url, package, folder, workdir, f"per-gpu{processes}", env)
             results[f"{processes}_processes"] = row
             print(f"  {processes} worker process(es) on one GPU: {row['images_per_s']:,.0f} img/s", flush=True)
-    for processes in (2, 3):
+    for processes in (2, 3, 4):
         results[f"ratio_{processes}"] = (
             results[f"{processes}_processes"]["images_per_s"] / results["1_processes"]["images_per_s"]
         )
@@ -525,7 +517,7 @@ def summarise(results: dict) -> list[str]:
         lines.append(f"mixed folder: kiln {e2e['mixed']['images_per_s']:,.0f} img/s")
     if "gpus" in results and "ratio" in results["gpus"]:
         lines.append(f"GPUs: {results['gpus']['ratio']:.2f}x one GPU")
-    for processes in (2, 3):
+    for processes in (2, 3, 4):
         if f"ratio_{processes}" in results.get("per_gpu", {}):
             row = results["per_gpu"][f"{processes}_processes"]
             ratio = results["per_gpu"][f"ratio_{processes}"]
@@ -541,7 +533,7 @@ def main() -> None:
     )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--small-images", type=int, default=8192)
-    parser.add_argument("--large-images", type=int, default=384)
+    parser.add_argument("--large-images", type=int, default=1536)
     parser.add_argument("--mixed-images", type=int, default=2048)
     parser.add_argument(
         "--repeat", type=int, default=4, help="end to end: each 640x480 image this many times, under distinct keys"

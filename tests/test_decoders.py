@@ -376,22 +376,48 @@ def test_pipeline_routes_each_image_and_isolates_failures(lite0_runtime, mixed_f
 @pytest.mark.slow
 def test_top1_agreement_on_1000_jpegs(lite0_runtime, tmp_path):
     """The acceptance bar of the GPU path: top-1 equal on at least 99% of 1,000 photos made by the
-    benchmark's generator (640x480 crops of the sample photos), and on every sample photo."""
+    benchmark's generator (640x480 crops of the sample photos), and on every sample photo.
+
+    Both paths' model inputs go through the same model calls, in the same batches: a bf16 model's
+    answer for an image also moves with the batch it runs in (on the H200, ResNet-18's top-1
+    changed on 1.6% of these images between batches of 64 and of 50 with the very same inputs,
+    bench/results/gpu-h200-processes.json), and that is not the decoders' doing. The pipelines
+    themselves are compared on the sample photos."""
     from bench.pipeline import make_dataset
 
-    files = make_dataset(tmp_path / "photos", 1000, (640, 480), seed=7) + sorted(SAMPLES.glob("*.jpg"))
+    files = make_dataset(tmp_path / "photos", 1000, (640, 480), seed=7)
+    datas = [f.read_bytes() for f in files]
+    prep = lite0_runtime.manifest.preprocess
+    cpu = torch.from_numpy(np.stack([decode_image(d, prep) for d in datas])).permute(0, 3, 1, 2)
+    gpu = torch.empty_like(cpu)
+    decoder = JpegBatchDecoder(lite0_runtime.device, prep)
+    for start in range(0, len(datas), 100):
+        result = decoder.decode([(d, read_header(d, DEFAULT_MAX_PIXELS)) for d in datas[start : start + 100]])
+        assert not result.refused
+        gpu[[start + i for i in result.decoded]] = result.images.cpu()
+    batch = lite0_runtime.batch_max
+    top1 = {
+        name: torch.cat(
+            [lite0_runtime.predict_top_k(inputs[i : i + batch].to(lite0_runtime.device), 1)[1][:, 0]
+             for i in range(0, len(inputs), batch)]
+        )
+        for name, inputs in (("cpu", cpu), ("gpu", gpu))
+    }  # fmt: skip
+    same = int((top1["cpu"] == top1["gpu"]).sum())
+    print(f"top-1 agreement of the GPU path: {same} of {len(files)}; |GPU - CPU| pixels: mean "
+          f"{(gpu.int() - cpu.int()).abs().float().mean():.3f}, max {(gpu.int() - cpu.int()).abs().max()}")  # fmt: skip
+    assert same / len(files) >= 0.99, f"top-1 agrees on {same} of {len(files)}"
+
+    samples = sorted(SAMPLES.glob("*.jpg"))
     cpu_only = _pipeline(lite0_runtime, tmp_path)
-    gpu = _pipeline(lite0_runtime, tmp_path, gpu_decode=True)
+    both = _pipeline(lite0_runtime, tmp_path, gpu_decode=True)
     try:
-        expected, got = _labels(cpu_only, files), _labels(gpu, files)
+        expected, got = _labels(cpu_only, samples), _labels(both, samples)
     finally:
         cpu_only.close()
-        gpu.close()
-    assert gpu.decoded_by["gpu"] == len(files)
-    same = sum(expected[k] == got[k] for k in expected)
-    assert same / len(files) >= 0.99, f"top-1 agrees on {same} of {len(files)}"
-    for photo in SAMPLES.glob("*.jpg"):
-        assert got[str(photo)] == expected[str(photo)]
+        both.close()
+    assert both.decoded_by["gpu"] == len(samples)
+    assert got == expected
 
 
 # -- what a hostile test found: every image still gets exactly one record -----------------------------

@@ -74,7 +74,7 @@ class Workers:
         return worker
 
     def kill(self, worker: LocalWorker) -> None:
-        """kill -9 the worker and its prefork children."""
+        """kill -9 the worker and its worker processes."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.process.pid, signal.SIGKILL)
         worker.process.wait(30)
@@ -238,14 +238,14 @@ def held(server: RedisServer) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("options", "env"),
-    [(("--concurrency", "2"), {}), ((), {"KILN_TASKS_IN_FLIGHT": "2"})],
-    ids=["prefork-2", "threads-2"],
+    [(("--concurrency", "2"), {"KILN_TASKS_IN_FLIGHT": "1"}), ((), {"KILN_TASKS_IN_FLIGHT": "2"})],
+    ids=["processes-2", "threads-2"],
 )
 def test_a_worker_reserves_only_the_chunks_it_runs_and_they_come_back_after_a_kill(
     server, workers, photos, options, env
 ):
-    """A worker that runs 2 chunks at once (2 prefork children, or 2 task threads) on the default
-    queues holds at most 2 bulk chunks, so a fresh worker takes the rest at once; after kill -9,
+    """A worker that runs 2 chunks at once (2 worker processes of one task thread each, or 2 task
+    threads) on the default queues holds at most 2 bulk chunks, so a fresh worker takes the rest at once; after kill -9,
     the held chunks come back when their lease lapses. Before: it reserved every chunk (online
     prefetch of 32 per process), and they all waited for the visibility timeout."""
     first = workers.start("first", options, KILN_LEASE_S="6", **env)

@@ -5,6 +5,8 @@ makes the worker unready at once and not live after KILN_LIVENESS_TIMEOUT_S."""
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 from conftest import SAMPLES, python_env
 
 from producer.embedded import LocalWorker, embedded_redis
-from worker.health import HealthState, liveness_problems
+from worker.health import HealthState, children_problems, liveness_problems
 
 TIMEOUT_S = 6  # KILN_LIVENESS_TIMEOUT_S of the workers here
 
@@ -45,6 +47,13 @@ def get(port: int, path: str) -> tuple[int, str]:
 @contextlib.contextmanager
 def monitored_worker(package: Path, redis_url: str, tmp_path: Path, *options: str) -> Iterator[int]:
     """A real worker with its endpoint on a free port; yields the port."""
+    with monitored(package, redis_url, tmp_path, *options) as (_, port):
+        yield port
+
+
+@contextlib.contextmanager
+def monitored(package: Path, redis_url: str, tmp_path: Path, *options: str) -> Iterator[tuple[LocalWorker, int]]:
+    """`monitored_worker`, yielding the worker too."""
     port_file = tmp_path / "port"
     env = python_env(KILN_METRICS_PORT_FILE=str(port_file), KILN_LIVENESS_TIMEOUT_S=str(TIMEOUT_S))
     worker = LocalWorker(package, redis_url, tmp_path / "worker.log", [SAMPLES], ["--metrics-port", "0", *options], env)
@@ -54,7 +63,7 @@ def monitored_worker(package: Path, redis_url: str, tmp_path: Path, *options: st
             worker.check()
             return int(port_file.read_text()) if port_file.exists() and port_file.read_text() else None
 
-        yield wait_for(port, 120, "the endpoint's port")
+        yield worker, wait_for(port, 120, "the endpoint's port")
     finally:
         worker.stop()
 
@@ -102,15 +111,52 @@ class FreezableProxy:
         self.listener.close()
 
 
-def test_a_loaded_worker_is_ready_and_live(lite0_package, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_loaded_worker_is_ready_and_live(processes, lite0_package, tmp_path):
     with (
         embedded_redis(tmp_path / "redis", persist=False) as url,
-        monitored_worker(lite0_package, url, tmp_path) as port,
+        monitored_worker(lite0_package, url, tmp_path, "--concurrency", str(processes)) as port,
     ):
         wait_status(port, "/readyz", 200, 180)
         assert get(port, "/livez") == (200, "ok\n")
         done = health_cli(port)
         assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_process_that_stops_reporting_fails_the_parents_liveness(lite0_package, tmp_path):
+    """Two worker processes report to their parent's endpoint; one frozen (SIGSTOP: hung, as a
+    process stuck in a driver call) makes the host not live, naming it, until it runs again."""
+    with (
+        embedded_redis(tmp_path / "redis", persist=False) as url,
+        monitored(lite0_package, url, tmp_path, "--concurrency", "2") as (worker, port),
+    ):
+        wait_status(port, "/readyz", 200, 180)
+        wait_status(port, "/livez", 200, 60)
+        parent = worker.process.pid
+        children = [int(pid) for pid in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        assert len(children) == 2
+        os.kill(children[0], signal.SIGSTOP)
+        try:
+            reason = wait_status(port, "/livez", 503, 4 * TIMEOUT_S + 30)
+            assert f"worker process {children[0]} made no health report" in reason, reason
+        finally:
+            os.kill(children[0], signal.SIGCONT)
+        wait_status(port, "/livez", 200, 60)
+
+
+def test_the_parent_reads_the_reports_of_running_worker_processes_only(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / f"live-{gone.pid}").write_text("from a process that is gone")
+    (tmp_path / f"live-{os.getpid()}").write_text("12 messages waiting, and this idle worker has received none")
+    assert children_problems(tmp_path, time.time(), 60) == [
+        f"worker process {os.getpid()}: 12 messages waiting, and this idle worker has received none"
+    ]
+    (tmp_path / f"live-{os.getpid()}").write_text("")
+    assert children_problems(tmp_path, time.time(), 60) == []
+    assert children_problems(tmp_path, time.time() + 100, 60) == [
+        f"worker process {os.getpid()} made no health report for 100 s"
+    ]
 
 
 def test_redis_going_away_fails_readiness_then_liveness(lite0_package, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from worker.plan import host_cores, plan_data_path
+from worker.plan import gpu_decode_processes, host_cores, plan_data_path, worker_processes
 from worker.settings import WorkerSettings
 
 
@@ -30,3 +30,23 @@ def test_settings_override_the_plan():
     settings = WorkerSettings(_env_file=None, gpu_decode="off", threads=4, decode_processes=2, batch_size=32)
     plan = plan_data_path(settings, torch.device("cuda:0"), batch_max=256, processes=1)
     assert (plan.torch_threads, plan.decode_processes, plan.batch_size) == (4, 2, 32)
+
+
+def test_a_gpu_host_runs_several_worker_processes_per_gpu_sized_to_its_cores():
+    """The figures behind these defaults are in worker/plan.py (best of 1-6 processes on the H200)."""
+    default = WorkerSettings(_env_file=None)
+    assert worker_processes(default, "cuda", gpus=1, cores=16) == 4
+    assert worker_processes(default, "cuda", gpus=2, cores=32) == 8
+    assert worker_processes(default, "cuda", gpus=1, cores=8) == 2
+    assert worker_processes(default, "cuda", gpus=2, cores=4) == 2  # one per GPU at least
+    assert worker_processes(default, "cuda", gpus=1, cores=128) == 4  # at most 4 per GPU
+    assert worker_processes(default, "cpu", gpus=0, cores=16) == 1
+    assert worker_processes(WorkerSettings(_env_file=None, processes_per_gpu=2), "cuda", gpus=3, cores=16) == 6
+    assert worker_processes(WorkerSettings(_env_file=None, concurrency=3), "cuda", gpus=2, cores=32) == 3
+    assert worker_processes(WorkerSettings(_env_file=None, concurrency=2), "cpu", gpus=0, cores=16) == 2
+
+
+def test_gpu_worker_processes_share_the_cores_left_for_decoding():
+    assert [gpu_decode_processes(16, n) for n in (1, 2, 3, 4, 6)] == [13, 6, 4, 3, 1]
+    assert gpu_decode_processes(32, 8) == 3
+    assert gpu_decode_processes(2, 4) == 1  # never none

@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import SAMPLES, python_env
@@ -162,20 +163,73 @@ def test_online_by_reference_and_errors(kiln, raw_app):
     assert kiln.store.wait_reply(reply, 30).error.kind == "bad_message"  # neither ref nor data
 
 
-def test_prefork_children_each_load_the_model_and_share_the_work(private_redis_url, lite0_package, tmp_path):
-    """--concurrency 2: the parent never loads torch models; each child does, and records name it."""
+def _children(pid: int) -> set[int]:
+    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def _loaded(worker: LocalWorker, count: int) -> None:
+    """Wait until `count` worker processes have logged their plan (their model is loaded)."""
+    deadline = time.monotonic() + 180
+    while worker.log_path.read_text().count("data path on") < count:
+        worker.check()
+        assert time.monotonic() < deadline, worker.log_path.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_worker_processes_each_load_the_model_and_share_the_work(private_redis_url, lite0_package, tmp_path):
+    """--concurrency 2: the parent starts two worker processes and loads no model; each process
+    does, and the records name both."""
     url = private_redis_url
-    options = ["--concurrency", "2", "--threads", "1", "--queues", "kiln.bulk"]
-    worker = LocalWorker(lite0_package, url, tmp_path / "prefork.log", [SAMPLES], options, env=python_env())
+    options = ["--concurrency", "2", "--threads", "1", "--queues", "kiln.bulk", "--loglevel", "INFO"]
+    worker = LocalWorker(lite0_package, url, tmp_path / "two.log", [SAMPLES], options, env=python_env())
     try:
         with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=1)) as kiln:
-            kiln.submit([SAMPLES], job="prefork")
-            counts = kiln.wait("prefork", timeout_s=180, progress=False, check=worker.check)
-            workers = {r.worker for r in kiln.results("prefork")}
+            kiln.submit([SAMPLES], job="two")
+            counts = kiln.wait("two", timeout_s=180, progress=False, check=worker.check)
+            workers = {r.worker for r in kiln.results("two")}
         log = worker.log_path.read_text()[-2000:]
         assert counts.done == 6, log
         pids = {int(w.split(":")[1]) for w in workers}
-        assert worker.process.pid not in pids and len(pids) == 2, (workers, log)
+        assert worker.process.pid not in pids and pids == _children(worker.process.pid), (workers, log)
+        worker.process.send_signal(signal.SIGTERM)  # a warm shutdown of both
+        assert worker.process.wait(60) == 0, worker.log_path.read_text()[-2000:]
+        assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # stopped, and reaped by the parent
+    finally:
+        worker.stop()
+
+
+def test_a_worker_process_that_dies_is_started_again(private_redis_url, lite0_package, tmp_path):
+    """kill -9 one of two worker processes (as a CUDA fault ends one): the parent starts another,
+    and the host serves jobs with two processes again."""
+    url = private_redis_url
+    options = ["--concurrency", "2", "--threads", "1", "--queues", "kiln.bulk", "--loglevel", "INFO"]
+    worker = LocalWorker(lite0_package, url, tmp_path / "restart.log", [SAMPLES], options, env=python_env())
+    try:
+        _loaded(worker, 2)
+        first = _children(worker.process.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        _loaded(worker, 3)
+        assert "exited with status -9: starting it again" in worker.log_path.read_text()
+        now = _children(worker.process.pid)
+        assert len(now) == 2 and victim not in now and (first - {victim}) < now
+        with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=1)) as kiln:
+            kiln.submit([SAMPLES], job="after-restart")
+            assert kiln.wait("after-restart", timeout_s=180, progress=False, check=worker.check).done == 6
+    finally:
+        worker.stop()
+
+
+def test_worker_processes_that_cannot_load_the_package_stop_the_parent(private_redis_url, lite0_package, tmp_path):
+    """A package its processes cannot load (here: a CPU package on a device it was not built for)
+    stops them all with status 2 and the reason, instead of starting them again for ever."""
+    options = ["--concurrency", "2", "--device", "cuda", "--queues", "kiln.bulk", "--loglevel", "INFO"]
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "bad.log", [SAMPLES], options, env=python_env())
+    try:
+        assert worker.process.wait(180) == 2
+        log = worker.log_path.read_text()
+        assert "error:" in log and "stopping them all" in log, log[-3000:]
+        assert log.count("started (pid") == 2  # none started again
     finally:
         worker.stop()
 

@@ -19,7 +19,8 @@ KILN_CONCURRENCY, KILN_ALLOWED_ROOTS); options given here win. See README.md for
 examples:
   KILN_REDIS_URL=redis://queue:6379/0 python -m worker --model models/efficientnet_lite0-cpu-float32.pt2 \\
       --allowed-roots /data/images
-  python -m worker --model lite0-cuda.pt2 --device cuda --concurrency 4    # one process per GPU
+  python -m worker --model resnet18-cuda.pt2          # on a GPU host: 4 processes per GPU on 16 cores each
+  python -m worker --model lite0-cpu.pt2 --concurrency 2 --threads 4   # two processes, 4 torch threads each
 """
 
 
@@ -37,9 +38,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--concurrency",
         type=int,
-        help="worker processes: 1 runs solo; more run one prefork child each "
-        "(on CUDA, one per GPU, round robin) [default: 1]",
+        help="worker processes on this host, each a whole worker (GPUs round robin) [default: 1 on the CPU; "
+        "with a CUDA package, --processes-per-gpu for each GPU]",
     )
+    parser.add_argument(
+        "--processes-per-gpu",
+        type=int,
+        help="worker processes per GPU when --concurrency is not given [default: one per 4 cores of a GPU's "
+        "share of the host, at most 4]",
+    )
+    # Set by a parent worker for each worker process it starts (worker/supervisor.py).
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help="torch threads per process [default: cores / processes]")
     parser.add_argument(
         "--decode-processes", type=int, help="CPU decoding processes per worker process [default: sized to the host]"
@@ -65,6 +74,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         "redis_url": args.redis_url,
         "device": args.device,
         "concurrency": args.concurrency,
+        "processes_per_gpu": args.processes_per_gpu,
         "threads": args.threads,
         "queues": args.queues,
         "allowed_roots": args.allowed_roots,
@@ -76,13 +86,22 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(**{k: v for k, v in given.items() if v is not None})
 
 
-def device_for_child(settings: WorkerSettings, package_device: str, index: int) -> str:
-    """The device of prefork child `index`: GPUs round robin, so each child owns one."""
-    if package_device != "cuda" or (settings.device and ":" in settings.device):
-        return settings.device or package_device
+def gpus_used(settings: WorkerSettings, package_device: str) -> int:
+    """GPUs this host's worker processes share: 0 on the CPU, 1 where a device index is given."""
+    if (settings.device or package_device).split(":")[0] != "cuda":
+        return 0
+    if settings.device and ":" in settings.device:
+        return 1
     import torch
 
-    return f"cuda:{index % max(torch.cuda.device_count(), 1)}"
+    return torch.cuda.device_count()  # no CUDA context: the worker processes are new processes, not forks
+
+
+def device_for_process(settings: WorkerSettings, package_device: str, index: int) -> str:
+    """The device of worker process `index` on this host: GPUs round robin, so each process has one."""
+    if package_device != "cuda" or (settings.device and ":" in settings.device):
+        return settings.device or package_device
+    return f"cuda:{index % max(gpus_used(settings, package_device), 1)}"
 
 
 def _check_redis(settings: WorkerSettings) -> None:
@@ -134,21 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from celery import signals
+    from worker.endpoint import start_endpoint
+    from worker.plan import host_cores, tasks_in_flight, worker_processes
+
+    processes = worker_processes(settings, manifest.device, gpus_used(settings, manifest.device), host_cores())
+    if processes > 1 and args.worker_index is None:
+        from worker.supervisor import supervise
+
+        start_endpoint(settings, children=True)  # before the children start: they report to its folder
+        return supervise(sys.argv[1:] if argv is None else argv, processes)
 
     from worker import tasks
     from worker.celery_app import make_app
     from worker.consumer import stopped_by
-    from worker.endpoint import start_endpoint
+    from worker.endpoint import start_health_report
     from worker.lease import node_name
-    from worker.plan import tasks_in_flight
-    from worker.scratch import remove_process_scratch_dir
 
     # Known before the app is made: the broker reserves as many chunks as the worker runs at once.
     settings = settings.model_copy(update={"tasks_in_flight": tasks_in_flight(settings, manifest.device)})
     app = make_app(settings)
     tasks.register_tasks(app, settings)
-    processes = settings.concurrency
     worker_args = [
         "worker",
         f"--hostname={node_name()}",
@@ -159,27 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if settings.task_events:
         worker_args.append("--task-events")
-    start_endpoint(settings)  # metrics and health, before any process loads the model
-    if processes == 1:
-        try:
-            state = tasks.init_process(settings, settings.device, processes)
-        except PackageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        # Threads, not solo: while one chunk's last batch runs, the next chunks' images load.
-        worker_args += ["--pool=threads", f"--concurrency={state.plan.tasks_in_flight}"]
+    if args.worker_index is None:
+        start_endpoint(settings)  # metrics and health, before the model loads
     else:
-        # Load in each child, never in the parent: CUDA must not be initialised before a fork,
-        # and a child forked after the parent ran torch ops can hang (FACTS.md).
-        @signals.worker_process_init.connect(weak=False)
-        def _load_in_child(**_: object) -> None:
-            from billiard.process import current_process
-
-            device = device_for_child(settings, manifest.device, current_process().index)
-            tasks.init_process(settings, device, processes)
-
-        signals.worker_process_shutdown.connect(lambda **_: remove_process_scratch_dir(), weak=False)
-        worker_args += ["--pool=prefork", f"--concurrency={processes}"]
+        start_health_report(settings)  # to the parent's endpoint, where it has one
+    device = device_for_process(settings, manifest.device, args.worker_index or 0)
+    try:
+        state = tasks.init_process(settings, device, processes)
+    except PackageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Threads, not solo: while one chunk's last batch runs, the next chunks' images load.
+    worker_args += ["--pool=threads", f"--concurrency={state.plan.tasks_in_flight}"]
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
     status = app.start(worker_args) or 0

@@ -66,10 +66,9 @@ def configure_worker(app: Celery, settings: WorkerSettings) -> None:
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "health_check_interval": min(25, max(1, round(timeout))),
-            # Bulk chunks reserved at most: what the worker runs at once (one per prefork child, or
-            # its chunk tasks in flight); online requests are prefetched so that celery-batches
-            # can batch them.
-            "bulk_prefetch": settings.concurrency if settings.concurrency > 1 else settings.tasks_in_flight or 1,
+            # Bulk chunks reserved at most: what the worker process runs at once (its chunk tasks
+            # in flight); online requests are prefetched so that celery-batches can batch them.
+            "bulk_prefetch": settings.tasks_in_flight or 1,
             "max_message_bytes": settings.max_message_bytes,
         },
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -76,16 +77,17 @@ def _app(monitor: HealthMonitor, directory: Path) -> Callable[..., Iterable[byte
     return app
 
 
-def start_endpoint(settings: WorkerSettings) -> None:
-    """Serve metrics and health from this (the main) process, if KILN_METRICS_PORT is set.
-    Call before any worker process loads the model or forks: it turns metrics on for them.
-    Exits with status 2, saying why, where the port cannot be bound."""
+def start_endpoint(settings: WorkerSettings, children: bool = False) -> None:
+    """Serve metrics and health from this process, if KILN_METRICS_PORT is set. Call before the
+    model loads, and before any worker process starts (`children`: this process starts them and
+    consumes nothing itself): it turns metrics on for them. Exits with status 2, saying why, where
+    the port cannot be bound."""
     if settings.metrics_port is None:
         return
     directory = Path(tempfile.mkdtemp(prefix="kiln-metrics-"))
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     metrics.enable(directory)
-    monitor = HealthMonitor(settings, directory)
+    monitor = HealthMonitor(settings, directory, "parent" if children else "worker")
     monitor.start()
     try:
         server = make_server(
@@ -99,3 +101,11 @@ def start_endpoint(settings: WorkerSettings) -> None:
         Path(settings.metrics_port_file).write_text(str(port))
     threading.Thread(target=server.serve_forever, name="kiln-endpoint", daemon=True).start()
     log.info("metrics and health on port %d: /metrics, /livez, /readyz", port)
+
+
+def start_health_report(settings: WorkerSettings) -> None:
+    """In a worker process a parent started: monitor this process and report to the parent's
+    endpoint folder (inherited as PROMETHEUS_MULTIPROC_DIR), where the parent has an endpoint."""
+    directory = os.environ.get(metrics.MULTIPROC_ENV)
+    if directory:
+        HealthMonitor(settings, Path(directory), "child").start()

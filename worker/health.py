@@ -2,7 +2,9 @@
 
 A monitor thread in the worker's main process pings the broker on a connection of its own and
 reads the depth of the queues it consumes, every few seconds. From that and Celery's own
-bookkeeping it decides:
+bookkeeping it decides (where a parent runs several worker processes, worker/supervisor.py, each
+of them monitors itself and writes what it finds to the parent's folder every check; the parent's
+endpoint adds their reports to its own):
 
 - **ready**: a process has loaded the model (each writes a marker, `mark_loaded`) and the last
   ping reached the broker;
@@ -10,7 +12,7 @@ bookkeeping it decides:
   - the broker is unreachable (a hung connection looks like this too: the ping times out);
   - messages wait in a consumed queue while this worker runs no task and receives none: it has
     stopped consuming, as Celery workers have been reported to do after a reconnect;
-  - the monitor itself stopped checking.
+  - the monitor itself stopped checking (or a worker process stopped reporting).
 
 `python -m worker.health` asks a running worker's endpoint (worker/endpoint.py) and exits 0 when
 it is live and ready, 1 otherwise: the image's HEALTHCHECK.
@@ -27,12 +29,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import redis
 
 from worker.settings import WorkerSettings
 
 _MARKER = "loaded-"
+_REPORT = "live-"
 
 
 def mark_loaded() -> None:
@@ -55,6 +59,24 @@ def _alive(pid: int) -> bool:
 def loaded_processes(directory: Path) -> int:
     """Live processes that have loaded the model, by their markers in `directory`."""
     return sum(1 for p in directory.glob(f"{_MARKER}*") if _alive(int(p.name.removeprefix(_MARKER))))
+
+
+def children_problems(directory: Path, now: float, stale_s: float) -> list[str]:
+    """The liveness problems the running worker processes last reported to `directory`, and
+    those that made no report for `stale_s` seconds (`now` and the reports' times: `time.time()`)."""
+    problems = []
+    for report in sorted(directory.glob(f"{_REPORT}*[0-9]")):
+        pid = int(report.name.removeprefix(_REPORT))
+        if not _alive(pid):
+            continue
+        try:
+            age, lines = now - report.stat().st_mtime, report.read_text().splitlines()
+        except FileNotFoundError:  # replaced just now
+            continue
+        if age > stale_s:
+            problems.append(f"worker process {pid} made no health report for {age:.0f} s")
+        problems += [f"worker process {pid}: {line}" for line in lines if line]
+    return problems
 
 
 @dataclass
@@ -89,9 +111,16 @@ def liveness_problems(state: HealthState, now: float, timeout_s: float, check_in
 
 
 class HealthMonitor:
-    """Checks the broker and the queues every `interval_s` seconds in a daemon thread."""
+    """Checks the broker and the queues every `interval_s` seconds in a daemon thread.
 
-    def __init__(self, settings: WorkerSettings, directory: Path) -> None:
+    `role`: "worker" (a worker of one process, serving its own endpoint), "child" (one of a
+    parent's worker processes: also writes its liveness problems to `directory` each check) or
+    "parent" (consumes nothing itself: its liveness adds the children's reports)."""
+
+    def __init__(
+        self, settings: WorkerSettings, directory: Path, role: Literal["worker", "child", "parent"] = "worker"
+    ) -> None:
+        self.role = role
         self.timeout_s = settings.liveness_timeout_s
         self.interval_s = max(0.5, min(5.0, self.timeout_s / 4))
         self.queues = list(settings.queues)
@@ -136,15 +165,24 @@ class HealthMonitor:
             s.broker_ok, s.broker_error, s.queue_depths, s.checked = ok, error, depths, now
             if ok:
                 s.broker_seen = now
-            idle_with_work = ok and sum(depths.values()) > 0 and not worker_state.active_requests
+            consuming_here = self.role != "parent"
+            idle_with_work = consuming_here and ok and sum(depths.values()) > 0 and not worker_state.active_requests
             if not idle_with_work:
                 s.waiting_since = None
             elif s.waiting_since is None:
                 s.waiting_since = now
+        if self.role == "child":
+            report = self.directory / f"{_REPORT}{os.getpid()}"
+            partial = report.with_suffix(".partial")
+            partial.write_text("\n".join(self.live()))
+            partial.replace(report)  # the parent never reads half a report
 
     def live(self) -> list[str]:
         with self._lock:
-            return liveness_problems(self.state, time.monotonic(), self.timeout_s, self.interval_s)
+            problems = liveness_problems(self.state, time.monotonic(), self.timeout_s, self.interval_s)
+        if self.role == "parent":
+            problems += children_problems(self.directory, time.time(), max(self.timeout_s, 4 * self.interval_s))
+        return problems
 
     def ready(self) -> list[str]:
         problems = []

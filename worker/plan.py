@@ -1,10 +1,15 @@
 """The data-path plan of one worker process: which decoders, how many threads and processes, what
 batch size, sized to the host unless the settings say otherwise. Logged in one line at start.
 
-Why these defaults (measured on the H200 host, 16 cores, FACTS.md and bench/results/gpu-h200.json):
+Why these defaults (measured on the H200 host, 16 cores, FACTS.md and bench/results/gpu-h200*.json):
 the GPU decodes 640x480 JPEGs 5x faster than Pillow on all 16 cores, but camera-size JPEGs only
-about as fast as Pillow's DCT-scaled `draft` decode in 16 processes, so a GPU worker runs both;
-the worker process itself keeps ~3 cores for fetching, routing, the model and the result writes.
+about as fast as Pillow's DCT-scaled `draft` decode in 16 processes, so a GPU worker runs both.
+One worker process's GIL bounds how fast it feeds a GPU (torchvision's batched `decode_jpeg` needs
+the GIL once per image), so a GPU gets several worker processes: ResNet-18 on 640x480 JPEGs end to
+end, 4,796 img/s with one process (13 decode processes), 6,829 with two (6 each), 7,931 with three
+(4 each), 8,622 with four (3 each), 8,048 with four (2 each), 7,564 with six (2 each)
+(bench/results/gpu-h200-processes.json). Each worker process keeps a core for its own threads
+(fetch and route, GPU decode, model, writes); one process alone keeps 3.
 A CUDA worker runs torch with one CPU thread: its model runs on the GPU, and an intra-op pool of
 16 threads only contended with the threads that feed the GPU (in-process 640x480 pipeline on the
 H200, bench/results/gpu-h200-diag.json: 4,078 img/s with 16 torch threads, 6,165 with 1).
@@ -23,7 +28,9 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-RESERVED_CORES = 3  # the worker process's own threads: fetch and route, GPU decode, model, writes
+RESERVED_CORES = 3  # at least, for the worker processes' own threads: fetch and route, GPU decode, model, writes
+CORES_PER_GPU_PROCESS = 4  # a worker process per 4 cores of a GPU's share of the host ...
+MAX_PROCESSES_PER_GPU = 4  # ... up to 4: the best of 1, 2, 3, 4 and 6 on the H200 (module docstring)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,24 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def worker_processes(settings: WorkerSettings, device_type: str, gpus: int, cores: int) -> int:
+    """Worker processes on a host of `cores`: `concurrency`, else one on the CPU and
+    `processes_per_gpu` (default: sized to the cores) for each of the `gpus` a CUDA package uses."""
+    if settings.concurrency is not None:
+        return settings.concurrency
+    if device_type != "cuda":
+        return 1
+    gpus = max(gpus, 1)
+    per_gpu = settings.processes_per_gpu or max(1, min(MAX_PROCESSES_PER_GPU, cores // gpus // CORES_PER_GPU_PROCESS))
+    return per_gpu * gpus
+
+
+def gpu_decode_processes(cores: int, processes: int) -> int:
+    """CPU decode processes of each of `processes` GPU worker processes on a host of `cores`: the
+    cores left once each worker process has one (three at least, for one alone), shared evenly."""
+    return max(1, (cores - max(RESERVED_CORES, processes)) // processes)
+
+
 def tasks_in_flight(settings: WorkerSettings, device_type: str) -> int:
     """Chunk tasks one worker process runs at once: enough chunks (128 images by default) to keep
     two model batches ahead on a GPU; on the CPU the model is the bottleneck, two suffice."""
@@ -84,7 +109,7 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
     if settings.decode_processes is not None:
         decode_processes = settings.decode_processes
     else:
-        decode_processes = max(1, share - RESERVED_CORES) if cuda else 0
+        decode_processes = gpu_decode_processes(cores, processes) if cuda else 0
     return DataPathPlan(
         device=str(device),
         gpu_decode=gpu_decode,

@@ -53,7 +53,18 @@ class CommonSettings(BaseSettings):
 class WorkerSettings(CommonSettings):
     model: str | None = Field(default=None, description="the .pt2 package to serve (`--model`)")
     device: str | None = Field(default=None, description="cpu, cuda or cuda:N; default: the package's device")
-    concurrency: int = Field(default=1, ge=1, description="worker processes (prefork children); 1 runs solo")
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="worker processes on this host, each a whole worker with its own model and Redis "
+        "connection; default: 1 on the CPU, processes_per_gpu for each GPU with a CUDA package",
+    )
+    processes_per_gpu: int | None = Field(
+        default=None,
+        ge=1,
+        description="worker processes per GPU when concurrency is unset: one process's GIL bounds how fast it "
+        "feeds a GPU; default: one per 4 cores of the GPU's share of the host, at most 4",
+    )
     threads: int | None = Field(
         default=None,
         ge=1,
@@ -69,7 +80,8 @@ class WorkerSettings(CommonSettings):
         default=None,
         ge=0,
         description="processes decoding images on the CPU (Pillow) for each worker process; 0 decodes in the "
-        "fetch threads; default: the cores less 4 with a GPU (less 2 per extra GPU process), else 0",
+        "fetch threads; default with a GPU: the host's cores less one per worker process (at least 3), "
+        "shared among the worker processes; else 0",
     )
     gpu_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
