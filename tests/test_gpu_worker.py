@@ -25,9 +25,11 @@ def test_a_poisoned_cuda_context_hands_the_chunk_to_another_worker(private_redis
     url = private_redis_url
     options = ["--queues", "kiln.bulk", "--loglevel", "INFO"]
     env = python_env(KILN_LEASE_S="10", KILN_BATCH_SIZE="8")
+    # One process: its exit status is the worker's (a parent would start it again, test_worker.py).
     faulty = LocalWorker(
-        lite0_package, url, tmp_path / "faulty.log", [folder], options, env={**env, "KILN_TEST_CUDA_FAULT_AFTER": "1"}
-    )
+        lite0_package, url, tmp_path / "faulty.log", [folder], [*options, "--concurrency", "1"],
+        env={**env, "KILN_TEST_CUDA_FAULT_AFTER": "1"},
+    )  # fmt: skip
     healthy = None
     try:
         with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=48)) as kiln:
@@ -41,6 +43,7 @@ def test_a_poisoned_cuda_context_hands_the_chunk_to_another_worker(private_redis
         assert (counts.total, counts.done, counts.failed) == (48, 48, 0)
         assert len({r.key for r in records}) == 48 and all(r.status == "ok" for r in records)
         assert "GPU (nvJPEG)" in healthy.log_path.read_text()  # the default plan decodes on the GPU
+        assert "worker processes started" in healthy.log_path.read_text()  # several, by default
     finally:
         faulty.stop()
         if healthy is not None:
