@@ -13,6 +13,7 @@ from packages import DEVICE
 from producer import Kiln
 from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
+from worker.plan import host_cores
 
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (KILN_TEST_DEVICE=cuda)")
 
@@ -43,7 +44,8 @@ def test_a_poisoned_cuda_context_hands_the_chunk_to_another_worker(private_redis
         assert (counts.total, counts.done, counts.failed) == (48, 48, 0)
         assert len({r.key for r in records}) == 48 and all(r.status == "ok" for r in records)
         assert "GPU (nvJPEG)" in healthy.log_path.read_text()  # the default plan decodes on the GPU
-        assert "worker processes started" in healthy.log_path.read_text()  # several, by default
+        if host_cores() >= 8:  # several processes per GPU by default (worker/plan.py)
+            assert "worker processes started" in healthy.log_path.read_text()
     finally:
         faulty.stop()
         if healthy is not None:
