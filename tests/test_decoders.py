@@ -29,6 +29,7 @@ from conftest import SAMPLES
 from packages import DEVICE
 from PIL import Image, ImageOps
 
+from worker.contract import InputError
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy
 from worker.gpu_decode import PLANS_KEPT, JpegBatchDecoder, _parts, orient
@@ -52,12 +53,10 @@ def jpeg(image: Image.Image, **options) -> bytes:
     return buffer.getvalue()
 
 
-def without_quantization_tables(data: bytes) -> bytes:
-    """A JPEG without its DQT segments: nvJPEG and libjpeg both refuse it with an error (on the
-    H200, unlike a JPEG without a scan, which crashes nvJPEG's process:
-    bench/results/gpu-h200-malformed.json)."""
+def without_tables(data: bytes, marker: int) -> bytes:
+    """A JPEG without its DQT (0xDB) or DHT (0xC4) segments."""
     *tables, (_, scan, _) = marker_segments(data)
-    kept = [data[start:end] for marker, start, end in tables if marker != 0xDB]
+    kept = [data[start:end] for kind, start, end in tables if kind != marker]
     return b"".join([data[:2], *kept, data[scan:]])
 
 
@@ -207,6 +206,22 @@ def test_cmyk_truncated_corrupt_and_non_jpegs_are_left_to_the_cpu(photos):
         assert not gpu_decodable(bad, read_header(bad, DEFAULT_MAX_PIXELS))
 
 
+@pytest.mark.parametrize("marker", [0xDB, 0xC4], ids=["no quantization tables", "no Huffman tables"])
+def test_a_jpeg_missing_its_tables_is_left_to_the_cpu(photos, marker):
+    """In a batch, nvJPEG decoded JPEGs without quantization tables into pixels (on the H200),
+    where libjpeg refuses them; without Huffman tables libjpeg uses the standard ones (motion-JPEG
+    frames rely on it). Either way Pillow decides, and it says what it decided."""
+    for name in ("coffee", "rocket"):
+        for data in (photos[name], jpeg(Image.open(io.BytesIO(photos[name])), progressive=True)):
+            bad = without_tables(data, marker)
+            assert not gpu_decodable(bad, read_header(bad, DEFAULT_MAX_PIXELS))
+            try:
+                assert decode_image(bad, IMAGENET_PREPROCESS).shape == (224, 224, 3)
+                assert marker == 0xC4, "decoded without its quantization tables"
+            except InputError as e:
+                assert e.kind == "unreadable", e
+
+
 @pytest.mark.parametrize(
     "selectors",
     [
@@ -232,9 +247,13 @@ def test_a_scan_that_does_not_match_its_frame_is_left_to_the_cpu(photos, selecto
 
 
 def test_one_corrupt_jpeg_is_refused_alone(decoder, photos):
-    """A batch with images the decoder refuses: it splits the batch until each is alone."""
+    """A batch with images the decoder refuses: it splits the batch until each is alone. (A JPEG
+    cut short inside its headers: nvJPEG cannot read its size, libjpeg stops.)"""
     good = list(photos.values())
-    refused = without_quantization_tables
+
+    def refused(data: bytes) -> bytes:
+        return data[: data.index(b"\xff\xc0") + 6]
+
     datas = [*good[:3], refused(photos["coffee"]), *good[3:], refused(photos["rocket"])]
     # Give the broken ones their source's header: what is tested is the decoder's refusal.
     headers = {d: read_header(d, DEFAULT_MAX_PIXELS) for d in good}

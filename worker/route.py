@@ -20,13 +20,15 @@ def gpu_decodable(data: bytes, header: ImageHeader) -> bool:
     in YCbCr or greyscale. nvJPEG's hardware decoder turns a truncated file, noise in the
     entropy-coded data or a scan of components the frame does not have into pixels without an
     error, and crashes the process on a JPEG without a scan (seen on the H200:
-    bench/results/gpu-h200-malformed.json), where Pillow refuses them: such files go to Pillow,
-    which decides."""
+    bench/results/gpu-h200-malformed.json); in a batch it also decoded JPEGs without their
+    quantization tables (tests/test_decoders.py on the H200). Pillow refuses those, or (missing
+    Huffman tables, as in motion-JPEG frames) decodes them with the standard tables: such files go
+    to Pillow, which decides."""
     return (
         header.format in GPU_FORMATS
         and header.mode in GPU_MODES
         and data.endswith(b"\xff\xd9", 0, _data_end(data))
-        and entropy_data_is_well_formed(data)
+        and structure_is_well_formed(data)
     )
 
 
@@ -65,20 +67,41 @@ def marker_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
         position = end
 
 
-def entropy_data_is_well_formed(data: bytes) -> bool:
+def structure_is_well_formed(data: bytes) -> bool:
     """False when the first scan names a component the frame header does not declare (or none,
-    or more than it has), or when a marker that cannot occur there sits between the first scan
-    header and the end-of-image marker: the sign of noise or a splice."""
-    components: set[int] | None = None  # the frame's component ids, from its SOF segment
+    or more than it has), when a table the frame or that scan uses is not defined before it, or
+    when a marker that cannot occur there sits between the first scan header and the end-of-image
+    marker: the sign of noise or a splice."""
+    frame: dict[int, int] | None = None  # the frame's component id -> its quantization table
+    progressive = False
+    quantization: set[int] = set()  # tables defined so far: DQT ids, DHT (class, id)
+    huffman: set[tuple[int, int]] = set()
     for marker, start, end in marker_segments(data):
         segment = data[start + 4 : end]
-        if marker in _SOF_MARKERS and len(segment) >= 6:  # P, Y, X, Nf, then Nf x (id, sampling, Tq)
-            components = {segment[6 + 3 * i] for i in range(segment[5]) if 6 + 3 * i < len(segment)}
-        if marker == 0xDA:  # start of scan: Ns, Ns x (id, tables), ...; entropy-coded data follows
-            if components is None or not segment or not 1 <= segment[0] <= len(components):
+        if marker == 0xDB:  # Pq/Tq, then 64 or 128 bytes, per table
+            at = 0
+            while at < len(segment):
+                quantization.add(segment[at] & 0x0F)
+                at += 1 + 64 * (1 + (segment[at] >> 4))
+        elif marker == 0xC4:  # Tc/Th, 16 counts, then the values, per table
+            at = 0
+            while at + 17 <= len(segment):
+                huffman.add((segment[at] >> 4, segment[at] & 0x0F))
+                at += 17 + sum(segment[at + 1 : at + 17])
+        elif marker in _SOF_MARKERS and len(segment) >= 6:  # P, Y, X, Nf, then Nf x (id, sampling, Tq)
+            count = min(segment[5], (len(segment) - 6) // 3)
+            frame = {segment[6 + 3 * i]: segment[8 + 3 * i] for i in range(count)}
+            progressive = marker == 0xC2
+        elif marker == 0xDA:  # start of scan: Ns, Ns x (id, Td/Ta), Ss, Se, Ah/Al; entropy-coded data follows
+            if frame is None or not segment or not 1 <= segment[0] <= len(frame) or len(segment) < 2 * segment[0] + 2:
                 return False
-            count = segment[0]
-            if len(segment) < 2 * count or any(segment[1 + 2 * i] not in components for i in range(count)):
+            scan = [(segment[1 + 2 * i], segment[2 + 2 * i]) for i in range(segment[0])]
+            dc_only = progressive and segment[1 + 2 * segment[0]] == 0  # Ss = 0: a DC scan
+            needed = {(0, tables >> 4) for _, tables in scan if dc_only or not progressive}
+            needed |= {(1, tables & 0x0F) for _, tables in scan if not dc_only}
+            if any(id_ not in frame for id_, _ in scan) or not set(frame.values()) <= quantization:
+                return False
+            if not needed <= huffman:
                 return False
             eoi = data.rfind(b"\xff\xd9", 0, _data_end(data))
             return eoi >= end and _BAD_MARKER.search(data, end, eoi) is None
