@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from worker.plan import gpu_decode_processes, host_cores, plan_data_path, worker_processes
+from worker.plan import gpu_decode_processes, host_cores, plan_data_path, quota_cores, worker_processes
 from worker.settings import WorkerSettings
 
 
@@ -50,3 +52,13 @@ def test_gpu_worker_processes_share_the_cores_left_for_decoding():
     assert [gpu_decode_processes(16, n) for n in (1, 2, 3, 4, 6)] == [13, 6, 4, 3, 1]
     assert gpu_decode_processes(32, 8) == 3
     assert gpu_decode_processes(2, 4) == 1  # never none
+
+
+def test_a_containers_cpu_quota_caps_the_cores_planned_for():
+    """`docker run --cpus 2.5` or a Kubernetes limit of 2500m on a 64-core node: plan for 3 cores,
+    not 64 (the affinity still lists them all)."""
+    assert quota_cores("250000 100000\n") == 3
+    assert quota_cores("200000 100000") == 2
+    assert quota_cores("50000 100000") == 1
+    assert quota_cores("max 100000\n") is None
+    assert 1 <= host_cores() <= len(os.sched_getaffinity(0))

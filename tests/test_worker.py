@@ -164,7 +164,15 @@ def test_online_by_reference_and_errors(kiln, raw_app):
 
 
 def _children(pid: int) -> set[int]:
-    return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    """Child processes of `pid`, whichever of its threads started them (/proc lists them per thread)."""
+    return {int(child) for task in Path(f"/proc/{pid}/task").glob("*") for child in _read(task / "children").split()}
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:  # a thread that ended meanwhile
+        return ""
 
 
 def _loaded(worker: LocalWorker, count: int) -> None:
@@ -218,6 +226,70 @@ def test_a_worker_process_that_dies_is_started_again(private_redis_url, lite0_pa
             assert kiln.wait("after-restart", timeout_s=180, progress=False, check=worker.check).done == 6
     finally:
         worker.stop()
+
+
+def _descendants(pid: int) -> set[int]:
+    children = _children(pid)
+    return children.union(*(_descendants(child) for child in children))
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter ("Z": a zombie), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def _wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_dead_worker_process_leaves_no_zombies(private_redis_url, lite0_package, tmp_path):
+    """kill -9 a worker process that has decode processes: they leave on their own, and the
+    parent (their subreaper once their own parent is gone) reaps them."""
+    options = ["--concurrency", "2", "--decode-processes", "2", "--threads", "1", "--loglevel", "INFO"]
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], options, env=python_env())
+    try:
+        photos = sorted(SAMPLES.glob("*.jpg"))
+        items = [Item(key=f"{i}", ref=str(photos[i % len(photos)])) for i in range(48)]
+        with Kiln(settings=ProducerSettings(redis_url=private_redis_url, chunk_size=4)) as kiln:
+            kiln.submit(items, job="decoded-in-processes")  # the pools start their processes
+            kiln.wait("decoded-in-processes", timeout_s=180, progress=False, check=worker.check)
+        victim = max(_children(worker.process.pid), key=lambda pid: len(_descendants(pid)))
+        orphans = _descendants(victim)
+        assert len(orphans) >= 2  # its decode processes, and multiprocessing's resource tracker
+        os.kill(victim, signal.SIGKILL)
+        _wait_until(lambda: all(_state(pid) is None for pid in orphans), 30, "the orphans to be reaped")
+        _loaded(worker, 3)
+        assert all(_state(pid) != "Z" for pid in _children(worker.process.pid))
+    finally:
+        worker.stop()
+
+
+def test_worker_processes_stop_when_their_parent_is_killed(private_redis_url, lite0_package, tmp_path):
+    """kill -9 the parent alone (the OOM killer does): its worker processes shut down by themselves
+    rather than consume on, unsupervised."""
+    options = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], options, env=python_env())
+    try:
+        _loaded(worker, 2)
+        children = _children(worker.process.pid)
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(10)
+        _wait_until(lambda: all(_state(pid) in (None, "Z") for pid in children), 60, "the worker processes to stop")
+        assert "the parent worker process is gone: shutting down" in worker.log_path.read_text()
+    finally:
+        worker.stop()
+
+
+def test_a_childs_exit_status_reads_as_a_shells():
+    from worker.supervisor import exit_status
+
+    assert [exit_status(s) for s in (0, 2, 70, -9, -15)] == [0, 2, 70, 137, 143]
 
 
 def test_worker_processes_that_cannot_load_the_package_stop_the_parent(private_redis_url, lite0_package, tmp_path):

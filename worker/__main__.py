@@ -126,6 +126,10 @@ def _check_redis(settings: WorkerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.worker_index is not None:  # its log lines say which of the host's worker processes wrote them
+        import multiprocessing
+
+        multiprocessing.current_process().name = f"worker-{args.worker_index}"
     logging.basicConfig(
         level=args.loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(processName)s] %(name)s: %(message)s"
     )
@@ -186,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_index is None:
         start_endpoint(settings)  # metrics and health, before the model loads
     else:
+        from worker.supervisor import stop_with_parent
+
+        stop_with_parent()
         start_health_report(settings)  # to the parent's endpoint, where it has one
     device = device_for_process(settings, manifest.device, args.worker_index or 0)
     try:

@@ -44,6 +44,7 @@ from worker.contract import InputError
 from worker.fetch import FetchPolicy
 from worker.manifest import Preprocess
 from worker.probe import ImageHeader
+from worker.supervisor import when_parent_exits
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,13 @@ def _attach(
     formats: frozenset[str],
     policy: FetchPolicy | None,
 ) -> None:
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # A worker killed with SIGKILL (or ended by `os._exit` after a CUDA fault) cannot stop its pool:
+    # each process leaves on its own once its parent is gone, so neither it nor the shared memory
+    # it holds outlives the worker.
+    when_parent_exits(lambda: os._exit(0))
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
     _child.update(max_pixels=max_pixels, formats=formats, policy=policy)
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A worker killed with SIGKILL (or ended by `os._exit` after a CUDA fault) cannot stop its pool:
-    each process leaves on its own once its parent is gone, so neither it nor the shared memory
-    it holds outlives the worker."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
 
 
 def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:

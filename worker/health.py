@@ -46,6 +46,12 @@ def mark_loaded() -> None:
         (Path(directory) / f"{_MARKER}{os.getpid()}").touch()
 
 
+def process_files(pid: int) -> list[Path]:
+    """The health files process `pid` writes to the endpoint folder (none where there is no endpoint)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return [Path(directory) / f"{prefix}{pid}" for prefix in (_MARKER, _REPORT)] if directory else []
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -18,8 +18,10 @@ H200, bench/results/gpu-h200-diag.json: 4,078 img/s with 16 torch threads, 6,165
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -61,8 +63,23 @@ class DataPathPlan:
 
 
 def host_cores() -> int:
-    """Cores this process may run on (its CPU affinity: a container's or taskset's limit)."""
-    return len(os.sched_getaffinity(0))
+    """Cores this process may use: its CPU affinity (taskset, a container's cpuset), capped by the
+    cgroup v2 CPU quota of its container (`docker run --cpus`, a Kubernetes CPU limit)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota = quota_cores(Path("/sys/fs/cgroup/cpu.max").read_text())
+    except OSError:  # cgroup v1, or no cgroup file system: the affinity says it all
+        quota = None
+    return min(cores, quota) if quota else cores
+
+
+def quota_cores(cpu_max: str) -> int | None:
+    """Whole cores a cgroup v2 `cpu.max` ("QUOTA PERIOD" in microseconds, or "max PERIOD") allows,
+    rounded up; None without a quota."""
+    quota, _, period = cpu_max.strip().partition(" ")
+    if quota == "max" or not period:
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def worker_processes(settings: WorkerSettings, device_type: str, gpus: int, cores: int) -> int:

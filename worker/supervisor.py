@@ -7,22 +7,36 @@ prefork pool: a prefork child runs one chunk task at a time, too few images to f
 batches, and why several per GPU: one process's GIL bounds how fast it feeds a GPU (worker/plan.py
 has the figures).
 
-The parent loads no model and touches no GPU. It serves the metrics and health endpoint (the
-children write their metrics and health reports to its folder), turns SIGTERM or SIGINT into a
-warm shutdown of every child (a second one: a cold shutdown), and starts a child again when it
-dies while the others serve: a CUDA fault ends its process on purpose (worker/pipeline.py), and
-its unacknowledged chunks go to the other workers meanwhile. A child that stops with status 2 (a
-bad package or setting), or that dies within `EARLY_EXIT_S` of its start `EARLY_EXITS` times in a
-row, stops them all: starting it again would only fail again.
+The parent loads no model and creates no CUDA context (it imports torch to count the GPUs). It
+serves the metrics and health endpoint (the children write their metrics and health reports to
+its folder), and:
+
+- SIGTERM, SIGINT or SIGHUP: a warm shutdown of every child (they finish their running chunks);
+  a second one kills them (their chunks go to other workers when their leases lapse).
+- A child that dies while the others serve is started again, after 1 s, then 2, 4, ... up to
+  `MAX_RESTART_DELAY_S` while it keeps dying: a CUDA fault ends its process on purpose
+  (worker/pipeline.py), and its unacknowledged chunks go to the other workers meanwhile. A child
+  that stops with status 2 (a bad package or setting), or dies within `EARLY_EXIT_S` of its start
+  `EARLY_EXITS` times in a row, stops them all: starting it again would only fail again.
+- A child whose parent is gone (killed with SIGKILL, or by the OOM killer) shuts down warm on
+  its own (`stop_with_parent`), so no worker outlives its supervisor.
+- Processes orphaned by a dead child (its decode processes) are re-parented to the supervisor
+  (a Linux child subreaper) and reaped, so none stays a zombie, also where the supervisor is a
+  container's PID 1.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -31,7 +45,10 @@ log = logging.getLogger(__name__)
 EARLY_EXIT_S = 30.0
 EARLY_EXITS = 3
 RESTART_DELAY_S = 1.0
+MAX_RESTART_DELAY_S = 60.0
+STABLE_S = 600.0  # a child that ran this long before it died starts again after RESTART_DELAY_S
 POLL_S = 0.2
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 @dataclass
@@ -41,8 +58,9 @@ class _Child:
     process: subprocess.Popen | None = None  # None: not running (stopped, or waiting for `restart_at`)
     started: float = 0.0
     restart_at: float = 0.0
+    restarts: int = 0  # exits in a row, each within STABLE_S of its start
     early_exits: int = 0  # exits in a row, each within EARLY_EXIT_S of its start
-    status: int | None = None  # the last exit status
+    status: int | None = None  # the exit status of its last stop that was asked for
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.command)
@@ -55,29 +73,60 @@ def child_command(argv: list[str], index: int, processes: int) -> list[str]:
     return [sys.executable, "-m", "worker", *argv, "--worker-index", str(index), "--concurrency", str(processes)]
 
 
+def exit_status(status: int) -> int:
+    """A child's `Popen.returncode` as a shell reports it: 128 + N for death by signal N."""
+    return 128 - status if status < 0 else status
+
+
+def when_parent_exits(action: Callable[[], None]) -> None:
+    """Run `action` (once, on a daemon thread) when this process's parent is gone: its parent
+    pid changes when it is re-parented."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        action()
+
+    threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
+
+
+def stop_with_parent() -> None:
+    """In a worker process the supervisor started: a warm shutdown once the supervisor is gone."""
+
+    def stop() -> None:
+        log.warning("the parent worker process is gone: shutting down")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    when_parent_exits(stop)
+
+
 def supervise(argv: list[str], processes: int) -> int:
     """Run `processes` children of `python -m worker *argv` until they stop; returns the exit
     status: 0 after a shutdown that every child completed, else the first failing child's."""
+    _become_subreaper()
     children = [_Child(i, child_command(argv, i, processes)) for i in range(processes)]
     signals_received: list[int] = []
 
     def on_signal(signum: int, _: FrameType | None) -> None:
         signals_received.append(signum)
-        # Celery: SIGTERM is a warm shutdown (finish the running chunks), SIGQUIT a cold one.
-        forwarded = signal.SIGTERM if len(signals_received) == 1 else signal.SIGQUIT
-        log.info("%s: %s shutdown of %d worker processes", signal.Signals(signum).name,
-                 "warm" if forwarded == signal.SIGTERM else "cold", processes)  # fmt: skip
+        first = len(signals_received) == 1
+        log.info("%s: %s", signal.Signals(signum).name, "warm shutdown" if first else "killing the worker processes")
         for child in children:
             if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(forwarded)
+                child.process.send_signal(signal.SIGTERM if first else signal.SIGKILL)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in handled}
     try:
         for child in children:
             child.start()
         log.info("%d worker processes started; each logs its own plan", processes)
         return _watch(children, signals_received)
     finally:
+        for child in children:  # an error in the supervisor itself: no worker outlives it
+            if child.process is not None and child.process.poll() is None:
+                child.process.kill()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -91,28 +140,65 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
             if child.process is None:
                 if not stopping and now >= child.restart_at:
                     child.start()
+                    if signals_received:  # a signal came while it started
+                        child.process.send_signal(signal.SIGTERM)
                 continue
             status = child.process.poll()
             if status is None:
                 continue
-            child.process, child.status = None, status
+            _forget(child.process.pid)
+            child.process = None
             if stopping:
+                child.status = status
                 continue
-            child.early_exits = child.early_exits + 1 if now - child.started < EARLY_EXIT_S else 0
+            early = now - child.started < EARLY_EXIT_S
+            child.early_exits = child.early_exits + 1 if early else 0
             if status == 2 or child.early_exits >= EARLY_EXITS:
                 why = "a bad package or setting" if status == 2 else f"{child.early_exits} times soon after its start"
                 log.error("worker process %d stopped with status %d (%s): stopping them all", child.index, status, why)
-                failure = status or 1
+                failure = exit_status(status) or 1
                 for other in children:
                     if other.process is not None:
                         other.process.send_signal(signal.SIGTERM)
                 break
-            log.error("worker process %d exited with status %d: starting it again", child.index, status)
-            child.restart_at = now + RESTART_DELAY_S
+            child.restarts = child.restarts + 1 if now - child.started < STABLE_S else 1
+            delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (child.restarts - 1))
+            log.error("worker process %d exited with status %d: starting it again in %.0f s",
+                      child.index, status, delay)  # fmt: skip
+            child.restart_at = now + delay
+        _reap_orphans({child.process.pid for child in children if child.process is not None})
         if (signals_received or failure is not None) and all(child.process is None for child in children):
             break
         time.sleep(POLL_S)
     if failure is not None:
         return failure
-    stopped_as_asked = (None, 0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGQUIT)
-    return next((child.status for child in children if child.status not in stopped_as_asked), 0)
+    stopped_as_asked = (None, 0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP, -signal.SIGKILL)
+    return next((exit_status(c.status) for c in children if c.status not in stopped_as_asked), 0)
+
+
+def _become_subreaper() -> None:
+    """Have the processes a dead child leaves behind re-parented here rather than to PID 1."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: orphans go to init, as for any process
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reap_orphans(ours: set[int]) -> None:
+    """Reap exited processes that are not our running children (re-parented orphans); ours are
+    left for `Popen.poll`, which needs their status."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in ours:
+            return
+        os.waitpid(info.si_pid, 0)
+
+
+def _forget(pid: int) -> None:
+    """Remove a stopped child's health files from the endpoint folder: a later process given the
+    same pid must not inherit its reports."""
+    from worker.health import process_files
+
+    for path in process_files(pid):
+        path.unlink(missing_ok=True)
