@@ -1,0 +1,74 @@
+"""Sixth-session diagnosis on the H200: with several worker processes per GPU (the default), is
+the GPU the bound? `nvidia-smi dmon` samples SM, memory and JPEG-engine utilisation during an
+end-to-end run; then the same run under CUDA MPS (kernels of several processes run at once,
+instead of the GPU time-slicing between their contexts), where the host has it.
+
+    python3 bench/diagnose/gpu_mps_and_utilisation.py $OUT/diag.json .whl
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from common import ROOT, Results
+
+from bench.gpu import SMALL, _default_worker_rate, build_packages, dataset, install_wheels
+
+R = Results(sys.argv[1])
+
+
+def sampled(label: str, run) -> dict:
+    """`run()`'s result, with `nvidia-smi dmon` samples (one a second) taken meanwhile."""
+    log = ROOT / "build" / f"dmon-{label}.txt"
+    with open(log, "w") as out:
+        dmon = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            row = run()
+        finally:
+            dmon.terminate()
+            dmon.wait(10)
+    row["dmon"] = log.read_text().splitlines()[-40:]
+    return row
+
+
+def main() -> None:
+    install_wheels([Path(p) for p in sys.argv[2:]])
+    from producer.embedded import embedded_redis
+    from worker.cxx_runtime import ensure_cxx_runtime
+
+    package = build_packages(("resnet18",))["resnet18"]["path"]
+    ensure_cxx_runtime(package)
+    small = dataset("jpeg", 8192, SMALL)
+    workdir = ROOT / "build" / "gpu-bench-work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    with embedded_redis(workdir / "redis-mps", persist=False) as url:
+        R["default"] = sampled("default", lambda: _default_worker_rate(url, package, small, workdir, "dmon", {}))
+        R.save()
+        print("default:", R["default"]["images_per_s"], flush=True)
+        control = shutil.which("nvidia-cuda-mps-control")
+        if control is None:
+            R["mps"] = {"skipped": "no nvidia-cuda-mps-control on this host"}
+            R.save()
+            return
+        pipes = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps-pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps-log"}
+        for folder in pipes.values():
+            os.makedirs(folder, exist_ok=True)
+        env = dict(os.environ, **pipes)
+        started = subprocess.run([control, "-d"], env=env, capture_output=True, text=True)
+        R["mps_start"] = {"status": started.returncode, "output": (started.stdout + started.stderr)[-500:]}
+        try:
+            R["mps"] = sampled("mps", lambda: _default_worker_rate(url, package, small, workdir, "mps", pipes))
+            print("mps:", R["mps"]["images_per_s"], flush=True)
+        except Exception as e:
+            R["mps"] = {"error": repr(e)[-1500:]}
+        finally:
+            subprocess.run([control], input="quit\n", env=env, text=True, capture_output=True)
+            R.save()
+
+
+if __name__ == "__main__":
+    main()
