@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     from worker.plan import host_cores, tasks_in_flight, worker_processes
 
     processes = worker_processes(settings, manifest.device, gpus_used(settings, manifest.device), host_cores())
+    if args.worker_index is not None and not 0 <= args.worker_index < processes:
+        print(f"error: --worker-index {args.worker_index} is not one of {processes} worker processes", file=sys.stderr)
+        return 2
     if processes > 1 and args.worker_index is None:
         from worker.supervisor import supervise
 
