@@ -13,7 +13,7 @@ from worker.manifest import PackageError, read_manifest
 from worker.settings import WorkerSettings, settings_error
 
 EPILOG = """\
-Every option has a KILN_* environment variable (e.g. KILN_REDIS_URL, KILN_MODEL,
+Every option but --loglevel has a KILN_* environment variable (e.g. KILN_REDIS_URL, KILN_MODEL,
 KILN_CONCURRENCY, KILN_ALLOWED_ROOTS); options given here win. See README.md for all settings.
 
 examples:
@@ -38,20 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--concurrency",
         type=int,
-        help="worker processes on this host, each a whole worker (GPUs round robin) [default: 1 on the CPU; "
-        "with a CUDA package, --processes-per-gpu for each GPU]",
+        help="worker processes on this host, each a whole worker (GPUs round robin) [KILN_CONCURRENCY; default: 1 "
+        "on the CPU; with a CUDA package, --processes-per-gpu for each GPU]",
     )
     parser.add_argument(
         "--processes-per-gpu",
         type=int,
-        help="worker processes per GPU when --concurrency is not given [default: one per 4 cores of a GPU's "
-        "share of the host, at most 4]",
+        help="worker processes per GPU when --concurrency is not given [KILN_PROCESSES_PER_GPU; default: one per 4 "
+        "cores of a GPU's share of the host, at most 4]",
     )
     # Set by a parent worker for each worker process it starts (worker/supervisor.py).
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, help="torch threads per process [default: cores / processes]")
     parser.add_argument(
-        "--decode-processes", type=int, help="CPU decoding processes per worker process [default: sized to the host]"
+        "--threads", type=int, help="torch threads per process [KILN_THREADS; default: cores / processes, 1 on a GPU]"
+    )
+    parser.add_argument(
+        "--decode-processes",
+        type=int,
+        help="CPU decoding processes per worker process [KILN_DECODE_PROCESSES; default: 0 on the CPU; on a GPU, "
+        "the cores left once each worker process has one, shared among them]",
     )
     parser.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs on the GPU [default: auto]")
     parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
@@ -61,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         "such as s3://bucket/photos/ (comma-separated) [KILN_ALLOWED_ROOTS]",
     )
     parser.add_argument("--loglevel", default="INFO", help="log level [default: INFO]")
-    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /livez, /readyz here [KILN_METRICS_PORT]")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve /metrics, /livez, /readyz on this port; 0: any free one, written to KILN_METRICS_PORT_FILE "
+        "[KILN_METRICS_PORT]",
+    )
     parser.add_argument(
         "--task-events", action="store_const", const=True, help="send Celery task events (Flower) [KILN_TASK_EVENTS]"
     )

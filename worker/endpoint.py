@@ -94,7 +94,8 @@ def start_endpoint(settings: WorkerSettings, children: bool = False) -> None:
             "", settings.metrics_port, _app(monitor, directory), server_class=_Server, handler_class=_QuietHandler
         )
     except OSError as e:  # the port is taken, or not ours to bind: say so, as for any bad setting
-        print(f"error: cannot serve metrics and health on port {settings.metrics_port}: {e}", file=sys.stderr)
+        print(f"error: cannot serve metrics and health on port {settings.metrics_port}: {e}; choose another port, "
+              "or 0 for any free one (KILN_METRICS_PORT_FILE then says which)", file=sys.stderr)  # fmt: skip
         raise SystemExit(2) from None
     port = server.server_address[1]
     if settings.metrics_port_file:

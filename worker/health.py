@@ -212,7 +212,10 @@ def endpoint_port(settings: WorkerSettings) -> int:
             raise ValueError(f"cannot read the endpoint's port from {settings.metrics_port_file}: {e}") from None
     if settings.metrics_port == 0:
         raise ValueError("KILN_METRICS_PORT=0 needs KILN_METRICS_PORT_FILE to find the port chosen")
-    raise ValueError("no endpoint: set KILN_METRICS_PORT (or KILN_METRICS_PORT_FILE) on the worker and here")
+    raise ValueError(
+        "no endpoint port: pass --port N (the worker's --metrics-port), or set KILN_METRICS_PORT (or "
+        "KILN_METRICS_PORT_FILE) here as on the worker"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

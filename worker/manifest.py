@@ -103,7 +103,10 @@ def read_metadata(path: str | Path) -> dict[str, str]:
                 raise PackageError(f"{path}: corrupt package: {bad_member} fails its checksum")
             return json.loads(archive.read(_metadata_member(path, archive)))
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise PackageError(f"{path}: not a .pt2 package (unreadable zip archive: {e})") from e
+        raise PackageError(
+            f"{path}: not a .pt2 package (unreadable zip archive: {e}); a partial copy or another kind of file: "
+            "copy it again, or build one with `python -m compile build`"
+        ) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PackageError(f"{path}: corrupt package metadata ({e})") from e
 

@@ -12,7 +12,8 @@ serves the metrics and health endpoint (the children write their metrics and hea
 its folder), and:
 
 - SIGTERM, SIGINT or SIGHUP: a warm shutdown of every child (they finish their running chunks);
-  a second one kills them (their chunks go to other workers when their leases lapse).
+  a second one kills them (their chunks go to other workers when their leases lapse), and the
+  parent exits with 128 + that signal's number.
 - A child that dies while the others serve is started again, after 1 s, then 2, 4, ... up to
   `MAX_RESTART_DELAY_S` while it keeps dying: a CUDA fault ends its process on purpose
   (worker/pipeline.py), and its unacknowledged chunks go to the other workers meanwhile. A child
@@ -110,8 +111,12 @@ def supervise(argv: list[str], processes: int) -> int:
 
     def on_signal(signum: int, _: FrameType | None) -> None:
         signals_received.append(signum)
-        first = len(signals_received) == 1
-        log.info("%s: %s", signal.Signals(signum).name, "warm shutdown" if first else "killing the worker processes")
+        first, name = len(signals_received) == 1, signal.Signals(signum).name
+        if first:
+            log.info("%s: warm shutdown of the worker processes (they finish their chunks)", name)
+        else:
+            log.warning("%s again: killing the worker processes; their chunks go to other workers when their "
+                        "leases lapse (KILN_LEASE_S)", name)  # fmt: skip
         for child in children:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM if first else signal.SIGKILL)
@@ -172,8 +177,13 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
         time.sleep(POLL_S)
     if failure is not None:
         return failure
-    stopped_as_asked = (None, 0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP, -signal.SIGKILL)
-    return next((exit_status(c.status) for c in children if c.status not in stopped_as_asked), 0)
+    if len(signals_received) > 1:  # killed, not stopped: what a shell reports for the last signal
+        log.info("worker processes killed")
+        return 128 + signals_received[-1]
+    stopped_as_asked = (None, 0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
+    status = next((exit_status(c.status) for c in children if c.status not in stopped_as_asked), 0)
+    log.info("all %d worker processes stopped%s", len(children), f"; status {status}" if status else "")
+    return status
 
 
 def _become_subreaper() -> None:
