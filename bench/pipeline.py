@@ -18,15 +18,16 @@ noisy, so absolute numbers from different runs do not compare):
 2. tiny: is kiln's own overhead small? A trivial classifier (`bench.pipeline:tiny_model`: average
    pool + linear, 10 classes) on 64x64 JPEGs cropped to 32x32, so the model costs ~nothing and the
    rate measures fetch, decode, Celery messages and Redis writes. Variants: chunk sizes with one
-   solo worker, one solo worker with 1 torch thread, and two processes (prefork x2, and two solo
-   workers; 1 torch thread each: cores / processes). The ceiling runs with 2 and 1 torch
-   threads; ratios are to the first (the single worker's default). Target: >= 2,000 images/s.
+   solo worker, one solo worker with 1 torch thread, and two processes (`--concurrency 2`: one
+   parent's two worker processes, and two solo workers started apart; 1 torch thread each:
+   cores / processes). The ceiling runs with 2 and 1 torch threads; ratios are to the first (the
+   single worker's default). Target: >= 2,000 images/s.
 
 Workers are started, then warmed up with small jobs until every worker process has written
 records (they are loaded and warm). Ceiling and queue runs alternate, `--repeats` times; the best
 run of each row counts (interference from other work only ever slows a run down), and the JSON
 also has every run, medians and the ratio of medians. Each run records the 1-minute load average
-before it, and CPU seconds from /proc: of the worker processes (prefork children included),
+before it, and CPU seconds from /proc: of the worker processes (a parent's worker processes included),
 redis-server and this process (the producer); "cpu" in the table is worker CPU / (seconds x
 cores), and "submit" the seconds `Kiln.submit` took, before which no worker has anything to do.
 Packages are built once into build/bench-packages/ and reused. Prints a table and writes JSON
@@ -149,12 +150,12 @@ def _worker_env(fetch_threads: int) -> dict[str, str]:
 
 @dataclass
 class Workers:
-    """`python -m worker` subprocesses: one prefork worker of `processes` children, or
-    `processes` solo workers."""
+    """`python -m worker` subprocesses: one with `--concurrency processes` (a parent and its worker
+    processes), or `processes` solo workers."""
 
     label: str
     processes: int
-    pool: str  # "solo" | "prefork"
+    pool: str  # "solo" | "parent"
     threads: int
     options: tuple[str, ...] = ()  # more `python -m worker` options
     instances: list[LocalWorker] = field(default_factory=list)
@@ -164,7 +165,7 @@ class Workers:
         return [worker.process for worker in self.instances]
 
     def start(self, package: Path, url: str, roots: list[Path], fetch_threads: int, logdir: Path) -> None:
-        count, concurrency = (1, self.processes) if self.pool == "prefork" else (self.processes, 1)
+        count, concurrency = (1, self.processes) if self.pool == "parent" else (self.processes, 1)
         options = ["--concurrency", str(concurrency), "--threads", str(self.threads), *self.options]
         for i in range(count):
             log = logdir / f"worker-{self.label.replace(' ', '_')}-{i}.log"
@@ -200,7 +201,7 @@ def _proc_table() -> dict[int, tuple[int, float]]:
 
 
 def tree_cpu_s(roots: list[int]) -> float:
-    """CPU seconds of processes and all their live descendants (prefork children included)."""
+    """CPU seconds of processes and all their live descendants (a parent's worker processes included)."""
     table = _proc_table()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
@@ -294,7 +295,7 @@ def warm_up_workers(url: str, workers: Workers, files: list[Path], timeout_s: fl
             seen |= {record.worker for record in kiln.results(job)}
             if len(seen) >= workers.processes:
                 return time.perf_counter() - started
-            time.sleep(0.5)  # a prefork child may still be loading its model
+            time.sleep(0.5)  # a worker process may still be loading its model
     raise RuntimeError(
         f"only {len(seen)} of {workers.processes} worker processes answered warm-up jobs in {timeout_s} s"
     )
@@ -441,7 +442,7 @@ def bench_tiny(args, env, cores: int) -> dict:
     setups = [  # the worker's defaults first: threads = cores / processes
         (Workers("1 solo", 1, "solo", cores), args.tiny_chunks),
         (Workers(f"1 solo, {per_process} thr", 1, "solo", per_process), multi),
-        (Workers("prefork x2", 2, "prefork", per_process), multi),
+        (Workers("--concurrency 2", 2, "parent", per_process), multi),
         (Workers("2 solo", 2, "solo", per_process), multi),
     ]
     if per_process == cores:  # one core: the 1-thread variant is the default one

@@ -100,8 +100,8 @@ def _wait_for_redis(url: str, server: subprocess.Popen, timeout_s: float = 30) -
 
 
 def _stop(process: subprocess.Popen, name: str, grace_s: float = 20) -> None:
-    """SIGTERM (a warm shutdown for Celery), then SIGKILL to the process's whole group (prefork
-    children too): kiln starts its servers and workers as leaders of their own groups."""
+    """SIGTERM (a warm shutdown for Celery), then SIGKILL to the process's whole group (its
+    worker processes too): kiln starts its servers and workers as leaders of their own groups."""
     if process.poll() is None:
         process.terminate()
         try:

@@ -1,4 +1,4 @@
-"""Prometheus metrics (worker/metrics.py) from real workers, solo and prefork (multiprocess mode):
+"""Prometheus metrics (worker/metrics.py) from real workers, of one process and of several (multiprocess mode):
 what the records say is what the endpoint counts, summed over every process."""
 
 from __future__ import annotations

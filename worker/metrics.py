@@ -1,5 +1,5 @@
-"""Prometheus metrics of a worker (prometheus-client), in multiprocess mode so that prefork
-children count too.
+"""Prometheus metrics of a worker (prometheus-client), in multiprocess mode so that every worker
+process of a parent (worker/supervisor.py) counts.
 
 `enable(directory)` runs in the worker's main process before any child starts: it points
 prometheus-client at a folder where every process keeps its values (PROMETHEUS_MULTIPROC_DIR,
@@ -40,7 +40,7 @@ def enable(directory: Path) -> None:
 
 def _define() -> SimpleNamespace | None:
     """The metric objects, created on first use in each process (after `enable`, so that
-    prefork children write to the shared folder); None where metrics are off."""
+    worker processes write to the shared folder); None where metrics are off."""
     global _metrics
     if _metrics is None and os.environ.get(MULTIPROC_ENV):
         from prometheus_client import Counter, Gauge, Histogram

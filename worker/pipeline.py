@@ -140,7 +140,7 @@ class Pipeline:
         self.config = config
         self.prep = runtime.manifest.preprocess
         self.batch_size = min(config.batch_size or runtime.batch_max, runtime.batch_max)
-        # Taken here, in the process that serves: prefork children import this module in the parent.
+        # Taken here, in the process that serves: its id names the records it writes.
         self.worker_id = process_id()
         self._fetchers = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-fetch")
         self._decode_budget = MemoryBudget(config.decode_memory_bytes)

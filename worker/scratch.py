@@ -3,7 +3,7 @@
 AOTInductor unpacks each package under `$TMPDIR/aotinductor_*` and never removes it, so a
 fleet of workers that get killed and restarted fills the disk. kiln points the unpacking at
 `$TMPDIR/kiln-aoti/<pid>-<start time>/`, removes that folder when the process exits, and on every
-load sweeps the folders of processes that no longer run (killed with SIGKILL, or prefork children
+load sweeps the folders of processes that no longer run (killed with SIGKILL, or worker processes
 that leave through `os._exit`, where no exit handler runs).
 """
 
