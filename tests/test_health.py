@@ -144,6 +144,30 @@ def test_a_worker_process_that_stops_reporting_fails_the_parents_liveness(lite0_
         wait_status(port, "/livez", 200, 60)
 
 
+def test_a_worker_process_that_hangs_before_its_first_report_fails_the_parents_liveness(lite0_package, tmp_path):
+    """A worker process frozen from its start (SIGSTOP before it could report once) is as stale as
+    one that stopped reporting: the parent expects a report from each process it starts."""
+    with (
+        embedded_redis(tmp_path / "redis", persist=False) as url,
+        monitored(lite0_package, url, tmp_path, "--concurrency", "2") as (worker, port),
+    ):
+        parent = worker.process.pid
+
+        def a_child() -> int | None:
+            children = [int(pid) for task in Path(f"/proc/{parent}/task").glob("*")
+                        for pid in (task / "children").read_text().split()]  # fmt: skip
+            return children[0] if children else None
+
+        frozen = wait_for(a_child, 60, "a worker process")
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            reason = wait_status(port, "/livez", 503, 4 * TIMEOUT_S + 30)
+            assert f"worker process {frozen} made no health report" in reason, reason
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        wait_status(port, "/livez", 200, 120)
+
+
 def test_the_parent_reads_the_reports_of_running_worker_processes_only(tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()

@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -191,12 +193,14 @@ def test_worker_processes_each_load_the_model_and_share_the_work(private_redis_u
     options = ["--concurrency", "2", "--threads", "1", "--queues", "kiln.bulk", "--loglevel", "INFO"]
     worker = LocalWorker(lite0_package, url, tmp_path / "two.log", [SAMPLES], options, env=python_env())
     try:
+        _wait_until(lambda: worker.log_path.read_text().count(" ready.") >= 2, 180, "both processes to consume")
+        photos = sorted(SAMPLES.glob("*.jpg"))
         with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=1)) as kiln:
-            kiln.submit([SAMPLES], job="two")
+            kiln.submit([Item(key=f"{i}", ref=str(photos[i % len(photos)])) for i in range(24)], job="two")
             counts = kiln.wait("two", timeout_s=180, progress=False, check=worker.check)
             workers = {r.worker for r in kiln.results("two")}
         log = worker.log_path.read_text()[-2000:]
-        assert counts.done == 6, log
+        assert counts.done == 24, log
         pids = {int(w.split(":")[1]) for w in workers}
         assert worker.process.pid not in pids and pids == _children(worker.process.pid), (workers, log)
         worker.process.send_signal(signal.SIGTERM)  # a warm shutdown of both
@@ -218,7 +222,7 @@ def test_a_worker_process_that_dies_is_started_again(private_redis_url, lite0_pa
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
         _loaded(worker, 3)
-        assert "exited with status -9: starting it again" in worker.log_path.read_text()
+        assert "was killed by SIGKILL (status 137): starting it again" in worker.log_path.read_text()
         now = _children(worker.process.pid)
         assert len(now) == 2 and victim not in now and (first - {victim}) < now
         with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=1)) as kiln:
@@ -270,20 +274,86 @@ def test_a_dead_worker_process_leaves_no_zombies(private_redis_url, lite0_packag
         worker.stop()
 
 
-def test_worker_processes_stop_when_their_parent_is_killed(private_redis_url, lite0_package, tmp_path):
-    """kill -9 the parent alone (the OOM killer does): its worker processes shut down by themselves
-    rather than consume on, unsupervised."""
+@pytest.mark.parametrize("when", ["loaded", "starting"])
+def test_worker_processes_stop_when_their_parent_is_killed(when, private_redis_url, lite0_package, tmp_path):
+    """kill -9 the parent alone (the OOM killer does), once its worker processes serve or while
+    they still start: they shut down by themselves rather than consume on, unsupervised."""
     options = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]
     worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], options, env=python_env())
     try:
-        _loaded(worker, 2)
+        if when == "loaded":
+            _loaded(worker, 2)
+        else:
+            _wait_until(lambda: "worker process 1 started" in worker.log_path.read_text(), 60, "the processes to start")
         children = _children(worker.process.pid)
+        assert len(children) == 2
         os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.wait(10)
         _wait_until(lambda: all(_state(pid) in (None, "Z") for pid in children), 60, "the worker processes to stop")
         assert "the parent worker process is gone: shutting down" in worker.log_path.read_text()
     finally:
         worker.stop()
+
+
+def test_ctrl_c_to_the_whole_group_loses_no_image(private_redis_url, lite0_package, tmp_path):
+    """SIGINT to every process of the worker, decode processes included (Ctrl-C, a service
+    manager's stop): a warm shutdown. Every image still ends as a success, here or, for the
+    chunks the shutdown gave back, in the next worker. Before, the decode processes died of the
+    signal first and the images they held were recorded as failed."""
+    url = private_redis_url
+    options = ["--concurrency", "2", "--decode-processes", "2", "--threads", "1", "--loglevel", "INFO"]
+    with serve_folder(SAMPLES, delay_s=0.05) as base:
+        env = python_env(KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32")
+        first = LocalWorker(lite0_package, url, tmp_path / "first.log", [], options, env=env)
+        second = None
+        try:
+            photos = sorted(p.name for p in SAMPLES.glob("*.jpg"))
+            items = [Item(key=f"{i}", ref=f"{base}/{photos[i % len(photos)]}") for i in range(240)]
+            with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=4)) as kiln:
+                kiln.submit(items, job="interrupted")
+                _wait_until(lambda: kiln.counts("interrupted").finished >= 24, 180, "the job to be under way")
+                os.killpg(first.process.pid, signal.SIGINT)
+                assert first.process.wait(120) == 0, first.log_path.read_text()[-3000:]
+                second = LocalWorker(lite0_package, url, tmp_path / "second.log", [], ["--threads", "1"], env)
+                counts = kiln.wait("interrupted", timeout_s=300, progress=False, check=second.check)
+            assert (counts.done, counts.failed) == (240, 0), first.log_path.read_text()[-3000:]
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
+
+
+def test_a_hang_up_stops_every_worker_process(private_redis_url, lite0_package, tmp_path):
+    """SIGHUP to the group (the terminal closed): Celery's own SIGHUP handler would restart each
+    worker process in place and leave the parent waiting; each stops warm instead."""
+    options = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], options, env=python_env())
+    try:
+        _loaded(worker, 2)
+        children = _children(worker.process.pid)
+        os.killpg(worker.process.pid, signal.SIGHUP)
+        assert worker.process.wait(60) == 0, worker.log_path.read_text()[-3000:]
+        assert not any(_state(pid) for pid in children)
+    finally:
+        worker.stop()
+
+
+def test_a_signal_while_the_processes_start_stops_them_all(tmp_path):
+    """The parent is told to stop while it is still starting its processes (here: the first one
+    asks, at once): none is left running, and the parent returns promptly."""
+    script = f"""
+import logging, sys
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+logging.basicConfig(level=logging.INFO)
+from worker.supervisor import supervise
+first = ["sh", "-c", "kill -TERM $PPID; exec sleep 60"]
+sys.exit(supervise([first] + [["sleep", "60"]] * 5))
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert time.monotonic() - started < 30 and done.returncode == 0, done.stderr
+    pids = [int(line.rsplit("pid ", 1)[1].rstrip(")")) for line in done.stderr.splitlines() if "started (pid" in line]
+    assert pids and not any(_state(pid) for pid in pids), done.stderr
 
 
 def test_a_childs_exit_status_reads_as_a_shells():

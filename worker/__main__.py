@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # Set by a parent worker for each worker process it starts (worker/supervisor.py).
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--threads", type=int, help="torch threads per process [KILN_THREADS; default: cores / processes, 1 on a GPU]"
     )
@@ -136,6 +137,11 @@ def _check_redis(settings: WorkerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.parent_pid is not None:  # first thing: a parent killed while this process starts stops it too
+        from worker.supervisor import hold_hang_ups, stop_with_parent
+
+        hold_hang_ups()  # before any thread starts
+        stop_with_parent(args.parent_pid)
     if args.worker_index is not None:  # its log lines say which of the host's worker processes wrote them
         import multiprocessing
 
@@ -175,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --worker-index {args.worker_index} is not one of {processes} worker processes", file=sys.stderr)
         return 2
     if processes > 1 and args.worker_index is None:
-        from worker.supervisor import supervise
+        from worker.supervisor import child_commands, supervise
 
         start_endpoint(settings, children=True)  # before the children start: they report to its folder
-        return supervise(sys.argv[1:] if argv is None else argv, processes)
+        return supervise(child_commands(sys.argv[1:] if argv is None else argv, processes))
+
+    from celery import signals
 
     from worker import tasks
     from worker.celery_app import make_app
@@ -203,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_index is None:
         start_endpoint(settings)  # metrics and health, before the model loads
     else:
-        from worker.supervisor import stop_with_parent
+        from worker.supervisor import hang_up_as_terminate
 
-        stop_with_parent()
         start_health_report(settings)  # to the parent's endpoint, where it has one
+        signals.worker_ready.connect(lambda **_: hang_up_as_terminate(), weak=False)
     device = device_for_process(settings, manifest.device, args.worker_index or 0)
     try:
         state = tasks.init_process(settings, device, processes)

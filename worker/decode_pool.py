@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -79,6 +80,11 @@ def _attach(
     # each process leaves on its own once its parent is gone, so neither it nor the shared memory
     # it holds outlives the worker.
     when_parent_exits(lambda: os._exit(0))
+    # Ctrl-C or a service manager signals the whole process group: the worker's warm shutdown
+    # finishes the images these processes hold, so they must not die of it first (each image they
+    # held would be recorded as failed). The worker closes the pool when it is done.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
     _child.update(max_pixels=max_pixels, formats=formats, policy=policy)

@@ -52,6 +52,14 @@ def process_files(pid: int) -> list[Path]:
     return [Path(directory) / f"{prefix}{pid}" for prefix in (_MARKER, _REPORT)] if directory else []
 
 
+def expect_report(pid: int) -> None:
+    """In a parent, for the worker process `pid` it just started: an empty report dated now, so
+    that one that hangs before its first report goes stale like one that stops reporting."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        (Path(directory) / f"{_REPORT}{pid}").touch()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -66,12 +66,25 @@ class _Child:
     def start(self) -> None:
         self.process = subprocess.Popen(self.command)
         self.started = time.monotonic()
+        self.status = None
+        from worker.health import expect_report  # here: the decode processes import this module too
+
+        expect_report(self.process.pid)
         log.info("worker process %d started (pid %d)", self.index, self.process.pid)
 
 
-def child_command(argv: list[str], index: int, processes: int) -> list[str]:
-    """`python -m worker` with the parent's options and this child's place: the later options win."""
-    return [sys.executable, "-m", "worker", *argv, "--worker-index", str(index), "--concurrency", str(processes)]
+def child_commands(argv: list[str], processes: int) -> list[list[str]]:
+    """`python -m worker` with the parent's options, each child's place and the parent's pid (the
+    later options win)."""
+    parent = ["--parent-pid", str(os.getpid()), "--concurrency", str(processes)]
+    return [[sys.executable, "-m", "worker", *argv, *parent, "--worker-index", str(i)] for i in range(processes)]
+
+
+def describe_exit(status: int) -> str:
+    """How a child's `Popen.returncode` reads in the log."""
+    if status < 0:
+        return f"was killed by {signal.Signals(-status).name} (status {exit_status(status)})"
+    return f"exited with status {status}"
 
 
 def exit_status(status: int) -> int:
@@ -79,10 +92,11 @@ def exit_status(status: int) -> int:
     return 128 - status if status < 0 else status
 
 
-def when_parent_exits(action: Callable[[], None]) -> None:
-    """Run `action` (once, on a daemon thread) when this process's parent is gone: its parent
-    pid changes when it is re-parented."""
-    parent = os.getppid()
+def when_parent_exits(action: Callable[[], None], parent: int | None = None) -> None:
+    """Run `action` (once, on a daemon thread) when this process's parent (`parent`, default: the
+    current one) is gone: its parent pid changes when it is re-parented. A `parent` that is gone
+    already runs it at once."""
+    parent = os.getppid() if parent is None else parent
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -92,21 +106,38 @@ def when_parent_exits(action: Callable[[], None]) -> None:
     threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
 
 
-def stop_with_parent() -> None:
-    """In a worker process the supervisor started: a warm shutdown once the supervisor is gone."""
+def stop_with_parent(parent: int) -> None:
+    """In a worker process the supervisor (pid `parent`) started, first thing: a warm shutdown once
+    the supervisor is gone, also if it died while this process was starting."""
 
     def stop() -> None:
         log.warning("the parent worker process is gone: shutting down")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    when_parent_exits(stop)
+    when_parent_exits(stop, parent)
 
 
-def supervise(argv: list[str], processes: int) -> int:
-    """Run `processes` children of `python -m worker *argv` until they stop; returns the exit
-    status: 0 after a shutdown that every child completed, else the first failing child's."""
+def hold_hang_ups() -> None:
+    """In a worker process, before it starts any thread: SIGHUP waits (blocked in every thread)
+    until `hang_up_as_terminate` says what it does."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+def hang_up_as_terminate() -> None:
+    """In a worker process, once Celery has installed its signal handlers (from the main thread):
+    SIGHUP does what SIGTERM does, a warm shutdown, and one that came meanwhile is delivered now.
+    Celery's own SIGHUP handler restarts the worker in place, which would leave the parent waiting
+    for a child that never stops."""
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
+def supervise(commands: list[list[str]]) -> int:
+    """Run a child process of each command (`child_commands`) until they stop; returns the exit
+    status: 0 after a shutdown that every child completed, else the first failing child's, or
+    128 + N after a second signal N killed them."""
     _become_subreaper()
-    children = [_Child(i, child_command(argv, i, processes)) for i in range(processes)]
+    children = [_Child(i, command) for i, command in enumerate(commands)]
     signals_received: list[int] = []
 
     def on_signal(signum: int, _: FrameType | None) -> None:
@@ -125,8 +156,11 @@ def supervise(argv: list[str], processes: int) -> int:
     previous = {s: signal.signal(s, on_signal) for s in handled}
     try:
         for child in children:
-            child.start()
-        log.info("%d worker processes started; each logs its own plan", processes)
+            if signals_received:  # stopped while starting them: the rest never start
+                break
+            _start(child, signals_received)
+        if not signals_received:
+            log.info("%d worker processes started; each logs its own plan", len(children))
         return _watch(children, signals_received)
     finally:
         for child in children:  # an error in the supervisor itself: no worker outlives it
@@ -134,6 +168,14 @@ def supervise(argv: list[str], processes: int) -> int:
                 child.process.kill()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _start(child: _Child, signals_received: list[int]) -> None:
+    """Start `child`; one that a signal came for while it started is stopped at once, as the
+    signal handler stopped the others."""
+    child.start()
+    if signals_received:
+        child.process.send_signal(signal.SIGTERM if len(signals_received) == 1 else signal.SIGKILL)
 
 
 def _watch(children: list[_Child], signals_received: list[int]) -> int:
@@ -144,9 +186,7 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
         for child in children:
             if child.process is None:
                 if not stopping and now >= child.restart_at:
-                    child.start()
-                    if signals_received:  # a signal came while it started
-                        child.process.send_signal(signal.SIGTERM)
+                    _start(child, signals_received)
                 continue
             status = child.process.poll()
             if status is None:
@@ -160,7 +200,7 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
             child.early_exits = child.early_exits + 1 if early else 0
             if status == 2 or child.early_exits >= EARLY_EXITS:
                 why = "a bad package or setting" if status == 2 else f"{child.early_exits} times soon after its start"
-                log.error("worker process %d stopped with status %d (%s): stopping them all", child.index, status, why)
+                log.error("worker process %d %s (%s): stopping them all", child.index, describe_exit(status), why)
                 failure = exit_status(status) or 1
                 for other in children:
                     if other.process is not None:
@@ -168,8 +208,8 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
                 break
             child.restarts = child.restarts + 1 if now - child.started < STABLE_S else 1
             delay = min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2 ** (child.restarts - 1))
-            log.error("worker process %d exited with status %d: starting it again in %.0f s",
-                      child.index, status, delay)  # fmt: skip
+            log.log(logging.WARNING if status == 0 else logging.ERROR, "worker process %d %s: starting it again in "
+                    "%.0f s", child.index, describe_exit(status), delay)  # fmt: skip
             child.restart_at = now + delay
         _reap_orphans({child.process.pid for child in children if child.process is not None})
         if (signals_received or failure is not None) and all(child.process is None for child in children):
