@@ -22,3 +22,20 @@ class Results(dict):
 
     def save(self) -> None:
         self.path.write_text(json.dumps(self, indent=1))
+
+
+def resnet18_on_640x480(wheels: list[str]) -> tuple[str, Path, Path]:
+    """Where the end-to-end diagnoses start: the carried `wheels` folders installed (the script
+    re-executes with them), bench/gpu.py's ResNet-18 package built or reused, the C++ runtime
+    preloaded (it may re-execute again), and its 8,192 640x480 JPEGs. Returns the package's path,
+    the folder of JPEGs and bench/gpu.py's work folder."""
+    from bench.gpu import SMALL, build_packages, dataset, install_wheels
+
+    install_wheels([Path(p) for p in wheels])
+    from worker.cxx_runtime import ensure_cxx_runtime
+
+    package = build_packages(("resnet18",))["resnet18"]["path"]
+    ensure_cxx_runtime(package)
+    workdir = ROOT / "build" / "gpu-bench-work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return package, dataset("jpeg", 8192, SMALL), workdir

@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, Results
+from common import Results, resnet18_on_640x480
 
-from bench.gpu import SMALL, _worker, build_packages, dataset, e2e_rate, install_wheels, warm
+from bench.gpu import _worker, e2e_rate, warm
 
 R = Results(sys.argv[1])
 
@@ -41,15 +41,9 @@ def summarise(raw: Path) -> str:
 
 
 def main() -> None:
-    install_wheels([Path(p) for p in sys.argv[2:]])
+    pkg, small, workdir = resnet18_on_640x480(sys.argv[2:])
     from producer.embedded import embedded_redis
-    from worker.cxx_runtime import ensure_cxx_runtime
 
-    pkg = build_packages(("resnet18",))["resnet18"]["path"]
-    ensure_cxx_runtime(pkg)
-    small = dataset("jpeg", 8192, SMALL)
-    workdir = ROOT / "build" / "gpu-bench-work"
-    workdir.mkdir(parents=True, exist_ok=True)
     variants = {
         "default": {},
         "inflight16": {"KILN_TASKS_IN_FLIGHT": "16"},

@@ -12,11 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-from common import ROOT, Results
+from common import ROOT, Results, resnet18_on_640x480
 
-from bench.gpu import SMALL, _default_worker_rate, build_packages, dataset, install_wheels
+from bench.gpu import _default_worker_rate
 
 R = Results(sys.argv[1])
 
@@ -36,15 +35,9 @@ def sampled(label: str, run) -> dict:
 
 
 def main() -> None:
-    install_wheels([Path(p) for p in sys.argv[2:]])
+    package, small, workdir = resnet18_on_640x480(sys.argv[2:])
     from producer.embedded import embedded_redis
-    from worker.cxx_runtime import ensure_cxx_runtime
 
-    package = build_packages(("resnet18",))["resnet18"]["path"]
-    ensure_cxx_runtime(package)
-    small = dataset("jpeg", 8192, SMALL)
-    workdir = ROOT / "build" / "gpu-bench-work"
-    workdir.mkdir(parents=True, exist_ok=True)
     with embedded_redis(workdir / "redis-mps", persist=False) as url:
         R["default"] = sampled("default", lambda: _default_worker_rate(url, package, small, workdir, "dmon", {}))
         R.save()

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, Results
+from common import ROOT, Results, resnet18_on_640x480
 
-from bench.gpu import SMALL, _worker, build_packages, dataset, e2e_rate, install_wheels, plan_line, warm
+from bench.gpu import SMALL, _worker, e2e_rate, plan_line, warm
 
 R = Results(sys.argv[1])
 SITE = ROOT / "build" / "diag-site"
@@ -136,15 +136,8 @@ def agreement(package: str, folder: Path) -> None:
 
 
 def main() -> None:
-    install_wheels([Path(p) for p in sys.argv[2:]])
-    from worker.cxx_runtime import ensure_cxx_runtime
-
-    package = build_packages(("resnet18",))["resnet18"]["path"]
-    ensure_cxx_runtime(package)
+    package, small, workdir = resnet18_on_640x480(sys.argv[2:])
     R["host"] = {"cores": len(os.sched_getaffinity(0))}
-    workdir = ROOT / "build" / "gpu-bench-work"
-    workdir.mkdir(parents=True, exist_ok=True)
-    small = dataset("jpeg", 8192, SMALL)
     for step in (lambda: agreement(package, small), lambda: processes_matrix(package, small, workdir)):
         try:
             step()
