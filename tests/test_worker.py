@@ -340,18 +340,18 @@ def test_a_hang_up_stops_every_worker_process(private_redis_url, lite0_package, 
 
 def test_a_signal_while_the_processes_start_stops_them_all(tmp_path):
     """The parent is told to stop while it is still starting its processes (here: the first one
-    asks, at once): none is left running, and the parent returns promptly."""
+    asks, at once): none is left running, and the parent returns instead of waiting for them."""
     script = f"""
 import logging, sys
 sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
 logging.basicConfig(level=logging.INFO)
 from worker.supervisor import supervise
-first = ["sh", "-c", "kill -TERM $PPID; exec sleep 60"]
-sys.exit(supervise([first] + [["sleep", "60"]] * 5))
+first = ["sh", "-c", "kill -TERM $PPID; exec sleep 600"]
+sys.exit(supervise([first] + [["sleep", "600"]] * 5))
 """
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert time.monotonic() - started < 30 and done.returncode == 0, done.stderr
+    # A child the signal missed would sleep on, and the parent with it: the timeout is the failure.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
     pids = [int(line.rsplit("pid ", 1)[1].rstrip(")")) for line in done.stderr.splitlines() if "started (pid" in line]
     assert pids and not any(_state(pid) for pid in pids), done.stderr
 

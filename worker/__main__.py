@@ -108,11 +108,12 @@ def gpus_used(settings: WorkerSettings, package_device: str) -> int:
     return torch.cuda.device_count()  # no CUDA context: the worker processes are new processes, not forks
 
 
-def device_for_process(settings: WorkerSettings, package_device: str, index: int) -> str:
-    """The device of worker process `index` on this host: GPUs round robin, so each process has one."""
+def device_for_process(settings: WorkerSettings, package_device: str, index: int, gpus: int) -> str:
+    """The device of worker process `index` on this host of `gpus` (`gpus_used`): GPUs round robin,
+    so each process has one."""
     if package_device != "cuda" or (settings.device and ":" in settings.device):
         return settings.device or package_device
-    return f"cuda:{index % max(gpus_used(settings, package_device), 1)}"
+    return f"cuda:{index % max(gpus, 1)}"
 
 
 def _check_redis(settings: WorkerSettings) -> None:
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     from worker.endpoint import start_endpoint
     from worker.plan import host_cores, tasks_in_flight, worker_processes
 
-    processes = worker_processes(settings, manifest.device, gpus_used(settings, manifest.device), host_cores())
+    gpus = gpus_used(settings, manifest.device)
+    processes = worker_processes(settings, manifest.device, gpus, host_cores())
     if args.worker_index is not None and not 0 <= args.worker_index < processes:
         print(f"error: --worker-index {args.worker_index} is not one of {processes} worker processes", file=sys.stderr)
         return 2
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start_health_report(settings)  # to the parent's endpoint, where it has one
         signals.worker_ready.connect(lambda **_: hang_up_as_terminate(), weak=False)
-    device = device_for_process(settings, manifest.device, args.worker_index or 0)
+    device = device_for_process(settings, manifest.device, args.worker_index or 0, gpus)
     try:
         state = tasks.init_process(settings, device, processes)
     except PackageError as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from worker import metrics
-from worker.health import HealthMonitor
+from worker.health import HealthMonitor, endpoint_folder
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -107,6 +106,6 @@ def start_endpoint(settings: WorkerSettings, children: bool = False) -> None:
 def start_health_report(settings: WorkerSettings) -> None:
     """In a worker process a parent started: monitor this process and report to the parent's
     endpoint folder (inherited as PROMETHEUS_MULTIPROC_DIR), where the parent has an endpoint."""
-    directory = os.environ.get(metrics.MULTIPROC_ENV)
+    directory = endpoint_folder()
     if directory:
-        HealthMonitor(settings, Path(directory), "child").start()
+        HealthMonitor(settings, directory, "child").start()

@@ -33,31 +33,39 @@ from typing import Literal
 
 import redis
 
+from worker.metrics import MULTIPROC_ENV
 from worker.settings import WorkerSettings
 
 _MARKER = "loaded-"
 _REPORT = "live-"
 
 
+def endpoint_folder() -> Path | None:
+    """The endpoint's folder this process writes its metrics and health files to (inherited from
+    the process that serves the endpoint), or None where there is no endpoint."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    return Path(directory) if directory else None
+
+
 def mark_loaded() -> None:
     """Record that this process has loaded its model (read by the main process's monitor)."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = endpoint_folder()
     if directory:
-        (Path(directory) / f"{_MARKER}{os.getpid()}").touch()
+        (directory / f"{_MARKER}{os.getpid()}").touch()
 
 
 def process_files(pid: int) -> list[Path]:
     """The health files process `pid` writes to the endpoint folder (none where there is no endpoint)."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    return [Path(directory) / f"{prefix}{pid}" for prefix in (_MARKER, _REPORT)] if directory else []
+    directory = endpoint_folder()
+    return [directory / f"{prefix}{pid}" for prefix in (_MARKER, _REPORT)] if directory else []
 
 
 def expect_report(pid: int) -> None:
     """In a parent, for the worker process `pid` it just started: an empty report dated now, so
     that one that hangs before its first report goes stale like one that stops reporting."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = endpoint_folder()
     if directory:
-        (Path(directory) / f"{_REPORT}{pid}").touch()
+        (directory / f"{_REPORT}{pid}").touch()
 
 
 def _alive(pid: int) -> bool:

@@ -80,8 +80,8 @@ class WorkerSettings(CommonSettings):
         default=None,
         ge=0,
         description="processes decoding images on the CPU (Pillow) for each worker process; 0 decodes in the "
-        "fetch threads; default with a GPU: the host's cores less one per worker process (at least 3), "
-        "shared among the worker processes; else 0",
+        "fetch threads; default with a GPU: (cores - max(3, worker processes)) / worker processes, at least 1; "
+        "else 0",
     )
     gpu_decode: Literal["auto", "on", "off"] = Field(
         default="auto",

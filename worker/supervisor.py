@@ -150,7 +150,7 @@ def supervise(commands: list[list[str]]) -> int:
                         "leases lapse (KILN_LEASE_S)", name)  # fmt: skip
         for child in children:
             if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM if first else signal.SIGKILL)
+                child.process.send_signal(_stop_signal(signals_received))
 
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {s: signal.signal(s, on_signal) for s in handled}
@@ -175,7 +175,13 @@ def _start(child: _Child, signals_received: list[int]) -> None:
     signal handler stopped the others."""
     child.start()
     if signals_received:
-        child.process.send_signal(signal.SIGTERM if len(signals_received) == 1 else signal.SIGKILL)
+        child.process.send_signal(_stop_signal(signals_received))
+
+
+def _stop_signal(signals_received: list[int]) -> signal.Signals:
+    """What the children get once the parent has received `signals_received`: SIGTERM (Celery's
+    warm shutdown) for the first, SIGKILL after a second."""
+    return signal.SIGTERM if len(signals_received) == 1 else signal.SIGKILL
 
 
 def _watch(children: list[_Child], signals_received: list[int]) -> int:
