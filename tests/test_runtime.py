@@ -16,7 +16,7 @@ from packages import DEVICE
 
 from compile.models import resolve_model
 from compile.package import DTYPES, PackagedModel
-from compile.verify import ERROR_BOUND, relative_error
+from compile.verify import error_bound, relative_error
 from worker.manifest import MANIFEST_KEY, PackageError, read_manifest
 from worker.preprocess import decode_image
 from worker.runtime import load_runtime, stack_images
@@ -60,7 +60,8 @@ def test_any_batch_size_agrees_with_eager(lite0_runtime, eager_lite0, count):
     )
     probs = lite0_runtime.predict(images)
     assert probs.shape == (count, 1000)
-    assert relative_error(probs, eager_probs(eager_lite0, images)) < ERROR_BOUND[lite0_runtime.manifest.compute_dtype]
+    bound = error_bound(lite0_runtime.manifest.compute_dtype, lite0_runtime.manifest.device)
+    assert relative_error(probs, eager_probs(eager_lite0, images)) < bound
 
 
 def test_empty_batch(lite0_runtime):
