@@ -314,27 +314,57 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
         seconds = time.perf_counter() - started
         kinds: dict[str, int] = {}
         timings: dict[str, list[float]] = {}
+        finished: list[float] = []
         for record in kiln.results(job):
             if record.status != "ok":
                 kinds[record.error.kind] = kinds.get(record.error.kind, 0) + 1
             for stage, ms in record.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
+            finished.append(record.finished_at)
     medians = {stage: statistics.median(values) for stage, values in timings.items()}
+    finished.sort()
+    # The rate between the 20th and the 80th percentile of the records' finishing times: the job
+    # without its first and last moments (submitting the first chunks, the last batches draining).
+    low, high = finished[len(finished) // 5], finished[len(finished) * 4 // 5]
+    steady = (len(finished) * 4 // 5 - len(finished) // 5) / (high - low) if high > low else None
     return {"images": submitted.total, "seconds": seconds, "images_per_s": submitted.total / seconds,
-            "failed": counts.failed, "failed_kinds": kinds, "median_ms": medians}  # fmt: skip
+            "steady_images_per_s": steady, "failed": counts.failed, "failed_kinds": kinds,
+            "median_ms": medians}  # fmt: skip
 
 
-def warm(url: str, folder: Path, workers: list) -> None:
+def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:
+    """Jobs of 4,096 of `folder`'s images until every worker process has written records: each
+    has loaded, warmed up and run full batches before the timed job ("workers already running").
+    A process still loading takes no chunk, and would join the timed job late."""
     import uuid
 
     from bench.pipeline import _kiln
     from worker.contract import Item
 
-    files = sorted(folder.rglob("*.jpg"))[:512]
-    job = f"gpu-warm-up-{uuid.uuid4().hex[:10]}"  # a new job each time: a finished one would not wait for these workers
+    expected = sum(max(1, _worker_processes(worker.process.pid)) for worker in workers)
+    files = sorted(folder.rglob("*.jpg"))[:4096]
+    started, seen = time.perf_counter(), set()
     with _kiln(url, chunk_size=64) as kiln:
-        kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job=job)
-        kiln.wait(job, timeout_s=300, progress=False, check=lambda: [w.check() for w in workers])
+        while len(seen) < expected:
+            if time.perf_counter() - started > timeout_s:
+                raise RuntimeError(f"only {len(seen)} of {expected} worker processes answered in {timeout_s} s")
+            job = f"gpu-warm-up-{uuid.uuid4().hex[:10]}"  # a new job each time: a finished one would not wait
+            kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job=job)
+            kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
+            seen |= {record.worker for record in kiln.results(job)}
+
+
+def _worker_processes(parent: int) -> int:
+    """How many worker processes `python -m worker` (pid `parent`) runs, from /proc."""
+    count = 0
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
+                count += b"--worker-index" in (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+    return count
 
 
 def plan_line(log: Path) -> str:
@@ -363,7 +393,8 @@ def bench_e2e(
                     if index and variant != "default":
                         break
                     row[name] = e2e_rate(url, folder, [worker], repeat=1 if index else repeat)
-                    print(f"  e2e {variant} {name}: {row[name]['images_per_s']:,.0f} img/s ({row[name]['images']} "
+                    print(f"  e2e {variant} {name}: {row[name]['images_per_s']:,.0f} img/s (steady "
+                          f"{row[name]['steady_images_per_s'] or 0:,.0f}; {row[name]['images']} "
                           f"images, {row[name]['failed']} failed {row[name]['failed_kinds']}), median ms "
                           f"{row[name]['median_ms']}", flush=True)  # fmt: skip
             finally:
@@ -444,7 +475,7 @@ def _default_worker_rate(url: str, package: str, folder: Path, workdir: Path, na
     worker = _worker(package, url, [folder], log, env)
     try:
         warm(url, folder, [worker])
-        return {**e2e_rate(url, folder, [worker], repeat=4), "env": env, "plan": plan_line(log)}
+        return {**e2e_rate(url, folder, [worker], repeat=8), "env": env, "plan": plan_line(log)}
     finally:
         worker.stop()
 
@@ -506,10 +537,10 @@ def summarise(results: dict) -> list[str]:
             d = decode[name]
             gpu = max(v for k, v in d.items() if k.endswith(("decode_only", "_decoder")) and isinstance(v, float))
             cpu = d["cpu_processes"]
-            rate = e2e[name]["images_per_s"]
+            rate, steady = e2e[name]["images_per_s"], e2e[name].get("steady_images_per_s") or 0.0
             lines.append(
-                f"{name}: kiln {rate:,.0f} img/s; ceilings: GPU decode {gpu:,.0f}, CPU {cpu:,.0f} "
-                f"-> {rate / max(gpu, cpu):.2f}x the better one, {rate / (gpu + cpu):.2f}x their sum"
+                f"{name}: kiln {rate:,.0f} img/s (steady {steady:,.0f}); ceilings: GPU decode {gpu:,.0f}, CPU "
+                f"{cpu:,.0f} -> {rate / max(gpu, cpu):.2f}x the better one, {rate / (gpu + cpu):.2f}x their sum"
             )
     for variant, row in e2e.get("variants", {}).items():
         lines.append(f"640x480, {variant} ({row['env']}): kiln {row['640x480']['images_per_s']:,.0f} img/s")
@@ -536,7 +567,7 @@ def main() -> None:
     parser.add_argument("--large-images", type=int, default=1536)
     parser.add_argument("--mixed-images", type=int, default=2048)
     parser.add_argument(
-        "--repeat", type=int, default=4, help="end to end: each 640x480 image this many times, under distinct keys"
+        "--repeat", type=int, default=8, help="end to end: each 640x480 image this many times, under distinct keys"
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-h200.json")

@@ -392,6 +392,21 @@ def test_pipeline_routes_each_image_and_isolates_failures(lite0_runtime, mixed_f
         both.close()
 
 
+def test_warm_up_runs_a_full_batch_through_the_gpu_path_and_leaves_no_trace(lite0_runtime, tmp_path, sample_photos):
+    cpu_only = _pipeline(lite0_runtime, tmp_path)
+    both = _pipeline(lite0_runtime, tmp_path, gpu_decode=True, batch_size=4)
+    try:
+        assert cpu_only.warm_up() == 0.0  # nothing to warm where no JPEG is decoded on the GPU
+        assert both.warm_up() > 0.0
+        assert not both.decoded_by and both.stages["infer"].images == 0
+        photos = sorted(sample_photos.values())
+        assert _labels(both, photos) == _labels(cpu_only, photos)
+        assert both.decoded_by["gpu"] == len(photos)
+    finally:
+        cpu_only.close()
+        both.close()
+
+
 @pytest.mark.slow
 def test_top1_agreement_on_1000_jpegs(lite0_runtime, tmp_path):
     """The acceptance bar of the GPU path: top-1 equal on at least 99% of 1,000 photos made by the
@@ -401,7 +416,11 @@ def test_top1_agreement_on_1000_jpegs(lite0_runtime, tmp_path):
     answer for an image also moves with the batch it runs in (on the H200, ResNet-18's top-1
     changed on 1.6% of these images between batches of 64 and of 50 with the very same inputs,
     bench/results/gpu-h200-processes.json), and that is not the decoders' doing. The pipelines
-    themselves are compared on the sample photos."""
+    themselves are compared on the sample photos.
+
+    Not met on the H200 yet: 973 of 1,000 in bfloat16, 978 in float32. nvJPEG's full-size pixels
+    differ from libjpeg-turbo's by up to 37 levels, the batched resize from Pillow's by one
+    (bench/results/gpu-h200-agreement.json)."""
     from bench.pipeline import make_dataset
 
     files = make_dataset(tmp_path / "photos", 1000, (640, 480), seed=7)

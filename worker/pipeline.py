@@ -183,6 +183,32 @@ class Pipeline:
         for thread in self._threads:
             thread.start()
 
+    def warm_up(self) -> float:
+        """Run `batch_size` generated 640x480 JPEGs through every stage, as one job would, and
+        return the seconds it took. Only where JPEGs are decoded on the GPU: a process's first
+        full batches there pay for CUDA's lazy kernel loading, nvJPEG's buffers and the caching
+        allocator's growth, which held an H200 job of 65,536 images at a quarter of its rate for
+        its first 2 s while three of the four worker processes warmed up
+        (bench/results/gpu-h200-host-budget.json). Raises RuntimeError if an image fails."""
+        if self._gpu is None:
+            return 0.0
+        import io
+
+        from PIL import Image
+
+        started = time.perf_counter()
+        noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+        data = base64.b64encode(buffer.getvalue()).decode()
+        works = [Work(job="warm-up", key=str(i), data_b64=data) for i in range(self.batch_size)]
+        failed = [record for pairs in self.run(works, topk=1) for _, record in pairs if record.status != "ok"]
+        self.decoded_by.clear()
+        self.stages = {name: StageStats() for name in self.stages}
+        if failed:
+            raise RuntimeError(f"warming up the GPU path failed: {failed[0].error}")
+        return time.perf_counter() - started
+
     def close(self) -> None:
         self._stop.set()
         self._fetchers.shutdown(wait=False, cancel_futures=True)

@@ -100,7 +100,11 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
         batch_size=plan.batch_size,
     )
     store = ResultStore.from_url(settings.redis_url, settings.result_ttl_s, timeout_s=settings.redis_timeout_s)
-    _state = ProcessState(settings, plan, Pipeline(runtime, config), store, Heartbeat(store.redis, settings.lease_s))
+    pipeline = Pipeline(runtime, config)
+    warm_up_s = pipeline.warm_up()
+    if warm_up_s:
+        log.info("warmed up the GPU path with %d images in %.1f s", pipeline.batch_size, warm_up_s)
+    _state = ProcessState(settings, plan, pipeline, store, Heartbeat(store.redis, settings.lease_s))
     metrics.observe_model(runtime.manifest)
     health.mark_loaded()
     return _state

@@ -111,13 +111,17 @@ def job(url: str, folder: Path, worker, repeat: int, spy_dir: Path | None) -> di
     before = processes()
     with _kiln(url, chunk_size=128) as kiln:
         sampler = threading.Thread(target=sample, daemon=True)
-        started = time.perf_counter()
+        started, wall_started = time.perf_counter(), time.time()
         sampler.start()
         kiln.submit(items, job=name, topk=5)
         counts = kiln.wait(name, timeout_s=300, progress=False, check=worker.check)
         seconds = time.perf_counter() - started
         done.set()
         sampler.join()
+        by_process: dict[str, list[int]] = {}  # records finished per worker process, per 0.25 s
+        for record in kiln.results(name):
+            bins = by_process.setdefault(record.worker or "?", [0] * (int(seconds / 0.25) + 2))
+            bins[min(int((record.finished_at - wall_started) / 0.25), len(bins) - 1)] += 1
     after = processes()
     for spy in spies:
         spy.wait(30)
@@ -134,6 +138,7 @@ def job(url: str, folder: Path, worker, repeat: int, spy_dir: Path | None) -> di
         "cpu_ms_per_image": {k: round(v * 1e3 / total, 3) for k, v in cpu.items()},
         "cores_busy": round(sum(cpu.values()) / seconds, 1), "cores": os.cpu_count(),
         "timeline": [(round(t - started, 2), n) for t, n in samples],
+        "per_process_per_quarter_second": by_process,
     }  # fmt: skip
     if spy_dir is not None:
         for i in range(len(spies)):
