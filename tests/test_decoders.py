@@ -16,6 +16,7 @@ Pixel bounds (uint8 levels, measured, see bench/results/gpu-tests-h200.log for t
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import signal
@@ -392,19 +393,27 @@ def test_pipeline_routes_each_image_and_isolates_failures(lite0_runtime, mixed_f
         both.close()
 
 
-def test_warm_up_runs_a_full_batch_through_the_gpu_path_and_leaves_no_trace(lite0_runtime, tmp_path, sample_photos):
+def test_warm_up_runs_the_gpu_path_before_the_first_task(lite0_runtime, tmp_path, sample_photos, caplog):
     cpu_only = _pipeline(lite0_runtime, tmp_path)
     both = _pipeline(lite0_runtime, tmp_path, gpu_decode=True, batch_size=4)
+    # The worker's input limits do not apply to the generated JPEGs: a PNG-only worker with a
+    # small pixel cap still warms up.
+    strict = _pipeline(
+        lite0_runtime, tmp_path, gpu_decode=True, batch_size=4, formats=frozenset({"PNG"}), max_pixels=10_000
+    )
     try:
         assert cpu_only.warm_up() == 0.0  # nothing to warm where no JPEG is decoded on the GPU
-        assert both.warm_up() > 0.0
-        assert not both.decoded_by and both.stages["infer"].images == 0
+        with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+            assert both.warm_up() > 0.0
+            assert strict.warm_up() > 0.0
+        assert not [r for r in caplog.records if "warming up" in r.getMessage()]
+        assert not both.decoded_by and both.stages["infer"].images == 0  # it leaves no trace in the counts
         photos = sorted(sample_photos.values())
         assert _labels(both, photos) == _labels(cpu_only, photos)
         assert both.decoded_by["gpu"] == len(photos)
     finally:
-        cpu_only.close()
-        both.close()
+        for pipeline in (cpu_only, both, strict):
+            pipeline.close()
 
 
 @pytest.mark.slow

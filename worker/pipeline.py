@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 import queue
@@ -184,12 +185,14 @@ class Pipeline:
             thread.start()
 
     def warm_up(self) -> float:
-        """Run `batch_size` generated 640x480 JPEGs through every stage, as one job would, and
-        return the seconds it took. Only where JPEGs are decoded on the GPU: a process's first
-        full batches there pay for CUDA's lazy kernel loading, nvJPEG's buffers and the caching
-        allocator's growth, which held an H200 job of 65,536 images at a quarter of its rate for
-        its first 2 s while three of the four worker processes warmed up
-        (bench/results/gpu-h200-host-budget.json). Raises RuntimeError if an image fails."""
+        """Decode `batch_size` copies of a generated 640x480 JPEG on the GPU and run the model on
+        them, once, before the first task; returns the seconds it took (0.0 where JPEGs are not
+        decoded on the GPU). A process's first full batches otherwise pay for CUDA's lazy kernel
+        loading, nvJPEG's buffers and the caching allocator's growth: on the H200, a job of
+        65,536 images ran its first 2 s at 2-5k img/s while three of the four worker processes
+        did (bench/results/gpu-h200-host-budget.json). It calls the GPU stages directly, so the
+        worker's input limits and formats do not apply. Any failure but a fatal CUDA error is
+        logged and the process starts cold: the first real batches then decide."""
         if self._gpu is None:
             return 0.0
         import io
@@ -197,16 +200,22 @@ class Pipeline:
         from PIL import Image
 
         started = time.perf_counter()
-        noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(noise).save(buffer, "JPEG", quality=90)
-        data = base64.b64encode(buffer.getvalue()).decode()
-        works = [Work(job="warm-up", key=str(i), data_b64=data) for i in range(self.batch_size)]
-        failed = [record for pairs in self.run(works, topk=1) for _, record in pairs if record.status != "ok"]
-        self.decoded_by.clear()
-        self.stages = {name: StageStats() for name in self.stages}
-        if failed:
-            raise RuntimeError(f"warming up the GPU path failed: {failed[0].error}")
+        device = self.runtime.device
+        try:
+            noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+            data = buffer.getvalue()
+            # On the model's GPU, as the stage threads are (`_serve`), not this thread's current one.
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                result = self._gpu.decode([(data, read_header(data, DEFAULT_MAX_PIXELS))] * self.batch_size)
+                if result.refused:
+                    raise RuntimeError(f"nvJPEG refused {len(result.refused)} of {self.batch_size} generated JPEGs")
+                self.runtime.predict_top_k(result.images, 1)
+        except Exception as e:
+            if _is_fatal_cuda_error(e):
+                raise
+            log.warning("warming up the GPU path failed, so the first batches run cold: %s: %s", type(e).__name__, e)
         return time.perf_counter() - started
 
     def close(self) -> None:
