@@ -338,6 +338,32 @@ def test_a_hang_up_stops_every_worker_process(private_redis_url, lite0_package, 
         worker.stop()
 
 
+def test_sigusr1_logs_each_processs_stacks_and_sigquit_stops_them_cold(private_redis_url, lite0_package, tmp_path):
+    """SIGUSR1 to the parent: each worker process logs its threads' stacks (Celery's handler)
+    and serves on. SIGQUIT: a cold shutdown of them all, status 131 as a shell reports it, and
+    the endpoint's folder is removed. Before, Python's default action for either signal ended
+    the parent at once and left its worker processes and that folder behind."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    options = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]
+    env = python_env(KILN_METRICS_PORT="0", TMPDIR=str(temp))
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], options, env=env)
+    try:
+        _loaded(worker, 2)
+        children = _children(worker.process.pid)
+        assert len(children) == 2 and list(temp.glob("kiln-metrics-*"))
+        os.kill(worker.process.pid, signal.SIGUSR1)
+        dumped = lambda: worker.log_path.read_text().splitlines().count("MainThread") >= 2  # noqa: E731
+        _wait_until(dumped, 60, "both worker processes' stacks")
+        assert worker.process.poll() is None and all(_state(pid) not in (None, "Z") for pid in children)
+        os.kill(worker.process.pid, signal.SIGQUIT)
+        assert worker.process.wait(60) == 131, worker.log_path.read_text()[-3000:]
+        assert not any(_state(pid) for pid in children)
+        assert not list(temp.glob("kiln-metrics-*"))
+    finally:
+        worker.stop()
+
+
 def test_a_signal_while_the_processes_start_stops_them_all(tmp_path):
     """The parent is told to stop while it is still starting its processes (here: the first one
     asks, at once): none is left running, and the parent returns instead of waiting for them."""

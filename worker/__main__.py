@@ -139,9 +139,9 @@ def _check_redis(settings: WorkerSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.parent_pid is not None:  # first thing: a parent killed while this process starts stops it too
-        from worker.supervisor import hold_hang_ups, stop_with_parent
+        from worker.supervisor import hold_signals, stop_with_parent
 
-        hold_hang_ups()  # before any thread starts
+        hold_signals()  # before any thread starts
         stop_with_parent(args.parent_pid)
     if args.worker_index is not None:  # its log lines say which of the host's worker processes wrote them
         import multiprocessing
@@ -213,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_index is None:
         start_endpoint(settings)  # metrics and health, before the model loads
     else:
-        from worker.supervisor import hang_up_as_terminate
+        from worker.supervisor import release_signals
 
         start_health_report(settings)  # to the parent's endpoint, where it has one
-        signals.worker_ready.connect(lambda **_: hang_up_as_terminate(), weak=False)
+        signals.worker_ready.connect(lambda **_: release_signals(), weak=False)
     device = device_for_process(settings, manifest.device, args.worker_index or 0, gpus)
     try:
         state = tasks.init_process(settings, device, processes)

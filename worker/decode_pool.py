@@ -82,8 +82,9 @@ def _attach(
     when_parent_exits(lambda: os._exit(0))
     # Ctrl-C or a service manager signals the whole process group: the worker's warm shutdown
     # finishes the images these processes hold, so they must not die of it first (each image they
-    # held would be recorded as failed). The worker closes the pool when it is done.
-    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    # held would be recorded as failed); after Ctrl-\ (SIGQUIT, a cold shutdown) the worker gives
+    # its chunks back instead. The worker closes the pool when it is done.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(stop, signal.SIG_IGN)
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)

@@ -13,7 +13,9 @@ its folder), and:
 
 - SIGTERM, SIGINT or SIGHUP: a warm shutdown of every child (they finish their running chunks);
   a second one kills them (their chunks go to other workers when their leases lapse), and the
-  parent exits with 128 + that signal's number.
+  parent exits with 128 + that signal's number. SIGQUIT: a cold shutdown, as Celery's (the
+  children stop at once; their running chunks go to other workers), exit status 131. SIGUSR1 is
+  passed on: each child logs its threads' stacks (Celery's handler) and carries on.
 - A child that dies while the others serve is started again, after 1 s, then 2, 4, ... up to
   `MAX_RESTART_DELAY_S` while it keeps dying: a CUDA fault ends its process on purpose
   (worker/pipeline.py), and its unacknowledged chunks go to the other workers meanwhile. A child
@@ -117,19 +119,24 @@ def stop_with_parent(parent: int) -> None:
     when_parent_exits(stop, parent)
 
 
-def hold_hang_ups() -> None:
-    """In a worker process, before it starts any thread: SIGHUP waits (blocked in every thread)
-    until `hang_up_as_terminate` says what it does."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+_HELD = {signal.SIGHUP, signal.SIGUSR1}
 
 
-def hang_up_as_terminate() -> None:
+def hold_signals() -> None:
+    """In a worker process, before it starts any thread: SIGHUP and SIGUSR1 wait (blocked in
+    every thread) until `release_signals`, once Celery is up. Until then SIGUSR1's default action
+    would end the process, and SIGHUP's meaning is `release_signals`' to give."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
+def release_signals() -> None:
     """In a worker process, once Celery has installed its signal handlers (from the main thread):
-    SIGHUP does what SIGTERM does, a warm shutdown, and one that came meanwhile is delivered now.
-    Celery's own SIGHUP handler restarts the worker in place, which would leave the parent waiting
-    for a child that never stops."""
+    SIGHUP does what SIGTERM does, a warm shutdown, and SIGUSR1 logs the threads' stacks
+    (Celery's handler); one that came meanwhile is delivered now. Celery's own SIGHUP handler
+    restarts the worker in place, which would leave the parent waiting for a child that never
+    stops."""
     signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
 def supervise(commands: list[list[str]]) -> int:
@@ -143,7 +150,10 @@ def supervise(commands: list[list[str]]) -> int:
     def on_signal(signum: int, _: FrameType | None) -> None:
         signals_received.append(signum)
         first, name = len(signals_received) == 1, signal.Signals(signum).name
-        if first:
+        if first and signum == signal.SIGQUIT:
+            log.warning("SIGQUIT: cold shutdown of the worker processes; their running chunks go to other "
+                        "workers when their leases lapse (KILN_LEASE_S)")  # fmt: skip
+        elif first:
             log.info("%s: warm shutdown of the worker processes (they finish their chunks)", name)
         else:
             log.warning("%s again: killing the worker processes; their chunks go to other workers when their "
@@ -152,8 +162,14 @@ def supervise(commands: list[list[str]]) -> int:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(_stop_signal(signals_received))
 
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    def pass_on(signum: int, _: FrameType | None) -> None:
+        for child in children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, on_signal) for s in handled}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, pass_on)
     try:
         for child in children:
             if signals_received:  # stopped while starting them: the rest never start
@@ -179,9 +195,12 @@ def _start(child: _Child, signals_received: list[int]) -> None:
 
 
 def _stop_signal(signals_received: list[int]) -> signal.Signals:
-    """What the children get once the parent has received `signals_received`: SIGTERM (Celery's
-    warm shutdown) for the first, SIGKILL after a second."""
-    return signal.SIGTERM if len(signals_received) == 1 else signal.SIGKILL
+    """What the children get once the parent has received `signals_received`: for the first,
+    SIGQUIT if it was one (Celery's cold shutdown), else SIGTERM (its warm shutdown); SIGKILL
+    after a second."""
+    if len(signals_received) > 1:
+        return signal.SIGKILL
+    return signal.SIGQUIT if signals_received[0] == signal.SIGQUIT else signal.SIGTERM
 
 
 def _watch(children: list[_Child], signals_received: list[int]) -> int:
@@ -223,8 +242,8 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
         time.sleep(POLL_S)
     if failure is not None:
         return failure
-    if len(signals_received) > 1:  # killed, not stopped: what a shell reports for the last signal
-        log.info("worker processes killed")
+    if len(signals_received) > 1 or signal.SIGQUIT in signals_received:  # not a warm stop: as a shell reports it
+        log.info("worker processes %s", "stopped cold" if len(signals_received) == 1 else "killed")
         return 128 + signals_received[-1]
     stopped_as_asked = (None, 0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
     status = next((exit_status(c.status) for c in children if c.status not in stopped_as_asked), 0)
