@@ -298,7 +298,9 @@ def _worker(package: str, url: str, roots: list[Path], log: Path, env_extra: dic
 
 def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repeat: int = 1) -> dict:
     """One job of every image in `folder`, `repeat` times under distinct keys (a job long enough
-    that submitting it and its last batch do not dominate), through Redis and the workers."""
+    that submitting it and its last batch do not dominate), through Redis and the workers. Returns
+    the overall rate and the steady one (records finished between the 20th and 80th percentile of
+    the finishing times)."""
     import uuid
 
     from bench.pipeline import _kiln
@@ -333,9 +335,10 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
 
 
 def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:
-    """Jobs of 4,096 of `folder`'s images until every worker process has written records: each
-    has loaded, warmed up and run full batches before the timed job ("workers already running").
-    A process still loading takes no chunk, and would join the timed job late."""
+    """Jobs of up to 4,096 of `folder`'s JPEGs until every worker process counted at the call
+    has written records: each has then loaded, warmed up and taken chunks before the timed job
+    ("workers already running"). A process still loading takes no chunk, and would join the timed
+    job late."""
     import uuid
 
     from bench.pipeline import _kiln

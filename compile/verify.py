@@ -34,8 +34,8 @@ SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 ERROR_BOUND = {"float32": 1e-3, "bfloat16": 5e-2}
 # On CUDA, cuDNN runs float32 convolutions in TF32 (PyTorch's default,
 # `torch.backends.cudnn.allow_tf32`): inputs rounded to 10-bit mantissas, in whichever algorithm
-# each side picks. EfficientNet-Lite0 on the H200: 5.4e-4 to 1.01e-3, so 1e-3 failed builds at
-# random (bench/results/gpu-h200-agreement.json); a miscompile shows as 1e-1 or more.
+# each side picks. EfficientNet-Lite0 on the H200: 5.4e-4 to 1.01e-3, so a build failed its check
+# at 1e-3 (bench/results/gpu-h200-agreement.json); a miscompile shows as 1e-1 or more.
 CUDA_FLOAT32_BOUND = 1e-2
 
 

@@ -2,8 +2,9 @@
 batch size, sized to the host unless the settings say otherwise. Logged in one line at start.
 
 Why these defaults (measured on the H200 host, 16 cores, FACTS.md and bench/results/gpu-h200*.json):
-the GPU decodes 640x480 JPEGs 5x faster than Pillow on all 16 cores, but camera-size JPEGs only
-about as fast as Pillow's DCT-scaled `draft` decode in 16 processes, so a GPU worker runs both.
+the GPU decodes 640x480 JPEGs about 8x faster than Pillow in 16 processes (19,393 against 2,351
+img/s in bench/results/gpu-h200.json), but 4000x3000 JPEGs under 2x as fast as Pillow's DCT-scaled
+`draft` decode (1,053 against 584), so a GPU worker runs both.
 One worker process's GIL bounds how fast it feeds a GPU (torchvision's batched `decode_jpeg` needs
 the GIL once per image), so a GPU gets several worker processes: ResNet-18 on 640x480 JPEGs end to
 end, 4,796 img/s with one process (13 decode processes), 6,829 with two (6 each), 7,931 with three
