@@ -335,26 +335,29 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
 
 
 def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:
-    """Jobs of up to 4,096 of `folder`'s JPEGs until every worker process counted at the call
-    has written records: each has then loaded, warmed up and taken chunks before the timed job
-    ("workers already running"). A process still loading takes no chunk, and would join the timed
-    job late."""
+    """Jobs of up to 4,096 of `folder`'s JPEGs until every worker process has written records:
+    each has then loaded, warmed up and taken chunks before the timed job ("workers already
+    running"). A process still loading takes no chunk, and would join the timed job late. The
+    processes are counted after each job: by the time one has answered, the parent has started
+    them all (it starts them before any loads its model)."""
     import uuid
 
     from bench.pipeline import _kiln
     from worker.contract import Item
 
-    expected = sum(max(1, _worker_processes(worker.process.pid)) for worker in workers)
     files = sorted(folder.rglob("*.jpg"))[:4096]
     started, seen = time.perf_counter(), set()
     with _kiln(url, chunk_size=64) as kiln:
-        while len(seen) < expected:
-            if time.perf_counter() - started > timeout_s:
-                raise RuntimeError(f"only {len(seen)} of {expected} worker processes answered in {timeout_s} s")
+        while True:
             job = f"gpu-warm-up-{uuid.uuid4().hex[:10]}"  # a new job each time: a finished one would not wait
             kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job=job)
             kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
             seen |= {record.worker for record in kiln.results(job)}
+            expected = sum(max(1, _worker_processes(worker.process.pid)) for worker in workers)
+            if len(seen) >= expected:
+                return
+            if time.perf_counter() - started > timeout_s:
+                raise RuntimeError(f"only {len(seen)} of {expected} worker processes answered in {timeout_s} s")
 
 
 def _worker_processes(parent: int) -> int:
