@@ -29,7 +29,7 @@ SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples"
 
 # Bound on ||package - eager|| / ||eager|| over the class probabilities, per compute dtype. The
 # eager reference runs in the same dtype; float32 kernels on the CPU only reorder sums (~1e-6
-# seen), while bfloat16 kernels round differently from eager's (FACTS.md: 6.4e-3 for ResNet-18
+# seen), while bfloat16 kernels round differently from eager's (docs/FACTS.md: 6.4e-3 for ResNet-18
 # logits).
 ERROR_BOUND = {"float32": 1e-3, "bfloat16": 5e-2}
 # On CUDA, cuDNN runs float32 convolutions in TF32 (PyTorch's default,

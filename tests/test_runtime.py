@@ -69,7 +69,7 @@ def test_empty_batch(lite0_runtime):
 
 
 def test_non_contiguous_inputs_give_the_same_answer(lite0_runtime, sample_photos):
-    """FACTS.md: the compiled code assumes the exported strides; a channels_last, permuted or
+    """docs/FACTS.md: the compiled code assumes the exported strides; a channels_last, permuted or
     sliced tensor must not silently change the logits."""
     images = photo_batch(lite0_runtime, sample_photos, sorted(sample_photos))
     reference = lite0_runtime.predict(images.contiguous())

@@ -3,7 +3,7 @@
 On some hosts every `aoti_load_package` ends in SIGSEGV: the compiled wrapper binds C++ runtime
 symbols (std::regex, used while parsing the device string) to copies that torch's own libraries
 export, built by another compiler. Preloading the system libstdc++ puts the real one first and
-the load works (measured on the H200 machine with torch 2.11; see FACTS.md). `LD_PRELOAD` only
+the load works (measured on the H200 machine with torch 2.11; see docs/FACTS.md). `LD_PRELOAD` only
 takes effect when a process starts, so kiln's entry points re-execute themselves once with it.
 
 Whether a host needs it is measured, not guessed: a child process loads the package with and

@@ -20,7 +20,7 @@ crop's slot 150 kB): reading them from the result pipe was a fifth of the worker
 (py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json).
 
 Processes are spawned, never forked: the worker process may hold a CUDA context, and a fork
-after CUDA (or after torch's thread pools started) hangs the child (FACTS.md). The children
+after CUDA (or after torch's thread pools started) hangs the child (docs/FACTS.md). The children
 import Pillow and numpy only, no torch.
 """
 

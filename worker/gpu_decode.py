@@ -7,7 +7,7 @@ resize + crop of `worker.resample`: bytes in, the model's uint8 input out, never
     result.decoded       # which input each row is
     result.refused       # indices nvJPEG would not decode: the caller decodes them on the CPU
 
-Why torchvision's `decode_jpeg`: measured on the H200 (FACTS.md) it decodes 17.7k 640x480
+Why torchvision's `decode_jpeg`: measured on the H200 (docs/FACTS.md) it decodes 17.7k 640x480
 JPEGs/s in batches of 256, nvImageCodec 20.6-23.1k; torchvision is already a worker dependency,
 while nvImageCodec is a second CUDA library to carry, and the decoder is not what bounds kiln
 (resize, routing and the model share the GPU). The same code runs on the CPU (libjpeg-turbo), which

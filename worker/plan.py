@@ -1,7 +1,7 @@
 """The data-path plan of one worker process: which decoders, how many threads and processes, what
 batch size, sized to the host unless the settings say otherwise. Logged in one line at start.
 
-Why these defaults (measured on the H200 host, 16 cores, FACTS.md and bench/results/gpu-h200*.json):
+Why these defaults (measured on the H200 host, 16 cores, docs/FACTS.md and bench/results/gpu-h200*.json):
 the GPU decodes 640x480 JPEGs about 8x faster than Pillow in 16 processes (19,393 against 2,351
 img/s in bench/results/gpu-h200.json), but 4000x3000 JPEGs under 2x as fast as Pillow's DCT-scaled
 `draft` decode (1,053 against 584), so a GPU worker runs both.
