@@ -335,36 +335,48 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
 def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:
     """Jobs of 4,096 of `folder`'s images until every worker process has written records: each
     has loaded, warmed up and run full batches before the timed job ("workers already running").
-    A process still loading takes no chunk, and would join the timed job late."""
+    A process still loading takes no chunk, and would join the timed job late. The processes are
+    counted after each job, not before the first: called right after the worker's start, its
+    parent has not started them yet (and one that restarted must answer under its new pid)."""
     import uuid
 
     from bench.pipeline import _kiln
     from worker.contract import Item
 
-    expected = sum(max(1, _worker_processes(worker.process.pid)) for worker in workers)
     files = sorted(folder.rglob("*.jpg"))[:4096]
-    started, seen = time.perf_counter(), set()
+    started, answered = time.perf_counter(), set()
     with _kiln(url, chunk_size=64) as kiln:
-        while len(seen) < expected:
-            if time.perf_counter() - started > timeout_s:
-                raise RuntimeError(f"only {len(seen)} of {expected} worker processes answered in {timeout_s} s")
+        while True:
             job = f"gpu-warm-up-{uuid.uuid4().hex[:10]}"  # a new job each time: a finished one would not wait
             kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job=job)
             kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
-            seen |= {record.worker for record in kiln.results(job)}
+            answered |= {int(record.worker.split(":")[1]) for record in kiln.results(job) if record.worker}
+            expected = {
+                pid for worker in workers for pid in _worker_processes(worker.process.pid) or [worker.process.pid]
+            }
+            if expected <= answered:
+                return
+            if time.perf_counter() - started > timeout_s:
+                raise RuntimeError(
+                    f"only {len(expected & answered)} of {len(expected)} worker processes answered in {timeout_s} s"
+                )
 
 
-def _worker_processes(parent: int) -> int:
-    """How many worker processes `python -m worker` (pid `parent`) runs, from /proc."""
-    count = 0
+def _worker_processes(parent: int) -> list[int]:
+    """The pids of the worker processes that `python -m worker` (pid `parent`) runs, from /proc;
+    none where it serves in its own process."""
+    pids = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
-                count += b"--worker-index" in (entry / "cmdline").read_bytes()
+            if (
+                int(stat[stat.rindex(")") + 2 :].split()[1]) == parent
+                and b"--worker-index" in (entry / "cmdline").read_bytes()
+            ):
+                pids.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue
-    return count
+    return pids
 
 
 def plan_line(log: Path) -> str:

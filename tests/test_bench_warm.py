@@ -1,0 +1,47 @@
+"""bench/gpu.py's warm(): the timed job must start only once every worker process of the
+`python -m worker` under test has written records (a process still loading joins it late)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+from conftest import SAMPLES, python_env
+
+
+def _warm_up_writers(url: str) -> set[str]:
+    """The worker processes that wrote records of any of warm()'s jobs."""
+    import redis
+
+    from producer import Kiln
+
+    with redis.Redis.from_url(url) as client:
+        jobs = {
+            m.group(1)
+            for k in client.scan_iter("kiln:{gpu-warm-up-*")
+            if (m := re.match(r"kiln:\{(.*?)\}", k.decode()))
+        }
+    with Kiln(url) as kiln:
+        return {record.worker for job in jobs for record in kiln.results(job)}
+
+
+@pytest.mark.timeout(300)
+def test_warm_waits_for_every_worker_process(lite0_package, private_redis_url, tmp_path):
+    from bench.gpu import warm
+    from producer.embedded import LocalWorker
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    for i in range(64):  # warm() submits chunks of 64: one chunk, one process, per warm-up job
+        shutil.copy(photos[i % len(photos)], folder / f"{i:03d}.jpg")
+    worker = LocalWorker(
+        lite0_package, private_redis_url, tmp_path / "worker.log", [folder], ["--concurrency", "2"], env=python_env()
+    )
+    try:
+        warm(private_redis_url, folder, [worker], timeout_s=240)  # right after the start, as bench_e2e does
+        writers = _warm_up_writers(private_redis_url)
+        assert len(writers) == 2, f"warm() returned once {len(writers)} of 2 worker processes had answered"
+    finally:
+        worker.stop()
