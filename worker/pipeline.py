@@ -187,12 +187,12 @@ class Pipeline:
     def warm_up(self) -> float:
         """Decode `batch_size` copies of a generated 640x480 JPEG on the GPU and run the model on
         them, once, before the first task; returns the seconds it took (0.0 where JPEGs are not
-        decoded on the GPU). A process's first full batches otherwise pay for CUDA's lazy kernel
-        loading, nvJPEG's buffers and the caching allocator's growth: on the H200, a job of
-        65,536 images ran its first 2 s at 2-5k img/s while three of the four worker processes
-        did (bench/results/gpu-h200-host-budget.json). It calls the GPU stages directly, so the
-        worker's input limits and formats do not apply. Any failure but a fatal CUDA error is
-        logged and the process starts cold: the first real batches then decide."""
+        decoded on the GPU, or where it failed). A process's first full batches otherwise pay for
+        CUDA's lazy kernel loading, nvJPEG's buffers and the caching allocator's growth: on the
+        H200, a job of 65,536 images ran its first 2 s at 2-5k img/s while three of the four
+        worker processes did (bench/results/gpu-h200-host-budget.json). It calls the GPU stages
+        directly, so the worker's input limits and formats do not apply. Any failure but a fatal
+        CUDA error is logged and the process starts cold: the first real batches then decide."""
         if self._gpu is None:
             return 0.0
         import io
@@ -216,6 +216,7 @@ class Pipeline:
             if _is_fatal_cuda_error(e):
                 raise
             log.warning("warming up the GPU path failed, so the first batches run cold: %s: %s", type(e).__name__, e)
+            return 0.0  # nothing was warmed up: the caller must not say it was
         return time.perf_counter() - started
 
     def close(self) -> None:
