@@ -314,22 +314,29 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
         seconds = time.perf_counter() - started
         kinds: dict[str, int] = {}
         timings: dict[str, list[float]] = {}
-        finished: list[float] = []
-        for record in kiln.results(job):
+        records = kiln.results(job)
+        for record in records:
             if record.status != "ok":
                 kinds[record.error.kind] = kinds.get(record.error.kind, 0) + 1
             for stage, ms in record.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
-            finished.append(record.finished_at)
     medians = {stage: statistics.median(values) for stage, values in timings.items()}
-    finished.sort()
-    # The rate between the 20th and the 80th percentile of the records' finishing times: the job
-    # without its first and last moments (submitting the first chunks, the last batches draining).
-    low, high = finished[len(finished) // 5], finished[len(finished) * 4 // 5]
-    steady = (len(finished) * 4 // 5 - len(finished) // 5) / (high - low) if high > low else None
+    steady = steady_rate(records)
     return {"images": submitted.total, "seconds": seconds, "images_per_s": submitted.total / seconds,
             "steady_images_per_s": steady, "failed": counts.failed, "failed_kinds": kinds,
             "median_ms": medians}  # fmt: skip
+
+
+def steady_rate(records: list) -> float | None:
+    """Records per second between the 20th and the 80th percentile of their finishing times: the
+    job without its first and last moments (submitting the first chunks, the last batches
+    draining). Records without a finishing time (a chunk's `poison` or `internal` records, written
+    by the task, not the pipeline) are left out; None where too few have one."""
+    finished = sorted(record.finished_at for record in records if record.finished_at is not None)
+    if not finished:
+        return None
+    low, high = finished[len(finished) // 5], finished[len(finished) * 4 // 5]
+    return (len(finished) * 4 // 5 - len(finished) // 5) / (high - low) if high > low else None
 
 
 def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:

@@ -45,3 +45,15 @@ def test_warm_waits_for_every_worker_process(lite0_package, private_redis_url, t
         assert len(writers) == 2, f"warm() returned once {len(writers)} of 2 worker processes had answered"
     finally:
         worker.stop()
+
+
+def test_steady_rate_leaves_out_records_without_a_finishing_time():
+    """A job with a poisoned chunk: the task writes its `poison` records with no finishing time
+    (worker/tasks.py), and e2e_rate's sort of the finishing times raised TypeError, losing the run."""
+    from bench.gpu import steady_rate
+    from worker.contract import Record
+
+    ok = [Record(job="j", key=f"k{i}", status="ok", topk=[], finished_at=1000.0 + i / 100) for i in range(100)]
+    poison = [Record.failure("j", f"p{i}", "poison", "3 workers died on this chunk") for i in range(8)]
+    assert steady_rate(ok + poison) == pytest.approx(100.0)
+    assert steady_rate(poison) is None
