@@ -39,6 +39,7 @@ from worker.contract import InputError, Label, Record
 from worker.decode_pool import DecodePool, Loaded
 from worker.fetch import FetchPolicy, fetch
 from worker.gpu_decode import JpegBatchDecoder
+from worker.gpu_decode import is_fatal_cuda_error as _is_fatal_cuda_error
 from worker.lease import process_id
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
@@ -52,10 +53,6 @@ log = logging.getLogger(__name__)
 # gather what is already on its way, short enough to be invisible to an online request.
 LINGER_S = 0.003
 SWITCH_INTERVAL_S = 0.0005
-
-# CUDA errors after which the context is unusable: the process exits at once, unacknowledged,
-# so its tasks are delivered to another worker instead of failing healthy images.
-_FATAL_CUDA = ("device-side assert", "illegal memory access", "unspecified launch failure", "illegal instruction")
 
 
 @dataclass(frozen=True)
@@ -587,8 +584,3 @@ class Pipeline:
 
 def _count(unit: _Image | _Rows) -> int:
     return len(unit.images) if isinstance(unit, _Rows) else 1
-
-
-def _is_fatal_cuda_error(error: BaseException) -> bool:
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(s in text for s in _FATAL_CUDA)
