@@ -27,7 +27,8 @@ def _warm_up_writers(url: str) -> set[str]:
 
 
 @pytest.mark.timeout(300)
-def test_warm_waits_for_every_worker_process(lite0_package, private_redis_url, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_warm_waits_for_every_worker_process(lite0_package, private_redis_url, tmp_path, processes):
     from bench.gpu import warm
     from producer.embedded import LocalWorker
 
@@ -37,12 +38,17 @@ def test_warm_waits_for_every_worker_process(lite0_package, private_redis_url, t
     for i in range(64):  # warm() submits chunks of 64: one chunk, one process, per warm-up job
         shutil.copy(photos[i % len(photos)], folder / f"{i:03d}.jpg")
     worker = LocalWorker(
-        lite0_package, private_redis_url, tmp_path / "worker.log", [folder], ["--concurrency", "2"], env=python_env()
+        lite0_package,
+        private_redis_url,
+        tmp_path / "worker.log",
+        [folder],
+        ["--concurrency", str(processes)],
+        env=python_env(),
     )
     try:
         warm(private_redis_url, folder, [worker], timeout_s=240)  # right after the start, as bench_e2e does
         writers = _warm_up_writers(private_redis_url)
-        assert len(writers) == 2, f"warm() returned once {len(writers)} of 2 worker processes had answered"
+        assert len(writers) == processes, f"warm() returned once {len(writers)} of {processes} processes had answered"
     finally:
         worker.stop()
 
