@@ -299,8 +299,7 @@ def _worker(package: str, url: str, roots: list[Path], log: Path, env_extra: dic
 def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repeat: int = 1) -> dict:
     """One job of every image in `folder`, `repeat` times under distinct keys (a job long enough
     that submitting it and its last batch do not dominate), through Redis and the workers. Returns
-    the overall rate and the steady one (records finished between the 20th and 80th percentile of
-    the finishing times)."""
+    the overall rate and the steady one (`steady_rate`)."""
     import uuid
 
     from bench.pipeline import _kiln
@@ -316,61 +315,76 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
         seconds = time.perf_counter() - started
         kinds: dict[str, int] = {}
         timings: dict[str, list[float]] = {}
-        finished: list[float] = []
-        for record in kiln.results(job):
+        records = kiln.results(job)
+        for record in records:
             if record.status != "ok":
                 kinds[record.error.kind] = kinds.get(record.error.kind, 0) + 1
             for stage, ms in record.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
-            finished.append(record.finished_at)
     medians = {stage: statistics.median(values) for stage, values in timings.items()}
-    finished.sort()
-    # The rate between the 20th and the 80th percentile of the records' finishing times: the job
-    # without its first and last moments (submitting the first chunks, the last batches draining).
-    low, high = finished[len(finished) // 5], finished[len(finished) * 4 // 5]
-    steady = (len(finished) * 4 // 5 - len(finished) // 5) / (high - low) if high > low else None
+    steady = steady_rate(records)
     return {"images": submitted.total, "seconds": seconds, "images_per_s": submitted.total / seconds,
             "steady_images_per_s": steady, "failed": counts.failed, "failed_kinds": kinds,
             "median_ms": medians}  # fmt: skip
 
 
+def steady_rate(records: list) -> float | None:
+    """Records per second between the 20th and the 80th percentile of their finishing times: the
+    job without its first and last moments (submitting the first chunks, the last batches
+    draining). Records without a finishing time (a chunk's `poison` or `internal` records, written
+    by the task, not the pipeline) are left out; None where too few have one."""
+    finished = sorted(record.finished_at for record in records if record.finished_at is not None)
+    if not finished:
+        return None
+    low, high = finished[len(finished) // 5], finished[len(finished) * 4 // 5]
+    return (len(finished) * 4 // 5 - len(finished) // 5) / (high - low) if high > low else None
+
+
 def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:
     """Jobs of up to 4,096 of `folder`'s JPEGs until every worker process has written records:
-    each has then loaded, warmed up and taken chunks before the timed job ("workers already
-    running"). A process still loading takes no chunk, and would join the timed job late. The
-    processes are counted after each job: by the time one has answered, the parent has started
-    them all (it starts them before any loads its model)."""
+    each has then loaded, warmed up and taken chunks before the timed job ("workers already running").
+    A process still loading takes no chunk, and would join the timed job late. The processes are
+    counted after each job, not before the first: called right after the worker's start, its
+    parent has not started them yet (and one that restarted must answer under its new pid)."""
     import uuid
 
     from bench.pipeline import _kiln
     from worker.contract import Item
 
     files = sorted(folder.rglob("*.jpg"))[:4096]
-    started, seen = time.perf_counter(), set()
+    started, answered = time.perf_counter(), set()
     with _kiln(url, chunk_size=64) as kiln:
         while True:
             job = f"gpu-warm-up-{uuid.uuid4().hex[:10]}"  # a new job each time: a finished one would not wait
             kiln.submit([Item(key=f"w{i}", ref=str(f)) for i, f in enumerate(files)], job=job)
             kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
-            seen |= {record.worker for record in kiln.results(job)}
-            expected = sum(max(1, _worker_processes(worker.process.pid)) for worker in workers)
-            if len(seen) >= expected:
+            answered |= {int(record.worker.split(":")[1]) for record in kiln.results(job) if record.worker}
+            expected = {
+                pid for worker in workers for pid in _worker_processes(worker.process.pid) or [worker.process.pid]
+            }
+            if expected <= answered:
                 return
             if time.perf_counter() - started > timeout_s:
-                raise RuntimeError(f"only {len(seen)} of {expected} worker processes answered in {timeout_s} s")
+                raise RuntimeError(
+                    f"only {len(expected & answered)} of {len(expected)} worker processes answered in {timeout_s} s"
+                )
 
 
-def _worker_processes(parent: int) -> int:
-    """How many worker processes `python -m worker` (pid `parent`) runs, from /proc."""
-    count = 0
+def _worker_processes(parent: int) -> list[int]:
+    """The pids of the worker processes that `python -m worker` (pid `parent`) runs, from /proc;
+    none where it serves in its own process."""
+    pids = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             stat = (entry / "stat").read_text()
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == parent:
-                count += b"--worker-index" in (entry / "cmdline").read_bytes()
+            if (
+                int(stat[stat.rindex(")") + 2 :].split()[1]) == parent
+                and b"--worker-index" in (entry / "cmdline").read_bytes()
+            ):
+                pids.append(int(entry.name))
         except (OSError, ValueError, IndexError):
             continue
-    return count
+    return pids
 
 
 def plan_line(log: Path) -> str:

@@ -43,6 +43,15 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 MAX_DECODED_PIXELS = 128 * 2**20  # full-size pixels decoded at once: 384 MiB of RGB
 PLANS_KEPT = 64  # resample weights kept on the device, by image size (~0.5 MiB each)
 
+# CUDA errors after which the context is unusable: the process exits at once, unacknowledged,
+# so its tasks are delivered to another worker instead of failing healthy images.
+FATAL_CUDA = ("device-side assert", "illegal memory access", "unspecified launch failure", "illegal instruction")
+
+
+def is_fatal_cuda_error(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in FATAL_CUDA)
+
 
 def decoder_available(device: torch.device) -> str | None:
     """None when torchvision can decode JPEGs on `device`, else why not (for the start-up log)."""
@@ -140,6 +149,8 @@ class JpegBatchDecoder:
         try:
             decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError as e:
+            if is_fatal_cuda_error(e):  # the context is gone, not the image: no split, no CPU fallback
+                raise
             if len(indices) == 1:
                 log.debug("nvJPEG refused image %d (%s): decoding it on the CPU", indices[0], e)
                 refused.append(indices[0])

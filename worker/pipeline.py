@@ -38,7 +38,7 @@ from worker.budget import MemoryBudget
 from worker.contract import InputError, Label, Record
 from worker.decode_pool import DecodePool, Loaded
 from worker.fetch import FetchPolicy, fetch
-from worker.gpu_decode import JpegBatchDecoder
+from worker.gpu_decode import JpegBatchDecoder, is_fatal_cuda_error
 from worker.lease import process_id
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
@@ -52,10 +52,6 @@ log = logging.getLogger(__name__)
 # gather what is already on its way, short enough to be invisible to an online request.
 LINGER_S = 0.003
 SWITCH_INTERVAL_S = 0.0005
-
-# CUDA errors after which the context is unusable: the process exits at once, unacknowledged,
-# so its tasks are delivered to another worker instead of failing healthy images.
-_FATAL_CUDA = ("device-side assert", "illegal memory access", "unspecified launch failure", "illegal instruction")
 
 
 @dataclass(frozen=True)
@@ -187,12 +183,14 @@ class Pipeline:
     def warm_up(self) -> float:
         """Decode `batch_size` copies of a generated 640x480 JPEG on the GPU and run the model on
         them, once, before the first task; returns the seconds it took (0.0 where JPEGs are not
-        decoded on the GPU, or where it failed). A process's first full batches otherwise pay for CUDA's lazy kernel
-        loading, nvJPEG's buffers and the caching allocator's growth: on the H200, a job of
-        65,536 images ran its first 2 s at 2-5k img/s while three of the four worker processes
-        did (bench/results/gpu-h200-host-budget.json). It calls the GPU stages directly, so the
-        worker's input limits and formats do not apply. Any failure but a fatal CUDA error is
-        logged and the process starts cold: the first real batches then decide."""
+        decoded on the GPU, or where it failed). A process's first full batches otherwise pay for
+        CUDA's lazy kernel loading, nvJPEG's buffers and the caching allocator's growth: on the
+        H200, a job of 65,536 images ran its first 2 s at 2-5k img/s and then 13-15k, with
+        processes that had not run a full batch before (bench/results/gpu-h200-host-budget.json).
+        Each stage runs on its own stream, as in `_decode_on_gpu` and `_infer_loop` (the
+        allocator caches blocks per stream). It calls the GPU stages directly, so the worker's
+        input limits and formats do not apply. Any failure but a fatal CUDA error is logged and
+        the process starts cold: the first real batches then decide."""
         if self._gpu is None:
             return 0.0
         import io
@@ -207,16 +205,20 @@ class Pipeline:
             Image.fromarray(noise).save(buffer, "JPEG", quality=90)
             data = buffer.getvalue()
             # On the model's GPU, as the stage threads are (`_serve`), not this thread's current one.
+            stream = self._decode_stream
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                result = self._gpu.decode([(data, read_header(data, DEFAULT_MAX_PIXELS))] * self.batch_size)
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    result = self._gpu.decode([(data, read_header(data, DEFAULT_MAX_PIXELS))] * self.batch_size)
+                if stream is not None:
+                    torch.cuda.current_stream().wait_stream(stream)
                 if result.refused:
                     raise RuntimeError(f"nvJPEG refused {len(result.refused)} of {self.batch_size} generated JPEGs")
                 self.runtime.predict_top_k(result.images, 1)
         except Exception as e:
-            if _is_fatal_cuda_error(e):
+            if is_fatal_cuda_error(e):
                 raise
             log.warning("warming up the GPU path failed, so the first batches run cold: %s: %s", type(e).__name__, e)
-            return 0.0
+            return 0.0  # nothing was warmed up: the caller must not say it was
         return time.perf_counter() - started
 
     def close(self) -> None:
@@ -385,7 +387,7 @@ class Pipeline:
         try:
             self._decode_on_gpu(images)
         except Exception as e:
-            if _is_fatal_cuda_error(e):
+            if is_fatal_cuda_error(e):
                 raise
             # Out of GPU memory, or a bug: Pillow decides for each image of the batch.
             log.exception("GPU decoding of %d images failed: decoding them on the CPU", len(images))
@@ -443,7 +445,7 @@ class Pipeline:
             scores, indices = self.runtime.predict_top_k(batch, k)
             infer_ms = (time.perf_counter() - started) * 1e3
         except Exception as e:
-            if _is_fatal_cuda_error(e):
+            if is_fatal_cuda_error(e):
                 raise
             log.exception("a model run failed")
             error = InputError("internal", f"model run failed: {type(e).__name__}: {e}")
@@ -578,7 +580,7 @@ class Pipeline:
             try:
                 loop()
             except Exception as e:
-                if _is_fatal_cuda_error(e):
+                if is_fatal_cuda_error(e):
                     log.critical("CUDA error, this GPU context is unusable; exiting so another worker redoes it: %s", e)
                     logging.shutdown()
                     os._exit(70)  # EX_SOFTWARE; no acknowledgement, no cleanup that could touch CUDA
@@ -587,8 +589,3 @@ class Pipeline:
 
 def _count(unit: _Image | _Rows) -> int:
     return len(unit.images) if isinstance(unit, _Rows) else 1
-
-
-def _is_fatal_cuda_error(error: BaseException) -> bool:
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(s in text for s in _FATAL_CUDA)
