@@ -4,8 +4,13 @@ cut short by the device's time limit keeps what it measured."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,3 +44,23 @@ def resnet18_on_640x480(wheels: list[str]) -> tuple[str, Path, Path]:
     workdir = ROOT / "build" / "gpu-bench-work"
     workdir.mkdir(parents=True, exist_ok=True)
     return package, dataset("jpeg", 8192, SMALL), workdir
+
+
+@contextlib.contextmanager
+def mps_daemon() -> Iterator[dict[str, str] | None]:
+    """CUDA MPS for the block (kernels of several processes then run on the GPU at once, instead
+    of the GPU time-slicing between their contexts), quit after it. Yields the environment that
+    its client processes need, or None where the host has no `nvidia-cuda-mps-control`."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    if control is None:
+        yield None
+        return
+    pipes = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps-pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps-log"}
+    for folder in pipes.values():
+        os.makedirs(folder, exist_ok=True)
+    env = dict(os.environ, **pipes)
+    subprocess.run([control, "-d"], env=env, check=True)
+    try:
+        yield pipes
+    finally:
+        subprocess.run([control], input="quit\n", env=env, text=True, capture_output=True)

@@ -17,7 +17,6 @@ processes); two decode processes each; under CUDA MPS, the default and 6 and 8 w
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from common import Results, resnet18_on_640x480
+from common import Results, mps_daemon, resnet18_on_640x480
 from gpu_e2e_profile import summarise
 
 from bench.gpu import _worker, plan_line, warm
@@ -177,24 +176,16 @@ def main() -> None:
         variant(url, package, small, workdir, "four_in_flight", {"KILN_TASKS_IN_FLIGHT": "4"})
         variant(url, package, small, workdir, "gpu_decode_only", {"KILN_DECODE_PROCESSES": "0"})
         variant(url, package, small, workdir, "two_decode_processes", {"KILN_DECODE_PROCESSES": "2"})
-        control = shutil.which("nvidia-cuda-mps-control")
-        if control is None:
-            R["mps"] = {"skipped": "no nvidia-cuda-mps-control"}
-            R.save()
-            return
-        pipes = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps-pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps-log"}
-        for folder in pipes.values():
-            os.makedirs(folder, exist_ok=True)
-        env = dict(os.environ, **pipes)
-        subprocess.run([control, "-d"], env=env, check=True)
-        try:
+        with mps_daemon() as pipes:
+            if pipes is None:
+                R["mps"] = {"skipped": "no nvidia-cuda-mps-control"}
+                R.save()
+                return
             variant(url, package, small, workdir, "mps_default", pipes)
             variant(url, package, small, workdir, "mps_6x1", {**pipes, "KILN_PROCESSES_PER_GPU": "6",
                                                               "KILN_DECODE_PROCESSES": "1"})  # fmt: skip
             variant(url, package, small, workdir, "mps_8x1", {**pipes, "KILN_PROCESSES_PER_GPU": "8",
                                                               "KILN_DECODE_PROCESSES": "1"})  # fmt: skip
-        finally:
-            subprocess.run([control], input="quit\n", env=env, text=True)
 
 
 if __name__ == "__main__":

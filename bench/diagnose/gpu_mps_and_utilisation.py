@@ -8,12 +8,10 @@ instead of the GPU time-slicing between their contexts), where the host has it.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 
-from common import ROOT, Results, resnet18_on_640x480
+from common import ROOT, Results, mps_daemon, resnet18_on_640x480
 
 from bench.gpu import _default_worker_rate
 
@@ -42,24 +40,16 @@ def main() -> None:
         R["default"] = sampled("default", lambda: _default_worker_rate(url, package, small, workdir, "dmon", {}))
         R.save()
         print("default:", R["default"]["images_per_s"], flush=True)
-        control = shutil.which("nvidia-cuda-mps-control")
-        if control is None:
-            R["mps"] = {"skipped": "no nvidia-cuda-mps-control on this host"}
-            R.save()
-            return
-        pipes = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/mps-pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/mps-log"}
-        for folder in pipes.values():
-            os.makedirs(folder, exist_ok=True)
-        env = dict(os.environ, **pipes)
-        started = subprocess.run([control, "-d"], env=env, capture_output=True, text=True)
-        R["mps_start"] = {"status": started.returncode, "output": (started.stdout + started.stderr)[-500:]}
-        try:
-            R["mps"] = sampled("mps", lambda: _default_worker_rate(url, package, small, workdir, "mps", pipes))
-            print("mps:", R["mps"]["images_per_s"], flush=True)
-        except Exception as e:
-            R["mps"] = {"error": repr(e)[-1500:]}
-        finally:
-            subprocess.run([control], input="quit\n", env=env, text=True, capture_output=True)
+        with mps_daemon() as pipes:
+            if pipes is None:
+                R["mps"] = {"skipped": "no nvidia-cuda-mps-control on this host"}
+                R.save()
+                return
+            try:
+                R["mps"] = sampled("mps", lambda: _default_worker_rate(url, package, small, workdir, "mps", pipes))
+                print("mps:", R["mps"]["images_per_s"], flush=True)
+            except Exception as e:
+                R["mps"] = {"error": repr(e)[-1500:]}
             R.save()
 
 
