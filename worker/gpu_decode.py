@@ -49,6 +49,8 @@ FATAL_CUDA = ("device-side assert", "illegal memory access", "unspecified launch
 
 
 def is_fatal_cuda_error(error: BaseException) -> bool:
+    """Whether `error` leaves this process's CUDA context unusable (torch raises CUDA errors as
+    RuntimeError, named by their message): one of `FATAL_CUDA`, not an image nvJPEG refused."""
     text = str(error)
     return isinstance(error, RuntimeError) and any(s in text for s in FATAL_CUDA)
 

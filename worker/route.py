@@ -118,5 +118,6 @@ def draft_factor(width: int, height: int, resize: int) -> int:
 def cpu_takes(header: ImageHeader, resize: int, gpu_has_a_batch: bool) -> bool:
     """Whether a JPEG the GPU could decode goes to a CPU process instead: only one that `draft`
     decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does (docs/FACTS.md), and only
-    while the GPU already has a batch waiting; at full scale the GPU is five times faster."""
+    while the GPU already has a batch waiting; at full scale the GPU is about eight times faster
+    (bench/results/gpu-h200.json)."""
     return gpu_has_a_batch and draft_factor(header.width, header.height, resize) > 1
