@@ -136,6 +136,26 @@ def _check_redis(settings: WorkerSettings) -> None:
         client.close()
 
 
+def _exit_on_stop_until_ready() -> None:
+    """A single worker process told to stop while its model loads (before Celery's handlers):
+    exit through Python, 128 + the signal's number, so that exit handlers remove the endpoint's
+    folder; the signal's default action ended the process and left the folder behind."""
+    import signal
+
+    def stop(signum: int, _: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(signum, stop)
+
+
+def _release_stack_dumps() -> None:
+    """Once Celery is up: SIGUSR1, held since the start, logs the threads' stacks (its handler)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.parent_pid is not None:  # first thing: a parent killed while this process starts stops it too
@@ -143,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
 
         hold_signals()  # before any thread starts
         stop_with_parent(args.parent_pid)
+    else:  # SIGUSR1 (the threads' stacks) must not end the worker before Celery's handler is there
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # before any thread starts
     if args.worker_index is not None:  # its log lines say which of the host's worker processes wrote them
         import multiprocessing
 
@@ -212,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_args.append("--task-events")
     if args.worker_index is None:
         start_endpoint(settings)  # metrics and health, before the model loads
+        _exit_on_stop_until_ready()
+        signals.worker_ready.connect(lambda **_: _release_stack_dumps(), weak=False)
     else:
         from worker.supervisor import release_signals
 
@@ -224,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Threads, not solo: while one chunk's last batch runs, the next chunks' images load.
-    worker_args += ["--pool=threads", f"--concurrency={state.plan.tasks_in_flight}"]
+    # (worker/pool.py: Celery's thread pool, whose cold shutdown completes; app.conf.worker_pool)
+    worker_args += [f"--concurrency={state.plan.tasks_in_flight}"]
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
     status = app.start(worker_args) or 0

@@ -73,5 +73,7 @@ def configure_worker(app: Celery, settings: WorkerSettings) -> None:
         },
     )
     online = ONLINE_QUEUE in settings.queues
+    # Threads, not prefork: worker/pool.py says why this subclass of Celery's thread pool.
+    app.conf.worker_pool = "worker.pool:ThreadPool"
     app.conf.worker_prefetch_multiplier = settings.online_batch_size if online else 1
     app.steps["consumer"].add(LeaseRenewal)

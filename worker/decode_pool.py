@@ -49,6 +49,10 @@ from worker.supervisor import when_parent_exits
 
 log = logging.getLogger(__name__)
 
+# Signals sent to the whole process group (or a service's every process) that end a process by
+# default: the decoding processes ignore them, and the resource tracker starts with them blocked.
+_GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+
 # State of a pool process: set by `_attach`, read by `_decode_into`.
 _child: dict[str, object] = {}
 
@@ -83,8 +87,9 @@ def _attach(
     # Ctrl-C or a service manager signals the whole process group: the worker's warm shutdown
     # finishes the images these processes hold, so they must not die of it first (each image they
     # held would be recorded as failed); after Ctrl-\ (SIGQUIT, a cold shutdown) the worker gives
-    # its chunks back instead. The worker closes the pool when it is done.
-    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    # its chunks back instead. SIGUSR1 to them all (`systemctl kill -s USR1`, for the worker's
+    # stacks) must not end them either. The worker closes the pool when it is done.
+    for stop in _GROUP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
@@ -141,6 +146,20 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool, cpu_takes_large: bo
     return loads
 
 
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (it unlinks the shared memory of a worker that
+    died), unless it runs, with the group's signals blocked: it ignores SIGINT and SIGTERM only,
+    and Ctrl-\\, a hang-up or SIGUSR1 to the group ended it ("resource_tracker: process died
+    unexpectedly ... Some resources might leak", then a KeyError traceback per segment)."""
+    from multiprocessing import resource_tracker
+
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)  # a child inherits the mask
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class DecodePool:
     """`processes` decoding processes writing into `slots` shared-memory crops. Thread-safe.
     With a fetch `policy`, the processes also fetch and route images (`load`)."""
@@ -156,6 +175,7 @@ class DecodePool:
     ) -> None:
         self.processes = processes
         self.shape = (slots, prep.crop, prep.crop, 3)
+        _start_resource_tracker()
         self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)))
         self._pixels = np.ndarray(self.shape, np.uint8, self._memory.buf)
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()

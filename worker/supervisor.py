@@ -14,7 +14,8 @@ its folder), and:
 - SIGTERM, SIGINT or SIGHUP: a warm shutdown of every child (they finish their running chunks);
   a second one kills them (their chunks go to other workers when their leases lapse), and the
   parent exits with 128 + that signal's number. SIGQUIT: a cold shutdown, as Celery's (the
-  children stop at once; their running chunks go to other workers), exit status 131. SIGUSR1 is
+  children take no more chunks and give back the ones they reserved at once; a running chunk
+  finishes, since its thread cannot be stopped: worker/pool.py), exit status 131. SIGUSR1 is
   passed on: each child logs its threads' stacks (Celery's handler) and carries on.
 - A child that dies while the others serve is started again, after 1 s, then 2, 4, ... up to
   `MAX_RESTART_DELAY_S` while it keeps dying: a CUDA fault ends its process on purpose
@@ -66,7 +67,14 @@ class _Child:
     status: int | None = None  # the exit status of its last stop that was asked for
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.command)
+        # Started with SIGHUP and SIGUSR1 blocked (a child inherits the mask): its Python has no
+        # handler for them until `hold_signals` runs, after its first imports, and SIGUSR1 passed
+        # on in that time ended it ("killed by SIGUSR1"; a few in a row stopped the whole worker).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        try:
+            self.process = subprocess.Popen(self.command)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self.started = time.monotonic()
         self.status = None
         from worker.health import expect_report  # here: the decode processes import this module too
@@ -151,8 +159,8 @@ def supervise(commands: list[list[str]]) -> int:
         signals_received.append(signum)
         first, name = len(signals_received) == 1, signal.Signals(signum).name
         if first and signum == signal.SIGQUIT:
-            log.warning("SIGQUIT: cold shutdown of the worker processes; their running chunks go to other "
-                        "workers when their leases lapse (KILN_LEASE_S)")  # fmt: skip
+            log.warning("SIGQUIT: cold shutdown of the worker processes; they give back the chunks they reserved "
+                        "and finish the ones running (a thread cannot be stopped)")  # fmt: skip
         elif first:
             log.info("%s: warm shutdown of the worker processes (they finish their chunks)", name)
         else:
@@ -170,6 +178,7 @@ def supervise(commands: list[list[str]]) -> int:
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, on_signal) for s in handled}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, pass_on)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # held by `python -m worker` until now
     try:
         for child in children:
             if signals_received:  # stopped while starting them: the rest never start

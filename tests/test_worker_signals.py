@@ -1,0 +1,189 @@
+"""Signals to real worker processes at awkward times: while they start, with chunks and decode
+processes running, to the whole process group, and to a worker of one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import SAMPLES, python_env
+from http_server import serve_folder
+from test_worker import _children, _descendants, _loaded, _state, _wait_until
+
+from producer import Item, Kiln
+from producer.embedded import LocalWorker
+from producer.settings import ProducerSettings
+
+TWO = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]
+
+
+def _served(base: str, count: int) -> list[Item]:
+    photos = sorted(p.name for p in SAMPLES.glob("*.jpg"))
+    return [Item(key=f"{i}", ref=f"{base}/{photos[i % len(photos)]}") for i in range(count)]
+
+
+def test_ctrl_backslash_to_the_whole_group_loses_no_image(private_redis_url, lite0_package, tmp_path):
+    """SIGQUIT to every process of the worker, decode processes included (Ctrl-\\): a cold
+    shutdown, status 131, nothing left running and no endpoint folder; each image ends as one
+    success, here or in the next worker. Before, Celery's cold shutdown raised NotImplementedError
+    (the thread pool has no terminate_job) wherever the main thread was, logged as an
+    "Unrecoverable error", and multiprocessing's resource tracker died of the signal ("Some
+    resources might leak", a KeyError traceback per shared-memory segment)."""
+    url = private_redis_url
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = python_env(KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32", KILN_METRICS_PORT="0", TMPDIR=str(temp))
+    with serve_folder(SAMPLES, delay_s=0.05) as base:
+        first = LocalWorker(lite0_package, url, tmp_path / "first.log", [], [*TWO, "--decode-processes", "2"], env)
+        second = None
+        try:
+            with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=4)) as kiln:
+                kiln.submit(_served(base, 240), job="quit")
+                _wait_until(lambda: kiln.counts("quit").finished >= 24, 180, "the job to be under way")
+                everyone = _descendants(first.process.pid)
+                os.killpg(first.process.pid, signal.SIGQUIT)
+                assert first.process.wait(120) == 131, first.log_path.read_text()[-3000:]
+                _wait_until(lambda: not any(_state(pid) for pid in everyone), 10, "every process to be gone")
+                assert not list(temp.glob("kiln-metrics-*"))
+                env = {**env, "TMPDIR": str(tmp_path)}
+                second = LocalWorker(lite0_package, url, tmp_path / "second.log", [], ["--threads", "1"], env)
+                counts = kiln.wait("quit", timeout_s=300, progress=False, check=second.check)
+                records = list(kiln.results("quit"))
+            after = first.log_path.read_text().split("SIGQUIT: cold shutdown")[1]
+            assert (counts.done, counts.failed) == (240, 0), after[-3000:]
+            assert len(records) == 240 and len({r.key for r in records}) == 240
+            assert "Traceback" not in after and "error" not in after.lower(), after[-3000:]
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
+
+
+def test_sigusr1_while_the_worker_processes_start_ends_none(private_redis_url, lite0_package, tmp_path):
+    """SIGUSR1 to the parent at once and many times, while its worker processes start, import and
+    load: each logs its stacks once Celery is up, and none dies of it. Before, a process that had
+    not yet reached `hold_signals` died of it ("killed by SIGUSR1"); three such starts in a row
+    would stop the whole worker."""
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], TWO, env=python_env())
+    try:
+        _wait_until(lambda: "worker process 1 started" in worker.log_path.read_text(), 60, "the processes to start")
+        children = _children(worker.process.pid)
+        for _ in range(40):
+            os.kill(worker.process.pid, signal.SIGUSR1)
+            time.sleep(0.02)
+        _loaded(worker, 2)
+        _wait_until(lambda: worker.log_path.read_text().count(" ready.") >= 2, 60, "both processes to consume")
+        time.sleep(1)
+        log = worker.log_path.read_text()
+        assert "killed by" not in log and _children(worker.process.pid) == children, log[-3000:]
+        with Kiln(settings=ProducerSettings(redis_url=private_redis_url, chunk_size=1)) as kiln:
+            kiln.submit([SAMPLES], job="after-usr1")
+            assert kiln.wait("after-usr1", timeout_s=120, progress=False, check=worker.check).done == 6
+        os.kill(worker.process.pid, signal.SIGTERM)
+        assert worker.process.wait(60) == 0, worker.log_path.read_text()[-3000:]
+    finally:
+        worker.stop()
+
+
+def test_sigusr1_to_the_whole_group_fails_no_image(private_redis_url, lite0_package, tmp_path):
+    """SIGUSR1 to every process of the worker (`systemctl kill -s USR1`, `kill -USR1 -PGID`)
+    while a job runs on decode processes: stacks are logged, nothing dies, no image fails. Before,
+    the decode processes and the resource tracker died of it and the images they held were recorded
+    as failed."""
+    url = private_redis_url
+    env = python_env(KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32")
+    with serve_folder(SAMPLES, delay_s=0.05) as base:
+        worker = LocalWorker(lite0_package, url, tmp_path / "w.log", [], [*TWO, "--decode-processes", "2"], env)
+        try:
+            with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=4)) as kiln:
+                kiln.submit(_served(base, 160), job="usr1")
+                _wait_until(lambda: kiln.counts("usr1").finished >= 24, 180, "the job to be under way")
+                everyone = _descendants(worker.process.pid)
+                os.killpg(worker.process.pid, signal.SIGUSR1)
+                counts = kiln.wait("usr1", timeout_s=300, progress=False, check=worker.check)
+            log = worker.log_path.read_text()
+            assert (counts.done, counts.failed) == (160, 0), log[-3000:]
+            assert all(_state(pid) not in (None, "Z") for pid in everyone), log[-3000:]
+            assert "died" not in log, log[-3000:]
+        finally:
+            worker.stop()
+
+
+def test_sigquit_then_sigterm_kills_them(private_redis_url, lite0_package, tmp_path):
+    """SIGQUIT, then SIGTERM before they are down: killed, status 143 (the last signal's)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = python_env(KILN_METRICS_PORT="0", TMPDIR=str(temp))
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], TWO, env=env)
+    try:
+        _loaded(worker, 2)
+        children = _children(worker.process.pid)
+        os.kill(worker.process.pid, signal.SIGQUIT)
+        os.kill(worker.process.pid, signal.SIGTERM)
+        assert worker.process.wait(60) == 143, worker.log_path.read_text()[-3000:]
+        assert not any(_state(pid) for pid in children) and not list(temp.glob("kiln-metrics-*"))
+    finally:
+        worker.stop()
+
+
+def test_a_single_worker_stops_cold_with_chunks_running(private_redis_url, lite0_package, tmp_path):
+    """A worker of one process (no --concurrency) gets SIGQUIT while it runs chunks: Celery's cold
+    shutdown (status 0, as Celery ends it); the running chunks finish in their threads and the
+    reserved one goes back at once; no error is logged. Before: "Unrecoverable error:
+    NotImplementedError" and status 1."""
+    url = private_redis_url
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = python_env(KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32", KILN_METRICS_PORT="0", TMPDIR=str(temp))
+    with serve_folder(SAMPLES, delay_s=0.1) as base:
+        first = LocalWorker(
+            lite0_package, url, tmp_path / "first.log", [], ["--threads", "1", "--loglevel", "INFO"], env
+        )
+        second = None
+        try:
+            with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=40)) as kiln:
+                kiln.submit(_served(base, 120), job="quit")
+                _wait_until(lambda: kiln.counts("quit").finished >= 4, 180, "the job to be under way")
+                os.kill(first.process.pid, signal.SIGQUIT)
+                status = first.process.wait(120)
+                assert not list(temp.glob("kiln-metrics-*"))
+                env = {**env, "TMPDIR": str(tmp_path)}
+                second = LocalWorker(lite0_package, url, tmp_path / "second.log", [], ["--threads", "1"], env)
+                counts = kiln.wait("quit", timeout_s=300, progress=False, check=second.check)
+                records = list(kiln.results("quit"))
+            after = first.log_path.read_text().split("Hitting Ctrl+C")[-1]
+            assert status == 0 and "error" not in after.lower(), after[-3000:]
+            assert (counts.done, counts.failed, len(records)) == (120, 0, 120)
+        finally:
+            first.stop()
+            if second is not None:
+                second.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGQUIT, signal.SIGTERM])
+def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lite0_package, tmp_path):
+    """A worker of one process gets a signal once its endpoint is up, before Celery's handlers
+    are: SIGUSR1 waits for Celery (stacks logged, it serves on); SIGQUIT or SIGTERM stops it,
+    128 + N, and its endpoint folder is removed. Before, the signal's default action ended it and
+    left the folder in $TMPDIR."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = python_env(KILN_METRICS_PORT="0", TMPDIR=str(temp))
+    options = ["--threads", "1", "--loglevel", "INFO"]
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], options, env=env)
+    try:
+        _wait_until(lambda: list(temp.glob("kiln-metrics-*")), 60, "the endpoint")
+        os.kill(worker.process.pid, signum)
+        if signum == signal.SIGUSR1:
+            _wait_until(lambda: "MainThread" in worker.log_path.read_text(), 60, "the stacks")
+            assert worker.process.poll() is None
+            os.kill(worker.process.pid, signal.SIGTERM)
+            expected = 0
+        else:
+            expected = 128 + signum
+        assert worker.process.wait(60) == expected, worker.log_path.read_text()[-3000:]
+        assert not list(temp.glob("kiln-metrics-*"))
+    finally:
+        worker.stop()
