@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.task_events:
         worker_args.append("--task-events")
     if args.worker_index is None:
+        _exit_on_stop_until_ready()  # first: the endpoint's folder exists from its first line on
         start_endpoint(settings)  # metrics and health, before the model loads
-        _exit_on_stop_until_ready()
         signals.worker_ready.connect(lambda **_: _release_stack_dumps(), weak=False)
     else:
         from worker.supervisor import release_signals
