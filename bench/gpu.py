@@ -360,7 +360,7 @@ def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:
             kiln.wait(job, timeout_s=timeout_s, progress=False, check=lambda: [w.check() for w in workers])
             answered |= {int(record.worker.split(":")[1]) for record in kiln.results(job) if record.worker}
             expected = {
-                pid for worker in workers for pid in _worker_processes(worker.process.pid) or [worker.process.pid]
+                pid for worker in workers for pid in worker_processes(worker.process.pid) or [worker.process.pid]
             }
             if expected <= answered:
                 return
@@ -370,21 +370,13 @@ def warm(url: str, folder: Path, workers: list, timeout_s: float = 300) -> None:
                 )
 
 
-def _worker_processes(parent: int) -> list[int]:
+def worker_processes(parent: int) -> list[int]:
     """The pids of the worker processes that `python -m worker` (pid `parent`) runs, from /proc;
     none where it serves in its own process."""
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (entry / "stat").read_text()
-            if (
-                int(stat[stat.rindex(")") + 2 :].split()[1]) == parent
-                and b"--worker-index" in (entry / "cmdline").read_bytes()
-            ):
-                pids.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return pids
+    from bench.pipeline import _proc_table, proc_cmdline
+
+    children = (pid for pid, (ppid, _) in _proc_table().items() if ppid == parent)
+    return sorted(pid for pid in children if "--worker-index" in proc_cmdline(pid))
 
 
 def plan_line(log: Path) -> str:

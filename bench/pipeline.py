@@ -200,6 +200,15 @@ def _proc_table() -> dict[int, tuple[int, float]]:
     return table
 
 
+def proc_cmdline(pid: int) -> str:
+    """A live process's command line, its arguments joined by spaces ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def tree_cpu_s(roots: list[int]) -> float:
     """CPU seconds of processes and all their live descendants (a parent's worker processes included)."""
     table = _proc_table()

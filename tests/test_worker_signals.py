@@ -24,6 +24,18 @@ def _served(base: str, count: int) -> list[Item]:
     return [Item(key=f"{i}", ref=f"{base}/{photos[i % len(photos)]}") for i in range(count)]
 
 
+def _signal_the_group_mid_job(
+    kiln: Kiln, worker: LocalWorker, base: str, job: str, count: int, signum: int
+) -> set[int]:
+    """Submit `count` served photos as `job`, wait until 24 have records, then send `signum` to
+    the worker's whole process group (decode processes included); returns its processes then."""
+    kiln.submit(_served(base, count), job=job)
+    _wait_until(lambda: kiln.counts(job).finished >= 24, 180, "the job to be under way")
+    everyone = _descendants(worker.process.pid)
+    os.killpg(worker.process.pid, signum)
+    return everyone
+
+
 def test_ctrl_backslash_to_the_whole_group_loses_no_image(private_redis_url, lite0_package, tmp_path):
     """SIGQUIT to every process of the worker, decode processes included (Ctrl-\\): a cold
     shutdown, status 131, nothing left running and no endpoint folder; each image ends as one
@@ -40,10 +52,7 @@ def test_ctrl_backslash_to_the_whole_group_loses_no_image(private_redis_url, lit
         second = None
         try:
             with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=4)) as kiln:
-                kiln.submit(_served(base, 240), job="quit")
-                _wait_until(lambda: kiln.counts("quit").finished >= 24, 180, "the job to be under way")
-                everyone = _descendants(first.process.pid)
-                os.killpg(first.process.pid, signal.SIGQUIT)
+                everyone = _signal_the_group_mid_job(kiln, first, base, "quit", 240, signal.SIGQUIT)
                 assert first.process.wait(120) == 131, first.log_path.read_text()[-3000:]
                 _wait_until(lambda: not any(_state(pid) for pid in everyone), 10, "every process to be gone")
                 assert not list(temp.glob("kiln-metrics-*"))
@@ -98,10 +107,7 @@ def test_sigusr1_to_the_whole_group_fails_no_image(private_redis_url, lite0_pack
         worker = LocalWorker(lite0_package, url, tmp_path / "w.log", [], [*TWO, "--decode-processes", "2"], env)
         try:
             with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=4)) as kiln:
-                kiln.submit(_served(base, 160), job="usr1")
-                _wait_until(lambda: kiln.counts("usr1").finished >= 24, 180, "the job to be under way")
-                everyone = _descendants(worker.process.pid)
-                os.killpg(worker.process.pid, signal.SIGUSR1)
+                everyone = _signal_the_group_mid_job(kiln, worker, base, "usr1", 160, signal.SIGUSR1)
                 counts = kiln.wait("usr1", timeout_s=300, progress=False, check=worker.check)
             log = worker.log_path.read_text()
             assert (counts.done, counts.failed) == (160, 0), log[-3000:]

@@ -180,9 +180,9 @@ class Pipeline:
         for thread in self._threads:
             thread.start()
 
-    def warm_up(self) -> float:
+    def warm_up(self) -> bool:
         """Decode `batch_size` copies of a generated 640x480 JPEG on the GPU and run the model on
-        them, once, before the first task; returns the seconds it took (0.0 where JPEGs are not
+        them, once, before the first task; returns whether it did (False where JPEGs are not
         decoded on the GPU, or where it failed). A process's first full batches otherwise pay for
         CUDA's lazy kernel loading, nvJPEG's buffers and the caching allocator's growth: on the
         H200, a job of 65,536 images ran its first 2 s at 2-5k img/s and then 13-15k, with
@@ -192,12 +192,11 @@ class Pipeline:
         input limits and formats do not apply. Any failure but a fatal CUDA error is logged and
         the process starts cold: the first real batches then decide."""
         if self._gpu is None:
-            return 0.0
+            return False
         import io
 
         from PIL import Image
 
-        started = time.perf_counter()
         device = self.runtime.device
         try:
             noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
@@ -218,8 +217,8 @@ class Pipeline:
             if is_fatal_cuda_error(e):
                 raise
             log.warning("warming up the GPU path failed, so the first batches run cold: %s: %s", type(e).__name__, e)
-            return 0.0  # nothing was warmed up: the caller must not say it was
-        return time.perf_counter() - started
+            return False  # nothing was warmed up: the caller must not say it was
+        return True
 
     def close(self) -> None:
         self._stop.set()

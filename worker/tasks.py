@@ -101,9 +101,9 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
     )
     store = ResultStore.from_url(settings.redis_url, settings.result_ttl_s, timeout_s=settings.redis_timeout_s)
     pipeline = Pipeline(runtime, config)
-    warm_up_s = pipeline.warm_up()
-    if warm_up_s:
-        log.info("warmed up the GPU path with %d images in %.1f s", pipeline.batch_size, warm_up_s)
+    started = time.perf_counter()
+    if pipeline.warm_up():
+        log.info("warmed up the GPU path with %d images in %.1f s", pipeline.batch_size, time.perf_counter() - started)
     _state = ProcessState(settings, plan, pipeline, store, Heartbeat(store.redis, settings.lease_s))
     metrics.observe_model(runtime.manifest)
     health.mark_loaded()

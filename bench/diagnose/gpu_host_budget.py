@@ -27,28 +27,16 @@ from pathlib import Path
 from common import Results, mps_daemon, resnet18_on_640x480
 from gpu_e2e_profile import summarise
 
-from bench.gpu import _worker, plan_line, warm
+from bench.gpu import _worker, plan_line, warm, worker_processes
+from bench.pipeline import _proc_table, proc_cmdline
 
 R = Results(sys.argv[1])
 WANTED = set(filter(None, os.environ.get("HOST_BUDGET_VARIANTS", "").split(",")))  # default: all
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def processes() -> dict[int, tuple[int, str, float]]:
     """pid -> (ppid, command line, CPU seconds) of every process on the host."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(entry.name)] = (int(fields[1]), cmd or stat[stat.index("(") + 1 : stat.rindex(")")],
-                                (int(fields[11]) + int(fields[12])) / TICK)  # fmt: skip
-    return out
+    return {pid: (ppid, proc_cmdline(pid), cpu) for pid, (ppid, cpu) in _proc_table().items()}
 
 
 def role(pid: int, table: dict, parent: int) -> str:
@@ -72,11 +60,6 @@ def cpu_by_role(before: dict, after: dict, parent: int) -> dict[str, float]:
         name = role(pid, after, parent)
         roles[name] = roles.get(name, 0.0) + cpu - (before[pid][2] if pid in before else 0.0)
     return {k: round(v, 2) for k, v in sorted(roles.items())}
-
-
-def worker_processes(parent: int) -> list[int]:
-    table = processes()
-    return sorted(pid for pid, (ppid, cmd, _) in table.items() if ppid == parent and "--worker-index" in cmd)
 
 
 def job(url: str, folder: Path, worker, repeat: int, spy_dir: Path | None) -> dict:
