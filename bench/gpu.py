@@ -322,10 +322,12 @@ def e2e_rate(url: str, folder: Path, workers: list, timeout_s: float = 300, repe
             for stage, ms in record.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
     medians = {stage: statistics.median(values) for stage, values in timings.items()}
+    deciles = {stage: [round(q, 2) for q in statistics.quantiles(values, n=10)]
+               for stage, values in timings.items() if len(values) > 1}  # fmt: skip
     steady = steady_rate(records)
     return {"images": submitted.total, "seconds": seconds, "images_per_s": submitted.total / seconds,
             "steady_images_per_s": steady, "failed": counts.failed, "failed_kinds": kinds,
-            "median_ms": medians}  # fmt: skip
+            "median_ms": medians, "deciles_ms": deciles}  # fmt: skip
 
 
 def steady_rate(records: list) -> float | None:

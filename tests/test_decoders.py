@@ -308,7 +308,7 @@ def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, phot
     policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
     pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=4, policy=policy)
     try:
-        loads = pool.load([str(small), str(large), str(png)], gpu=True, cpu_takes_large=False).result(timeout=120)
+        loads = pool.load([str(small), str(large), str(png)], gpu=True).result(timeout=120)
         in_slot, in_pipe, decoded = loads
         assert in_slot.error is None and in_slot.data is None and in_slot.header is not None
         assert in_slot.encoded_bytes == len(photos["coffee"])
@@ -318,6 +318,31 @@ def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, phot
         assert decoded.header is None and decoded.encoded_bytes == 0
         assert np.array_equal(pool.pixels(decoded.slot), decode_image(png.read_bytes(), IMAGENET_PREPROCESS))
         pool.release([load.slot for load in loads])
+    finally:
+        pool.close()
+
+
+def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(tmp_path):
+    """A JPEG that `draft` shrinks goes to the GPU while fewer than a batch of images wait for it,
+    and is decoded in the process once a batch waits: decided when the process reads it, from the
+    backlog the worker publishes then, not when the load was queued. A JPEG at full scale goes to
+    the GPU either way."""
+    camera = tmp_path / "camera.jpg"  # 1024x768: draft decodes it at 1/2 scale for a 256 resize
+    Image.new("RGB", (1024, 768), (200, 40, 90)).save(camera, "JPEG", quality=90)
+    small = tmp_path / "small.jpg"
+    Image.new("RGB", (320, 240), (20, 140, 90)).save(small, "JPEG", quality=90)
+    policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
+    pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=8, policy=policy, gpu_batch=4)
+    try:
+        refs = [str(camera), str(small)]
+        for backlog, camera_on_gpu in ((0, True), (3, True), (4, False), (0, True)):
+            pool.set_gpu_backlog(backlog)
+            loads = pool.load(refs, gpu=True).result(timeout=120)
+            assert [load.header is not None for load in loads] == [camera_on_gpu, True], backlog
+            if not camera_on_gpu:
+                expected = decode_image(camera.read_bytes(), IMAGENET_PREPROCESS)
+                assert np.array_equal(pool.pixels(loads[0].slot), expected)
+            pool.release([load.slot for load in loads])
     finally:
         pool.close()
 

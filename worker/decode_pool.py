@@ -9,7 +9,7 @@ processes, and decoded crops come back through shared memory, not pickles.
     pixels = pool.pixels(slot)          # uint8 crop x crop x 3, a view into shared memory
     pool.release([slot])
 
-    loads = pool.load(refs, gpu=True, cpu_takes_large=False).result()   # fetched in the processes:
+    loads = pool.load(refs, gpu=True).result()       # fetched and routed in the processes:
     loads[i].slot / loads[i].data / loads[i].error   # decoded here, a JPEG for the GPU, or a failure
     pool.encoded(slot, loads[i].encoded_bytes)       # a JPEG for the GPU that fits its slot: its bytes
 
@@ -18,6 +18,11 @@ process's threads, its GIL bounded kiln at 1.5k 640x480 images/s against a GPU d
 JPEGs for the GPU come back in their slot too, where they fit (a 640x480 photo is ~60 kB, a 224
 crop's slot 150 kB): reading them from the result pipe was a fifth of the worker process's time
 (py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json).
+A process routes each image when it has read it, not when the load was queued: the worker
+publishes how many images wait for its GPU (`set_gpu_backlog`), and while a full batch waits the
+processes decode the JPEGs that `draft` shrinks themselves (`worker.route.cpu_takes`). Decided at
+the queueing instead, a load queued while the GPU was busy went to the CPU after the GPU had gone
+idle: on 4000x3000 JPEGs kiln reached 0.75x the GPU decoder's ceiling (bench/results/gpu-h200.json).
 
 Processes are spawned, never forked: the worker process may hold a CUDA context, and a fork
 after CUDA (or after torch's thread pools started) hangs the child (docs/FACTS.md). The children
@@ -27,6 +32,7 @@ import Pillow and numpy only, no torch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -79,6 +85,8 @@ def _attach(
     max_pixels: int,
     formats: frozenset[str],
     policy: FetchPolicy | None,
+    backlog: ctypes.c_longlong,
+    gpu_batch: int,
 ) -> None:
     # A worker killed with SIGKILL (or ended by `os._exit` after a CUDA fault) cannot stop its pool:
     # each process leaves on its own once its parent is gone, so neither it nor the shared memory
@@ -93,7 +101,7 @@ def _attach(
         signal.signal(stop, signal.SIG_IGN)
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
-    _child.update(max_pixels=max_pixels, formats=formats, policy=policy)
+    _child.update(max_pixels=max_pixels, formats=formats, policy=policy, backlog=backlog, gpu_batch=gpu_batch)
 
 
 def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:
@@ -110,9 +118,10 @@ def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:
     return None
 
 
-def _load_into(slots: list[int], refs: list[str], gpu: bool, cpu_takes_large: bool) -> list[Loaded]:
+def _load_into(slots: list[int], refs: list[str], gpu: bool) -> list[Loaded]:
     """In a pool process: fetch each reference and read its header; hand a JPEG that nvJPEG takes
-    back for the GPU (unless `cpu_takes_large` and `draft` shrinks it), decode the rest into its slot."""
+    back for the GPU (unless `worker.route.cpu_takes` it, given the GPU's backlog now), decode the
+    rest into its slot."""
     from worker.fetch import fetch
     from worker.probe import read_header
     from worker.route import cpu_takes, gpu_decodable
@@ -132,7 +141,8 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool, cpu_takes_large: bo
             continue
         fetched = time.perf_counter()
         fetch_ms = (fetched - started) * 1e3
-        if gpu and not cpu_takes(header, prep.resize, cpu_takes_large) and gpu_decodable(data, header):
+        gpu_has_a_batch = _child["backlog"].value >= _child["gpu_batch"]
+        if gpu and not cpu_takes(header, prep.resize, gpu_has_a_batch) and gpu_decodable(data, header):
             room = _child["pixels"][slot].reshape(-1)
             if len(data) <= len(room):  # through shared memory, not the result pipe
                 room[: len(data)] = np.frombuffer(data, np.uint8)
@@ -162,7 +172,8 @@ def _start_resource_tracker() -> None:
 
 class DecodePool:
     """`processes` decoding processes writing into `slots` shared-memory crops. Thread-safe.
-    With a fetch `policy`, the processes also fetch and route images (`load`)."""
+    With a fetch `policy`, the processes also fetch and route images (`load`): they decode large
+    JPEGs themselves while `gpu_batch` images or more wait for the GPU (`set_gpu_backlog`)."""
 
     def __init__(
         self,
@@ -172,6 +183,7 @@ class DecodePool:
         formats: frozenset[str],
         slots: int,
         policy: FetchPolicy | None = None,
+        gpu_batch: int = 1,
     ) -> None:
         self.processes = processes
         self.shape = (slots, prep.crop, prep.crop, 3)
@@ -184,7 +196,11 @@ class DecodePool:
         self._closed = False
         self._lock = threading.Lock()
         self.fetches = policy is not None
-        self._init_args = (self._memory.name, self.shape, prep, max_pixels, formats, policy)
+        context = multiprocessing.get_context("spawn")
+        # One word the worker writes and the processes read per image; a stale read only routes
+        # one image to the other decoder, so it needs no lock.
+        self._backlog = context.RawValue("q", 0)
+        self._init_args = (self._memory.name, self.shape, prep, max_pixels, formats, policy, self._backlog, gpu_batch)
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
@@ -207,7 +223,11 @@ class DecodePool:
         future.add_done_callback(lambda done: self._finish(done, slot, result))
         return result
 
-    def load(self, refs: list[str], gpu: bool, cpu_takes_large: bool) -> Future[list[Loaded]]:
+    def set_gpu_backlog(self, images: int) -> None:
+        """How many images wait for the GPU now: the processes route by it (`worker.route.cpu_takes`)."""
+        self._backlog.value = images
+
+    def load(self, refs: list[str], gpu: bool) -> Future[list[Loaded]]:
         """Fetch, route and (for the CPU) decode `refs` in one process; blocks while the slots are
         taken. Each `Loaded` holds its slot (pixels, or a JPEG not yet decoded: `release` it
         either way) or, with `error` set, none. Needs a pool created with a fetch policy."""
@@ -216,7 +236,7 @@ class DecodePool:
         slots = [self._free.get() for _ in refs]
         result: Future[list[Loaded]] = Future()
         try:
-            future = self._executor.submit(_load_into, slots, refs, gpu, cpu_takes_large)
+            future = self._executor.submit(_load_into, slots, refs, gpu)
         except BrokenProcessPool:
             future = Future()
             future.set_exception(BrokenProcessPool("decode pool is being restarted"))

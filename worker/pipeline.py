@@ -149,6 +149,7 @@ class Pipeline:
                 config.formats,
                 slots=2 * self.batch_size + 4 * config.decode_processes,
                 policy=config.policy,
+                gpu_batch=self.batch_size,
             )
             if config.decode_processes
             else None
@@ -281,7 +282,7 @@ class Pipeline:
                 self._guarded(image, self._load, image)
         if by_reference:
             refs = [image.work.ref or "" for image in by_reference]
-            future = pool.load(refs, self._gpu is not None, self._gpu_has_a_batch())
+            future = pool.load(refs, self._gpu is not None)
             future.add_done_callback(lambda done: self._route_loaded(by_reference, done))
 
     def _route_loaded(self, images: list[_Image], done: Future[list[Loaded]]) -> None:
@@ -297,7 +298,7 @@ class Pipeline:
                     data = loaded.data
                     image.data = data if data is not None else self._pool.encoded(loaded.slot, loaded.encoded_bytes)
                     image.header = loaded.header
-                    self._gpu_queue.put(image)
+                    self._queue_for_gpu(image)
                 else:
                     image.timings_ms["decode"] = loaded.decode_ms
                     self._count("processes")
@@ -323,7 +324,7 @@ class Pipeline:
         image.timings_ms["fetch"] = (time.perf_counter() - started) * 1e3
         if self._gpu is not None and gpu_decodable(data, header) and not self._cpu_takes(header):
             image.data, image.header = data, header
-            self._gpu_queue.put(image)
+            self._queue_for_gpu(image)
         else:
             self._decode_on_cpu(image, data)
 
@@ -333,6 +334,15 @@ class Pipeline:
 
     def _gpu_has_a_batch(self) -> bool:
         return self._gpu_queue.qsize() >= self.batch_size
+
+    def _queue_for_gpu(self, image: _Image) -> None:
+        self._gpu_queue.put(image)
+        self._publish_gpu_backlog()
+
+    def _publish_gpu_backlog(self) -> None:
+        """Tell the decode processes how many images wait for the GPU: they route each image by it."""
+        if self._pool is not None:
+            self._pool.set_gpu_backlog(self._gpu_queue.qsize())
 
     def _decode_on_cpu(self, image: _Image, data: bytes) -> None:
         """Decode in the pool when there is one (the result comes back on its own thread), else here."""
@@ -377,6 +387,7 @@ class Pipeline:
         images = self._gather(self._gpu_queue, self.batch_size)
         if not images:
             return
+        self._publish_gpu_backlog()
         # Pool slots hold these images' places, and most of their bytes (`data` is a view): free
         # once the decode call has returned, which is when nvJPEG is done with them (torchvision's
         # `decode_jpegs_cuda` synchronises its stream before it returns; on the CPU it is synchronous).
