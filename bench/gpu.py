@@ -387,10 +387,10 @@ def plan_line(log: Path) -> str:
 
 
 def bench_e2e(
-    package: str, folders: dict[str, Path], workdir: Path, variants: dict[str, dict[str, str]], repeat: int
+    package: str, folders: dict[str, Path], workdir: Path, variants: dict[str, dict[str, str]], repeats: dict[str, int]
 ) -> dict:
     """Default settings on every folder, then each variant (worker environment) on the first;
-    the first folder's images `repeat` times (it is the fast one)."""
+    each folder's images `repeats[name]` times (1 where absent), under distinct keys."""
     from producer.embedded import embedded_redis
 
     results: dict = {}
@@ -406,7 +406,7 @@ def bench_e2e(
                 for index, (name, folder) in enumerate(folders.items()):
                     if index and variant != "default":
                         break
-                    row[name] = e2e_rate(url, folder, [worker], repeat=1 if index else repeat)
+                    row[name] = e2e_rate(url, folder, [worker], repeat=repeats.get(name, 1))
                     print(f"  e2e {variant} {name}: {row[name]['images_per_s']:,.0f} img/s (steady "
                           f"{row[name]['steady_images_per_s'] or 0:,.0f}; {row[name]['images']} "
                           f"images, {row[name]['failed']} failed {row[name]['failed_kinds']}), median ms "
@@ -583,6 +583,9 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=8, help="end to end: each 640x480 image this many times, under distinct keys"
     )
+    parser.add_argument(
+        "--large-repeat", type=int, default=4, help="end to end: each 4000x3000 image this many times (seconds of work)"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-h200.json")
     parser.add_argument(
@@ -646,7 +649,11 @@ def main() -> None:
         "e2e",
         lambda: {
             **bench_e2e(
-                resnet18, {"640x480": small, "4000x3000": large, "mixed": mixed}, workdir, variants, args.repeat
+                resnet18,
+                {"640x480": small, "4000x3000": large, "mixed": mixed},
+                workdir,
+                variants,
+                {"640x480": args.repeat, "4000x3000": args.large_repeat},
             ),
             "in_process_640x480": bench_in_process(resnet18, small, workdir),
         },

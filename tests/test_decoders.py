@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 from worker.contract import InputError
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy
-from worker.gpu_decode import PLANS_KEPT, JpegBatchDecoder, _parts, orient
+from worker.gpu_decode import MAX_DECODED_PIXELS, PLANS_KEPT, JpegBatchDecoder, _parts, decode_part_pixels, orient
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
 from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import decode_image
@@ -43,8 +43,9 @@ from worker.route import draft_factor, gpu_decodable, marker_segments
 from worker.settings import DEFAULT_FORMATS
 
 CUDA = DEVICE == "cuda"
-FULL_SCALE_MAX = 40 if CUDA else 1  # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's
-FULL_SCALE_MEAN = 1.5 if CUDA else 0.25
+# nvJPEG's IDCT differs from libjpeg-turbo's, and its chroma is recovered from rounded RGB (worker/chroma.py)
+FULL_SCALE_MAX = 12 if CUDA else 1
+FULL_SCALE_MEAN = 0.5 if CUDA else 0.25
 DRAFT_MEAN = 3.0
 
 
@@ -323,8 +324,8 @@ def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, phot
 
 
 def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(tmp_path):
-    """A JPEG that `draft` shrinks goes to the GPU while fewer than a batch of images wait for it,
-    and is decoded in the process once a batch waits: decided when the process reads it, from the
+    """A JPEG that `draft` shrinks goes to the GPU while fewer than `busy_backlog` images wait for
+    it, and is decoded in the process once that many wait: decided when the process reads it, from the
     backlog the worker publishes then, not when the load was queued. A JPEG at full scale goes to
     the GPU either way."""
     camera = tmp_path / "camera.jpg"  # 1024x768: draft decodes it at 1/2 scale for a 256 resize
@@ -332,7 +333,7 @@ def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(
     small = tmp_path / "small.jpg"
     Image.new("RGB", (320, 240), (20, 140, 90)).save(small, "JPEG", quality=90)
     policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
-    pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=8, policy=policy, gpu_batch=4)
+    pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=8, policy=policy, busy_backlog=4)
     try:
         refs = [str(camera), str(small)]
         for backlog, camera_on_gpu in ((0, True), (3, True), (4, False), (0, True)):
@@ -510,9 +511,10 @@ def test_large_batches_are_decoded_in_parts(photos):
     big = Image.new("RGB", (8000, 6000))
     header = read_header(jpeg(big.resize((80, 60))), DEFAULT_MAX_PIXELS)
     items = [(b"", header.__class__(**{**header.__dict__, "width": 8000, "height": 6000}))] * 5
-    parts = _parts(items)
+    parts = _parts(items, 128 * 2**20)
     assert parts == [[0, 1], [2, 3], [4]]
-    assert _parts([]) == []
+    assert _parts([], 128 * 2**20) == []
+    assert decode_part_pixels(torch.device("cpu")) == MAX_DECODED_PIXELS
 
 
 def test_resample_weights_kept_on_the_device_are_bounded(decoder):

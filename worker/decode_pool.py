@@ -19,7 +19,7 @@ JPEGs for the GPU come back in their slot too, where they fit (a 640x480 photo i
 crop's slot 150 kB): reading them from the result pipe was a fifth of the worker process's time
 (py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json).
 A process routes each image when it has read it, not when the load was queued: the worker
-publishes how many images wait for its GPU (`set_gpu_backlog`), and while a full batch waits the
+publishes how many images wait for its GPU (`set_gpu_backlog`), and while the GPU is busy the
 processes decode the JPEGs that `draft` shrinks themselves (`worker.route.cpu_takes`). Decided at
 the queueing instead, a load queued while the GPU was busy went to the CPU after the GPU had gone
 idle: on 4000x3000 JPEGs kiln reached 0.75x the GPU decoder's ceiling (bench/results/gpu-h200.json).
@@ -86,7 +86,7 @@ def _attach(
     formats: frozenset[str],
     policy: FetchPolicy | None,
     backlog: ctypes.c_longlong,
-    gpu_batch: int,
+    busy_backlog: int,
 ) -> None:
     # A worker killed with SIGKILL (or ended by `os._exit` after a CUDA fault) cannot stop its pool:
     # each process leaves on its own once its parent is gone, so neither it nor the shared memory
@@ -101,7 +101,7 @@ def _attach(
         signal.signal(stop, signal.SIG_IGN)
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
-    _child.update(max_pixels=max_pixels, formats=formats, policy=policy, backlog=backlog, gpu_batch=gpu_batch)
+    _child.update(max_pixels=max_pixels, formats=formats, policy=policy, backlog=backlog, busy_backlog=busy_backlog)
 
 
 def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:
@@ -141,8 +141,8 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool) -> list[Loaded]:
             continue
         fetched = time.perf_counter()
         fetch_ms = (fetched - started) * 1e3
-        gpu_has_a_batch = _child["backlog"].value >= _child["gpu_batch"]
-        if gpu and not cpu_takes(header, prep.resize, gpu_has_a_batch) and gpu_decodable(data, header):
+        gpu_busy = _child["backlog"].value >= _child["busy_backlog"]
+        if gpu and not cpu_takes(header, prep.resize, gpu_busy) and gpu_decodable(data, header):
             room = _child["pixels"][slot].reshape(-1)
             if len(data) <= len(room):  # through shared memory, not the result pipe
                 room[: len(data)] = np.frombuffer(data, np.uint8)
@@ -173,7 +173,7 @@ def _start_resource_tracker() -> None:
 class DecodePool:
     """`processes` decoding processes writing into `slots` shared-memory crops. Thread-safe.
     With a fetch `policy`, the processes also fetch and route images (`load`): they decode large
-    JPEGs themselves while `gpu_batch` images or more wait for the GPU (`set_gpu_backlog`)."""
+    JPEGs themselves while `busy_backlog` images or more wait for the GPU (`set_gpu_backlog`)."""
 
     def __init__(
         self,
@@ -183,7 +183,7 @@ class DecodePool:
         formats: frozenset[str],
         slots: int,
         policy: FetchPolicy | None = None,
-        gpu_batch: int = 1,
+        busy_backlog: int = 1,
     ) -> None:
         self.processes = processes
         self.shape = (slots, prep.crop, prep.crop, 3)
@@ -200,7 +200,16 @@ class DecodePool:
         # One word the worker writes and the processes read per image; a stale read only routes
         # one image to the other decoder, so it needs no lock.
         self._backlog = context.RawValue("q", 0)
-        self._init_args = (self._memory.name, self.shape, prep, max_pixels, formats, policy, self._backlog, gpu_batch)
+        self._init_args = (
+            self._memory.name,
+            self.shape,
+            prep,
+            max_pixels,
+            formats,
+            policy,
+            self._backlog,
+            busy_backlog,
+        )
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from worker.chroma import FANCY, fancy_upsampled
 from worker.manifest import Preprocess
 from worker.resample import CropPlan, crop_plan, resample
 from worker.route import draft_factor
@@ -40,7 +41,12 @@ log = logging.getLogger(__name__)
 # and a copy per image would cost more than the warning is worth.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
-MAX_DECODED_PIXELS = 128 * 2**20  # full-size pixels decoded at once: 384 MiB of RGB
+# Full-size pixels decoded at once: at most 1/64 of the GPU's memory (3 bytes a pixel), and
+# 512 Mpx (1.5 GiB). On the H200, 4000x3000 JPEGs decoded at 923 img/s in parts of 512 Mpx, 793 in
+# parts of 128 and 308 in parts of 32 (nvJPEG's hardware decoder wants many images per call;
+# bench/results/gpu-h200-camera.json); a batch of camera photos never holds all its frames at once.
+MAX_DECODED_PIXELS = 512 * 2**20
+MIN_DECODED_PIXELS = 32 * 2**20
 PLANS_KEPT = 64  # resample weights kept on the device, by image size (~0.5 MiB each)
 
 # CUDA errors after which the context is unusable: the process exits at once, unacknowledged,
@@ -83,6 +89,9 @@ class JpegBatchDecoder:
         self.device = device
         self.prep = prep
         self._plans: OrderedDict[tuple[int, int], CropPlan] = OrderedDict()
+        self.part_pixels = decode_part_pixels(device)
+        # nvJPEG replicates subsampled chroma where libjpeg-turbo (on the CPU) interpolates it.
+        self.replicates_chroma = device.type == "cuda"
 
     def decode(self, items: Sequence[tuple[bytes | np.ndarray, ImageHeader]]) -> DecodeResult:
         """Decode, orient, resize and crop `items` (encoded bytes, or a uint8 array of them, and
@@ -91,14 +100,16 @@ class JpegBatchDecoder:
         grouped by image size (`decoded` says which item each is), and nothing here waits for
         the GPU: a host-to-device copy from pageable memory would (CUDA's API sync rules).
 
-        Items are decoded in parts of at most `MAX_DECODED_PIXELS`, each part reduced (the CPU
-        path's `draft` scale) before the next is decoded: a batch of camera photos never holds
-        all its full-size frames at once."""
+        Items are decoded in parts of at most `part_pixels`, each part reduced (the CPU path's
+        `draft` scale) before the next is decoded: a batch of camera photos never holds all its
+        full-size frames at once. Frames at full scale whose chroma nvJPEG replicated get it
+        interpolated as libjpeg does (`worker.chroma`)."""
         frames: dict[int, torch.Tensor] = {}
         refused: list[int] = []
-        for part in _parts(items):
+        for part in _parts(items, self.part_pixels):
             decoded: dict[int, torch.Tensor] = {}
             self._decode_or_split(items, part, decoded, refused)
+            self._fancy_upsample(decoded, items)
             for index, frame in decoded.items():
                 frames[index] = self._upright_and_reduced(frame, items[index][1])
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -114,6 +125,20 @@ class JpegBatchDecoder:
             return DecodeResult(torch.empty((0, 3, crop, crop), dtype=torch.uint8, device=self.device), [], refused)
         images = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return DecodeResult(images, order, sorted(refused))
+
+    def _fancy_upsample(self, frames: dict[int, torch.Tensor], items: Sequence[tuple[object, ImageHeader]]) -> None:
+        """Redo the chroma of the frames that need it, in place, one batched call per size and
+        subsampling. Frames that `draft` reduces need none: their blocks average it away."""
+        if not self.replicates_chroma:
+            return
+        groups: dict[tuple[int, int, tuple[int, int]], list[int]] = defaultdict(list)
+        for index, frame in frames.items():
+            header = items[index][1]
+            if header.chroma in FANCY and draft_factor(header.width, header.height, self.prep.resize) == 1:
+                groups[(frame.shape[1], frame.shape[2], header.chroma)].append(index)
+        for (_, _, chroma), indices in groups.items():
+            fixed = fancy_upsampled(torch.stack([frames[i] for i in indices]), chroma).to(torch.uint8)
+            frames.update(zip(indices, fixed, strict=True))
 
     def _upright_and_reduced(self, frame: torch.Tensor, header: ImageHeader) -> torch.Tensor:
         resize = self.prep.resize
@@ -164,13 +189,22 @@ class JpegBatchDecoder:
         frames.update(zip(indices, decoded, strict=True))
 
 
-def _parts(items: Sequence[tuple[bytes | np.ndarray, ImageHeader]]) -> list[list[int]]:
-    """Indices of `items` in consecutive parts of at most `MAX_DECODED_PIXELS` (one image at least)."""
+def decode_part_pixels(device: torch.device) -> int:
+    """Full-size pixels one decode call may hold on `device`: 1/64 of its memory at 3 bytes a
+    pixel, between `MIN_DECODED_PIXELS` and `MAX_DECODED_PIXELS` (the CPU: the maximum)."""
+    if device.type != "cuda":
+        return MAX_DECODED_PIXELS
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(MIN_DECODED_PIXELS, min(MAX_DECODED_PIXELS, total // 64 // 3))
+
+
+def _parts(items: Sequence[tuple[bytes | np.ndarray, ImageHeader]], limit: int) -> list[list[int]]:
+    """Indices of `items` in consecutive parts of at most `limit` pixels (one image at least)."""
     parts: list[list[int]] = [[]]
     pixels = 0
     for index, (_, header) in enumerate(items):
         size = header.width * header.height
-        if parts[-1] and pixels + size > MAX_DECODED_PIXELS:
+        if parts[-1] and pixels + size > limit:
             parts.append([])
             pixels = 0
         parts[-1].append(index)

@@ -137,6 +137,11 @@ class Pipeline:
         self.config = config
         self.prep = runtime.manifest.preprocess
         self.batch_size = min(config.batch_size or runtime.batch_max, runtime.batch_max)
+        # From this many images waiting for the GPU on, CPU processes decode large JPEGs themselves.
+        # Half a batch, not a whole one: the pool's slots (two batches) hold the batch the GPU is
+        # decoding too, so with camera photos a whole batch never waited, and no image took the
+        # CPU path (bench/results/gpu-h200-camera.json: every decode time was the GPU's ~4 ms).
+        self._busy_backlog = max(1, self.batch_size // 2)
         # Taken here, in the process that serves: its id names the records it writes.
         self.worker_id = process_id()
         self._fetchers = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-fetch")
@@ -149,7 +154,7 @@ class Pipeline:
                 config.formats,
                 slots=2 * self.batch_size + 4 * config.decode_processes,
                 policy=config.policy,
-                gpu_batch=self.batch_size,
+                busy_backlog=self._busy_backlog,
             )
             if config.decode_processes
             else None
@@ -330,10 +335,10 @@ class Pipeline:
 
     def _cpu_takes(self, header: ImageHeader) -> bool:
         """`worker.route.cpu_takes`, where there are CPU decode processes to take it."""
-        return self._pool is not None and cpu_takes(header, self.prep.resize, self._gpu_has_a_batch())
+        return self._pool is not None and cpu_takes(header, self.prep.resize, self._gpu_is_busy())
 
-    def _gpu_has_a_batch(self) -> bool:
-        return self._gpu_queue.qsize() >= self.batch_size
+    def _gpu_is_busy(self) -> bool:
+        return self._gpu_queue.qsize() >= self._busy_backlog
 
     def _queue_for_gpu(self, image: _Image) -> None:
         self._gpu_queue.put(image)

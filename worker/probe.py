@@ -45,6 +45,8 @@ class ImageHeader:
     mode: str  # Pillow mode as opened: "RGB", "L", "CMYK", "P", ...
     orientation: int  # EXIF orientation 1..8; 1 when absent or unreadable
     progressive: bool  # JPEG/MPO only
+    # JPEG/MPO in YCbCr: luma pixels per chroma sample, (across, down): (2, 2) is 4:2:0, (2, 1) 4:2:2
+    chroma: tuple[int, int] = (1, 1)
 
 
 def read_header(data: bytes, max_pixels: int, formats: frozenset[str] = DEFAULT_FORMATS) -> ImageHeader:
@@ -75,8 +77,23 @@ def _header(data: bytes, formats: frozenset[str]) -> ImageHeader:
 def header_of(image: ImageFile.ImageFile) -> ImageHeader:
     """The header of an image opened by `open_image`, from what has been parsed so far."""
     width, height = image.size
-    progressive = image.format in ("JPEG", "MPO") and bool(image.info.get("progressive"))
-    return ImageHeader(image.format or "", width, height, image.mode, orientation(image), progressive)
+    jpeg = image.format in ("JPEG", "MPO")
+    progressive = jpeg and bool(image.info.get("progressive"))
+    chroma = chroma_subsampling(image) if jpeg else (1, 1)
+    return ImageHeader(image.format or "", width, height, image.mode, orientation(image), progressive, chroma)
+
+
+def chroma_subsampling(image: ImageFile.ImageFile) -> tuple[int, int]:
+    """(across, down) luma pixels per chroma sample of an opened 3-component JPEG whose two
+    chroma components share one sampling (Pillow's `layer`: id, h, v, table per component);
+    (1, 1) for any other."""
+    layer = getattr(image, "layer", None)
+    if image.mode != "RGB" or not layer or len(layer) != 3:
+        return (1, 1)
+    (_, h, v, _), (_, ch, cv, _), rest = layer[0], layer[1], layer[2]
+    if (ch, cv) != tuple(rest[1:3]) or h % ch or v % cv:
+        return (1, 1)
+    return (h // ch, v // cv)
 
 
 def orientation(image: Image.Image) -> int:

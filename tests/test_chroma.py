@@ -1,0 +1,60 @@
+"""worker.chroma: libjpeg's interpolated chroma, redone on pixels whose chroma was replicated (as
+nvJPEG decodes), checked against what Pillow (libjpeg-turbo) itself decodes from the same JPEG."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.chroma import fancy_upsampled
+from worker.probe import read_header
+
+
+def _jpeg_and_replicated(across: int, down: int) -> tuple[bytes, torch.Tensor]:
+    """A JPEG whose chroma is constant over `across x down` blocks with sharp edges between them
+    (quality 100, so the samples survive), and its pixels as a decoder that replicates the samples
+    gives them: JFIF's YCbCr -> RGB, rounded."""
+    rng = np.random.default_rng(3)
+    height, width = 96, 128
+    y = np.clip(np.add.outer(np.linspace(70, 150, height), np.linspace(0, 30, width)), 0, 255).round()
+    blocks = rng.integers(104, 153, (2, height // down, width // across)).astype(np.float64)
+    cb, cr = (plane.repeat(down, 0).repeat(across, 1) for plane in blocks)
+    planes = [Image.fromarray(p.astype(np.uint8)) for p in (y, cb, cr)]
+    buffer = io.BytesIO()
+    subsampling = {(2, 2): 2, (2, 1): 1}[(across, down)]
+    Image.merge("YCbCr", planes).save(buffer, "JPEG", quality=100, subsampling=subsampling)
+    rgb = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)])
+    replicated = torch.from_numpy(np.clip(rgb.round(), 0, 255).astype(np.uint8))
+    return buffer.getvalue(), replicated[None]
+
+
+@pytest.mark.parametrize("chroma", [(2, 2), (2, 1)])
+def test_replicated_chroma_becomes_what_libjpeg_decodes(chroma):
+    data, replicated = _jpeg_and_replicated(*chroma)
+    assert read_header(data, 10**8).chroma == chroma
+    pillow = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)[None]
+    before = (replicated.int() - pillow.int()).abs()
+    after = fancy_upsampled(replicated, chroma)
+    assert after.dtype == torch.float32 and torch.equal(after, after.round()) and 0 <= after.min() <= after.max() <= 255
+    after = (after.int() - pillow.int()).abs()
+    assert before.max() > 12  # the sharp chroma edges: replicated and interpolated differ there
+    assert after.max() <= 4 and after.float().mean() < 0.6, (
+        after.max(),
+        after.float().mean(),
+    )  # quality 100 is not lossless
+
+
+def test_odd_sizes_keep_their_size():
+    frames = torch.randint(0, 256, (3, 3, 7, 9), dtype=torch.uint8)
+    assert fancy_upsampled(frames, (2, 2)).shape == frames.shape
+    assert fancy_upsampled(frames, (2, 1)).shape == frames.shape
+
+
+def test_flat_chroma_is_left_as_it_is():
+    """Where the chroma does not change, interpolating it changes nothing."""
+    flat = torch.full((1, 3, 16, 16), 77, dtype=torch.uint8)
+    assert torch.equal(fancy_upsampled(flat, (2, 2)), flat.float())
