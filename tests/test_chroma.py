@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from worker.chroma import fancy_upsampled
+from worker.manifest import IMAGENET_PREPROCESS
 from worker.probe import read_header
+from worker.resample import crop_plan, resample
 
 
 def _jpeg_and_replicated(across: int, down: int) -> tuple[bytes, torch.Tensor]:
@@ -58,3 +60,18 @@ def test_flat_chroma_is_left_as_it_is():
     """Where the chroma does not change, interpolating it changes nothing."""
     flat = torch.full((1, 3, 16, 16), 77, dtype=torch.uint8)
     assert torch.equal(fancy_upsampled(flat, (2, 2)), flat.float())
+
+
+@pytest.mark.parametrize("chroma", [(2, 2), (2, 1)])
+@pytest.mark.parametrize("size", [(480, 640), (301, 257), (257, 400)])
+def test_the_resize_interpolates_the_chroma_of_the_region_it_reads(chroma, size):
+    """`resample(..., chroma)` redoes the chroma of the crop's region only: the same pixels as
+    redoing the whole frame first (odd sizes, regions at odd offsets, and regions that reach the
+    frame's edges), up to the rounding to whole levels that the region skips (noise: 2 at most)."""
+    frames = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    plan = crop_plan(*size, IMAGENET_PREPROCESS)
+    whole = resample(fancy_upsampled(frames, chroma).to(torch.uint8), plan)
+    region = resample(frames, plan, chroma)
+    difference = (whole.int() - region.int()).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.3
+    assert (resample(frames, plan).int() - region.int()).abs().max() > 5  # it did change the pixels

@@ -109,16 +109,19 @@ class JpegBatchDecoder:
         for part in _parts(items, self.part_pixels):
             decoded: dict[int, torch.Tensor] = {}
             self._decode_or_split(items, part, decoded, refused)
-            self._fancy_upsample(decoded, items)
             for index, frame in decoded.items():
                 frames[index] = self._upright_and_reduced(frame, items[index][1])
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        # By size, and by the chroma to interpolate: upright frames get it in the resize, for the
+        # region it reads; turned ones got it whole, before they were turned.
+        groups: dict[tuple[int, int, tuple[int, int]], list[int]] = defaultdict(list)
         for index, frame in frames.items():
-            by_size[(frame.shape[1], frame.shape[2])].append(index)
+            header = items[index][1]
+            chroma = self._chroma_to_interpolate(header) if header.orientation == 1 else (1, 1)
+            groups[(frame.shape[1], frame.shape[2], chroma)].append(index)
         order: list[int] = []
         outputs: list[torch.Tensor] = []
-        for (height, width), indices in by_size.items():
-            outputs.append(resample(torch.stack([frames[i] for i in indices]), self._plan(height, width)))
+        for (height, width, chroma), indices in groups.items():
+            outputs.append(resample(torch.stack([frames[i] for i in indices]), self._plan(height, width), chroma))
             order += indices
         if not outputs:
             crop = self.prep.crop
@@ -126,25 +129,21 @@ class JpegBatchDecoder:
         images = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
         return DecodeResult(images, order, sorted(refused))
 
-    def _fancy_upsample(self, frames: dict[int, torch.Tensor], items: Sequence[tuple[object, ImageHeader]]) -> None:
-        """Redo the chroma of the frames that need it, in place, one batched call per size and
-        subsampling. Frames that `draft` reduces need none: their blocks average it away."""
-        if not self.replicates_chroma:
-            return
-        groups: dict[tuple[int, int, tuple[int, int]], list[int]] = defaultdict(list)
-        for index, frame in frames.items():
-            header = items[index][1]
-            if header.chroma in FANCY and draft_factor(header.width, header.height, self.prep.resize) == 1:
-                groups[(frame.shape[1], frame.shape[2], header.chroma)].append(index)
-        for (_, _, chroma), indices in groups.items():
-            fixed = fancy_upsampled(torch.stack([frames[i] for i in indices]), chroma).to(torch.uint8)
-            frames.update(zip(indices, fixed, strict=True))
+    def _chroma_to_interpolate(self, header: ImageHeader) -> tuple[int, int]:
+        """The chroma blocks nvJPEG replicated in this frame and libjpeg would have interpolated;
+        (1, 1) where there is nothing to redo (a frame `draft` reduces averages its blocks away)."""
+        if not self.replicates_chroma or header.chroma not in FANCY:
+            return (1, 1)
+        return header.chroma if draft_factor(header.width, header.height, self.prep.resize) == 1 else (1, 1)
 
     def _upright_and_reduced(self, frame: torch.Tensor, header: ImageHeader) -> torch.Tensor:
         resize = self.prep.resize
         if min(header.width, header.height) >= 2 * resize:  # per-image work only where it does something
             frame = reduce_like_draft(frame, resize)
         if header.orientation != 1:
+            chroma = self._chroma_to_interpolate(header)
+            if chroma != (1, 1):  # before it is turned: the blocks are the stored image's
+                frame = fancy_upsampled(frame[None], chroma)[0].to(torch.uint8)
             frame = orient(frame, header.orientation)
         return frame
 
