@@ -2,7 +2,7 @@
 
     fetch -> route -> decode -> batch -> predict -> unbatch -> encode (records)
                       ├─ GPU: JPEGs in batches (nvJPEG) + batched resize/crop
-                      ├─ CPU processes: other formats, CMYK, and large JPEGs while the GPU has a batch waiting
+                      ├─ CPU processes: other formats, CMYK, and large JPEGs while the GPU is busy
                       └─ fetch threads: where there are neither
 
 With decode processes, they also fetch and route (worker/decode_pool.py), so that the worker
