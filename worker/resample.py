@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from worker.chroma import FANCY, horizontal_change
+from worker.chroma import FANCY, fancy_region
 from worker.manifest import Preprocess
 
 
@@ -118,15 +118,14 @@ def resample(images: torch.Tensor, plan: CropPlan, chroma: tuple[int, int] = (1,
     The horizontal pass runs first and is rounded to uint8, as in Pillow. Float32 throughout, as
     torch's default keeps CUDA matmuls (TF32 off): TF32 or bf16 would cost a few levels.
     `chroma` (across, down), one of `worker.chroma.FANCY`: RGB images whose decoder replicated
-    their chroma over such blocks get it interpolated as libjpeg does (`worker.chroma`), through
-    the horizontal pass; the changed pixels are not clamped before it."""
+    their chroma over such blocks get it interpolated as libjpeg does, in the region read only."""
     rows, cols = plan.wy.shape[1], plan.wx.shape[1]
     row_span, col_span = slice(plan.top, plan.top + rows), slice(plan.left, plan.left + cols)
-    region = images[:, :, row_span, col_span]
-    wx, wy = plan.wx.to(images.device), plan.wy.to(images.device)  # no copy where the plan is there already
-    horizontal = torch.matmul(region.float(), wx.T)
     if chroma in FANCY:
-        horizontal += horizontal_change(images, chroma, row_span, col_span, wx)
-    horizontal = horizontal.add_(0.5).floor_().clamp_(0, 255)
+        region = fancy_region(images, chroma, row_span, col_span)
+    else:
+        region = images[:, :, row_span, col_span].float()
+    wx, wy = plan.wx.to(images.device), plan.wy.to(images.device)  # no copy where the plan is there already
+    horizontal = torch.matmul(region, wx.T).add_(0.5).floor_().clamp_(0, 255)
     vertical = torch.matmul(wy, horizontal).add_(0.5).floor_().clamp_(0, 255)
     return vertical.to(torch.uint8)
