@@ -153,7 +153,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         kiln = stack.enter_context(Kiln(settings=settings))
         bar = JobProgress(not args.no_progress)
         stack.callback(bar.close)
-        submitted = _submit(kiln, args, bar)
+        submitted = _submit(kiln, args, bar, say_skipped=False)  # said once, in the closing summary
         counts = kiln.wait(submitted, timeout_s=args.timeout, progress=bar, check=check)
         bar.close()
         try:
@@ -171,8 +171,9 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
     return 0 if counts.failed == 0 else 1
 
 
-def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress) -> SubmittedJob:
-    """Enqueue the inputs (streamed, with backpressure), drawing on `bar`; say what was enqueued."""
+def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped: bool = True) -> SubmittedJob:
+    """Enqueue the inputs (streamed, with backpressure), drawing on `bar`; say what was enqueued
+    and, with `say_skipped`, which files the listing left out."""
     submitted = kiln.submit(
         args.inputs, job=args.job, topk=args.topk, retry_failed=args.retry_failed, out_dir=args.out_dir, progress=bar
     )
@@ -184,7 +185,7 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress) -> Submitted
         + (f"; the job also holds {others} images of other submissions" if others > 0 else "")
         + (f"; shards in {submitted.out_dir}/{submitted.id}/" if submitted.out_dir else "")
     )
-    if submitted.skipped:
+    if say_skipped and submitted.skipped:
         bar.write(Expansion([], submitted.skipped).skipped_summary())
     return submitted
 

@@ -266,6 +266,7 @@ def test_a_job_name_used_again_with_other_images(lite0_worker, work_dir, tmp_pat
     assert "job reused: 2 images; the job also holds 4 images of other submissions" in done_b.stderr
     assert "2 labelled, 0 failed" in done_b.stderr
     assert done_b.stderr.rstrip().endswith("skipped 1 file without an image extension: .txt 1")  # the summary
+    assert done_b.stderr.count("without an image extension") == 1  # said once, not at submit and again
     keys = sorted(json.loads(line)["key"] for line in out_b.read_text().splitlines())
     assert keys == [str(second / "astronaut.jpg"), str(second / "rocket.jpg")]
     status = producer("status", "reused", **env)
