@@ -149,24 +149,18 @@ def _exit_on_stop_until_ready() -> None:
         signal.signal(signum, stop)
 
 
-def _release_stack_dumps() -> None:
-    """Once Celery is up: SIGUSR1, held since the start, logs the threads' stacks (its handler)."""
-    import signal
-
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.parent_pid is not None:  # first thing: a parent killed while this process starts stops it too
-        from worker.supervisor import hold_signals, stop_with_parent
+    from worker.supervisor import held_signals, hold_signals
 
-        hold_signals()  # before any thread starts
+    # Before any thread starts: SIGUSR1 (the threads' stacks) must not end the worker before
+    # Celery's handler is there; a worker process also holds SIGHUP (supervisor.release_signals).
+    held = held_signals(worker_process=args.parent_pid is not None)
+    hold_signals(held)
+    if args.parent_pid is not None:  # a parent killed while this process starts stops it too
+        from worker.supervisor import stop_with_parent
+
         stop_with_parent(args.parent_pid)
-    else:  # SIGUSR1 (the threads' stacks) must not end the worker before Celery's handler is there
-        import signal
-
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # before any thread starts
     if args.worker_index is not None:  # its log lines say which of the host's worker processes wrote them
         import multiprocessing
 
@@ -219,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.consumer import stopped_by
     from worker.endpoint import start_health_report
     from worker.lease import node_name
+    from worker.supervisor import release_signals
 
     # Known before the app is made: the broker reserves as many chunks as the worker runs at once.
     settings = settings.model_copy(update={"tasks_in_flight": tasks_in_flight(settings, manifest.device)})
@@ -237,12 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_index is None:
         _exit_on_stop_until_ready()  # first: the endpoint's folder exists from its first line on
         start_endpoint(settings)  # metrics and health, before the model loads
-        signals.worker_ready.connect(lambda **_: _release_stack_dumps(), weak=False)
     else:
-        from worker.supervisor import release_signals
-
         start_health_report(settings)  # to the parent's endpoint, where it has one
-        signals.worker_ready.connect(lambda **_: release_signals(), weak=False)
+    signals.worker_ready.connect(lambda **_: release_signals(held), weak=False)
     device = device_for_process(settings, manifest.device, args.worker_index or 0, gpus)
     try:
         state = tasks.init_process(settings, device, processes)

@@ -127,24 +127,32 @@ def stop_with_parent(parent: int) -> None:
     when_parent_exits(stop, parent)
 
 
-_HELD = {signal.SIGHUP, signal.SIGUSR1}
+_HELD = frozenset({signal.SIGHUP, signal.SIGUSR1})  # in a worker process, until Celery is up
 
 
-def hold_signals() -> None:
-    """In a worker process, before it starts any thread: SIGHUP and SIGUSR1 wait (blocked in
-    every thread) until `release_signals`, once Celery is up. Until then SIGUSR1's default action
-    would end the process, and SIGHUP's meaning is `release_signals`' to give."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+def held_signals(worker_process: bool) -> frozenset[signal.Signals]:
+    """What `python -m worker` holds until Celery is up: SIGHUP and SIGUSR1 in a worker process
+    of a supervisor, SIGUSR1 alone in a single worker (its SIGHUP stays Celery's)."""
+    return _HELD if worker_process else frozenset({signal.SIGUSR1})
 
 
-def release_signals() -> None:
-    """In a worker process, once Celery has installed its signal handlers (from the main thread):
-    SIGHUP does what SIGTERM does, a warm shutdown, and SIGUSR1 logs the threads' stacks
-    (Celery's handler); one that came meanwhile is delivered now. Celery's own SIGHUP handler
-    restarts the worker in place, which would leave the parent waiting for a child that never
-    stops."""
-    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+def hold_signals(signals: frozenset[signal.Signals] = _HELD) -> None:
+    """Before the process starts any thread: `signals` wait (blocked in every thread) until
+    `release_signals`, once Celery is up. Until then SIGUSR1's default action would end the
+    process, and in a worker process SIGHUP's meaning is `release_signals`' to give. A single
+    worker (no supervisor) holds SIGUSR1 only: Celery's SIGHUP is its own."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+
+def release_signals(signals: frozenset[signal.Signals] = _HELD) -> None:
+    """Once Celery has installed its signal handlers (from the main thread): SIGUSR1 logs the
+    threads' stacks (Celery's handler), and, where `signals` holds it, SIGHUP does what SIGTERM
+    does, a warm shutdown; one that came meanwhile is delivered now. In a worker process Celery's
+    own SIGHUP handler would restart it in place, leaving the parent waiting for a child that
+    never stops."""
+    if signal.SIGHUP in signals:
+        signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 def supervise(commands: list[list[str]]) -> int:
@@ -178,7 +186,7 @@ def supervise(commands: list[list[str]]) -> int:
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, on_signal) for s in handled}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, pass_on)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # held by `python -m worker` until now
+    release_signals(frozenset({signal.SIGUSR1}))  # held by `python -m worker` until now
     try:
         for child in children:
             if signals_received:  # stopped while starting them: the rest never start
