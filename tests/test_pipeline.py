@@ -46,3 +46,40 @@ def test_every_image_gets_exactly_one_record(pipeline, sample_photos, tmp_path):
 
 def test_empty_input(pipeline):
     assert list(pipeline.run([], topk=5)) == []
+
+
+def test_the_model_waits_for_a_second_image_while_more_are_on_their_way(pipeline, monkeypatch):
+    """A package pads a single image to its smallest batch (2) and pays for both: while the
+    callers have other images on their way, the model waits for one more. A lone image does not
+    wait. (FILL_S is made long here, so that only the condition decides, not the clock.)"""
+    import queue
+    import threading
+
+    import worker.pipeline as module
+
+    monkeypatch.setattr(module, "FILL_S", 600.0)
+    assert pipeline.runtime.manifest.batch_min == 2
+    ready: queue.Queue = queue.Queue()
+    ready.put("first")
+    pipeline._add_in_flight(1)  # the first alone: taken at once
+    assert pipeline._gather(ready, 64, fill_to=2) == ["first"]
+
+    ready.put("first")
+    pipeline._add_in_flight(1)  # two in flight: the second is waited for, however late
+
+    def second() -> None:
+        while not ready.empty():  # once the first has been taken
+            threading.Event().wait(0.01)
+        ready.put("second")
+
+    threading.Thread(target=second, daemon=True).start()
+    assert pipeline._gather(ready, 64, fill_to=2) == ["first", "second"]
+    pipeline._add_in_flight(-2)
+
+
+def test_a_caller_that_stops_early_no_longer_counts_as_in_flight(pipeline, sample_photos):
+    works = [Work("j", f"{name}-{i}", ref=str(path)) for i in range(3) for name, path in sample_photos.items()]
+    batches = pipeline.run(works, topk=1)
+    next(batches)
+    batches.close()
+    assert pipeline._in_flight == 0
