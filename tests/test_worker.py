@@ -338,9 +338,15 @@ def test_a_hang_up_stops_every_worker_process(private_redis_url, lite0_package, 
         worker.stop()
 
 
+def _stack_dumps(log: str) -> int:
+    """Stack dumps in a worker's log: Celery's (once it is up) and faulthandler's (before)."""
+    lines = log.splitlines()
+    return lines.count("MainThread") + sum(line.startswith("Current thread 0x") for line in lines)
+
+
 def test_sigusr1_logs_each_processs_stacks_and_sigquit_stops_them_cold(private_redis_url, lite0_package, tmp_path):
-    """SIGUSR1 to the parent: each worker process logs its threads' stacks (Celery's handler)
-    and serves on. SIGQUIT: a cold shutdown of them all, status 131 as a shell reports it, and
+    """SIGUSR1 to the parent: each worker process logs its threads' stacks (Celery's handler, or
+    faulthandler's in one not yet up) and serves on. SIGQUIT: a cold shutdown of them all, status 131 as a shell reports it, and
     the endpoint's folder is removed. Before, Python's default action for either signal ended
     the parent at once and left its worker processes and that folder behind."""
     temp = tmp_path / "tmp"
@@ -353,8 +359,7 @@ def test_sigusr1_logs_each_processs_stacks_and_sigquit_stops_them_cold(private_r
         children = _children(worker.process.pid)
         assert len(children) == 2 and list(temp.glob("kiln-metrics-*"))
         os.kill(worker.process.pid, signal.SIGUSR1)
-        dumped = lambda: worker.log_path.read_text().splitlines().count("MainThread") >= 2  # noqa: E731
-        _wait_until(dumped, 60, "both worker processes' stacks")
+        _wait_until(lambda: _stack_dumps(worker.log_path.read_text()) >= 2, 60, "both worker processes' stacks")
         assert worker.process.poll() is None and all(_state(pid) not in (None, "Z") for pid in children)
         os.kill(worker.process.pid, signal.SIGQUIT)
         assert worker.process.wait(60) == 131, worker.log_path.read_text()[-3000:]

@@ -15,6 +15,9 @@ from test_worker import _children, _descendants, _loaded, _state, _wait_until
 from producer import Item, Kiln
 from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
+from worker.decode_pool import DecodePool
+from worker.manifest import IMAGENET_PREPROCESS
+from worker.settings import DEFAULT_FORMATS
 
 TWO = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]
 
@@ -168,12 +171,13 @@ def test_a_single_worker_stops_cold_with_chunks_running(private_redis_url, lite0
                 second.stop()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGQUIT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM])
 def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lite0_package, tmp_path):
     """A worker of one process gets a signal once its endpoint is up, before Celery's handlers
-    are: SIGUSR1 waits for Celery (stacks logged, it serves on); SIGQUIT or SIGTERM stops it,
-    128 + N, and its endpoint folder is removed. Before, the signal's default action ended it and
-    left the folder in $TMPDIR."""
+    are: SIGUSR1 logs every thread's stack at once and it starts on; SIGHUP waits until it is up,
+    then stops it warm (status 0); SIGQUIT or SIGTERM stops it, 128 + N. Each time its endpoint
+    folder is removed. Before, the signal's default action ended it and left the folder in $TMPDIR,
+    and SIGUSR1 was held until Celery was up, so a worker stuck in its start logged nothing."""
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = python_env(KILN_METRICS_PORT="0", TMPDIR=str(temp))
@@ -182,14 +186,59 @@ def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lit
     try:
         _wait_until(lambda: list(temp.glob("kiln-metrics-*")), 60, "the endpoint")
         os.kill(worker.process.pid, signum)
+        expected = 128 + signum if signum in (signal.SIGQUIT, signal.SIGTERM) else 0
         if signum == signal.SIGUSR1:
-            _wait_until(lambda: "MainThread" in worker.log_path.read_text(), 60, "the stacks")
-            assert worker.process.poll() is None
+            _wait_until(lambda: "most recent call first" in worker.log_path.read_text(), 60, "the stacks")
+            _wait_until(lambda: " ready." in worker.log_path.read_text(), 60, "the worker to be up")
             os.kill(worker.process.pid, signal.SIGTERM)
-            expected = 0
-        else:
-            expected = 128 + signum
         assert worker.process.wait(60) == expected, worker.log_path.read_text()[-3000:]
         assert not list(temp.glob("kiln-metrics-*"))
     finally:
         worker.stop()
+
+
+def test_sighup_stops_a_single_worker_warm(private_redis_url, lite0_package, tmp_path):
+    """SIGHUP to a serving worker of one process (a closed terminal, `systemctl kill -s HUP`): a
+    warm shutdown, as the supervisor's, status 0, nothing left behind. Before, it was Celery's
+    restart in place (`execv`), which leaked the endpoint folder and a zombie resource tracker per
+    restart, or, on a terminal, the default action's death (129)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = python_env(KILN_METRICS_PORT="0", TMPDIR=str(temp))
+    options = ["--threads", "1", "--loglevel", "INFO", "--decode-processes", "1"]
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], options, env=env)
+    try:
+        _loaded(worker, 1)
+        with Kiln(settings=ProducerSettings(redis_url=private_redis_url, chunk_size=2)) as kiln:
+            kiln.submit([SAMPLES], job="before-hup")
+            assert kiln.wait("before-hup", timeout_s=120, progress=False, check=worker.check).done == 6
+        everyone = _descendants(worker.process.pid)
+        os.kill(worker.process.pid, signal.SIGHUP)
+        assert worker.process.wait(60) == 0, worker.log_path.read_text()[-3000:]
+        log = worker.log_path.read_text()
+        assert "Restarting" not in log and not list(temp.glob("kiln-metrics-*")), log[-3000:]
+        _wait_until(lambda: not any(_state(pid) for pid in everyone), 20, "its decode processes to be gone")
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP, signal.SIGUSR1])
+def test_decode_processes_signalled_while_they_start(signum):
+    """Ctrl-C, a hang-up or SIGUSR1 to the group reaches decode processes that are still starting
+    (the pool starts them when the first images come, and again after a restart): they decode on,
+    and no image fails. Before, they ignored these signals only once started: one died of it in
+    its imports, and the images queued for it were recorded as failed."""
+    photos = [p.read_bytes() for p in sorted(SAMPLES.glob("*.jpg"))]
+    pool = DecodePool(2, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=8)
+    try:
+        before = _children(os.getpid())  # the resource tracker, a fixture's redis-server
+        futures = [pool.submit(data) for data in photos]
+        starting = _children(os.getpid()) - before
+        assert starting, "the pool started no process"
+        for pid in starting:
+            os.kill(pid, signum)
+        slots = [future.result(timeout=120) for future in futures]
+        assert len(set(slots)) == len(photos)
+        assert all(_state(pid) not in (None, "Z") for pid in starting)
+    finally:
+        pool.close()

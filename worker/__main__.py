@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from worker.process_signals import hold_until_ready, release_when_ready
 
-from worker.eviction import EvictingRedis, check_eviction_policy
-from worker.manifest import PackageError, read_manifest
-from worker.settings import WorkerSettings, settings_error
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 EPILOG = """\
 Every option but --loglevel has a KILN_* environment variable (e.g. KILN_REDIS_URL, KILN_MODEL,
@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> WorkerSettings:
+    from worker.settings import WorkerSettings
+
     given = {
         "model": args.model,
         "redis_url": args.redis_url,
@@ -120,9 +122,9 @@ def _check_redis(settings: WorkerSettings) -> None:
     """Refuse a Redis that may evict kiln's keys (worker/eviction.py). One attempt: a Redis that
     is not up yet is left to Celery's connection retries (each logged), unchecked, since
     producers check it too before they submit anything."""
-    import logging
-
     import redis
+
+    from worker.eviction import check_eviction_policy
 
     timeout = settings.redis_timeout_s
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -150,13 +152,15 @@ def _exit_on_stop_until_ready() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    hold_until_ready()  # first, before any thread starts and before the slow imports
     args = _parser().parse_args(argv)
-    from worker.supervisor import held_signals, hold_signals
 
-    # Before any thread starts: SIGUSR1 (the threads' stacks) must not end the worker before
-    # Celery's handler is there; a worker process also holds SIGHUP (supervisor.release_signals).
-    held = held_signals(worker_process=args.parent_pid is not None)
-    hold_signals(held)
+    from pydantic import ValidationError
+
+    from worker.eviction import EvictingRedis
+    from worker.manifest import PackageError, read_manifest
+    from worker.settings import settings_error
+
     if args.parent_pid is not None:  # a parent killed while this process starts stops it too
         from worker.supervisor import stop_with_parent
 
@@ -213,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     from worker.consumer import stopped_by
     from worker.endpoint import start_health_report
     from worker.lease import node_name
-    from worker.supervisor import release_signals
 
     # Known before the app is made: the broker reserves as many chunks as the worker runs at once.
     settings = settings.model_copy(update={"tasks_in_flight": tasks_in_flight(settings, manifest.device)})
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         start_endpoint(settings)  # metrics and health, before the model loads
     else:
         start_health_report(settings)  # to the parent's endpoint, where it has one
-    signals.worker_ready.connect(lambda **_: release_signals(held), weak=False)
+    signals.worker_ready.connect(lambda **_: release_when_ready(), weak=False)
     device = device_for_process(settings, manifest.device, args.worker_index or 0, gpus)
     try:
         state = tasks.init_process(settings, device, processes)

@@ -51,13 +51,10 @@ from worker.contract import InputError
 from worker.fetch import FetchPolicy
 from worker.manifest import Preprocess
 from worker.probe import ImageHeader
+from worker.process_signals import GROUP_SIGNALS, blocked
 from worker.supervisor import when_parent_exits
 
 log = logging.getLogger(__name__)
-
-# Signals sent to the whole process group (or a service's every process) that end a process by
-# default: the decoding processes ignore them, and the resource tracker starts with them blocked.
-_GROUP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 
 # State of a pool process: set by `_attach`, read by `_decode_into`.
 _child: dict[str, object] = {}
@@ -97,7 +94,9 @@ def _attach(
     # held would be recorded as failed); after Ctrl-\ (SIGQUIT, a cold shutdown) the worker gives
     # its chunks back instead. SIGUSR1 to them all (`systemctl kill -s USR1`, for the worker's
     # stacks) must not end them either. The worker closes the pool when it is done.
-    for stop in _GROUP_SIGNALS:
+    # They start with these signals blocked (`DecodePool._submit`): one sent while the process
+    # started ended it, and the images queued for it with it.
+    for stop in GROUP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
@@ -163,11 +162,8 @@ def _start_resource_tracker() -> None:
     unexpectedly ... Some resources might leak", then a KeyError traceback per segment)."""
     from multiprocessing import resource_tracker
 
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)  # a child inherits the mask
-    try:
+    with blocked(GROUP_SIGNALS):
         resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class DecodePool:
@@ -224,13 +220,22 @@ class DecodePool:
         """Decode `data` into a free slot; the future gives the slot, or raises `InputError`."""
         slot = self._free.get()
         result: Future[int] = Future()
-        try:
-            future = self._executor.submit(_decode_into, slot, data)
-        except BrokenProcessPool:
-            future = Future()
-            future.set_exception(BrokenProcessPool("decode pool is being restarted"))
+        future = self._submit(_decode_into, slot, data)
         future.add_done_callback(lambda done: self._finish(done, slot, result))
         return result
+
+    def _submit(self, function, *args) -> Future:
+        """`function(*args)` in a pool process. The executor starts its processes when work comes
+        (and after a restart), in the submitting thread: started with the group's signals blocked,
+        they cannot die of one before `_attach` ignores them. A pool being restarted gives a failed
+        future."""
+        try:
+            with blocked(GROUP_SIGNALS):
+                return self._executor.submit(function, *args)
+        except BrokenProcessPool:
+            future: Future = Future()
+            future.set_exception(BrokenProcessPool("decode pool is being restarted"))
+            return future
 
     def set_gpu_backlog(self, images: int) -> None:
         """How many images wait for the GPU now: the processes route by it (`worker.route.cpu_takes`)."""
@@ -244,11 +249,7 @@ class DecodePool:
             raise RuntimeError("this decode pool was created without a fetch policy")
         slots = [self._free.get() for _ in refs]
         result: Future[list[Loaded]] = Future()
-        try:
-            future = self._executor.submit(_load_into, slots, refs, gpu)
-        except BrokenProcessPool:
-            future = Future()
-            future.set_exception(BrokenProcessPool("decode pool is being restarted"))
+        future = self._submit(_load_into, slots, refs, gpu)
         future.add_done_callback(lambda done: self._loaded(done, slots, result))
         return result
 

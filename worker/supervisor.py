@@ -44,6 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
+from worker.process_signals import STARTING, blocked, release_when_ready
+
 log = logging.getLogger(__name__)
 
 EARLY_EXIT_S = 30.0
@@ -67,14 +69,11 @@ class _Child:
     status: int | None = None  # the exit status of its last stop that was asked for
 
     def start(self) -> None:
-        # Started with SIGHUP and SIGUSR1 blocked (a child inherits the mask): its Python has no
-        # handler for them until `hold_signals` runs, after its first imports, and SIGUSR1 passed
-        # on in that time ended it ("killed by SIGUSR1"; a few in a row stopped the whole worker).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-        try:
+        # Started with SIGHUP and SIGUSR1 blocked: its Python has no handler for them until
+        # `hold_until_ready` runs, and SIGUSR1 passed on in that time ended it ("killed by
+        # SIGUSR1"; a few in a row stopped the whole worker).
+        with blocked(STARTING):
             self.process = subprocess.Popen(self.command)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self.started = time.monotonic()
         self.status = None
         from worker.health import expect_report  # here: the decode processes import this module too
@@ -127,34 +126,6 @@ def stop_with_parent(parent: int) -> None:
     when_parent_exits(stop, parent)
 
 
-_HELD = frozenset({signal.SIGHUP, signal.SIGUSR1})  # in a worker process, until Celery is up
-
-
-def held_signals(worker_process: bool) -> frozenset[signal.Signals]:
-    """What `python -m worker` holds until Celery is up: SIGHUP and SIGUSR1 in a worker process
-    of a supervisor, SIGUSR1 alone in a single worker (its SIGHUP stays Celery's)."""
-    return _HELD if worker_process else frozenset({signal.SIGUSR1})
-
-
-def hold_signals(signals: frozenset[signal.Signals] = _HELD) -> None:
-    """Before the process starts any thread: `signals` wait (blocked in every thread) until
-    `release_signals`, once Celery is up. Until then SIGUSR1's default action would end the
-    process, and in a worker process SIGHUP's meaning is `release_signals`' to give. A single
-    worker (no supervisor) holds SIGUSR1 only: Celery's SIGHUP is its own."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-
-
-def release_signals(signals: frozenset[signal.Signals] = _HELD) -> None:
-    """Once Celery has installed its signal handlers (from the main thread): SIGUSR1 logs the
-    threads' stacks (Celery's handler), and, where `signals` holds it, SIGHUP does what SIGTERM
-    does, a warm shutdown; one that came meanwhile is delivered now. In a worker process Celery's
-    own SIGHUP handler would restart it in place, leaving the parent waiting for a child that
-    never stops."""
-    if signal.SIGHUP in signals:
-        signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-
-
 def supervise(commands: list[list[str]]) -> int:
     """Run a child process of each command (`child_commands`) until they stop; returns the exit
     status: 0 after a shutdown that every child completed, else the first failing child's, or
@@ -186,7 +157,7 @@ def supervise(commands: list[list[str]]) -> int:
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, on_signal) for s in handled}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, pass_on)
-    release_signals(frozenset({signal.SIGUSR1}))  # held by `python -m worker` until now
+    release_when_ready()  # SIGHUP, held by `python -m worker` until now, is a warm shutdown
     try:
         for child in children:
             if signals_received:  # stopped while starting them: the rest never start

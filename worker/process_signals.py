@@ -1,0 +1,54 @@
+"""What kiln's processes do with the signals a shell, a terminal or a service manager sends to a
+whole process group (Ctrl-C, a hang-up, `systemctl kill -s USR1`, `docker stop`): none of them may
+end a process by its default action at any moment, since each process that dies so loses the
+images it holds or leaves its files behind.
+
+- `python -m worker` (a single worker, a supervisor, or a supervisor's worker process) calls
+  `hold_until_ready` first thing: SIGUSR1 then dumps every thread's stack (faulthandler) from the
+  start, also while the model loads or Redis is not there yet, and SIGHUP waits until
+  `release_when_ready`, once Celery (or the supervisor) has its handlers: from then on SIGHUP is a
+  warm shutdown, as SIGTERM, and SIGUSR1 is Celery's (stacks, and the worker serves on). Celery's
+  own SIGHUP (restart in place, by `execv`) would leave the parent of a worker process waiting for
+  a child that never stops, and leak a single worker's endpoint folder and decode processes.
+- A process started inside `blocked(...)` inherits the mask: the supervisor starts its worker
+  processes with SIGHUP and SIGUSR1 blocked (their interpreter's start is not covered otherwise),
+  and the decode pool its processes and the resource tracker with every group signal blocked
+  (they ignore them: worker/decode_pool.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import signal
+from collections.abc import Iterable, Iterator
+
+GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1})
+STARTING = frozenset({signal.SIGHUP, signal.SIGUSR1})  # what a new worker process must not die of
+
+
+@contextlib.contextmanager
+def blocked(signals: Iterable[signal.Signals]) -> Iterator[None]:
+    """`signals` blocked in this thread for the block, so that a process started in it starts with
+    them blocked (a child inherits its parent thread's mask, through `exec` too)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def hold_until_ready() -> None:
+    """In the main thread, before any other starts: SIGUSR1 dumps the stacks of all threads to
+    stderr (one sent while this process started, blocked by its supervisor, comes now), and SIGHUP
+    is blocked in every thread until `release_when_ready`."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+def release_when_ready() -> None:
+    """From the main thread, once the stop handlers are installed: SIGHUP does what SIGTERM does
+    (a warm shutdown); one that came meanwhile is delivered now."""
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
