@@ -18,9 +18,12 @@ DRIP_INTERVAL_S = 0.5
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     delay_s = 0.0
+    gate: threading.Event | None = None
 
     def do_GET(self) -> None:
         time.sleep(self.delay_s)
+        if self.gate is not None:
+            self.gate.wait()
         path, _, query = self.path.partition("?")
         if path == "/slow":
             time.sleep(3)
@@ -62,10 +65,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_folder(folder: Path, delay_s: float = 0.0) -> Iterator[str]:
-    """Serve `folder` on 127.0.0.1 at a free port, answering each request after `delay_s`; yields
-    the base URL."""
-    handler = functools.partial(type("Handler", (_Handler,), {"delay_s": delay_s}), directory=str(folder))
+def serve_folder(folder: Path, delay_s: float = 0.0, gate: threading.Event | None = None) -> Iterator[str]:
+    """Serve `folder` on 127.0.0.1 at a free port, answering each request after `delay_s`, and
+    once `gate` is set where one is given; yields the base URL."""
+    attributes = {"delay_s": delay_s, "gate": gate}
+    handler = functools.partial(type("Handler", (_Handler,), attributes), directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+import threading
+import time
 
 import pytest
+from http_server import serve_folder
 
 from worker.fetch import FetchPolicy
-from worker.pipeline import Pipeline, PipelineConfig, Work
+from worker.pipeline import Pipeline, PipelineConfig, Work, _Image, _OnlineFirst, _Request
 
 CATS = {"tiger cat", "Egyptian cat", "tabby"}
 
@@ -77,9 +80,61 @@ def test_the_model_waits_for_a_second_image_while_more_are_on_their_way(pipeline
     pipeline._add_in_flight(-2)
 
 
-def test_a_caller_that_stops_early_no_longer_counts_as_in_flight(pipeline, sample_photos):
+def test_images_count_as_in_flight_until_their_records_are_made(pipeline, sample_photos):
+    """The model waits for more images only while some have no record yet: records that a caller
+    has not taken (it is writing the last ones, or it stopped early) do not count. Before, they
+    counted until taken, and every batch of other callers, online ones too, waited FILL_S."""
     works = [Work("j", f"{name}-{i}", ref=str(path)) for i in range(3) for name, path in sample_photos.items()]
     batches = pipeline.run(works, topk=1)
-    next(batches)
+    next(batches)  # takes its first records, then takes no more
+    deadline = time.monotonic() + 120
+    while pipeline._in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pipeline._in_flight == 0
     batches.close()
     assert pipeline._in_flight == 0
+
+
+def test_an_online_image_goes_before_a_bulk_jobs_fetches(lite0_runtime, sample_photos):
+    """An online request (inline bytes, a reply list) while a bulk job's fetches hang: it gets its
+    record with every bulk fetch still waiting. Before, it queued behind them in the fetch threads
+    (and the decode processes), and `classify` timed out after 30 s behind slow references."""
+    gate = threading.Event()
+    with serve_folder(sample_photos["chelsea"].parent, gate=gate) as base:
+        policy = FetchPolicy.create([], 10**7, 120, allowed_networks=["127.0.0.1/32"])
+        pipe = Pipeline(lite0_runtime, PipelineConfig(policy=policy, fetch_threads=2, batch_size=2))
+        bulk_records: list = []
+        online_records: list = []
+        bulk = [Work("bulk", f"{i}", ref=f"{base}/chelsea.jpg") for i in range(8)]
+        inline = base64.b64encode(sample_photos["coffee"].read_bytes()).decode()
+        online = [Work("online", "coffee", data_b64=inline, reply_to="kiln:reply:test")]
+        consume = lambda works, into: into.extend(pair for part in pipe.run(works, 1) for pair in part)  # noqa: E731
+        bulk_thread = threading.Thread(target=consume, args=(bulk, bulk_records), daemon=True)
+        online_thread = threading.Thread(target=consume, args=(online, online_records), daemon=True)
+        try:
+            bulk_thread.start()
+            deadline = time.monotonic() + 60
+            while pipe._in_flight < 4 and time.monotonic() < deadline:  # its window: 2 batches
+                time.sleep(0.01)
+            online_thread.start()
+            online_thread.join(120)
+            assert not online_thread.is_alive(), "the online image waited for the bulk job's fetches"
+            assert not bulk_records
+            ((_, record),) = online_records
+            assert record.status == "ok" and record.topk[0].label == "espresso"
+        finally:
+            gate.set()
+            bulk_thread.join(120)
+            pipe.close()
+        assert len(bulk_records) == 8 and all(r.status == "ok" for _, r in bulk_records)
+
+
+def test_online_units_leave_a_stage_queue_first():
+    request = _Request(1)
+    units = [_Image(Work("bulk", f"{i}", ref="x"), request) for i in range(3)]
+    urgent = _Image(Work("online", "o", data_b64="", reply_to="r"), request)
+    lanes = _OnlineFirst()
+    for unit in [*units[:2], urgent, units[2]]:
+        lanes.put(unit)
+    assert lanes.qsize() == 4
+    assert [lanes.get_nowait() for _ in range(4)] == [urgent, *units]

@@ -346,9 +346,10 @@ def _stack_dumps(log: str) -> int:
 
 def test_sigusr1_logs_each_processs_stacks_and_sigquit_stops_them_cold(private_redis_url, lite0_package, tmp_path):
     """SIGUSR1 to the parent: each worker process logs its threads' stacks (Celery's handler, or
-    faulthandler's in one not yet up) and serves on. SIGQUIT: a cold shutdown of them all, status 131 as a shell reports it, and
-    the endpoint's folder is removed. Before, Python's default action for either signal ended
-    the parent at once and left its worker processes and that folder behind."""
+    faulthandler's in one not yet up) and serves on. SIGQUIT: a cold shutdown of them all, status
+    131 as a shell reports it, and the endpoint's folder is removed. Before, Python's default
+    action for either signal ended the parent at once and left its worker processes and that
+    folder behind."""
     temp = tmp_path / "tmp"
     temp.mkdir()
     options = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]

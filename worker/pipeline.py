@@ -12,12 +12,18 @@ Each stage has its own workers and a bounded queue in front, so fetching, both d
 model and the callers' result writes all run at once. Many callers (Celery task threads) may
 `run` at the same time: their images share model batches, so a chunk boundary never drains the
 GPU. Every image ends as exactly one record: top-k labels, or the error that stopped it.
+
+Online requests (works with a `reply_to`) go first: they are loaded on threads of their own, never
+behind a bulk job's fetches or decode processes, and they leave the decoders' queues before bulk
+images. Queued behind a bulk job's slow fetches, one online image had waited past its caller's
+30 s timeout.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import contextlib
 import logging
 import os
@@ -167,9 +173,11 @@ class Pipeline:
         self._gpu = JpegBatchDecoder(runtime.device, self.prep) if config.gpu_decode else None
         cuda = runtime.device.type == "cuda"
         self._decode_stream = torch.cuda.Stream(runtime.device) if self._gpu is not None and cuda else None
+        # Online requests' threads: a few images at a time, never queued behind a bulk job's loads.
+        self._online = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-online")
         # Unbounded: what waits for the GPU holds a pool slot, or is one of the callers' windows.
-        self._gpu_queue: queue.Queue[_Image] = queue.Queue()
-        self._ready: queue.Queue[_Image | _Rows] = queue.Queue()
+        self._gpu_queue: queue.Queue[_Image] = _OnlineFirst()
+        self._ready: queue.Queue[_Image | _Rows] = _OnlineFirst()
         crop = self.prep.crop
         pin = runtime.device.type == "cuda"
         self._staging = torch.empty((self.batch_size, crop, crop, 3), dtype=torch.uint8, pin_memory=pin)
@@ -181,7 +189,7 @@ class Pipeline:
         # Per stage: batches, images and busy seconds (each stage updates its own, from one thread).
         self.stages = {name: StageStats() for name in ("gpu_decode", "infer")}
         self._count_lock = threading.Lock()
-        self._in_flight = 0  # the callers' images without a record they have taken yet
+        self._in_flight = 0  # the callers' images without a record yet
         fault = os.environ.get("KILN_TEST_CUDA_FAULT_AFTER")
         self._fault_after = int(fault) if fault else None
         self._threads = [threading.Thread(target=self._serve, args=(self._infer_loop,), name="kiln-infer", daemon=True)]
@@ -235,6 +243,7 @@ class Pipeline:
     def close(self) -> None:
         self._stop.set()
         self._fetchers.shutdown(wait=False, cancel_futures=True)
+        self._online.shutdown(wait=False, cancel_futures=True)
         if self._pool is not None:
             self._pool.close()
 
@@ -257,27 +266,26 @@ class Pipeline:
                 images = [_Image(w, request) for w in islice(source, group)]
                 if not images:
                     return
-                self._fetchers.submit(self._load_all, images)
-                submitted += len(images)
                 self._add_in_flight(len(images))
+                if images[0].work.reply_to is not None:
+                    self._online.submit(self._load_online, images)
+                else:
+                    self._fetchers.submit(self._load_all, images)
+                submitted += len(images)
 
-        try:
+        feed()
+        while finished < submitted:
+            pairs = self._next(request)
+            with_more = [pairs]
+            while True:  # whatever else is done already goes in the same write
+                try:
+                    with_more.append(request.out.get_nowait())
+                except queue.Empty:
+                    break
+            pairs = [pair for part in with_more for pair in part]
+            finished += len(pairs)
             feed()
-            while finished < submitted:
-                pairs = self._next(request)
-                with_more = [pairs]
-                while True:  # whatever else is done already goes in the same write
-                    try:
-                        with_more.append(request.out.get_nowait())
-                    except queue.Empty:
-                        break
-                pairs = [pair for part in with_more for pair in part]
-                finished += len(pairs)
-                self._add_in_flight(-len(pairs))
-                feed()
-                yield pairs
-        finally:  # a caller that stops early no longer counts
-            self._add_in_flight(finished - submitted)
+            yield pairs
 
     def _add_in_flight(self, images: int) -> None:
         with self._count_lock:
@@ -337,7 +345,15 @@ class Pipeline:
             log.exception("image %s failed in %s", image.work.key, getattr(step, "__name__", step))
             self._fail(image, InputError("internal", f"{type(e).__name__}: {e}"))
 
-    def _load(self, image: _Image) -> None:
+    def _load_online(self, images: list[_Image]) -> None:
+        """An online request's images, on its own threads: fetched and decoded here (or queued for
+        the GPU), never queued behind a bulk job's work in the decode processes."""
+        for image in images:
+            self._guarded(image, self._load, image, True)
+
+    def _load(self, image: _Image, here: bool = False) -> None:
+        """Fetch and route one image; one for the CPU is decoded in this thread where `here`, else
+        in the decode processes where there are some."""
         started = time.perf_counter()
         data = self._bytes(image.work)
         header = read_header(data, self.config.max_pixels, self.config.formats)
@@ -346,7 +362,7 @@ class Pipeline:
             image.data, image.header = data, header
             self._queue_for_gpu(image)
         else:
-            self._decode_on_cpu(image, data)
+            self._decode_on_cpu(image, data, here)
 
     def _cpu_takes(self, header: ImageHeader) -> bool:
         """`worker.route.cpu_takes`, where there are CPU decode processes to take it."""
@@ -364,10 +380,11 @@ class Pipeline:
         if self._pool is not None:
             self._pool.set_gpu_backlog(self._gpu_queue.qsize())
 
-    def _decode_on_cpu(self, image: _Image, data: bytes) -> None:
-        """Decode in the pool when there is one (the result comes back on its own thread), else here."""
+    def _decode_on_cpu(self, image: _Image, data: bytes, here: bool = False) -> None:
+        """Decode in the pool when there is one (the result comes back on its own thread), unless
+        `here`; else in this thread."""
         started = time.perf_counter()
-        if self._pool is None:
+        if self._pool is None or here:
             image.pixels = decode_image(
                 data, self.prep, self.config.max_pixels, formats=self.config.formats, budget=self._decode_budget
             )
@@ -432,7 +449,9 @@ class Pipeline:
         """Decode with Pillow an image meant for the GPU, from a copy of its bytes (a slot's view
         is released when the GPU batch is done)."""
         data, image.data = bytes(image.data), None
-        self._fetchers.submit(self._guarded, image, self._decode_on_cpu, image, data)
+        online = image.work.reply_to is not None
+        threads = self._online if online else self._fetchers
+        threads.submit(self._guarded, image, self._decode_on_cpu, image, data, online)
 
     def _decode_on_gpu(self, images: list[_Image]) -> None:
         started = time.perf_counter()
@@ -540,7 +559,7 @@ class Pipeline:
             by_request.setdefault(id(image.request), []).append((image.work, record))
         requests = {id(image.request): image.request for image in images}
         for key, pairs in by_request.items():
-            requests[key].out.put(pairs)
+            self._deliver(requests[key], pairs)
 
     # -- shared helpers -------------------------------------------------------------------------------
 
@@ -575,7 +594,12 @@ class Pipeline:
             timings_ms=image.timings_ms,
             finished_at=time.time(),
         )
-        image.request.out.put([(image.work, record)])
+        self._deliver(image.request, [(image.work, record)])
+
+    def _deliver(self, request: _Request, pairs: list[tuple[Work, Record]]) -> None:
+        """Hand records to their caller: those images are no longer in flight."""
+        self._add_in_flight(-len(pairs))
+        request.out.put(pairs)
 
     def _gather(self, source: queue.Queue, limit: int, size=lambda _: 1, fill_to: int = 1) -> list:
         """Block for one item, then take what arrives within `LINGER_S`, up to `limit` in all
@@ -621,3 +645,26 @@ class Pipeline:
 
 def _count(unit: _Image | _Rows) -> int:
     return len(unit.images) if isinstance(unit, _Rows) else 1
+
+
+def _is_online(unit: _Image | _Rows) -> bool:
+    images = unit.images if isinstance(unit, _Rows) else [unit]
+    return any(image.work.reply_to is not None for image in images)
+
+
+class _OnlineFirst(queue.Queue):
+    """A stage's queue: FIFO, but online units (an online request's image, or GPU rows holding
+    one) leave before bulk ones, so an online request waits for the stage, not for the bulk
+    windows queued in front of it. Through `queue.Queue`'s own extension points, as PriorityQueue."""
+
+    def _init(self, maxsize: int) -> None:
+        self._lanes = (collections.deque(), collections.deque())  # online, bulk
+
+    def _qsize(self) -> int:
+        return len(self._lanes[0]) + len(self._lanes[1])
+
+    def _put(self, unit: _Image | _Rows) -> None:
+        self._lanes[0 if _is_online(unit) else 1].append(unit)
+
+    def _get(self) -> _Image | _Rows:
+        return (self._lanes[0] or self._lanes[1]).popleft()
