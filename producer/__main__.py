@@ -127,7 +127,12 @@ def print_table(records: list[Record], topk: int = 5) -> None:
             text = " | ".join(f"{x.label} {x.score:.2f}" for x in record.topk[:topk])
         else:
             text = f"ERROR {record.error.kind}: {record.error.message}"
-        print(f"{name:28.28s} {text}")
+        print(f"{_one_line(name):28.28s} {_one_line(text)}")
+
+
+def _one_line(text: str) -> str:
+    """`text` with its control characters escaped (a file may be named "a\nb.jpg")."""
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
@@ -153,21 +158,25 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         kiln = stack.enter_context(Kiln(settings=settings))
         bar = JobProgress(not args.no_progress)
         stack.callback(bar.close)
-        submitted = _submit(kiln, args, bar, say_skipped=False)  # said once, in the closing summary
-        counts = kiln.wait(submitted, timeout_s=args.timeout, progress=bar, check=check)
-        bar.close()
+        submitted = _submit(kiln, args, bar, say_skipped=False)  # said once, at the end
         try:
-            written = kiln.export(submitted, args.out, args.topk)
-        except OSError as e:
-            raise OSError(
-                f"{e}. The records are safe in job {submitted.id}: write them with "
-                f"`kiln export {submitted.id} --out PATH`"
-            ) from e
-        if submitted.out_dir is None and counts.total <= args.show:
-            print_table(kiln.results(submitted))
-    print(f"{counts.done} labelled, {counts.failed} failed; wrote {written} records to {args.out}", file=sys.stderr)
-    if submitted.skipped:
-        print(Expansion([], submitted.skipped).skipped_summary(), file=sys.stderr)
+            counts = kiln.wait(submitted, timeout_s=args.timeout, progress=bar, check=check)
+            bar.close()
+            try:
+                written = kiln.export(submitted, args.out, args.topk)
+            except OSError as e:
+                raise OSError(
+                    f"{e}. The records are safe in job {submitted.id}: write them with "
+                    f"`kiln export {submitted.id} --out PATH`"
+                ) from e
+            if submitted.out_dir is None and counts.total <= args.show:
+                print_table(kiln.results(submitted))
+            done = f"{counts.done} labelled, {counts.failed} failed; wrote {written} records to {args.out}"
+            print(done, file=sys.stderr)
+        finally:  # also after a timeout, Ctrl-C or a failed export: what the listing left out
+            bar.close()
+            if submitted.skipped:
+                print(Expansion([], submitted.skipped).skipped_summary(), file=sys.stderr)
     return 0 if counts.failed == 0 else 1
 
 

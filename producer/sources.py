@@ -84,8 +84,12 @@ def iter_items(inputs: Iterable[str | Path], skipped: Counter[str] | None = None
 
 
 def _listing(inputs: Iterable[str | Path], skipped: Counter[str]) -> Iterator[tuple[Item, str]]:
-    """(item, where it came from) for every image of the inputs."""
-    inputs = [str(source) for source in inputs]
+    """(item, where it came from) for every image of the inputs; an input given twice (`a a`, or
+    `photos photos/`) is listed once."""
+    unique: dict[str, str] = {}
+    for source in inputs:
+        unique.setdefault(_identity(str(source)), str(source))
+    inputs = list(unique.values())
     sources = [_expand_one(source, skipped) for source in inputs]  # each checks its input now
     found = 0
     for item, origin in itertools.chain.from_iterable(sources):
@@ -111,6 +115,13 @@ def expand(inputs: Iterable[str | Path]) -> Expansion:
             )
         found[item.key] = (item, origin)
     return Expansion([item for item, _ in found.values()], skipped)
+
+
+def _identity(source: str) -> str:
+    """What an input names: a local path's real path, any other input's text."""
+    if "://" in source or glob.has_magic(source):
+        return source
+    return os.path.realpath(os.path.expanduser(source))
 
 
 def _expand_one(source: str, skipped: Counter[str]) -> Iterator[tuple[Item, str]]:

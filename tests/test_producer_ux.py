@@ -189,3 +189,25 @@ def test_export_topk_bounds(lite0_worker, tmp_path):
     narrow = producer("export", "three", "--topk", "1", "--out", str(tmp_path / "narrow.csv"), **env)
     header = next(csv.reader((tmp_path / "narrow.csv").open()))
     assert narrow.returncode == 0 and "label_1" in header and "label_2" not in header
+
+
+def test_label_says_what_it_skipped_also_when_it_stops_early(private_redis_url, tmp_path):
+    """The summary of the files a folder's listing left out comes once, at the end, also when
+    `label` gives up (here: no worker, --timeout). Before, only a completed label said it."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "coffee.jpg", folder / "coffee.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    done = producer("label", str(folder), str(folder), "--out", str(tmp_path / "r.csv"), "--timeout", "2",
+                    "--no-progress", KILN_REDIS_URL=private_redis_url)  # fmt: skip
+    assert done.returncode == 2 and "0 of 1 images after 2" in done.stderr, done.stderr
+    assert done.stderr.count("skipped 1 file without an image extension: .txt 1") == 1, done.stderr
+
+
+def test_the_table_keeps_one_line_per_image(capsys):
+    from producer.__main__ import print_table
+    from worker.contract import Record
+
+    records = [Record.failure("j", "/data/new\nline.jpg", "unreadable", "corrupt\nor truncated")]
+    print_table(records)
+    assert capsys.readouterr().out == "new\\nline.jpg                ERROR unreadable: corrupt\\nor truncated\n"

@@ -117,3 +117,12 @@ def test_default_job_ids_do_not_collide():
     assert job("x", "y") != job("x\ny")
     assert job("a,b") != job("a", "b") and job('"x"') != job("x")
     assert job("x", "y") == job("y", "x")
+
+
+def test_an_input_given_twice_is_listed_once(tree):
+    """`label photos photos/` (or a folder twice through a link) lists, and counts what it
+    skipped, once."""
+    (tree / "link").symlink_to(tree / "a")
+    found = expand([tree / "a", str(tree / "a") + "/", tree / "link", tree / "b.jpg", tree / "b.jpg"])
+    assert keys([tree / "a", tree / "b.jpg"]) == [i.key for i in found.items]
+    assert found.skipped == {".txt": 1}
