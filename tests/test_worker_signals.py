@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import SAMPLES, python_env
 from http_server import serve_folder
-from test_worker import _children, _descendants, _loaded, _state, _wait_until
+from test_worker import _children, _descendants, _loaded, _stack_dumps, _state, _wait_until
 
 from producer import Item, Kiln
 from producer.embedded import LocalWorker
@@ -188,7 +188,8 @@ def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lit
         os.kill(worker.process.pid, signum)
         expected = 128 + signum if signum in (signal.SIGQUIT, signal.SIGTERM) else 0
         if signum == signal.SIGUSR1:
-            _wait_until(lambda: "most recent call first" in worker.log_path.read_text(), 60, "the stacks")
+            # faulthandler's dump while it loads, Celery's once its handler is installed
+            _wait_until(lambda: _stack_dumps(worker.log_path.read_text()) >= 1, 60, "the stacks")
             _wait_until(lambda: " ready." in worker.log_path.read_text(), 60, "the worker to be up")
             os.kill(worker.process.pid, signal.SIGTERM)
         assert worker.process.wait(60) == expected, worker.log_path.read_text()[-3000:]

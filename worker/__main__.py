@@ -139,9 +139,10 @@ def _check_redis(settings: WorkerSettings) -> None:
 
 
 def _exit_on_stop_until_ready() -> None:
-    """A single worker process told to stop while its model loads (before Celery's handlers):
-    exit through Python, 128 + the signal's number, so that exit handlers remove the endpoint's
-    folder; the signal's default action ended the process and left the folder behind."""
+    """A single worker or a parent told to stop while it starts (imports, the Redis check, the
+    model's load; before Celery's or the supervisor's handlers): exit through Python, 128 + the
+    signal's number, so that exit handlers remove the endpoint's folder; the signal's default
+    action ended the process and left the folder behind."""
     import signal
 
     def stop(signum: int, _: object) -> None:
@@ -154,6 +155,8 @@ def _exit_on_stop_until_ready() -> None:
 def main(argv: list[str] | None = None) -> int:
     hold_until_ready()  # first, before any thread starts and before the slow imports
     args = _parser().parse_args(argv)
+    if args.worker_index is None:  # a single worker or a parent: no default action ends it from here on
+        _exit_on_stop_until_ready()
 
     from pydantic import ValidationError
 
@@ -233,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     if settings.task_events:
         worker_args.append("--task-events")
     if args.worker_index is None:
-        _exit_on_stop_until_ready()  # first: the endpoint's folder exists from its first line on
         start_endpoint(settings)  # metrics and health, before the model loads
     else:
         start_health_report(settings)  # to the parent's endpoint, where it has one
