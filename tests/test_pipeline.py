@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 
 import pytest
 from http_server import serve_folder
+from test_worker import _wait_until
 
 from worker.fetch import FetchPolicy
 from worker.pipeline import Pipeline, PipelineConfig, Work, _Image, _OnlineFirst, _Request
@@ -87,10 +87,7 @@ def test_images_count_as_in_flight_until_their_records_are_made(pipeline, sample
     works = [Work("j", f"{name}-{i}", ref=str(path)) for i in range(3) for name, path in sample_photos.items()]
     batches = pipeline.run(works, topk=1)
     next(batches)  # takes its first records, then takes no more
-    deadline = time.monotonic() + 120
-    while pipeline._in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pipeline._in_flight == 0
+    _wait_until(lambda: pipeline._in_flight == 0, 120, "its other records to be made")
     batches.close()
     assert pipeline._in_flight == 0
 
@@ -113,9 +110,7 @@ def test_an_online_image_goes_before_a_bulk_jobs_fetches(lite0_runtime, sample_p
         online_thread = threading.Thread(target=consume, args=(online, online_records), daemon=True)
         try:
             bulk_thread.start()
-            deadline = time.monotonic() + 60
-            while pipe._in_flight < 4 and time.monotonic() < deadline:  # its window: 2 batches
-                time.sleep(0.01)
+            _wait_until(lambda: pipe._in_flight >= 4, 60, "the bulk window (2 batches) to be in flight")
             online_thread.start()
             online_thread.join(120)
             assert not online_thread.is_alive(), "the online image waited for the bulk job's fetches"
