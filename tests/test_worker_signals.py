@@ -174,10 +174,11 @@ def test_a_single_worker_stops_cold_with_chunks_running(private_redis_url, lite0
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM])
 def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lite0_package, tmp_path):
     """A worker of one process gets a signal once its endpoint is up, before Celery's handlers
-    are: SIGUSR1 logs every thread's stack at once and it starts on; SIGHUP waits until it is up,
-    then stops it warm (status 0); SIGQUIT or SIGTERM stops it, 128 + N. Each time its endpoint
-    folder is removed. Before, the signal's default action ended it and left the folder in $TMPDIR,
-    and SIGUSR1 was held until Celery was up, so a worker stuck in its start logged nothing."""
+    are: SIGUSR1 logs every thread's stack at once and it starts on (and again once it is up);
+    SIGHUP waits until it is up, then stops it warm (status 0); SIGQUIT or SIGTERM stops it,
+    128 + N. Each time its endpoint folder is removed. Before, the signal's default action ended
+    it and left the folder in $TMPDIR, and SIGUSR1 was held until Celery was up, so a worker stuck
+    in its start logged nothing."""
     temp = tmp_path / "tmp"
     temp.mkdir()
     env = python_env(KILN_METRICS_PORT="0", TMPDIR=str(temp))
@@ -188,9 +189,10 @@ def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lit
         os.kill(worker.process.pid, signum)
         expected = 128 + signum if signum in (signal.SIGQUIT, signal.SIGTERM) else 0
         if signum == signal.SIGUSR1:
-            # faulthandler's dump while it loads, Celery's once its handler is installed
-            _wait_until(lambda: _stack_dumps(worker.log_path.read_text()) >= 1, 60, "the stacks")
+            _wait_until(lambda: _stack_dumps(worker.log_path.read_text()), 60, "the stacks")
             _wait_until(lambda: " ready." in worker.log_path.read_text(), 60, "the worker to be up")
+            os.kill(worker.process.pid, signum)  # kiln's handler again, not Celery's, once it is up
+            _wait_until(lambda: len(_stack_dumps(worker.log_path.read_text())) == 2, 60, "the stacks again")
             os.kill(worker.process.pid, signal.SIGTERM)
         assert worker.process.wait(60) == expected, worker.log_path.read_text()[-3000:]
         assert not list(temp.glob("kiln-metrics-*"))

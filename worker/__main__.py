@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from worker.process_signals import hold_until_ready, release_when_ready
+from worker.process_signals import hold_until_ready
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -213,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         start_endpoint(settings, children=True)  # before the children start: they report to its folder
         return supervise(child_commands(sys.argv[1:] if argv is None else argv, processes))
 
-    from celery import signals
-
     from worker import tasks
     from worker.celery_app import make_app
     from worker.consumer import stopped_by
@@ -239,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         start_endpoint(settings)  # metrics and health, before the model loads
     else:
         start_health_report(settings)  # to the parent's endpoint, where it has one
-    signals.worker_ready.connect(lambda **_: release_when_ready(), weak=False)
     device = device_for_process(settings, manifest.device, args.worker_index or 0, gpus)
     try:
         state = tasks.init_process(settings, device, processes)

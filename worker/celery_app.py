@@ -40,6 +40,7 @@ def make_app(settings: CommonSettings) -> Celery:
 
 def configure_worker(app: Celery, settings: WorkerSettings) -> None:
     """Delivery settings of a worker; README.md "Delivery" gives the reasons for each number."""
+    from worker.celery_worker import KilnWorker
     from worker.lease import LeaseRenewal
 
     lease = settings.lease_s
@@ -77,3 +78,4 @@ def configure_worker(app: Celery, settings: WorkerSettings) -> None:
     app.conf.worker_pool = "worker.pool:ThreadPool"
     app.conf.worker_prefetch_multiplier = settings.online_batch_size if online else 1
     app.steps["consumer"].add(LeaseRenewal)
+    app.Worker = app.subclass_with_self(KilnWorker)

@@ -4,12 +4,12 @@ end a process by its default action at any moment, since each process that dies 
 images it holds or leaves its files behind.
 
 - `python -m worker` (a single worker, a supervisor, or a supervisor's worker process) calls
-  `hold_until_ready` first thing: SIGUSR1 then dumps every thread's stack (faulthandler) from the
-  start, also while the model loads or Redis is not there yet, and SIGHUP waits until
+  `hold_until_ready` first thing: SIGUSR1 then logs every thread's stack (`log_stacks_on_sigusr1`)
+  from the start, also while the model loads or Redis is not there yet, and SIGHUP waits until
   `release_when_ready`, once Celery (or the supervisor) has its handlers: from then on SIGHUP is a
-  warm shutdown, as SIGTERM, and SIGUSR1 is Celery's (stacks, and the worker serves on). Celery's
-  own SIGHUP (restart in place, by `execv`) would leave the parent of a worker process waiting for
-  a child that never stops, and leak a single worker's endpoint folder and decode processes.
+  warm shutdown, as SIGTERM. Celery's own SIGHUP (restart in place, by `execv`) would leave the
+  parent of a worker process waiting for a child that never stops, and leak a single worker's
+  endpoint folder and decode processes.
 - A process started inside `blocked(...)` inherits the mask: the supervisor starts its worker
   processes with SIGHUP and SIGUSR1 blocked (their interpreter's start is not covered otherwise),
   and the decode pool its processes and the resource tracker with every group signal blocked
@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import multiprocessing
+import os
+import select
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 
 GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1})
@@ -39,12 +43,42 @@ def blocked(signals: Iterable[signal.Signals]) -> Iterator[None]:
 
 
 def hold_until_ready() -> None:
-    """In the main thread, before any other starts: SIGUSR1 dumps the stacks of all threads to
-    stderr (one sent while this process started, blocked by its supervisor, comes now), and SIGHUP
-    is blocked in every thread until `release_when_ready`."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    """In the main thread, before any other starts: SIGUSR1 logs the stacks of all threads (one
+    sent while this process started, blocked by its supervisor, comes now), and SIGHUP is blocked
+    in every thread until `release_when_ready`."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    log_stacks_on_sigusr1()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+_stacks_pipe: int | None = None  # the write end faulthandler dumps into
+
+
+def log_stacks_on_sigusr1() -> None:
+    """SIGUSR1: every thread's stack to stderr, in one write headed by the process's name and pid.
+
+    faulthandler takes the dump: C code, run by whichever thread the signal lands on, so it also
+    comes while the main thread is stuck in C code (a model loading, a CUDA call, a read with no
+    timeout), where Celery's own handler (Python, main thread only) would wait. Its writes go line
+    by line, and a host's worker processes share one stderr and get the signal together: straight
+    to stderr, their dumps came out interleaved mid-line. So it writes into a pipe, and a thread
+    copies each dump out whole."""
+    global _stacks_pipe
+    if _stacks_pipe is None:
+        read_end, _stacks_pipe = os.pipe()
+        threading.Thread(target=_copy_stacks, args=(read_end,), name="kiln-stacks", daemon=True).start()
+    faulthandler.register(signal.SIGUSR1, file=_stacks_pipe, all_threads=True)
+
+
+def _copy_stacks(read_end: int) -> None:
+    while True:
+        dump = os.read(read_end, 1 << 16)
+        while select.select([read_end], [], [], 0.05)[0]:  # the rest of this dump: it comes at once
+            dump += os.read(read_end, 1 << 16)
+        name = multiprocessing.current_process().name
+        out = memoryview(f"\nstacks of {name} (pid {os.getpid()}), on SIGUSR1:\n".encode() + dump)
+        while out:
+            out = out[os.write(2, out) :]
 
 
 def release_when_ready() -> None:
