@@ -14,6 +14,7 @@ import pytest
 from packages import DEVICE, ROOT, build_lite0
 
 SAMPLES = ROOT / "samples"
+CATS = {"tiger cat", "Egyptian cat", "tabby"}  # ImageNet labels that are right for chelsea.jpg
 
 
 @pytest.fixture(scope="session")

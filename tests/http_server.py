@@ -19,8 +19,11 @@ DRIP_INTERVAL_S = 0.5
 class _Handler(http.server.SimpleHTTPRequestHandler):
     delay_s = 0.0
     gate: threading.Event | None = None
+    seen: list[str] | None = None
 
     def do_GET(self) -> None:
+        if self.seen is not None:
+            self.seen.append(self.path)
         time.sleep(self.delay_s)
         if self.gate is not None:
             self.gate.wait()
@@ -65,10 +68,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_folder(folder: Path, delay_s: float = 0.0, gate: threading.Event | None = None) -> Iterator[str]:
+def serve_folder(
+    folder: Path, delay_s: float = 0.0, gate: threading.Event | None = None, seen: list[str] | None = None
+) -> Iterator[str]:
     """Serve `folder` on 127.0.0.1 at a free port, answering each request after `delay_s`, and
-    once `gate` is set where one is given; yields the base URL."""
-    attributes = {"delay_s": delay_s, "gate": gate}
+    once `gate` is set where one is given; each request's path is appended to `seen` as it comes.
+    Yields the base URL."""
+    attributes = {"delay_s": delay_s, "gate": gate, "seen": seen}
     handler = functools.partial(type("Handler", (_Handler,), attributes), directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SAMPLES, python_env
+from conftest import CATS, SAMPLES, python_env
 from pydantic import ValidationError
 from s3_server import ALLOWED_PREFIX
 
@@ -21,7 +21,6 @@ from worker.object_store import ObjectUrl, iter_objects, walk_files
 from worker.settings import WorkerSettings
 
 ROOT = f"s3://kiln-test/{ALLOWED_PREFIX}"
-CATS = {"tiger cat", "Egyptian cat", "tabby"}
 
 
 def kind_of(ref: str, policy: FetchPolicy) -> str:

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLES, python_env
+from conftest import CATS, SAMPLES, python_env
+from http_server import serve_folder
 
 from producer import Kiln
 from producer.embedded import LocalWorker
+from producer.settings import ProducerSettings
 from worker.celery_app import make_app
 from worker.contract import ONLINE_QUEUE, ONLINE_TASK, Item, reply_key
 from worker.settings import CommonSettings
@@ -179,3 +182,36 @@ def test_the_producer_refuses_an_oversized_inline_image(kiln):
     kiln.settings = kiln.settings.model_copy(update={"max_inline_bytes": 1000})
     with pytest.raises(ValueError, match=r"over the inline limit of 1,000 \(KILN_MAX_INLINE_BYTES\)"):
         kiln.classify((SAMPLES / "coffee.jpg").read_bytes(), timeout_s=10)
+
+
+def test_online_requests_pass_stalled_chunks_and_stalled_references(private_redis_url, lite0_package, tmp_path):
+    """Every bulk chunk a worker process may hold, and four online requests by reference, wait on
+    a server that does not answer: an online request for an inline image is answered at once all
+    the same, and every stalled one once the server answers. Before, the online batch waited for a
+    Celery task thread (the chunks held them all) and its images for an online load thread (the
+    stalled references held them)."""
+    url = private_redis_url
+    answer, seen = threading.Event(), []
+    env = python_env(KILN_FETCH_ALLOWED_NETWORKS="127.0.0.1/32", KILN_FETCH_TIMEOUT_S="300")
+    options = ["--threads", "1", "--loglevel", "INFO"]
+    with serve_folder(SAMPLES, gate=answer, seen=seen) as base:
+        worker = LocalWorker(lite0_package, url, tmp_path / "w.log", [], options, env)
+        callers = ThreadPoolExecutor(4)
+        try:
+            with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=2)) as kiln:
+                photos = [f"{base}/{path.name}#{i}" for path in sorted(SAMPLES.glob("*.jpg")) for i in range(4)]
+                kiln.submit(photos, job="stalled")
+                # The worker process's 2 chunks in flight, their fetch threads stalled on the server.
+                wait_for(lambda: len(seen) >= 2, 180)
+                stalled = [callers.submit(kiln.classify, f"{base}/coffee.jpg?{i}", 1, 300) for i in range(4)]
+                wait_for(lambda: sum("?" in path for path in seen) == 4, 60)
+                record = kiln.classify((SAMPLES / "chelsea.jpg").read_bytes(), topk=1, timeout_s=60)
+                assert record.status == "ok" and record.topk[0].label in CATS
+                answer.set()
+                assert [future.result(120).topk[0].label for future in stalled] == ["espresso"] * 4
+                counts = kiln.wait("stalled", timeout_s=300, progress=False, check=worker.check)
+                assert (counts.done, counts.failed) == (len(photos), 0)
+        finally:
+            answer.set()
+            callers.shutdown(wait=False, cancel_futures=True)
+            worker.stop()

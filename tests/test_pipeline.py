@@ -6,13 +6,12 @@ import base64
 import threading
 
 import pytest
+from conftest import CATS
 from http_server import serve_folder
 from test_worker import _wait_until
 
 from worker.fetch import FetchPolicy
 from worker.pipeline import Pipeline, PipelineConfig, Work, _Image, _OnlineFirst, _Request
-
-CATS = {"tiger cat", "Egyptian cat", "tabby"}
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from worker.plan import gpu_decode_processes, host_cores, plan_data_path, quota_cores, worker_processes
+from worker.plan import ONLINE_FLUSHES, gpu_decode_processes, host_cores, plan_data_path, quota_cores, worker_processes
 from worker.settings import WorkerSettings
 
 
@@ -32,6 +32,15 @@ def test_settings_override_the_plan():
     settings = WorkerSettings(_env_file=None, gpu_decode="off", threads=4, decode_processes=2, batch_size=32)
     plan = plan_data_path(settings, torch.device("cuda:0"), batch_max=256, processes=1)
     assert (plan.torch_threads, plan.decode_processes, plan.batch_size) == (4, 2, 32)
+
+
+def test_online_batches_get_task_threads_that_bulk_chunks_never_take():
+    """Celery runs as many task threads as the plan says: the reserved bulk chunks', and for a
+    worker that serves the online queue, ONLINE_FLUSHES more (tests/test_online.py runs it)."""
+    both = plan_data_path(WorkerSettings(_env_file=None), torch.device("cpu"), batch_max=64, processes=1)
+    assert both.task_threads == both.tasks_in_flight + ONLINE_FLUSHES and "4 online batches" in both.describe()
+    bulk = WorkerSettings(_env_file=None, queues=["kiln.bulk"])
+    assert plan_data_path(bulk, torch.device("cpu"), batch_max=64, processes=1).task_threads == both.tasks_in_flight
 
 
 def test_a_gpu_host_runs_several_worker_processes_per_gpu_sized_to_its_cores():

@@ -10,9 +10,7 @@ import subprocess
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import PYTHON, SAMPLES, python_env
-
-CATS = {"tiger cat", "Egyptian cat", "tabby"}
+from conftest import CATS, PYTHON, SAMPLES, python_env
 
 
 def producer(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLES, python_env
+from conftest import CATS, SAMPLES, python_env
 from http_server import serve_folder
 from pydantic import ValidationError
 
@@ -31,7 +31,6 @@ from worker.settings import CommonSettings
 from worker.store import ResultStore
 
 PHOTOS = ("chelsea.jpg", "coffee.jpg", "rocket.jpg")
-CATS = {"tiger cat", "Egyptian cat", "tabby"}
 TOPK = 3
 
 

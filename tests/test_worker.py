@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLES, python_env
+from conftest import CATS, SAMPLES, python_env
 from http_server import serve_folder
 
 from producer import Item, Kiln
@@ -26,8 +26,6 @@ from worker.celery_app import make_app
 from worker.contract import BULK_QUEUE, CHUNK_TASK, ONLINE_QUEUE, ONLINE_TASK
 from worker.settings import CommonSettings
 from worker.tasks import DEAD_LETTERS
-
-CATS = {"tiger cat", "Egyptian cat", "tabby"}
 
 
 def top1(kiln, job: str) -> dict[str, str]:

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Threads, not solo: while one chunk's last batch runs, the next chunks' images load.
     # (worker/pool.py: Celery's thread pool, whose cold shutdown completes; app.conf.worker_pool)
-    worker_args += [f"--concurrency={state.plan.tasks_in_flight}"]
+    worker_args += [f"--concurrency={state.plan.task_threads}"]
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
     status = app.start(worker_args) or 0

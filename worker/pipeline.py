@@ -63,6 +63,9 @@ LINGER_S = 0.003
 # Lite0 ran 32 of their 121 batches as padded singles.
 FILL_S = 0.05
 SWITCH_INTERVAL_S = 0.0005
+# Online images loaded at once per worker process: a reference that is slow to fetch holds one
+# thread (until KILN_FETCH_TIMEOUT_S at most), not the other callers' answers.
+ONLINE_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,9 @@ class Pipeline:
         self._gpu = JpegBatchDecoder(runtime.device, self.prep) if config.gpu_decode else None
         cuda = runtime.device.type == "cuda"
         self._decode_stream = torch.cuda.Stream(runtime.device) if self._gpu is not None and cuda else None
-        # Online requests' threads: a few images at a time, never queued behind a bulk job's loads.
-        self._online = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-online")
+        # Online requests' threads, an image each: never queued behind a bulk job's loads, nor
+        # behind another online image that is slow to fetch (made only as many as are needed).
+        self._online = ThreadPoolExecutor(ONLINE_THREADS, thread_name_prefix="kiln-online")
         # Unbounded: what waits for the GPU holds a pool slot, or is one of the callers' windows.
         self._gpu_queue: queue.Queue[_Image] = _OnlineFirst()
         self._ready: queue.Queue[_Image | _Rows] = _OnlineFirst()
@@ -268,7 +272,8 @@ class Pipeline:
                     return
                 self._add_in_flight(len(images))
                 if images[0].work.reply_to is not None:
-                    self._online.submit(self._load_online, images)
+                    for image in images:
+                        self._online.submit(self._load_online, image)
                 else:
                     self._fetchers.submit(self._load_all, images)
                 submitted += len(images)
@@ -345,11 +350,10 @@ class Pipeline:
             log.exception("image %s failed in %s", image.work.key, getattr(step, "__name__", step))
             self._fail(image, InputError("internal", f"{type(e).__name__}: {e}"))
 
-    def _load_online(self, images: list[_Image]) -> None:
-        """An online request's images, on its own threads: fetched and decoded here (or queued for
-        the GPU), never queued behind a bulk job's work in the decode processes."""
-        for image in images:
-            self._guarded(image, self._load, image, True)
+    def _load_online(self, image: _Image) -> None:
+        """An online request's image, on a thread of its own: fetched and decoded here (or queued
+        for the GPU), never queued behind a bulk job's work in the decode processes."""
+        self._guarded(image, self._load, image, True)
 
     def _load(self, image: _Image, here: bool = False) -> None:
         """Fetch and route one image; one for the CPU is decoded in this thread where `here`, else

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.contract import ONLINE_QUEUE
 from worker.manifest import PackageError
 from worker.settings import WorkerSettings
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 RESERVED_CORES = 3  # at least, for the worker processes' own threads: fetch and route, GPU decode, model, writes
 CORES_PER_GPU_PROCESS = 4  # a worker process per 4 cores of a GPU's share of the host ...
+ONLINE_FLUSHES = 4  # online batches a worker process runs at once, each on a Celery thread of its own
 MAX_PROCESSES_PER_GPU = 4  # ... up to 4: the best of 1, 2, 3, 4 and 6 on the H200 (module docstring); a
 # later run had three 8% ahead of four (bench/results/gpu-h200.json), within the runs' spread
 
@@ -48,6 +50,14 @@ class DataPathPlan:
     torch_threads: int
     batch_size: int
     tasks_in_flight: int
+    online_flushes: int  # 0 where the worker does not serve the online queue
+
+    @property
+    def task_threads(self) -> int:
+        """Celery's task threads: one per bulk chunk the broker reserves (worker/broker.py caps
+        them at `tasks_in_flight`), and `online_flushes` more that bulk chunks never take, so that
+        an online batch never waits for a chunk to finish."""
+        return self.tasks_in_flight + self.online_flushes
 
     def describe(self) -> str:
         decoders = " + ".join(
@@ -63,6 +73,7 @@ class DataPathPlan:
             f"data path on {self.device}: {decoders}; {self.fetch_threads} fetch threads, batch {self.batch_size}, "
             f"{self.torch_threads} torch thread{'s' if self.torch_threads != 1 else ''}, "
             f"{self.tasks_in_flight} chunk tasks in flight"
+            + (f", {self.online_flushes} online batches" if self.online_flushes else "")
         )
 
 
@@ -139,4 +150,5 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
         torch_threads=settings.threads or (1 if cuda else share),
         batch_size=min(settings.batch_size or batch_max, batch_max),
         tasks_in_flight=tasks_in_flight(settings, device.type),
+        online_flushes=ONLINE_FLUSHES if ONLINE_QUEUE in settings.queues else 0,
     )
