@@ -1,6 +1,7 @@
 """kiln's producer side: enqueue jobs, follow them, read and export results. Imports no torch."""
 
 from producer.client import JobNotFound, JobTimeout, Kiln, SubmitIncomplete, SubmittedJob
+from producer.enqueue import SubmitTimeout
 from producer.faults import RedisUnavailable
 from producer.progress import JobProgress
 from producer.sources import Expansion, SourceError, expand, iter_items
@@ -19,6 +20,7 @@ __all__ = [
     "RedisUnavailable",
     "SourceError",
     "SubmitIncomplete",
+    "SubmitTimeout",
     "SubmittedJob",
     "expand",
     "iter_items",

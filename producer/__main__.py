@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
+import time
 from pathlib import Path
 
 import redis
@@ -58,13 +60,23 @@ def _parser() -> argparse.ArgumentParser:
     _job_arguments(label)
     label.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     label.add_argument("--model", type=Path, help="embedded mode: package for the local worker [KILN_MODEL]")
-    label.add_argument("--timeout", type=float, help="give up after this many seconds (the job keeps running)")
+    label.add_argument(
+        "--timeout",
+        type=_seconds,
+        help="give up after this many seconds, enqueuing and waiting together (what was enqueued keeps running)",
+    )
     label.add_argument("--no-progress", action="store_true", help="no progress bar")
     label.add_argument(
         "--show", type=int, default=20, help="print a top-5 table when the job has at most this many images"
     )
     submit = commands.add_parser("submit", help="enqueue images for the workers and return (needs KILN_REDIS_URL)")
     _job_arguments(submit)
+    submit.add_argument(
+        "--timeout",
+        type=_seconds,
+        help="give up if the bulk queue is still full after this many seconds (what was enqueued stays) "
+        "[default: wait for the workers as long as it takes]",
+    )
     submit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     status = commands.add_parser("status", help="counters of a job")
@@ -84,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     classify = commands.add_parser("classify", help="classify one image now, through the online queue")
     classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
     classify.add_argument("--topk", type=_positive, default=5)
-    classify.add_argument("--timeout", type=float, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
+    classify.add_argument("--timeout", type=_seconds, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
     return parser
 
 
@@ -96,6 +108,17 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
     return value
 
 
@@ -158,9 +181,11 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         kiln = stack.enter_context(Kiln(settings=settings))
         bar = JobProgress(not args.no_progress)
         stack.callback(bar.close)
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
         submitted = _submit(kiln, args, bar, say_skipped=False)  # said once, at the end
         try:
-            counts = kiln.wait(submitted, timeout_s=args.timeout, progress=bar, check=check)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            counts = kiln.wait(submitted, timeout_s=left, progress=bar, check=check)
             bar.close()
             try:
                 written = kiln.export(submitted, args.out, args.topk)
@@ -184,7 +209,13 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
     """Enqueue the inputs (streamed, with backpressure), drawing on `bar`; say what was enqueued
     and, with `say_skipped`, which files the listing left out."""
     submitted = kiln.submit(
-        args.inputs, job=args.job, topk=args.topk, retry_failed=args.retry_failed, out_dir=args.out_dir, progress=bar
+        args.inputs,
+        job=args.job,
+        topk=args.topk,
+        retry_failed=args.retry_failed,
+        out_dir=args.out_dir,
+        progress=bar,
+        timeout_s=args.timeout,
     )
     resumed = submitted.total - submitted.enqueued
     others = submitted.job_total - submitted.total if submitted.out_dir is None else 0

@@ -140,6 +140,7 @@ class Kiln:
         retry_failed: bool = False,
         out_dir: str | None = None,
         progress: bool | JobProgress = False,
+        timeout_s: float | None = None,
     ) -> SubmittedJob:
         """Enqueue every image of the sources (folders, globs, files, URLs, CSV/JSONL manifests,
         `Item`s, a stream of Items, or an `expand` result) that has no record in the job yet.
@@ -159,15 +160,17 @@ class Kiln:
         `progress`: draw a progress bar (or draw on the given one) while enqueuing. Raises
         JobConflict if the job holds one of the keys for another image (checked chunk by chunk:
         the chunks before it are enqueued) or exists in the other mode, SourceError for bad
-        inputs, ValueError for a stream of Items without a job name, and SubmitIncomplete if
-        Redis fails partway (run it again)."""
+        inputs, ValueError for a stream of Items without a job name, SubmitIncomplete if Redis
+        fails partway, and SubmitTimeout if the bulk queue is still full `timeout_s` after the
+        call (run it again to enqueue the rest)."""
         self._check_redis()
         items, skipped, default = _source_items(sources)
         job = _job_name(job or default())
         if out_dir is not None and retry_failed:
             raise ValueError("retry_failed applies to the Redis result store; in sharded mode a chunk runs once")
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
-        run = Submission(self, job, topk, retry_failed, out_dir, bar)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        run = Submission(self, job, topk, retry_failed, out_dir, bar, deadline)
         try:
             run.enqueue(items)
         finally:

@@ -33,14 +33,26 @@ class SubmitIncomplete(RedisUnavailable):
     running the same submission again enqueues the rest."""
 
 
+class SubmitTimeout(TimeoutError):
+    """The bulk queue stayed full until the time given ran out (no worker taking chunks?); the
+    job holds what was enqueued, and running the same submission again enqueues the rest."""
+
+
 class Submission:
     """The state of one `Kiln.submit` call while it streams: what it listed and enqueued."""
 
     def __init__(
-        self, kiln: Kiln, job: str, topk: int, retry_failed: bool, out_dir: str | None, bar: JobProgress
+        self,
+        kiln: Kiln,
+        job: str,
+        topk: int,
+        retry_failed: bool,
+        out_dir: str | None,
+        bar: JobProgress,
+        deadline: float | None = None,
     ) -> None:
-        self.kiln, self.job, self.topk, self.retry_failed, self.out_dir, self.bar = (
-            kiln, job, topk, retry_failed, out_dir, bar,
+        self.kiln, self.job, self.topk, self.retry_failed, self.out_dir, self.bar, self.deadline = (
+            kiln, job, topk, retry_failed, out_dir, bar, deadline,
         )  # fmt: skip
         self.listed = 0  # images listed so far (duplicates within a chunk counted once)
         self.enqueued = 0  # images sent to workers
@@ -140,12 +152,19 @@ class Submission:
     def _wait_for_room(self) -> None:
         """Backpressure: return once the bulk queue holds fewer than KILN_MAX_PENDING_CHUNKS
         messages. The depth is read only when the room seen last is used up: one LLEN per
-        bound's worth of chunks while the workers keep up."""
+        bound's worth of chunks while the workers keep up. Raises SubmitTimeout past the deadline."""
         settings = self.kiln.settings
         while self._room <= 0:
             depth = self.kiln._redis(lambda: self.kiln.store.redis.llen(BULK_QUEUE))
             self._room = settings.max_pending_chunks - depth
             if self._room <= 0:
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    raise SubmitTimeout(
+                        f"job {self.job}: the bulk queue still held {depth} chunks (KILN_MAX_PENDING_CHUNKS="
+                        f"{settings.max_pending_chunks}) when the time ran out, with {self.enqueued} of the "
+                        f"{self.listed} images listed so far enqueued. Are workers consuming {BULK_QUEUE}? Run "
+                        "the same submission again to enqueue the rest"
+                    )
                 self._show()
                 time.sleep(settings.poll_interval_s)
         self._room -= 1

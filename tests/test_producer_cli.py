@@ -85,3 +85,22 @@ def test_model_option_needs_the_embedded_mode(lite0_worker, lite0_package):
     done = producer("label", str(SAMPLES), "--out", "r.csv", "--model", str(lite0_package),
                     KILN_REDIS_URL=lite0_worker.redis_url)  # fmt: skip
     assert done.returncode == 2 and "--model only applies to the embedded mode" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["label", "submit"])
+def test_timeout_bounds_the_enqueuing_too(command, private_redis_url, tmp_path):
+    """No worker consumes and the bulk queue's bound is 2 chunks: `--timeout` ends the command
+    while it waits for room, with the two chunks enqueued and what to do. Before, `label --timeout`
+    bounded only the wait for records, and waited for room for ever."""
+    args = ["--job", "stalled", "--timeout", "2", "--no-progress"] + (["--out", "r.csv"] * (command == "label"))
+    env = {"KILN_REDIS_URL": private_redis_url, "KILN_MAX_PENDING_CHUNKS": "2", "KILN_CHUNK_SIZE": "1"}
+    done = producer(command, str(SAMPLES), *args, **env)  # the subprocess's own timeout is the failure
+    assert done.returncode == 2, done.stderr
+    assert "job stalled: the bulk queue still held 2 chunks" in done.stderr and "with 2 of the 3 images" in done.stderr
+    assert "Are workers consuming kiln.bulk?" in done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_timeouts_are_numbers_of_seconds_above_zero(value):
+    done = producer("classify", str(SAMPLES / "coffee.jpg"), "--timeout", value)
+    assert done.returncode == 2 and "--timeout" in done.stderr and "number of seconds" in done.stderr, done.stderr
