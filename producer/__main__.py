@@ -19,7 +19,7 @@ from producer.export import check_writable
 from producer.faults import describe, mask_url
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
-from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots
+from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots, one_line
 from worker.contract import Record
 from worker.settings import settings_error
 
@@ -150,12 +150,7 @@ def print_table(records: list[Record], topk: int = 5) -> None:
             text = " | ".join(f"{x.label} {x.score:.2f}" for x in record.topk[:topk])
         else:
             text = f"ERROR {record.error.kind}: {record.error.message}"
-        print(f"{_one_line(name):28.28s} {_one_line(text)}")
-
-
-def _one_line(text: str) -> str:
-    """`text` with its control characters escaped (a file may be named "a\nb.jpg")."""
-    return text if text.isprintable() else repr(text)[1:-1]
+        print(f"{one_line(name):28.28s} {one_line(text)}")
 
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:

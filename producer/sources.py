@@ -45,6 +45,7 @@ MANIFEST_SUFFIXES = {".csv", ".jsonl", ".ndjson"}
 URL_PREFIXES = ("http://", "https://", "file://", *(f"{scheme}://" for scheme in OBJECT_SCHEMES))
 REF_COLUMNS = ("ref", "path", "url", "uri", "file")
 KEY_COLUMNS = ("key", "id")
+SKIPS_TOLD_APART = 100_000  # left-out paths kept to count each once (a few MB at most)
 
 
 class SourceError(ValueError):
@@ -66,9 +67,32 @@ class Expansion:
             return ""
         # most first; ties by name, files without an extension last: the same summary every run
         order = sorted(self.skipped.items(), key=lambda pair: (-pair[1], pair[0] == "", pair[0]))
-        parts = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in order)
+        parts = ", ".join(f"{one_line(ext) or '(no extension)'} {n}" for ext, n in order)
         total = sum(self.skipped.values())
         return f"skipped {total} {'file' if total == 1 else 'files'} without an image extension: {parts}"
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped, for a terminal (a file may be named "a\\nb.jpg")."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+class _Skips:
+    """Counts the files that folders and globs leave out into `counts`, by lower-case extension,
+    each file once although overlapping inputs (`d/*` and `./d/*`, `d` and `d/*.txt`) list it
+    again. Only with several inputs are paths kept to tell, and only the first SKIPS_TOLD_APART:
+    past them a file listed twice counts twice (memory stays bounded whatever the job's size)."""
+
+    def __init__(self, counts: Counter[str], several_inputs: bool) -> None:
+        self.counts = counts
+        self._seen: set[str] | None = set() if several_inputs else None
+
+    def add(self, path: str) -> None:
+        if self._seen is not None and len(self._seen) < SKIPS_TOLD_APART:
+            if path in self._seen:
+                return
+            self._seen.add(path)
+        self.counts[os.path.splitext(path)[1].lower()] += 1
 
 
 def iter_items(inputs: Iterable[str | Path], skipped: Counter[str] | None = None) -> Iterator[Item]:
@@ -90,7 +114,8 @@ def _listing(inputs: Iterable[str | Path], skipped: Counter[str]) -> Iterator[tu
     for source in inputs:
         unique.setdefault(_identity(str(source)), str(source))
     inputs = list(unique.values())
-    sources = [_expand_one(source, skipped) for source in inputs]  # each checks its input now
+    skips = _Skips(skipped, len(inputs) > 1)
+    sources = [_expand_one(source, skips) for source in inputs]  # each checks its input now
     found = 0
     for item, origin in itertools.chain.from_iterable(sources):
         found += 1
@@ -124,7 +149,7 @@ def _identity(source: str) -> str:
     return os.path.realpath(os.path.expanduser(source))
 
 
-def _expand_one(source: str, skipped: Counter[str]) -> Iterator[tuple[Item, str]]:
+def _expand_one(source: str, skipped: _Skips) -> Iterator[tuple[Item, str]]:
     """The items of one input, as a lazy iterator; checks the input itself at once."""
     if object_scheme(source) is not None:
         return ((Item(key=ref, ref=ref), source) for ref in _objects(source, skipped))
@@ -142,15 +167,15 @@ def _expand_one(source: str, skipped: Counter[str]) -> Iterator[tuple[Item, str]
     raise SourceError(f"{source}: no such file, folder, URL or glob match")
 
 
-def _is_image(name: str, skipped: Counter[str]) -> bool:
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix in IMAGE_SUFFIXES:
+def _is_image(path: str, skipped: _Skips) -> bool:
+    """Whether `path` has an image's extension; counts it in `skipped` where not."""
+    if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
         return True
-    skipped[suffix] += 1
+    skipped.add(path)
     return False
 
 
-def _objects(source: str, skipped: Counter[str]) -> Iterator[str]:
+def _objects(source: str, skipped: _Skips) -> Iterator[str]:
     """The object URLs a source names, listed lazily: `s3://bucket/photos/` or `s3://bucket/photos`
     (every image under the prefix `photos/`), a glob (`s3://bucket/photos/**/*.jpg`, listing from its
     literal prefix `photos/`), or one image (`s3://bucket/photos/cat.jpg`, by its extension; the
@@ -173,7 +198,7 @@ def _objects(source: str, skipped: Counter[str]) -> Iterator[str]:
             prefix = url.key.rstrip("/")
         folder = ObjectUrl(url.scheme, url.bucket, prefix + "/" if prefix else "")
         for found in iter_objects(folder):
-            if (matches is None or matches(found.path)) and _is_image(found.key, skipped):
+            if (matches is None or matches(found.path)) and _is_image(str(found), skipped):
                 yield str(found)
     except (OSError, ImportError, ValueError) as e:  # no such bucket, access denied, no s3fs, a bad glob
         raise SourceError(f"{source}: {e}") from None
@@ -200,7 +225,7 @@ def _entries(folder: str) -> tuple[list[str], set[str], set[str]]:
     return names, folders, links
 
 
-def _images_under(folder: str, skipped: Counter[str]) -> Iterator[str]:
+def _images_under(folder: str, skipped: _Skips) -> Iterator[str]:
     """Image files below `folder`, each folder's entries by name, depth first. Like os.walk, links
     to folders are not followed (no cycles); an unreadable folder is an error, not a gap."""
     names, folders, links = _entries(folder)
@@ -209,11 +234,11 @@ def _images_under(folder: str, skipped: Counter[str]) -> Iterator[str]:
         if name in folders:
             if name not in links:
                 yield from _images_under(path, skipped)
-        elif _is_image(name, skipped):
+        elif _is_image(path, skipped):
             yield path
 
 
-def _glob(pattern: str, skipped: Counter[str]) -> Iterator[str]:
+def _glob(pattern: str, skipped: _Skips) -> Iterator[str]:
     """Files matching an absolute glob pattern (`**` for any depth), in `_images_under` order:
     Python's glob lists in the file system's order, which changes as a folder grows."""
     parts = pattern.split(os.sep)
@@ -223,7 +248,7 @@ def _glob(pattern: str, skipped: Counter[str]) -> Iterator[str]:
         yield from _glob_in(root, parts[first:] + ["*"] * (parts[-1] == "**"), skipped)
 
 
-def _glob_in(folder: str, parts: list[str], skipped: Counter[str]) -> Iterator[str]:
+def _glob_in(folder: str, parts: list[str], skipped: _Skips) -> Iterator[str]:
     part, rest = parts[0], parts[1:]
     names, folders, links = _entries(folder)
     for name in names:
@@ -232,7 +257,7 @@ def _glob_in(folder: str, parts: list[str], skipped: Counter[str]) -> Iterator[s
         if part == "**":
             # `**` is any number of folders, none included: try the rest here, then go deeper
             if rest and len(rest) == 1 and name not in folders and _matches(name, rest[0]):
-                if _is_image(name, skipped):
+                if _is_image(path, skipped):
                     yield path
             elif rest and len(rest) > 1 and name in folders and _matches(name, rest[0]):
                 yield from _glob_in(path, rest[1:], skipped)
@@ -241,7 +266,7 @@ def _glob_in(folder: str, parts: list[str], skipped: Counter[str]) -> Iterator[s
         elif _matches(name, part):
             if rest and name in folders:
                 yield from _glob_in(path, rest, skipped)
-            elif not rest and name not in folders and _is_image(name, skipped):
+            elif not rest and name not in folders and _is_image(path, skipped):
                 yield path
 
 

@@ -49,6 +49,22 @@ def test_no_file_is_skipped_silently(tree):
         expand([str(tree / "a" / "*.txt")])
 
 
+def test_a_skipped_file_counts_once_whichever_inputs_overlap_on_it(tree, monkeypatch):
+    """`a/*` and `./a/*`, or a folder and a glob in it, list the same left-out files: each is
+    counted once. Before, overlapping globs counted them once per input."""
+    monkeypatch.chdir(tree)
+    once = {".txt": 1}
+    assert expand(["a/*", "./a/*"]).skipped == once
+    assert expand([tree / "a", "a/*.txt", str(tree / "a" / "notes.txt")]).skipped == once
+    assert expand(["a", "b.jpg"]).skipped == once
+
+
+def test_a_skipped_extension_with_control_characters_is_shown_escaped(tree):
+    (tree / "a" / "evil.t\x1b[2Jx\n").write_bytes(b"x")
+    summary = expand([tree / "a"]).skipped_summary()
+    assert "\x1b" not in summary and "\n" not in summary and ".t\\x1b[2jx\\n 1" in summary, summary
+
+
 def test_csv_and_jsonl_manifests(tree):
     (tree / "list.csv").write_text("id,path\nfirst,a/1.jpg\nsecond,https://example.org/x.png\n")
     (tree / "list.jsonl").write_text(json.dumps({"url": "b.jpg"}) + "\n" + json.dumps("a/2.PNG") + "\n")
