@@ -384,16 +384,30 @@ def test_sigusr1_logs_each_processs_stacks_and_sigquit_stops_them_cold(private_r
         worker.stop()
 
 
-def test_a_signal_while_the_processes_start_stops_them_all(tmp_path):
+_ASKS_AND_SLEEPS = {  # a child that tells its parent to stop at once, and then sleeps
+    "dies of SIGTERM": ["sh", "-c", "kill -TERM $PPID; exec sleep 600"],
+    "exits with 143": [  # through Python, as a worker process still loading its model does
+        sys.executable,
+        "-c",
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+        "os.kill(os.getppid(), signal.SIGTERM)\n"
+        "time.sleep(600)",
+    ],
+}
+
+
+@pytest.mark.parametrize("child", list(_ASKS_AND_SLEEPS))
+def test_a_signal_while_the_processes_start_stops_them_all(child, tmp_path):
     """The parent is told to stop while it is still starting its processes (here: the first one
-    asks, at once): none is left running, and the parent returns instead of waiting for them."""
+    asks, at once): none is left running, and the parent returns 0 instead of waiting for them,
+    whether they die of the SIGTERM it sends on or exit with 143 through Python."""
     script = f"""
 import logging, sys
 sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
 logging.basicConfig(level=logging.INFO)
 from worker.supervisor import supervise
-first = ["sh", "-c", "kill -TERM $PPID; exec sleep 600"]
-sys.exit(supervise([first] + [["sleep", "600"]] * 5))
+sys.exit(supervise([{_ASKS_AND_SLEEPS[child]!r}] + [["sleep", "600"]] * 5))
 """
     # A child the signal missed would sleep on, and the parent with it: the timeout is the failure.
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

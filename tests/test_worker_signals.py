@@ -171,12 +171,12 @@ def test_a_single_worker_stops_cold_with_chunks_running(private_redis_url, lite0
                 second.stop()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT])
 def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lite0_package, tmp_path):
     """A worker of one process gets a signal once its endpoint is up, before Celery's handlers
     are: SIGUSR1 logs every thread's stack at once and it starts on (and again once it is up);
-    SIGHUP waits until it is up, then stops it warm (status 0); SIGQUIT or SIGTERM stops it,
-    128 + N. Each time its endpoint folder is removed. Before, the signal's default action ended
+    SIGHUP waits until it is up, then stops it warm (status 0); SIGQUIT, SIGTERM or SIGINT stops
+    it, 128 + N, with no traceback. Each time its endpoint folder is removed. Before, the signal's default action ended
     it and left the folder in $TMPDIR, and SIGUSR1 was held until Celery was up, so a worker stuck
     in its start logged nothing."""
     temp = tmp_path / "tmp"
@@ -187,7 +187,7 @@ def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lit
     try:
         _wait_until(lambda: list(temp.glob("kiln-metrics-*")), 60, "the endpoint")
         os.kill(worker.process.pid, signum)
-        expected = 128 + signum if signum in (signal.SIGQUIT, signal.SIGTERM) else 0
+        expected = 128 + signum if signum in (signal.SIGQUIT, signal.SIGTERM, signal.SIGINT) else 0
         if signum == signal.SIGUSR1:
             _wait_until(lambda: _stack_dumps(worker.log_path.read_text()), 60, "the stacks")
             _wait_until(lambda: " ready." in worker.log_path.read_text(), 60, "the worker to be up")
@@ -195,7 +195,7 @@ def test_a_single_worker_signalled_while_it_loads(signum, private_redis_url, lit
             _wait_until(lambda: len(_stack_dumps(worker.log_path.read_text())) == 2, 60, "the stacks again")
             os.kill(worker.process.pid, signal.SIGTERM)
         assert worker.process.wait(60) == expected, worker.log_path.read_text()[-3000:]
-        assert not list(temp.glob("kiln-metrics-*"))
+        assert not list(temp.glob("kiln-metrics-*")) and "Traceback" not in worker.log_path.read_text()
     finally:
         worker.stop()
 

@@ -139,24 +139,25 @@ def _check_redis(settings: WorkerSettings) -> None:
 
 
 def _exit_on_stop_until_ready() -> None:
-    """A single worker or a parent told to stop while it starts (imports, the Redis check, the
-    model's load; before Celery's or the supervisor's handlers): exit through Python, 128 + the
-    signal's number, so that exit handlers remove the endpoint's folder; the signal's default
-    action ended the process and left the folder behind."""
+    """A worker told to stop while it starts (imports, the Redis check, the model's load; before
+    Celery's or the supervisor's handlers): exit through Python, 128 + the signal's number, so
+    that exit handlers run (a single worker's endpoint folder is removed). The default actions
+    ended the process there and left that folder behind, and SIGINT printed a KeyboardInterrupt
+    traceback. A supervisor's worker process exits so too: its parent reads the same status."""
     import signal
 
     def stop(signum: int, _: object) -> None:
         raise SystemExit(128 + signum)
 
-    for signum in (signal.SIGTERM, signal.SIGQUIT):
-        signal.signal(signum, stop)
+    for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
+            signal.signal(signum, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     hold_until_ready()  # first, before any thread starts and before the slow imports
+    _exit_on_stop_until_ready()  # no default action ends it from here on
     args = _parser().parse_args(argv)
-    if args.worker_index is None:  # a single worker or a parent: no default action ends it from here on
-        _exit_on_stop_until_ready()
 
     from pydantic import ValidationError
 

@@ -233,7 +233,9 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
     if len(signals_received) > 1 or signal.SIGQUIT in signals_received:  # not a warm stop: as a shell reports it
         log.info("worker processes %s", "stopped cold" if len(signals_received) == 1 else "killed")
         return 128 + signals_received[-1]
-    stopped_as_asked = (None, 0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP)
+    # Killed by the signal, or exited through Python with 128 + its number (one still starting)
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    stopped_as_asked = {None, 0, *(-s for s in stops), *(128 + s for s in stops)}
     status = next((exit_status(c.status) for c in children if c.status not in stopped_as_asked), 0)
     log.info("all %d worker processes stopped%s", len(children), f"; status {status}" if status else "")
     return status
