@@ -53,29 +53,35 @@ def test_empty_input(pipeline):
 def test_the_model_waits_for_a_second_image_while_more_are_on_their_way(pipeline, monkeypatch):
     """A package pads a single image to its smallest batch (2) and pays for both: while the
     callers have other images on their way, the model waits for one more. A lone image does not
-    wait. (FILL_S is made long here, so that only the condition decides, not the clock.)"""
+    wait, nor does an online one, whose caller is waiting. (FILL_S is made long here, so that only
+    the condition decides, not the clock.)"""
     import queue
-    import threading
 
     import worker.pipeline as module
 
     monkeypatch.setattr(module, "FILL_S", 600.0)
     assert pipeline.runtime.manifest.batch_min == 2
+    request = _Request(1)
+    first, second = (_Image(Work("bulk", key, ref="x"), request) for key in ("first", "second"))
     ready: queue.Queue = queue.Queue()
-    ready.put("first")
+    ready.put(first)
     pipeline._add_in_flight(1)  # the first alone: taken at once
-    assert pipeline._gather(ready, 64, fill_to=2) == ["first"]
+    assert pipeline._gather(ready, 64, fill_to=2) == [first]
 
-    ready.put("first")
+    ready.put(first)
     pipeline._add_in_flight(1)  # two in flight: the second is waited for, however late
 
-    def second() -> None:
+    def put_second() -> None:
         while not ready.empty():  # once the first has been taken
             threading.Event().wait(0.01)
-        ready.put("second")
+        ready.put(second)
 
-    threading.Thread(target=second, daemon=True).start()
-    assert pipeline._gather(ready, 64, fill_to=2) == ["first", "second"]
+    threading.Thread(target=put_second, daemon=True).start()
+    assert pipeline._gather(ready, 64, fill_to=2) == [first, second]
+
+    online = _Image(Work("online", "o", data_b64="", reply_to="kiln:reply:o"), request)
+    ready.put(online)  # two still in flight, but an online image's caller waits: taken at once
+    assert pipeline._gather(ready, 64, fill_to=2) == [online]
     pipeline._add_in_flight(-2)
 
 

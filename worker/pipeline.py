@@ -608,7 +608,8 @@ class Pipeline:
     def _gather(self, source: queue.Queue, limit: int, size=lambda _: 1, fill_to: int = 1) -> list:
         """Block for one item, then take what arrives within `LINGER_S`, up to `limit` in all
         (measured by `size`); under `fill_to`, wait up to `FILL_S` for more while the callers
-        have other images on their way. Returns [] when the pipeline is closing."""
+        have other images on their way, unless the first item is online (its caller waits).
+        Returns [] when the pipeline is closing."""
         while True:
             try:
                 first = source.get(timeout=0.5)
@@ -617,6 +618,7 @@ class Pipeline:
                 if self._stop.is_set():
                     return []
         items, count = [first], size(first)
+        fill_to = 1 if _is_online(first) else fill_to
         started = time.perf_counter()
         while count < limit:
             wait = LINGER_S if count >= fill_to or self._in_flight <= count else FILL_S
