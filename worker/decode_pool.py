@@ -227,15 +227,22 @@ class DecodePool:
     def _submit(self, function, *args) -> Future:
         """`function(*args)` in a pool process. The executor starts its processes when work comes
         (and after a restart), in the submitting thread: started with the group's signals blocked,
-        they cannot die of one before `_attach` ignores them. A pool being restarted gives a failed
-        future."""
-        try:
-            with blocked(GROUP_SIGNALS):
-                return self._executor.submit(function, *args)
-        except BrokenProcessPool:
-            future: Future = Future()
-            future.set_exception(BrokenProcessPool("decode pool is being restarted"))
-            return future
+        they cannot die of one before `_attach` ignores them. A pool that broke (a process died,
+        with other work in flight) is started again first, so this work does not fail with that
+        work; a closed pool gives a failed future."""
+        for _ in range(3):  # a pool that breaks again at once each time: give up
+            executor = self._executor
+            try:
+                with blocked(GROUP_SIGNALS):
+                    return executor.submit(function, *args)
+            except RuntimeError as e:  # BrokenProcessPool; or shut down by `close`, or by a `_restart` meanwhile
+                error = e
+                if self._closed:
+                    break
+                self._restart()  # a no-op unless it is broken: a replaced one is simply not used again
+        future: Future = Future()
+        future.set_exception(error)
+        return future
 
     def set_gpu_backlog(self, images: int) -> None:
         """How many images wait for the GPU now: the processes route by it (`worker.route.cpu_takes`)."""
