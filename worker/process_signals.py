@@ -51,9 +51,6 @@ def hold_until_ready() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
-_stacks_pipe: int | None = None  # the write end faulthandler dumps into
-
-
 def log_stacks_on_sigusr1() -> None:
     """SIGUSR1: every thread's stack to stderr, in one write headed by the process's name and pid.
 
@@ -63,11 +60,9 @@ def log_stacks_on_sigusr1() -> None:
     by line, and a host's worker processes share one stderr and get the signal together: straight
     to stderr, their dumps came out interleaved mid-line. So it writes into a pipe, and a thread
     copies each dump out whole."""
-    global _stacks_pipe
-    if _stacks_pipe is None:
-        read_end, _stacks_pipe = os.pipe()
-        threading.Thread(target=_copy_stacks, args=(read_end,), name="kiln-stacks", daemon=True).start()
-    faulthandler.register(signal.SIGUSR1, file=_stacks_pipe, all_threads=True)
+    read_end, write_end = os.pipe()
+    threading.Thread(target=_copy_stacks, args=(read_end,), name="kiln-stacks", daemon=True).start()
+    faulthandler.register(signal.SIGUSR1, file=write_end, all_threads=True)
 
 
 def _copy_stacks(read_end: int) -> None:
