@@ -13,7 +13,7 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer.client import Kiln, SubmittedJob
+from producer.client import JobTimeout, Kiln, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
 from producer.export import check_writable
 from producer.faults import describe, mask_url
@@ -180,7 +180,20 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         submitted = _submit(kiln, args, bar, say_skipped=False)  # said once, at the end
         try:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            counts = kiln.wait(submitted, timeout_s=left, progress=bar, check=check)
+            try:
+                counts = kiln.wait(submitted, timeout_s=left, progress=bar, check=check)
+            except JobTimeout as e:  # said against the whole --timeout, not the part left to wait
+                then = (
+                    f"the workers go on with it: `kiln status {submitted.id}` follows it, "
+                    f"`kiln export {submitted.id} --out PATH` writes its records"
+                    if check is None
+                    else "run the same `kiln label` again to go on from there"
+                )
+                raise JobTimeout(
+                    f"job {submitted.id}: {e.finished} of {e.total} images after --timeout {args.timeout:g} s; " + then,
+                    e.finished,
+                    e.total,
+                ) from None
             bar.close()
             try:
                 written = kiln.export(submitted, args.out, args.topk)

@@ -60,7 +60,11 @@ STALL_NOTE_S = 30.0
 
 
 class JobTimeout(TimeoutError):
-    """The job did not finish in the time given."""
+    """The job did not finish in the time given; `finished` of its `total` images had records."""
+
+    def __init__(self, message: str, finished: int, total: int) -> None:
+        super().__init__(message)
+        self.finished, self.total = finished, total
 
 
 class JobNotFound(ValueError):
@@ -224,7 +228,9 @@ class Kiln:
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise JobTimeout(
-                        f"job {follow.name}: {follow.finished} of {follow.total} images after {timeout_s} s"
+                        f"job {follow.name}: {follow.finished} of {follow.total} images after {timeout_s:g} s",
+                        follow.finished,
+                        follow.total,
                     )
                 if check is not None:
                     check()
