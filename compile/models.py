@@ -68,7 +68,9 @@ def resolve_model(name: str, weights: str | None = None) -> ModelSpec:
     elif ":" in name:
         spec = _from_factory(name, weights)
     elif name in torchvision_classifiers():
-        module = torchvision.models.get_model(name, weights=None)
+        with torch.random.fork_rng(devices=[]):  # the same random weights on every build
+            torch.manual_seed(0)
+            module = torchvision.models.get_model(name, weights=None)
         if weights:
             load_state_dict(module, weights)
         else:

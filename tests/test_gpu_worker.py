@@ -18,7 +18,11 @@ from worker.plan import host_cores
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (KILN_TEST_DEVICE=cuda)")
 
 
-def test_a_poisoned_cuda_context_hands_the_chunk_to_another_worker(private_redis_url, lite0_package, tmp_path):
+@pytest.mark.parametrize("stage", ["decode", "infer"])
+def test_a_poisoned_cuda_context_hands_the_chunk_to_another_worker(private_redis_url, lite0_package, tmp_path, stage):
+    """A device-side assert in the second GPU-decode batch or the second model batch: the error
+    is asynchronous, so the stage's next synchronising call raises it (inside nvJPEG's decode, for
+    `decode`), and the worker must exit 70 whichever call that is, never fail images as `internal`."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(48):
@@ -29,7 +33,7 @@ def test_a_poisoned_cuda_context_hands_the_chunk_to_another_worker(private_redis
     # One process: its exit status is the worker's (a parent would start it again, test_worker.py).
     faulty = LocalWorker(
         lite0_package, url, tmp_path / "faulty.log", [folder], [*options, "--concurrency", "1"],
-        env={**env, "KILN_TEST_CUDA_FAULT_AFTER": "1"},
+        env={**env, "KILN_TEST_CUDA_FAULT": f"{stage}:1"},
     )  # fmt: skip
     healthy = None
     try:

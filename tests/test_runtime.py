@@ -46,9 +46,9 @@ def eager_lite0(lite0_runtime):
     return model.to(lite0_runtime.device).eval()
 
 
-def eager_probs(model, images: torch.Tensor) -> torch.Tensor:
+def eager_logits(model, images: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.softmax(model(images.to(next(model.parameters()).device)).float(), dim=1).cpu()
+        return model(images.to(next(model.parameters()).device)).float().cpu()
 
 
 @pytest.mark.parametrize("count", [1, 2, 12, 13, 35])
@@ -58,10 +58,11 @@ def test_any_batch_size_agrees_with_eager(lite0_runtime, eager_lite0, count):
     images = torch.randint(
         0, 256, (count, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(count)
     )
-    probs = lite0_runtime.predict(images)
-    assert probs.shape == (count, 1000)
+    logits, probs = lite0_runtime.logits(images), lite0_runtime.predict(images)
+    assert logits.shape == probs.shape == (count, 1000)
     bound = error_bound(lite0_runtime.manifest.compute_dtype, lite0_runtime.manifest.device)
-    assert relative_error(probs, eager_probs(eager_lite0, images)) < bound
+    assert relative_error(logits, eager_logits(eager_lite0, images)) < bound
+    assert torch.allclose(probs, torch.softmax(logits, dim=1))
 
 
 def test_empty_batch(lite0_runtime):

@@ -194,8 +194,9 @@ class Pipeline:
         self.stages = {name: StageStats() for name in ("gpu_decode", "infer")}
         self._count_lock = threading.Lock()
         self._in_flight = 0  # the callers' images without a record yet
-        fault = os.environ.get("KILN_TEST_CUDA_FAULT_AFTER")
-        self._fault_after = int(fault) if fault else None
+        # Tests only: `KILN_TEST_CUDA_FAULT=STAGE:N`, a device-side assert in batch N + 1 of STAGE.
+        stage, _, after = os.environ.get("KILN_TEST_CUDA_FAULT", "").partition(":")
+        self._faults = {stage: int(after)} if after else {}
         self._threads = [threading.Thread(target=self._serve, args=(self._infer_loop,), name="kiln-infer", daemon=True)]
         if self._gpu is not None:
             self._threads.append(
@@ -462,6 +463,7 @@ class Pipeline:
         ready = None
         if self._decode_stream is not None:  # its own stream: decoding never queues behind the model
             with torch.cuda.stream(self._decode_stream):
+                self._inject_fault("decode")
                 result = self._gpu.decode([(image.data, image.header) for image in images])
                 ready = torch.cuda.Event()
                 ready.record()
@@ -492,7 +494,7 @@ class Pipeline:
         images = [image for part in rows for image in part.images] + singles
         try:
             batch = self._assemble(rows, singles)
-            self._inject_fault()
+            self._inject_fault("infer")
             started = time.perf_counter()
             k = max(image.request.topk for image in images)
             scores, indices = self.runtime.predict_top_k(batch, k)
@@ -540,14 +542,17 @@ class Pipeline:
             parts.append(host.permute(0, 3, 1, 2))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _inject_fault(self) -> None:
-        """Tests only (`KILN_TEST_CUDA_FAULT_AFTER=N`): a device-side assert in batch N + 1."""
-        if self._fault_after is None or self.runtime.device.type != "cuda":
+    def _inject_fault(self, stage: str) -> None:
+        """Tests only (`KILN_TEST_CUDA_FAULT=STAGE:N`): launch an out-of-bounds index on the
+        current stream in batch N + 1 of `stage` ("decode" or "infer"). The device-side assert
+        is asynchronous, as a real one is: the stage's next CUDA call that synchronises raises it."""
+        left = self._faults.get(stage)
+        if left is None or self.runtime.device.type != "cuda":
             return
-        if self._fault_after == 0:
+        if left == 0:
             index = torch.tensor([1 << 20], device=self.runtime.device)
-            torch.zeros(1, device=self.runtime.device)[index].item()
-        self._fault_after -= 1
+            torch.zeros(1, device=self.runtime.device)[index]
+        self._faults[stage] = left - 1
 
     def _deliver_predictions(
         self, images: list[_Image], scores: torch.Tensor, indices: torch.Tensor, infer_ms: float

@@ -108,7 +108,16 @@ class ModelRuntime:
         scores, indices = self._probabilities(images).topk(min(k, len(self.labels)), dim=1)
         return scores.cpu(), indices.cpu()
 
+    @torch.inference_mode()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The model's raw outputs for uint8 images (as `predict` takes them): N x K float32 on
+        the CPU. The compile step's check compares these with the eager model's (compile/verify.py)."""
+        return self._logits(images).cpu()
+
     def _probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self._logits(images), dim=1)
+
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"images must be uint8 RGB (0..255), got {images.dtype}")
         if images.dim() != 4 or tuple(images.shape[1:]) != self._input_shape:
@@ -131,7 +140,7 @@ class ModelRuntime:
                     f"the package returned {logits.shape[0]} rows for a batch of {x.shape[0]}: torch compiled it "
                     "for one batch size only; rebuild it with another --tune-batch"
                 )
-            outputs.append(torch.softmax(logits[:real].float(), dim=1))
+            outputs.append(logits[:real].float())
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def top_k(self, probs: torch.Tensor, k: int = 5) -> list[list[Label]]:
