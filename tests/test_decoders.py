@@ -456,7 +456,8 @@ def test_top1_agreement_on_1000_jpegs(lite0_runtime, tmp_path):
     Not met on the H200 yet: 972 of 1,000 in bfloat16 with the chroma interpolated as libjpeg does
     (bench/results/h200-gpu-tests.log; 973 before, 978 in float32, gpu-h200-agreement.json), with
     model inputs within 5 levels of the CPU path's; and hubble_deep_field.jpg, reduced at 1/2
-    scale, is labelled differently (h200-warm-up-test.log). The bar is below this data set's noise
+    scale, is labelled differently (h200-gpu-tests.log): GPU "flatworm", CPU "bubble", where Lite0
+    in float32 on the CPU path's input says flatworm 0.114, bubble 0.110. The bar is below this data set's noise
     floor for any decoder but libjpeg: on the CPU, +-1 level in a random 14% of the inputs' values
     (the GPU path's mean difference) keeps Lite0 float32's top-1 on 961-968 of the 1,000
     (bench/results/agreement-noise-floor.json)."""
