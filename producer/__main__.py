@@ -228,8 +228,13 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
     resumed = submitted.total - submitted.enqueued
     others = submitted.job_total - submitted.total if submitted.out_dir is None else 0
     bar.write(
-        f"job {submitted.id}: {submitted.total} images"
+        f"job {submitted.id}: {submitted.total} image{'s' if submitted.total != 1 else ''}"
         + (f" ({resumed} already done)" if resumed else "")
+        + (
+            f"; {submitted.failed_before} of those failed before: --retry-failed runs them again"
+            if submitted.failed_before
+            else ""
+        )
         + (f"; the job also holds {others} images of other submissions" if others > 0 else "")
         + (f"; shards in {submitted.out_dir}/{submitted.id}/" if submitted.out_dir else "")
     )
@@ -288,8 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "export":
                 # Shards carry their own label columns, and are read without Redis.
                 topk = 5 if shards_given else _export_topk(kiln, args)
+                counts = None if shards_given else kiln.counts(args.job)  # read first: it may finish meanwhile
                 written = kiln.export(args.job, args.out, topk, out_dir=args.out_dir)
                 print(f"wrote {written} records to {args.out}", file=sys.stderr)
+                if counts is not None and not counts.complete:
+                    print(
+                        f"note: job {args.job} was not finished ({counts.finished} of {counts.total} images had "
+                        f"records): export it again once `kiln status {args.job}` says complete",
+                        file=sys.stderr,
+                    )
             elif args.command == "classify":
                 record = kiln.classify(_classify_input(kiln, args.image), topk=args.topk, timeout_s=args.timeout)
                 print(record.model_dump_json(indent=2, exclude_none=True))

@@ -80,6 +80,7 @@ class SubmittedJob:
     id: str
     total: int  # images in this submission
     enqueued: int  # images sent to workers now; the rest already had a record (resume)
+    failed_before: int = 0  # of those, records of a failure, left as they are (no `retry_failed`)
     job_total: int = 0  # images the job holds, this submission's and any other's
     keys: tuple[str, ...] | None = ()
     skipped: Counter[str] = field(default_factory=Counter)  # files left out of folders, by extension
@@ -181,7 +182,7 @@ class Kiln:
             if bar is not progress:
                 bar.close()
         job_total = self._redis(lambda: self.store.counts(job)).total
-        return SubmittedJob(job, run.listed, run.enqueued, job_total, run.keys, skipped, out_dir)
+        return SubmittedJob(job, run.listed, run.enqueued, run.failed_kept, job_total, run.keys, skipped, out_dir)
 
     def _send(self, task: str, message: dict, queue: str) -> None:
         self._app.send_task(task, args=[message], queue=queue, retry=False)

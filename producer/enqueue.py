@@ -56,6 +56,7 @@ class Submission:
         )  # fmt: skip
         self.listed = 0  # images listed so far (duplicates within a chunk counted once)
         self.enqueued = 0  # images sent to workers
+        self.failed_kept = 0  # images left out with an error record (no --retry-failed)
         self._keys: list[str] | None = [] if out_dir is None else None
         self._completed: set[str] | None = None  # sharded mode: chunk ids already written
         self._room = 0  # chunks that may be sent before the queue depth is read again
@@ -110,6 +111,7 @@ class Submission:
         statuses = kiln._redis(lambda: store.statuses(job, [item.key for item in chunk]))
         todo = [i for i, s in zip(chunk, statuses, strict=True) if s is None or (s == "error" and self.retry_failed)]
         failed = [i.key for i, s in zip(chunk, statuses, strict=True) if s == "error" and self.retry_failed]
+        self.failed_kept += 0 if self.retry_failed else statuses.count("error")
         if todo:
             self._wait_for_room()
         # The chunk joins the job's total just before it is enqueued, and leaves it again if

@@ -33,7 +33,12 @@ class ProducerSettings(CommonSettings):
         description="backpressure: `submit` pauses while the bulk queue holds this many chunks or more",
     )
     poll_interval_s: float = Field(default=0.25, gt=0, description="how often `wait` reads a job's counters")
-    online_timeout_s: float = Field(default=30.0, gt=0, description="how long `classify` waits for its answer")
+    online_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="how long `classify` waits for its answer: longer than the workers' KILN_FETCH_TIMEOUT_S "
+        "(30 s), so that a reference that times out there comes back as its fetch_failed record",
+    )
     max_inline_bytes: int = Field(
         default=32 * 1024 * 1024,
         ge=1,

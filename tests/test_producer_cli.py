@@ -62,6 +62,7 @@ def test_remote_mode_status_and_export(lite0_worker, tmp_path):
     assert status.returncode == 0 and "remote: complete, 2 done, 0 failed, 2 in all" in status.stdout
     exported = producer("export", "remote", "--out", str(tmp_path / "remote.jsonl"), **env)
     assert exported.returncode == 0 and len((tmp_path / "remote.jsonl").read_text().splitlines()) == 2
+    assert "note" not in exported.stderr, exported.stderr
 
     online = producer("classify", str(SAMPLES / "coffee.jpg"), "--topk", "1", **env)
     assert online.returncode == 0, online.stderr

@@ -32,12 +32,16 @@ def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path
     assert "1 labelled, 1 failed" in first.stderr
 
     shutil.copy(SAMPLES / "coffee.jpg", folder / "late.jpg")  # fixed in place: the same key and reference
+    plain = producer("label", str(folder), "--job", "retry", "--out", str(tmp_path / "plain.jsonl"), "--no-progress",
+                     **env)  # fmt: skip
+    assert plain.returncode == 1 and "1 labelled, 1 failed" in plain.stderr, plain.stderr  # resumed: kept as it was
+    assert "2 images (2 already done); 1 of those failed before: --retry-failed runs them again" in plain.stderr
     out = tmp_path / "again.jsonl"
     again = producer(
         "label", str(folder), "--job", "retry", "--retry-failed", "--out", str(out), "--no-progress", **env
     )
     assert again.returncode == 0, again.stderr
-    assert "2 labelled, 0 failed" in again.stderr
+    assert "2 labelled, 0 failed" in again.stderr and "failed before" not in again.stderr
     records = {json.loads(line)["key"].rsplit("/", 1)[-1]: json.loads(line) for line in out.read_text().splitlines()}
     assert records["late.jpg"]["status"] == "ok" and records["late.jpg"]["topk"][0]["label"] == "espresso"
     with Kiln(lite0_worker.redis_url) as kiln:
@@ -212,3 +216,15 @@ def test_the_table_keeps_one_line_per_image(capsys):
     records = [Record.failure("j", "/data/new\nline.jpg", "unreadable", "corrupt\nor truncated")]
     print_table(records)
     assert capsys.readouterr().out == "new\\nline.jpg                ERROR unreadable: corrupt\\nor truncated\n"
+
+
+def test_export_of_an_unfinished_job_says_so(private_redis_url, tmp_path):
+    """No worker consumes this database: `export` writes the records there are (none) and says
+    the job is not finished, where it used to say only "wrote 0 records"."""
+    env = {"KILN_REDIS_URL": private_redis_url}
+    submitted = producer("submit", str(SAMPLES / "coffee.jpg"), "--job", "early", "--no-progress", **env)
+    assert submitted.returncode == 0, submitted.stderr
+    exported = producer("export", "early", "--out", str(tmp_path / "early.jsonl"), **env)
+    assert exported.returncode == 0, exported.stderr
+    assert "wrote 0 records" in exported.stderr
+    assert "note: job early was not finished (0 of 1 images had records)" in exported.stderr

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING
 
-from worker.process_signals import hold_until_ready
+from worker.process_signals import hold_until_ready, stop_status
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -140,14 +141,13 @@ def _check_redis(settings: WorkerSettings) -> None:
 
 def _exit_on_stop_until_ready() -> None:
     """A worker told to stop while it starts (imports, the Redis check, the model's load; before
-    Celery's or the supervisor's handlers): exit through Python, 128 + the signal's number, so
-    that exit handlers run (a single worker's endpoint folder is removed). The default actions
-    ended the process there and left that folder behind, and SIGINT printed a KeyboardInterrupt
-    traceback. A supervisor's worker process exits so too: its parent reads the same status."""
-    import signal
+    Celery's or the supervisor's handlers): exit through Python with the status it would have once
+    up (`stop_status`), so that exit handlers run (a single worker's endpoint folder is removed).
+    The default actions ended the process there and left that folder behind, and SIGINT printed a
+    KeyboardInterrupt traceback. A supervisor's worker process exits so too."""
 
     def stop(signum: int, _: object) -> None:
-        raise SystemExit(128 + signum)
+        raise SystemExit(stop_status(signum if signum == signal.SIGQUIT else None))
 
     for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         start_endpoint(settings, children=True)  # before the children start: they report to its folder
         return supervise(child_commands(sys.argv[1:] if argv is None else argv, processes))
 
+    from celery.signals import worker_shutting_down
+
     from worker import tasks
     from worker.celery_app import make_app
     from worker.consumer import stopped_by
@@ -247,12 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     # Threads, not solo: while one chunk's last batch runs, the next chunks' images load.
     # (worker/pool.py: Celery's thread pool, whose cold shutdown completes; app.conf.worker_pool)
     worker_args += [f"--concurrency={state.plan.task_threads}"]
+    # After a stop signal the status is `stop_status`'s, not Celery's (0 after its cold shutdown).
+    shutdowns: list[tuple[str, str]] = []  # (signal name, "Warm" or "Cold"), as Celery announces them
+    worker_shutting_down.connect(lambda sig, how, **_: shutdowns.append((sig, how)), weak=False)
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
     status = app.start(worker_args) or 0
     if stopped_by:
         print(f"error: the worker stopped on an error it cannot recover from: {stopped_by[-1]}", file=sys.stderr)
         return status or 1
+    if shutdowns:
+        cold = [signal.Signals[sig] for sig, how in shutdowns if how == "Cold"]
+        return stop_status(cold[0] if cold else None)
     if status:
         print(f"error: the worker stopped with status {status}; the reason is logged above", file=sys.stderr)
     return status

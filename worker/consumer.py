@@ -68,6 +68,19 @@ class KilnConsumer(Consumer):
             stopped_by.append(f"{type(e).__name__}: {e}")
             raise
 
+    def cancel_active_requests(self) -> None:
+        """Celery's, run again when the task threads change the set it reads. Its cold shutdown
+        (SIGQUIT) reads `active_requests` on the main thread while the thread pool's tasks finish
+        and leave it: "RuntimeError: Set changed size during iteration", which stopped the worker
+        as an unrecoverable error. It fails while it reads, before it cancels anything, so running
+        it again is safe; the set only shrinks once the shutdown has begun."""
+        while True:
+            try:
+                return super().cancel_active_requests()
+            except RuntimeError as e:
+                if "changed size during iteration" not in str(e):
+                    raise
+
     def loop_args(self) -> tuple:
         # Called each time the event loop starts, also after a reconnect: one tick, on this hub.
         if self.hub is not None:

@@ -76,6 +76,17 @@ def _copy_stacks(read_end: int) -> None:
             out = out[os.write(2, out) :]
 
 
+def stop_status(cold_by: int | None) -> int:
+    """The exit status of a worker that stopped as asked: 0 after a warm shutdown (what ran has
+    finished), 128 + N after a cold one by signal N (SIGQUIT, or Celery's second SIGINT), as a
+    shell reports a death by that signal. The same for a single worker and a supervisor (which
+    also returns 128 + N when a second signal N made it kill its processes), and whether the
+    worker had loaded its model or not. Before, a single worker ended 0 after SIGQUIT where its
+    supervisor ended 131, and 143 after a SIGTERM while it loaded against 0 once up: a service
+    manager saw another status for the same request depending on the moment."""
+    return 0 if cold_by is None else 128 + cold_by
+
+
 def release_when_ready() -> None:
     """From the main thread, once the stop handlers are installed: SIGHUP does what SIGTERM does
     (a warm shutdown); one that came meanwhile is delivered now."""

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from worker.process_signals import STARTING, blocked, release_when_ready
+from worker.process_signals import STARTING, blocked, release_when_ready, stop_status
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +230,12 @@ def _watch(children: list[_Child], signals_received: list[int]) -> int:
         time.sleep(POLL_S)
     if failure is not None:
         return failure
-    if len(signals_received) > 1 or signal.SIGQUIT in signals_received:  # not a warm stop: as a shell reports it
+    if len(signals_received) > 1 or signal.SIGQUIT in signals_received:  # not a warm stop
         log.info("worker processes %s", "stopped cold" if len(signals_received) == 1 else "killed")
-        return 128 + signals_received[-1]
-    # Killed by the signal, or exited through Python with 128 + its number (one still starting)
+        return stop_status(signals_received[-1])
+    # Stopped warm (0), or killed by the signal in the interpreter's first moments
     stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    stopped_as_asked = {None, 0, *(-s for s in stops), *(128 + s for s in stops)}
+    stopped_as_asked = {None, 0, *(-s for s in stops)}
     status = next((exit_status(c.status) for c in children if c.status not in stopped_as_asked), 0)
     log.info("all %d worker processes stopped%s", len(children), f"; status {status}" if status else "")
     return status
