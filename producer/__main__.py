@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots, one_line
 from worker.contract import Record
-from worker.settings import settings_error
+from worker.settings import settings_error, unknown_variables
 
 EPILOG = """\
 Without KILN_REDIS_URL, `label` runs everything itself: it starts a Redis (its data kept under
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"error: {settings_error(e)}", file=sys.stderr)
         return 2
+    for line in unknown_variables(os.environ):
+        print(f"note: {line}", file=sys.stderr)
     try:
         if args.command == "label":
             return _label(args, settings)

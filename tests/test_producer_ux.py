@@ -9,12 +9,14 @@ import json
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 from conftest import PYTHON, ROOT, SAMPLES, python_env
 from test_producer_cli import producer
 
 from producer import JobNotFound, Kiln
+from producer.embedded import LocalWorker
 
 
 def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path):
@@ -228,3 +230,26 @@ def test_export_of_an_unfinished_job_says_so(private_redis_url, tmp_path):
     assert exported.returncode == 0, exported.stderr
     assert "wrote 0 records" in exported.stderr
     assert "note: job early was not finished (0 of 1 images had records)" in exported.stderr
+
+
+def test_a_misspelt_setting_is_named_with_the_one_meant(private_redis_url, lite0_package, tmp_path):
+    """pydantic-settings ignores a `KILN_*` variable it does not know: a misspelt setting used to
+    be dropped in silence. The producer and the worker name it, with the closest real one; a
+    producer's setting in a worker's environment (one `.env` for both) is no surprise to either."""
+    env = {"KILN_REDIS_URL": private_redis_url, "KILN_BATCH_SZE": "64", "KILN_MAX_PENDING_CHUNKS": "8"}
+    done = producer("status", "nojob", **env)
+    assert done.returncode == 2 and "no job named 'nojob'" in done.stderr, done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert notes == ["note: KILN_BATCH_SZE is not a kiln setting and is ignored (did you mean KILN_BATCH_SIZE?)"]
+    worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [], ["--threads", "1"],
+                         env=python_env(KILN_BTACH_SIZE="64", KILN_CHUNK_SIZE="16"))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while "is not a kiln setting" not in worker.log_path.read_text() and time.monotonic() < deadline:
+            worker.check()
+            time.sleep(0.2)
+        log = worker.log_path.read_text()
+        assert "KILN_BTACH_SIZE is not a kiln setting and is ignored (did you mean KILN_BATCH_SIZE?)" in log, log
+        assert "KILN_CHUNK_SIZE" not in log
+    finally:
+        worker.stop()

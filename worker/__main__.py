@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.eviction import EvictingRedis
     from worker.manifest import PackageError, read_manifest
-    from worker.settings import settings_error
+    from worker.settings import settings_error, unknown_variables
 
     if args.parent_pid is not None:  # a parent killed while this process starts stops it too
         from worker.supervisor import stop_with_parent
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     from worker.cxx_runtime import ensure_cxx_runtime
 
     ensure_cxx_runtime(settings.model)  # may restart this process with the C++ runtime preloaded
+    if args.worker_index is None:  # said once, by the process the user started
+        for line in unknown_variables(os.environ):
+            logging.getLogger("worker").warning("%s", line)
 
     try:
         _check_redis(settings)

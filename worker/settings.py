@@ -6,8 +6,10 @@ module imports no torch, so producers can use it.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
@@ -30,6 +32,33 @@ def settings_error(error: ValidationError, where: str = "the environment or .env
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
         problems.append(f"{name}{shown}: {problem['msg']}")
     return f"invalid setting {'; '.join(problems)} (from {where})"
+
+
+# Read outside the settings classes (worker/cxx_runtime.py), or by the tests and benchmarks only.
+OTHER_VARIABLES = frozenset({"KILN_CXX_PRELOAD"})
+OTHER_PREFIXES = ("KILN_TEST_", "KILN_BENCH_")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line for each `KILN_*` variable in `environ` that no part of kiln reads, with the
+    setting it may have meant: pydantic-settings ignores what it does not know, so a misspelt
+    setting (`KILN_BATCH_SZE=64`) used to be dropped in silence. Producer and worker settings
+    both count as known, since one environment often serves both."""
+    from producer.settings import ProducerSettings  # here: producer.settings imports this module
+
+    known = set(OTHER_VARIABLES)
+    for settings in (WorkerSettings, ProducerSettings):
+        for name, field in settings.model_fields.items():
+            known.add(f"KILN_{name.upper()}")
+            if isinstance(field.validation_alias, AliasChoices):
+                known.update(str(choice).upper() for choice in field.validation_alias.choices)
+    lines = []
+    for name in sorted(n for n in environ if n.upper().startswith("KILN_")):
+        if name.upper() in known or name.upper().startswith(OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        lines.append(f"{name} is not a kiln setting and is ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+    return lines
 
 
 class CommonSettings(BaseSettings):
