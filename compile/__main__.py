@@ -19,7 +19,7 @@ examples:
   python -m compile build efficientnet_lite0 --device cuda --dtype bfloat16 --channels-last
   python -m compile build mypkg.models:make_net --labels classes.txt --resize 32 --crop 32 \\
       --mean 125 123 114 --std 63 62 66
-  python -m compile inspect models/efficientnet_lite0.pt2
+  python -m compile inspect models/efficientnet_lite0-cpu-float32.pt2
 """
 
 

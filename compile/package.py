@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
+import secrets
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -155,9 +155,10 @@ def _build_once(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the target and rename at the end: a failed build never leaves a package behind.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".pt2", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # os.open, not mkstemp: the package gets the umask's permissions (mkstemp's 0600 left a package
+    # built by one user unreadable to the worker's, or to a container's other user).
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.pt2"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         configs = {"aot_inductor.metadata": {MANIFEST_KEY: manifest.model_dump_json()}}
         if options.max_autotune:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -121,6 +122,9 @@ def test_torchvision_architecture_with_a_weights_file(tmp_path):
     assert (
         compile_main(["build", "squeezenet1_1", "--weights", str(weights), "--max-batch", "4", "-o", str(package)]) == 0
     )
+    umask = os.umask(0)
+    os.umask(umask)
+    assert package.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user makes, not 0600
     runtime = load_runtime(package)
     assert runtime.manifest.weights_sha256 == weights_digest(model)
     assert runtime.manifest.weights_source == str(weights) and len(runtime.labels) == 1000
