@@ -164,7 +164,16 @@ def _build_once(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
         if options.max_autotune:
             configs["max_autotune"] = True
         started = time.perf_counter()
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=configs)
+        try:
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=configs)
+        except Exception as e:  # torch's InductorError wraps the cause, named in its message
+            if "InvalidCxxCompiler" not in str(e):
+                raise
+            raise BuildError(
+                f"AOTInductor compiles the package with a C++ compiler, and found none that works ($CXX, "
+                f"else g++: {os.environ.get('CXX') or 'unset'}): install one (Debian: apt-get install g++) or "
+                "point CXX at it"
+            ) from None
         log.info("compiled with AOTInductor in %.1f s", time.perf_counter() - started)
         verify_package(tmp, wrapped, manifest)
         tmp.replace(out)

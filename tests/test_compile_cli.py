@@ -91,6 +91,17 @@ def test_bad_builds_say_why_and_leave_nothing(tmp_path, capsys, args, message):
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+def test_no_cxx_compiler_says_what_to_install(tmp_path):
+    """AOTInductor needs a C++ compiler: without one, one line says so, not torch's traceback."""
+    out = tmp_path / "tiny.pt2"
+    env = python_env(CXX=str(tmp_path / "no-such-g++"))
+    done = subprocess.run([PYTHON, "-m", "compile", "build", "factories:tiny", "--max-batch", "4", "-o", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT / "tests", timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "found none that works" in done.stderr and "apt-get install g++" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_inspect_refuses_a_non_package(tmp_path):
     (tmp_path / "x.pt2").write_text("nope")
     done = run_cli("inspect", str(tmp_path / "x.pt2"))
