@@ -253,3 +253,27 @@ def test_a_misspelt_setting_is_named_with_the_one_meant(private_redis_url, lite0
         assert "KILN_CHUNK_SIZE" not in log
     finally:
         worker.stop()
+
+
+def test_progress_in_a_log_is_whole_lines(capsys, monkeypatch):
+    """Where stderr is not a terminal (a CI log), the progress is a whole line now and then and
+    once at the end, not a bar redrawn with carriage returns twice a second."""
+    from producer import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    bar = progress.JobProgress(terminal=False)
+    bar.show("job-x", 0, listed=128)
+    bar.show("job-x", 64, listed=256)
+    bar.show("job-x", 64, listed=256)  # nothing new: no line
+    bar.write("job job-x: 256 images")
+    bar.show("job-x", 256, total=256)
+    bar.close()
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("job-x: 0img") and "listed 128" in lines[0]
+    assert lines[1].startswith("job-x: 64img") and "listed 256" in lines[1]
+    assert lines[2] == "job job-x: 256 images"
+    assert lines[3].startswith("job-x: 100%") and "256/256" in lines[3]
+    assert len(lines) == 4
