@@ -205,7 +205,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 ) from e
             if submitted.out_dir is None and counts.total <= args.show:
                 print_table(kiln.results(submitted))
-            done = f"{counts.done} labelled, {counts.failed} failed; wrote {written} records to {args.out}"
+            done = f"{counts.done} labelled, {counts.failed} failed; wrote {_count(written, 'record')} to {args.out}"
             print(done, file=sys.stderr)
         finally:  # also after a timeout, Ctrl-C or a failed export: what the listing left out
             bar.close()
@@ -229,7 +229,7 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
     resumed = submitted.total - submitted.enqueued
     others = submitted.job_total - submitted.total if submitted.out_dir is None else 0
     bar.write(
-        f"job {submitted.id}: {submitted.total} image{'s' if submitted.total != 1 else ''}"
+        f"job {submitted.id}: {_count(submitted.total, 'image')}"
         + (f" ({resumed} already done)" if resumed else "")
         + (
             f"; {submitted.failed_before} of those failed before: --retry-failed runs them again"
@@ -242,6 +242,10 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
     if say_skipped and submitted.skipped:
         bar.write(Expansion([], submitted.skipped).skipped_summary())
     return submitted
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _classify_input(kiln: Kiln, image: str) -> bytes | str:
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 topk = 5 if shards_given else _export_topk(kiln, args)
                 counts = None if shards_given else kiln.counts(args.job)  # read first: it may finish meanwhile
                 written = kiln.export(args.job, args.out, topk, out_dir=args.out_dir)
-                print(f"wrote {written} records to {args.out}", file=sys.stderr)
+                print(f"wrote {_count(written, 'record')} to {args.out}", file=sys.stderr)
                 if counts is not None and not counts.complete:
                     print(
                         f"note: job {args.job} was not finished ({counts.finished} of {counts.total} images had "

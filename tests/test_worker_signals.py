@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import types
 
 import pytest
-from conftest import SAMPLES, python_env
+from conftest import PYTHON, ROOT, SAMPLES, python_env
 from http_server import serve_folder
 from test_worker import _children, _descendants, _loaded, _stack_dumps, _state, _wait_until
 
@@ -291,3 +292,30 @@ def test_a_cold_shutdown_reads_the_running_tasks_while_their_threads_finish():
         finally:
             active_requests.difference_update((done, running))
     assert cancelled == ["running"]
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 0), (signal.SIGQUIT, 131)])
+def test_a_stop_whose_exit_python_swallowed_is_not_lost(signum, status):
+    """A stop while a worker starts raises SystemExit from its handler; where the signal lands in
+    a finalizer, Python swallows it ("Exception ignored in ..."). A hostile test caught a worker
+    process carrying on so, loading its model and serving, while its parent waited for it forever.
+    The first stop is kept, the later ones are ignored, and the start's next step exits with it."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from worker.process_signals import exit_if_stopped, exit_on_stop_until_ready
+exit_on_stop_until_ready()
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), {int(signum)})
+        for _ in range(10_000):  # the handler runs in here: its SystemExit goes nowhere
+            pass
+Finalized()
+os.kill(os.getpid(), signal.SIGTERM)  # a second stop: ignored, the first decides
+print("carried on", flush=True)
+exit_if_stopped()
+print("never stopped", flush=True)
+"""
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in done.stderr  # what made the stop go missing
+    assert done.stdout.split() == ["carried", "on"] and done.returncode == status, (done.stdout, done.stderr)

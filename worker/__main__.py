@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from worker.process_signals import hold_until_ready, stop_status
+from worker.process_signals import exit_if_stopped, exit_on_stop_until_ready, hold_until_ready, stop_status
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -140,24 +140,9 @@ def _check_redis(settings: WorkerSettings) -> None:
         client.close()
 
 
-def _exit_on_stop_until_ready() -> None:
-    """A worker told to stop while it starts (imports, the Redis check, the model's load; before
-    Celery's or the supervisor's handlers): exit through Python with the status it would have once
-    up (`stop_status`), so that exit handlers run (a single worker's endpoint folder is removed).
-    The default actions ended the process there and left that folder behind, and SIGINT printed a
-    KeyboardInterrupt traceback. A supervisor's worker process exits so too."""
-
-    def stop(signum: int, _: object) -> None:
-        raise SystemExit(stop_status(signum if signum == signal.SIGQUIT else None))
-
-    for signum in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
-        if signal.getsignal(signum) is not signal.SIG_IGN:  # a background job's SIGINT stays ignored
-            signal.signal(signum, stop)
-
-
 def main(argv: list[str] | None = None) -> int:
     hold_until_ready()  # first, before any thread starts and before the slow imports
-    _exit_on_stop_until_ready()  # no default action ends it from here on
+    exit_on_stop_until_ready()  # no default action ends it from here on
     args = _parser().parse_args(argv)
 
     from pydantic import ValidationError
@@ -216,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         from worker.supervisor import child_commands, supervise
 
         start_endpoint(settings, children=True)  # before the children start: they report to its folder
+        exit_if_stopped()
         return supervise(child_commands(sys.argv[1:] if argv is None else argv, processes))
 
     from celery.signals import worker_shutting_down
@@ -246,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         start_health_report(settings)  # to the parent's endpoint, where it has one
     device = device_for_process(settings, manifest.device, args.worker_index or 0, gpus)
     try:
+        exit_if_stopped()
         state = tasks.init_process(settings, device, processes)
     except PackageError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -258,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_shutting_down.connect(lambda sig, how, **_: shutdowns.append((sig, how)), weak=False)
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
+    exit_if_stopped()  # from here Celery's handlers take over (KilnWorker passes a late stop on)
     status = app.start(worker_args) or 0
     if stopped_by:
         print(f"error: the worker stopped on an error it cannot recover from: {stopped_by[-1]}", file=sys.stderr)

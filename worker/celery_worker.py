@@ -12,10 +12,11 @@ class KilnWorker(celery_worker.Worker):
         installs them on Linux, without its SIGHUP and SIGUSR1: kiln's stay. (Installing Celery's
         and then kiln's again would not do: faulthandler does not re-install a handler it still
         counts as registered.)"""
-        from worker.process_signals import release_when_ready
+        from worker.process_signals import pass_on_stop, release_when_ready
 
         celery_worker.install_worker_term_handler(worker)
         celery_worker.install_worker_term_hard_handler(worker)
         celery_worker.install_worker_int_handler(worker)
         celery_worker.install_rdb_handler()
         release_when_ready()  # SIGHUP: a warm shutdown from here on, also while Redis is not there yet
+        pass_on_stop()

@@ -76,6 +76,49 @@ def _copy_stacks(read_end: int) -> None:
             out = out[os.write(2, out) :]
 
 
+STOPS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+_stopped_by: list[int] = []  # the stop signal received while the process started, once it came
+
+
+def exit_on_stop_until_ready() -> None:
+    """A worker told to stop while it starts (imports, the Redis check, the model's load; before
+    Celery's or the supervisor's handlers): exit through Python with the status it would have once
+    up (`stop_status`), so that exit handlers run (a single worker's endpoint folder is removed).
+    The default actions ended the process there and left that folder behind, and SIGINT printed a
+    KeyboardInterrupt traceback. The first stop decides: the others are ignored from then on, so a
+    second one cannot interrupt the exit (a traceback in an exit handler) or, once Python has put
+    the default actions back as it exits, kill it with another status. A background job's
+    ignored SIGINT stays ignored."""
+    for signum in STOPS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _stop_while_starting)
+
+
+def _stop_while_starting(signum: int, _: object) -> None:
+    if not _stopped_by:
+        _stopped_by.append(signum)
+        for other in STOPS:
+            if signal.getsignal(other) is _stop_while_starting:
+                signal.signal(other, signal.SIG_IGN)
+    exit_if_stopped()
+
+
+def exit_if_stopped() -> None:
+    """Raise the SystemExit of a stop received while starting, again. Raised from the handler, it
+    is lost where the signal lands in a finalizer ("Exception ignored ..."): a worker process told
+    to stop then loaded its model and served, and its parent waited for it forever. So the start
+    calls this between its steps, and `pass_on_stop` hands a late one to Celery."""
+    if _stopped_by:
+        raise SystemExit(stop_status(_stopped_by[0] if _stopped_by[0] == signal.SIGQUIT else None))
+
+
+def pass_on_stop() -> None:
+    """Once Celery's handlers are in: a stop received while starting whose SystemExit was lost,
+    sent again, to them (a warm or a cold shutdown as for any stop)."""
+    if _stopped_by:
+        signal.raise_signal(_stopped_by[0])
+
+
 def stop_status(cold_by: int | None) -> int:
     """The exit status of a worker that stopped as asked: 0 after a warm shutdown (what ran has
     finished), 128 + N after a cold one by signal N (SIGQUIT, or Celery's second SIGINT), as a

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from worker.process_signals import STARTING, blocked, release_when_ready, stop_status
+from worker.process_signals import STARTING, blocked, pass_on_stop, release_when_ready, stop_status
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def supervise(commands: list[list[str]]) -> int:
     previous = {s: signal.signal(s, on_signal) for s in handled}
     previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, pass_on)
     release_when_ready()  # SIGHUP, held by `python -m worker` until now, is a warm shutdown
+    pass_on_stop()  # one that came as these were installed
     try:
         for child in children:
             if signals_received:  # stopped while starting them: the rest never start
