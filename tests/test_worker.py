@@ -338,28 +338,26 @@ def test_a_hang_up_stops_every_worker_process(private_redis_url, lite0_package, 
         worker.stop()
 
 
-_DUMP_LINE = re.compile(
-    r'((Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):|  File ".*", line \d+ in .+)?'
-)
+_DUMP_LINE = re.compile(r'(Thread 0x[0-9a-f]+ ".*" \(most recent call first\):|  File ".*", line \d+ in .+)?')
 
 
 def _stack_dumps(log: str) -> list[str]:
     """The processes that logged a whole stack dump (kiln's SIGUSR1), one entry per dump: a
-    header, then only faulthandler's lines, with one current thread. Dumps that two processes
-    wrote at once came out interleaved mid-line before."""
+    header, then only stack lines, with one main thread. Dumps that two processes wrote at once
+    came out interleaved mid-line before."""
     lines = log.splitlines()
     dumps = []
     for i, line in enumerate(lines):
         if header := re.fullmatch(r"stacks of (\S+) \(pid \d+\), on SIGUSR1:", line):
             body = list(itertools.takewhile(_DUMP_LINE.fullmatch, lines[i + 1 :]))
-            if sum(line.startswith("Current thread 0x") for line in body) == 1:
+            if sum('"MainThread" (most recent' in line for line in body) == 1:
                 dumps.append(header[1])
     return dumps
 
 
 def test_sigusr1_logs_each_processs_stacks_and_sigquit_stops_them_cold(private_redis_url, lite0_package, tmp_path):
-    """SIGUSR1 to the parent: each worker process logs its threads' stacks, each dump whole, and
-    serves on. SIGQUIT: a cold shutdown of them all, status
+    """SIGUSR1 to the parent: it and each worker process log their threads' stacks, each dump
+    whole, and serve on. SIGQUIT: a cold shutdown of them all, status
     131 as a shell reports it, and the endpoint's folder is removed. Before, Python's default
     action for either signal ended the parent at once and left its worker processes and that
     folder behind."""
@@ -373,8 +371,8 @@ def test_sigusr1_logs_each_processs_stacks_and_sigquit_stops_them_cold(private_r
         children = _children(worker.process.pid)
         assert len(children) == 2 and list(temp.glob("kiln-metrics-*"))
         os.kill(worker.process.pid, signal.SIGUSR1)
-        both = ["worker-0", "worker-1"]
-        _wait_until(lambda: sorted(_stack_dumps(worker.log_path.read_text())) == both, 60, "both processes' stacks")
+        every = ["MainProcess", "worker-0", "worker-1"]  # the parent's own too
+        _wait_until(lambda: sorted(_stack_dumps(worker.log_path.read_text())) == every, 60, "every process's stacks")
         assert worker.process.poll() is None and all(_state(pid) not in (None, "Z") for pid in children)
         os.kill(worker.process.pid, signal.SIGQUIT)
         assert worker.process.wait(60) == 131, worker.log_path.read_text()[-3000:]

@@ -77,7 +77,8 @@ def test_ctrl_backslash_to_the_whole_group_loses_no_image(private_redis_url, lit
 
 def test_sigusr1_while_the_worker_processes_start_ends_none(private_redis_url, lite0_package, tmp_path):
     """SIGUSR1 to the parent at once and many times, while its worker processes start, import and
-    load: each logs its stacks (faulthandler's, then Celery's), and none dies of it. Before, a
+    load: each logs its stacks, and none dies of it (CI once caught one killed by SIGSEGV, when
+    faulthandler read the threads' stacks without the GIL as they started). Before, a
     process that had not yet reached its own signal handling died of it ("killed by SIGUSR1");
     three such starts in a row would stop the whole worker."""
     worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [SAMPLES], TWO, env=python_env())

@@ -9,9 +9,7 @@ from celery.apps import worker as celery_worker
 class KilnWorker(celery_worker.Worker):
     def install_platform_tweaks(self, worker: celery_worker.Worker) -> None:
         """Celery's SIGTERM, SIGQUIT, SIGINT (and CELERY_RDBSIG) handlers, as its own method
-        installs them on Linux, without its SIGHUP and SIGUSR1: kiln's stay. (Installing Celery's
-        and then kiln's again would not do: faulthandler does not re-install a handler it still
-        counts as registered.)"""
+        installs them on Linux, without its SIGHUP and SIGUSR1: kiln's stay (worker/process_signals.py)."""
         from worker.process_signals import pass_on_stop, release_when_ready
 
         celery_worker.install_worker_term_handler(worker)

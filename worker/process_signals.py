@@ -5,7 +5,8 @@ images it holds or leaves its files behind.
 
 - `python -m worker` (a single worker, a supervisor, or a supervisor's worker process) calls
   `hold_until_ready` first thing: SIGUSR1 then logs every thread's stack (`log_stacks_on_sigusr1`)
-  from the start, also while the model loads or Redis is not there yet, and SIGHUP waits until
+  from the start, also while the model loads or Redis is not there yet, for good (a thread of
+  its own takes it, so no Python handler, Celery's included, ever sees it), and SIGHUP waits until
   `release_when_ready`, once Celery (or the supervisor) has its handlers: from then on SIGHUP is a
   warm shutdown, as SIGTERM. Celery's own SIGHUP (restart in place, by `execv`) would leave the
   parent of a worker process waiting for a child that never stops, and leak a single worker's
@@ -18,14 +19,15 @@ images it holds or leaves its files behind.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import faulthandler
 import multiprocessing
 import os
-import select
 import signal
+import sys
 import threading
-from collections.abc import Iterable, Iterator
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 
 GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1})
 STARTING = frozenset({signal.SIGHUP, signal.SIGUSR1})  # what a new worker process must not die of
@@ -43,37 +45,60 @@ def blocked(signals: Iterable[signal.Signals]) -> Iterator[None]:
 
 
 def hold_until_ready() -> None:
-    """In the main thread, before any other starts: SIGUSR1 logs the stacks of all threads (one
-    sent while this process started, blocked by its supervisor, comes now), and SIGHUP is blocked
-    in every thread until `release_when_ready`."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    """In the main thread, before any other starts: SIGUSR1 is blocked in every thread (threads
+    inherit the mask of the thread that starts them), and one thread of its own takes it and logs
+    the stacks (`log_stacks_on_sigusr1`; one sent while this process started, blocked by its
+    supervisor, comes now); SIGHUP is blocked until `release_when_ready`."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
     log_stacks_on_sigusr1()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+
+
+_on_sigusr1: list[Callable[[], None]] = []  # what else SIGUSR1 does here (the supervisor passes it on)
+
+
+def on_sigusr1(action: Callable[[], None]) -> None:
+    """Run `action` after each stack dump, on the thread that takes SIGUSR1."""
+    _on_sigusr1.append(action)
 
 
 def log_stacks_on_sigusr1() -> None:
     """SIGUSR1: every thread's stack to stderr, in one write headed by the process's name and pid.
 
-    faulthandler takes the dump: C code, run by whichever thread the signal lands on, so it also
-    comes while the main thread is stuck in C code (a model loading, a CUDA call, a read with no
-    timeout), where Celery's own handler (Python, main thread only) would wait. Its writes go line
-    by line, and a host's worker processes share one stderr and get the signal together: straight
-    to stderr, their dumps came out interleaved mid-line. So it writes into a pipe, and a thread
-    copies each dump out whole."""
-    read_end, write_end = os.pipe()
-    threading.Thread(target=_copy_stacks, args=(read_end,), name="kiln-stacks", daemon=True).start()
-    faulthandler.register(signal.SIGUSR1, file=write_end, all_threads=True)
+    A thread of its own waits for the signal (`sigwait`), so the dump also comes while the main
+    thread is in C code that lets other threads run (a read with no timeout, a CUDA call, most of
+    a model's load), where a Python handler (Celery's) waits for the main thread. It reads the
+    stacks with the GIL held (`sys._current_frames`): faulthandler, which read them without it
+    from the signal handler, crashed a worker process with SIGSEGV when it dumped as threads
+    started (CI). One write per dump: a host's worker processes share one stderr and get the
+    signal together, and line-by-line writes came out interleaved mid-line."""
+    threading.Thread(target=_stacks_on_sigusr1, name="kiln-stacks", daemon=True).start()
 
 
-def _copy_stacks(read_end: int) -> None:
+def _stacks_on_sigusr1() -> None:
     while True:
-        dump = os.read(read_end, 1 << 16)
-        while select.select([read_end], [], [], 0.05)[0]:  # the rest of this dump: it comes at once
-            dump += os.read(read_end, 1 << 16)
+        signal.sigwait({signal.SIGUSR1})
         name = multiprocessing.current_process().name
-        out = memoryview(f"\nstacks of {name} (pid {os.getpid()}), on SIGUSR1:\n".encode() + dump)
+        out = memoryview(f"\nstacks of {name} (pid {os.getpid()}), on SIGUSR1:\n{format_stacks()}".encode())
         while out:
             out = out[os.write(2, out) :]
+        for action in _on_sigusr1:
+            action()
+
+
+def format_stacks() -> str:
+    """Every thread's stack but the caller's, most recent call first, in faulthandler's layout
+    with the thread's name: `Thread 0x... "MainThread" (most recent call first):`, then a
+    `  File "...", line N in name` line per frame."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        lines.append(f'Thread 0x{ident:016x} "{names.get(ident, "?")}" (most recent call first):')
+        lines += [
+            f'  File "{f.filename}", line {f.lineno} in {f.name}' for f in reversed(traceback.extract_stack(frame))
+        ]
+    return "\n".join(lines) + "\n"
 
 
 STOPS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
@@ -95,12 +120,19 @@ def exit_on_stop_until_ready() -> None:
 
 
 def _stop_while_starting(signum: int, _: object) -> None:
-    if not _stopped_by:
-        _stopped_by.append(signum)
-        for other in STOPS:
-            if signal.getsignal(other) is _stop_while_starting:
-                signal.signal(other, signal.SIG_IGN)
+    if _stopped_by:  # exiting already: raised in an exit handler, another SystemExit is a traceback
+        return
+    _stopped_by.append(signum)
+    # Not SIG_IGN now: a stop already pending would then raise "Signal N ignored due to race
+    # condition". Only once the exit handlers run, before Python puts the default actions back.
+    atexit.register(_ignore_stops)
     exit_if_stopped()
+
+
+def _ignore_stops() -> None:
+    for signum in STOPS:
+        if signal.getsignal(signum) is _stop_while_starting:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def exit_if_stopped() -> None:

@@ -15,8 +15,8 @@ its folder), and:
   a second one kills them (their chunks go to other workers when their leases lapse), and the
   parent exits with 128 + that signal's number. SIGQUIT: a cold shutdown, as Celery's (the
   children take no more chunks and give back the ones they reserved at once; a running chunk
-  finishes, since its thread cannot be stopped: worker/pool.py), exit status 131. SIGUSR1 is
-  passed on: each child logs its threads' stacks (Celery's handler) and carries on.
+  finishes, since its thread cannot be stopped: worker/pool.py), exit status 131. SIGUSR1: the
+  parent logs its own threads' stacks and passes it on; each child logs its own and carries on.
 - A child that dies while the others serve is started again, after 1 s, then 2, 4, ... up to
   `MAX_RESTART_DELAY_S` while it keeps dying: a CUDA fault ends its process on purpose
   (worker/pipeline.py), and its unacknowledged chunks go to the other workers meanwhile. A child
@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
-from worker.process_signals import STARTING, blocked, pass_on_stop, release_when_ready, stop_status
+from worker.process_signals import STARTING, blocked, on_sigusr1, pass_on_stop, release_when_ready, stop_status
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,14 @@ def supervise(commands: list[list[str]]) -> int:
             if child.process is not None and child.process.poll() is None:
                 child.process.send_signal(_stop_signal(signals_received))
 
-    def pass_on(signum: int, _: FrameType | None) -> None:
+    def pass_on_sigusr1() -> None:  # after the parent's own stacks (the thread that takes SIGUSR1)
         for child in children:
             if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(signum)
+                child.process.send_signal(signal.SIGUSR1)
 
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, on_signal) for s in handled}
-    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, pass_on)
+    on_sigusr1(pass_on_sigusr1)
     release_when_ready()  # SIGHUP, held by `python -m worker` until now, is a warm shutdown
     pass_on_stop()  # one that came as these were installed
     try:
