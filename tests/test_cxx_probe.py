@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,27 @@ def test_a_package_that_fails_to_load_leaves_no_verdict(tmp_path, logging_gxx):
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
     result = _probe(corrupt, tmp_path / "home", bin_dir)
     assert result == {"verdict": None, "cached": {}}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_probe_child_stopped_by_a_signal_leaves_no_verdict(lite0_package, tmp_path, logging_gxx, signum):
+    """A group's Ctrl-C or SIGTERM while a new host's first worker probes also stops the probe's
+    child: that is no crash. A hostile test saw it read as one and "preload needed" kept for good,
+    so that every later start on the host re-executed itself for nothing."""
+    bin_dir, _ = logging_gxx
+    script = f"""
+import json, subprocess, sys
+from worker import cxx_runtime
+stopped = "import os, signal; os.kill(os.getpid(), {int(signum)})"  # a child that a stop ends
+cxx_runtime._start_load_in_child = lambda package, preload: subprocess.Popen([sys.executable, "-c", stopped])
+verdict = cxx_runtime.preload_needed(sys.argv[1])
+print(json.dumps({{"verdict": verdict, "cached": cxx_runtime._verdicts()}}))
+"""
+    home = tmp_path / "home"
+    env = python_env(
+        HOME=str(home), XDG_CACHE_HOME=str(home / "cache"), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    )
+    env.pop("KILN_CXX_PRELOAD", None)
+    done = subprocess.run([sys.executable, "-c", script, str(lite0_package)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"verdict": None, "cached": {}}

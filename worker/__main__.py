@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     # app.start, not app.worker_main: worker_main drops Celery's exit status (a worker that stopped
     # on an unrecoverable error exited with 0).
     exit_if_stopped()  # from here Celery's handlers take over (KilnWorker passes a late stop on)
-    status = app.start(worker_args) or 0
+    try:
+        status = app.start(worker_args) or 0
+    finally:  # Celery has stopped its task threads: the decode processes and their shared memory go
+        state.pipeline.close()
     if stopped_by:
         print(f"error: the worker stopped on an error it cannot recover from: {stopped_by[-1]}", file=sys.stderr)
         return status or 1

@@ -24,9 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from worker.process_signals import before_exec
+
 log = logging.getLogger(__name__)
 
 PRELOAD_ENV = "LD_PRELOAD"
+# What ends a probe child that did not crash: a stop sent to the process group, or to it.
+_NOT_A_CRASH = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGKILL})
 # The probe loads through kiln's own runtime, that is AOTInductor's C++ loader: the Python wrapper
 # `torch._inductor.aoti_load_package` imports Inductor, which compiles CPU-feature probes with g++
 # whenever its cache is empty (every new container): 11-18 s instead of 2.5 s. The child must not
@@ -115,22 +119,31 @@ def preload_needed(package: str | Path | None) -> str | None:
         if package is None:
             return None
         child = _start_load_in_child(Path(package), None)
-        # The caller loads the package next, so it needs torch: importing it while the child loads
-        # overlaps the two, and a new host's first start costs little more than any other start.
-        import torch  # noqa: F401
+        try:
+            # The caller loads the package next, so it needs torch: importing it while the child loads
+            # overlaps the two, and a new host's first start costs little more than any other start.
+            import torch  # noqa: F401
 
-        plain = child.wait()
-        if plain > 0:  # an ordinary Python error (a wrong package) that the caller will see: no verdict
+            plain = child.wait()
+        except BaseException:  # told to stop meanwhile: not without the child
+            child.kill()
+            raise
+        # An ordinary Python error (a wrong package), which the caller will see, or a child stopped
+        # by a signal (a group's Ctrl-C or SIGTERM while it loaded; it was read as a crash, and a
+        # wrong verdict was kept for good): no verdict.
+        if plain > 0 or -plain in _NOT_A_CRASH:
             return None
         if plain == 0:
             verdicts[key] = None
-        elif _load_in_child(Path(package), library) == 0:
+        elif (preloaded := _load_in_child(Path(package), library)) == 0:
             log.warning(
                 "AOTInductor loads crash on this host (%s) unless %s is preloaded: kiln will preload it",
                 signal.Signals(-plain).name,
                 library,
             )
             verdicts[key] = library
+        elif -preloaded in _NOT_A_CRASH:
+            return None
         else:
             raise CxxRuntimeError(
                 f"loading {package} crashes this process ({signal.Signals(-plain).name}), "
@@ -163,6 +176,7 @@ def ensure_cxx_runtime(package: str | Path | None = None) -> None:
     log.warning("re-executing with %s=%s so that AOTInductor packages load", PRELOAD_ENV, library)
     sys.stdout.flush()
     sys.stderr.flush()
+    before_exec()
     os.execve(sys.executable, sys.orig_argv, environ_with_preload(library))
 
 

@@ -110,13 +110,34 @@ def exit_on_stop_until_ready() -> None:
     Celery's or the supervisor's handlers): exit through Python with the status it would have once
     up (`stop_status`), so that exit handlers run (a single worker's endpoint folder is removed).
     The default actions ended the process there and left that folder behind, and SIGINT printed a
-    KeyboardInterrupt traceback. The first stop decides: the others are ignored from then on, so a
+    KeyboardInterrupt traceback. The first stop handled decides (of several pending at once, Python
+    runs the lowest-numbered first): the others are ignored from then on, so a
     second one cannot interrupt the exit (a traceback in an exit handler) or, once Python has put
     the default actions back as it exits, kill it with another status. A background job's
     ignored SIGINT stays ignored."""
     for signum in STOPS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _stop_while_starting)
+    sys.unraisablehook = _quiet_about_kept_stops
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # held across an exec (`before_exec`)
+
+
+def _quiet_about_kept_stops(unraisable: sys.UnraisableHookArgs) -> None:
+    """A stop's SystemExit that Python swallowed ("Exception ignored in ... SystemExit: 0"): the
+    stop is kept and acted on at the start's next step, so the traceback only alarms."""
+    if not (_stopped_by and unraisable.exc_type is SystemExit):
+        sys.__unraisablehook__(unraisable)
+
+
+def before_exec() -> None:
+    """Before this process replaces itself (`os.execve`): a stop received so far exits now (the
+    new image would not know of it), and where this process takes stops as it starts, they stay
+    blocked across the exec until the new image's `exit_on_stop_until_ready` takes them: in the
+    new interpreter's first ~30 ms their default action ended it (143, or a KeyboardInterrupt
+    traceback)."""
+    exit_if_stopped()
+    if signal.getsignal(signal.SIGTERM) is _stop_while_starting:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
 
 
 def _stop_while_starting(signum: int, _: object) -> None:
