@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -82,7 +83,10 @@ def _stacks_on_sigusr1() -> None:
         while out:
             out = out[os.write(2, out) :]
         for action in _on_sigusr1:
-            action()
+            try:
+                action()
+            except Exception:  # this thread must live on: no other one takes SIGUSR1
+                logging.getLogger(__name__).exception("passing SIGUSR1 on failed")
 
 
 def format_stacks() -> str:

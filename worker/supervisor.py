@@ -151,8 +151,9 @@ def supervise(commands: list[list[str]]) -> int:
 
     def pass_on_sigusr1() -> None:  # after the parent's own stacks (the thread that takes SIGUSR1)
         for child in children:
-            if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(signal.SIGUSR1)
+            process = child.process  # read once: the main thread sets it to None as a child ends
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGUSR1)
 
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
     previous = {s: signal.signal(s, on_signal) for s in handled}
