@@ -194,13 +194,14 @@ def cpu_decode_rate(files: list[Path], processes: int) -> float:
 
 
 def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
-    """images/s on the GPU: torchvision decode only; kiln's decoder (decode + draft-like reduce +
-    orient + resize/crop); nvImageCodec decode only, where installed. Bytes are in memory; each is
-    timed twice, best kept."""
+    """images/s on the GPU: torchvision decode only; nvImageCodec decode only, where installed;
+    kiln's decoder (decode + draft-like reduce + orient + resize/crop) on each of the two. Bytes
+    are in memory; each is timed twice, best kept."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from worker.gpu_decode import JpegBatchDecoder
+    from worker.jpeg_codecs import import_nvimgcodec
     from worker.manifest import IMAGENET_PREPROCESS
     from worker.probe import read_header
 
@@ -220,7 +221,7 @@ def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
             best = max(best, len(datas) / (time.perf_counter() - started))
         return best
 
-    def kiln(start: int) -> None:
+    def kiln(start: int, decoder=decoder) -> None:
         decoder.decode(list(zip(datas[start : start + batch], headers[start : start + batch], strict=True)))
 
     rates = {
@@ -230,10 +231,10 @@ def gpu_decode_rates(files: list[Path], batch: int = 256) -> dict[str, float]:
         "kiln_gpu_decoder": timed(kiln),
     }
     try:
-        from nvidia import nvimgcodec
-
-        nv = nvimgcodec.Decoder()
+        nv = import_nvimgcodec().Decoder()
         rates["nvimagecodec_decode_only"] = timed(lambda s: nv.decode(datas[s : s + batch]))
+        on_nvimgcodec = JpegBatchDecoder(torch.device("cuda"), IMAGENET_PREPROCESS, "nvimgcodec")
+        rates["kiln_gpu_decoder_nvimgcodec"] = timed(lambda s: kiln(s, on_nvimgcodec))
     except Exception as e:  # not carried, or no usable backend
         rates["nvimagecodec_error"] = f"{type(e).__name__}: {e}"[:300]
     return rates
@@ -449,6 +450,7 @@ def bench_in_process(package: str, folder: Path, workdir: Path) -> dict:
     }
     variants = {
         "default": (plan.decode_processes, SWITCH_INTERVAL_S),
+        "nvimgcodec_decoder": (plan.decode_processes, SWITCH_INTERVAL_S),
         "no_decode_processes": (0, SWITCH_INTERVAL_S),
         "switch_interval_5ms": (plan.decode_processes, 0.005),
     }
@@ -458,6 +460,7 @@ def bench_in_process(package: str, folder: Path, workdir: Path) -> dict:
             fetch_threads=plan.fetch_threads,
             decode_processes=processes,
             gpu_decode=plan.gpu_decode,
+            gpu_decoder="nvimgcodec" if name == "nvimgcodec_decoder" else "torchvision",
         )
         pipeline = Pipeline(runtime, config)
         sys.setswitchinterval(interval)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from packages import DEVICE, ROOT, build_lite0
+from packages import DEVICE, ROOT, build_lite0, build_lite0_float32
 
 SAMPLES = ROOT / "samples"
 CATS = {"tiger cat", "Egyptian cat", "tabby"}  # ImageNet labels that are right for chelsea.jpg
@@ -27,6 +27,15 @@ def lite0_runtime(lite0_package: Path):
     from worker.runtime import load_runtime
 
     return load_runtime(lite0_package, DEVICE)
+
+
+@pytest.fixture(scope="session")
+def lite0_float32_runtime(request):
+    from worker.runtime import load_runtime
+
+    if DEVICE != "cuda":
+        return request.getfixturevalue("lite0_runtime")  # float32 already
+    return load_runtime(build_lite0_float32(), DEVICE)
 
 
 @pytest.fixture(scope="session")

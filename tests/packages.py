@@ -39,3 +39,12 @@ def build_lite0() -> Path:
     if DEVICE == "cuda":
         args += ["--dtype", "bfloat16", "--channels-last"]
     return build_cached(f"lite0-{DEVICE}", args)
+
+
+def build_lite0_float32() -> Path:
+    """`build_lite0` in float32 on a GPU too, for comparisons where bfloat16's own noise would
+    hide what is compared (on the CPU, the same package)."""
+    if DEVICE != "cuda":
+        return build_lite0()
+    args = ["efficientnet_lite0", "--device", DEVICE, "--max-batch", "12", "--channels-last"]
+    return build_cached(f"lite0-float32-{DEVICE}", args)

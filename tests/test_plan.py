@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 
+import pytest
 import torch
+from pydantic import ValidationError
 
+from worker.manifest import PackageError
 from worker.plan import ONLINE_FLUSHES, gpu_decode_processes, host_cores, plan_data_path, quota_cores, worker_processes
 from worker.settings import WorkerSettings
 
@@ -71,3 +76,22 @@ def test_a_containers_cpu_quota_caps_the_cores_planned_for():
     assert quota_cores("50000 100000") == 1
     assert quota_cores("max 100000\n") is None
     assert 1 <= host_cores() <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.nvimgcodec") is not None, reason="nvImageCodec is installed")
+def test_a_cuda_worker_without_nvimagecodec_says_so_and_decodes_on_the_cpu(caplog):
+    """KILN_GPU_DECODER=nvimgcodec where `kiln[gpu]` is not installed: auto logs why and plans the
+    CPU decoders; on refuses to start, saying what to install. Nothing touches a GPU."""
+    settings = WorkerSettings(_env_file=None, gpu_decoder="nvimgcodec")
+    with caplog.at_level(logging.WARNING, logger="worker.plan"):
+        plan = plan_data_path(settings, torch.device("cuda:0"), batch_max=256, processes=1)
+    assert not plan.gpu_decode and plan.decode_processes >= 1
+    assert "pip install 'kiln[gpu]'" in caplog.text and "decoding on the CPU" in caplog.text
+    strict = WorkerSettings(_env_file=None, gpu_decoder="nvimgcodec", gpu_decode="on")
+    with pytest.raises(PackageError, match=r"KILN_GPU_DECODE=on.*pip install 'kiln\[gpu\]'"):
+        plan_data_path(strict, torch.device("cuda:0"), batch_max=256, processes=1)
+
+
+def test_an_unknown_gpu_decoder_is_refused_with_the_choices():
+    with pytest.raises(ValidationError, match=r"torchvision.*nvimgcodec"):
+        WorkerSettings(_env_file=None, gpu_decoder="dali")

@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
         "the cores left once each worker process has one, shared among them]",
     )
     parser.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs on the GPU [default: auto]")
+    parser.add_argument(
+        "--gpu-decoder",
+        choices=["torchvision", "nvimgcodec"],
+        help="the GPU JPEG decoder; nvimgcodec needs pip install 'kiln[gpu]' [default: torchvision]",
+    )
     parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
     parser.add_argument(
         "--allowed-roots",
@@ -95,6 +100,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
         "allowed_roots": args.allowed_roots,
         "decode_processes": args.decode_processes,
         "gpu_decode": args.gpu_decode,
+        "gpu_decoder": args.gpu_decoder,
         "metrics_port": args.metrics_port,
         "task_events": args.task_events,
     }

@@ -1,17 +1,15 @@
-"""JPEG decoding in batches on the worker's GPU (nvJPEG, through torchvision), then the batched
-resize + crop of `worker.resample`: bytes in, the model's uint8 input out, never leaving the GPU.
+"""JPEG decoding in batches on the worker's GPU (`worker.jpeg_codecs`: torchvision's nvJPEG, or
+nvImageCodec with KILN_GPU_DECODER=nvimgcodec), then the batched resize + crop of
+`worker.resample`: bytes in, the model's uint8 input out, never leaving the GPU.
 
-    decoder = JpegBatchDecoder(torch.device("cuda:0"), manifest.preprocess)
+    decoder = JpegBatchDecoder(torch.device("cuda:0"), manifest.preprocess, "nvimgcodec")
     result = decoder.decode([(data, header), ...])
     result.images        # uint8 N_ok x 3 x crop x crop on the device
     result.decoded       # which input each row is
-    result.refused       # indices nvJPEG would not decode: the caller decodes them on the CPU
+    result.refused       # indices the library would not decode: the caller decodes them on the CPU
 
-Why torchvision's `decode_jpeg`: measured on the H200 (docs/FACTS.md) it decodes 17.7k 640x480
-JPEGs/s in batches of 256, nvImageCodec 20.6-23.1k; torchvision is already a worker dependency,
-while nvImageCodec is a second CUDA library to carry, and the decoder is not what bounds kiln
-(resize, routing and the model share the GPU). The same code runs on the CPU (libjpeg-turbo), which
-is how CI tests the batching, the fallbacks and the error isolation.
+The same code runs on the CPU (torchvision's libjpeg-turbo), which is how CI tests the batching,
+the fallbacks and the error isolation.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from worker.chroma import FANCY, fancy_upsampled
+from worker.jpeg_codecs import frame_decoder
 from worker.manifest import Preprocess
 from worker.resample import CropPlan, crop_plan, resample
 from worker.route import draft_factor
@@ -61,15 +60,16 @@ def is_fatal_cuda_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(s in text for s in FATAL_CUDA)
 
 
-def decoder_available(device: torch.device) -> str | None:
-    """None when torchvision can decode JPEGs on `device`, else why not (for the start-up log)."""
+def decoder_available(device: torch.device, library: str = "torchvision") -> str | None:
+    """None when `library` (see `worker.jpeg_codecs.frame_decoder`) decodes JPEGs on `device`,
+    else why not (for the start-up log)."""
     if device.type == "cpu":
         return None
     try:
-        from torchvision.io import decode_jpeg
-
-        decode_jpeg([_tiny_jpeg()], device=device)
-    except Exception as e:  # an old torchvision, or one built without nvJPEG
+        frames = frame_decoder(device, library)
+        if frames([_tiny_jpeg()])[0] is None:
+            return f"{frames.name} refused a plain JPEG"
+    except Exception as e:  # an old torchvision, one built without nvJPEG, nvImageCodec without its nvJPEG
         return f"{type(e).__name__}: {e}"
     return None
 
@@ -85,13 +85,12 @@ class JpegBatchDecoder:
     """Decodes batches of JPEGs on one device. Stateless but for the device and preprocessing;
     call it from one thread (nvJPEG's handle in torchvision is shared by the process)."""
 
-    def __init__(self, device: torch.device, prep: Preprocess) -> None:
+    def __init__(self, device: torch.device, prep: Preprocess, library: str = "torchvision") -> None:
         self.device = device
         self.prep = prep
         self._plans: OrderedDict[tuple[int, int], CropPlan] = OrderedDict()
         self.part_pixels = decode_part_pixels(device)
-        # nvJPEG replicates subsampled chroma where libjpeg-turbo (on the CPU) interpolates it.
-        self.replicates_chroma = device.type == "cuda"
+        self.frames = frame_decoder(device, library)
 
     def decode(self, items: Sequence[tuple[bytes | np.ndarray, ImageHeader]]) -> DecodeResult:
         """Decode, orient, resize and crop `items` (encoded bytes, or a uint8 array of them, and
@@ -132,7 +131,7 @@ class JpegBatchDecoder:
     def _chroma_to_interpolate(self, header: ImageHeader) -> tuple[int, int]:
         """The chroma blocks nvJPEG replicated in this frame and libjpeg would have interpolated;
         (1, 1) where there is nothing to redo (a frame `draft` reduces averages its blocks away)."""
-        if not self.replicates_chroma or header.chroma not in FANCY:
+        if not self.frames.replicates_chroma or header.chroma not in FANCY:
             return (1, 1)
         return header.chroma if draft_factor(header.width, header.height, self.prep.resize) == 1 else (1, 1)
 
@@ -167,25 +166,26 @@ class JpegBatchDecoder:
         frames: dict[int, torch.Tensor],
         refused: list[int],
     ) -> None:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         if not indices:
             return
-        encoded = [torch.frombuffer(items[i][0], dtype=torch.uint8) for i in indices]  # read, never written
         try:
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            decoded = self.frames([items[i][0] for i in indices])
         except RuntimeError as e:
             if is_fatal_cuda_error(e):  # the context is gone, not the image: no split, no CPU fallback
                 raise
             if len(indices) == 1:
-                log.debug("nvJPEG refused image %d (%s): decoding it on the CPU", indices[0], e)
+                log.debug("%s refused image %d (%s): decoding it on the CPU", self.frames.name, indices[0], e)
                 refused.append(indices[0])
                 return
             middle = len(indices) // 2
             self._decode_or_split(items, indices[:middle], frames, refused)
             self._decode_or_split(items, indices[middle:], frames, refused)
             return
-        frames.update(zip(indices, decoded, strict=True))
+        for index, frame in zip(indices, decoded, strict=True):
+            if frame is None:
+                refused.append(index)
+            else:
+                frames[index] = frame
 
 
 def decode_part_pixels(device: torch.device) -> int:
@@ -241,11 +241,11 @@ def orient(frame: torch.Tensor, orientation: int) -> torch.Tensor:
     return frame
 
 
-def _tiny_jpeg() -> torch.Tensor:
+def _tiny_jpeg() -> bytes:
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, "JPEG")
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    return buffer.getvalue()

@@ -89,6 +89,7 @@ class PipelineConfig:
     fetch_threads: int = 2  # fetching, and decoding where no other decoder takes the image
     decode_processes: int = 0  # CPU decoding processes; 0 decodes in the fetch threads
     gpu_decode: bool = False  # decode JPEGs on the model's GPU (needs a CUDA package)
+    gpu_decoder: str = "torchvision"  # the library that does: worker.jpeg_codecs.LIBRARIES
     batch_size: int | None = None  # default: the package's largest batch
 
 
@@ -173,7 +174,7 @@ class Pipeline:
             if config.decode_processes
             else None
         )
-        self._gpu = JpegBatchDecoder(runtime.device, self.prep) if config.gpu_decode else None
+        self._gpu = JpegBatchDecoder(runtime.device, self.prep, config.gpu_decoder) if config.gpu_decode else None
         cuda = runtime.device.type == "cuda"
         self._decode_stream = torch.cuda.Stream(runtime.device) if self._gpu is not None and cuda else None
         # Online requests' threads, an image each: never queued behind a bulk job's loads, nor

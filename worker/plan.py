@@ -45,6 +45,7 @@ ONLINE_FLUSHES = 4  # online batches a worker process runs at once, each on a Ce
 class DataPathPlan:
     device: str
     gpu_decode: bool
+    gpu_decoder: str  # worker.jpeg_codecs.LIBRARIES
     decode_processes: int
     fetch_threads: int
     torch_threads: int
@@ -60,10 +61,12 @@ class DataPathPlan:
         return self.tasks_in_flight + self.online_flushes
 
     def describe(self) -> str:
+        from worker.jpeg_codecs import LIBRARIES
+
         decoders = " + ".join(
             part
             for part in (
-                "GPU (nvJPEG) for JPEGs" if self.gpu_decode else "",
+                f"GPU ({LIBRARIES[self.gpu_decoder]}) for JPEGs" if self.gpu_decode else "",
                 f"{self.decode_processes} CPU decode processes" if self.decode_processes else "",
                 "" if self.decode_processes else f"decoding in the {self.fetch_threads} fetch threads",
             )
@@ -131,11 +134,11 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
     cuda = device.type == "cuda"
     gpu_decode = False
     if cuda and settings.gpu_decode != "off":
-        why_not = decoder_available(device)
+        why_not = decoder_available(device, settings.gpu_decoder)
         if why_not is None:
             gpu_decode = True
         elif settings.gpu_decode == "on":
-            raise PackageError(f"KILN_GPU_DECODE=on, but torchvision cannot decode JPEGs on {device}: {why_not}")
+            raise PackageError(f"KILN_GPU_DECODE=on, but the GPU decoder cannot decode JPEGs on {device}: {why_not}")
         else:
             log.warning("no GPU JPEG decoder on %s (%s): decoding on the CPU", device, why_not)
     if settings.decode_processes is not None:
@@ -145,6 +148,7 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
     return DataPathPlan(
         device=str(device),
         gpu_decode=gpu_decode,
+        gpu_decoder=settings.gpu_decoder,
         decode_processes=decode_processes,
         fetch_threads=settings.fetch_threads or (4 if cuda else 2),
         torch_threads=settings.threads or (1 if cuda else share),

@@ -114,8 +114,14 @@ class WorkerSettings(CommonSettings):
     )
     gpu_decode: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="decode JPEGs on the GPU (nvJPEG): auto uses it with CUDA packages where torchvision can; "
-        "on refuses to start without it",
+        description="decode JPEGs on the GPU: auto does with CUDA packages where the GPU decoder works (else "
+        "it logs why and decodes on the CPU); on refuses to start without it",
+    )
+    gpu_decoder: Literal["torchvision", "nvimgcodec"] = Field(
+        default="torchvision",
+        description="the GPU JPEG decoder: torchvision (nvJPEG, ships with the worker) or nvimgcodec "
+        "(nvImageCodec, `pip install 'kiln[gpu]'`): libjpeg's own pixels, so the GPU path's answers are the "
+        "CPU path's, but slower where one process does everything (see the README's GPU section)",
     )
     tasks_in_flight: int | None = Field(
         default=None,

@@ -97,6 +97,7 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
         fetch_threads=plan.fetch_threads,
         decode_processes=plan.decode_processes,
         gpu_decode=plan.gpu_decode,
+        gpu_decoder=plan.gpu_decoder,
         batch_size=plan.batch_size,
     )
     store = ResultStore.from_url(settings.redis_url, settings.result_ttl_s, timeout_s=settings.redis_timeout_s)
