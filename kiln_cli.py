@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "worker": ("worker.__main__", [], "serve a package from Redis: a Celery worker (python -m worker)"),
     "label": ("producer.__main__", ["label"], "classify images, write the results (python -m producer label)"),
     "submit": ("producer.__main__", ["submit"], "enqueue images and return (python -m producer submit)"),
+    "wait": ("producer.__main__", ["wait"], "wait for a job to finish, with progress (python -m producer wait)"),
     "status": ("producer.__main__", ["status"], "counters of a job (python -m producer status)"),
     "export": ("producer.__main__", ["export"], "write a job's results to a file (python -m producer export)"),
     "classify": ("producer.__main__", ["classify"], "classify one image now, online (python -m producer classify)"),

@@ -42,6 +42,7 @@ examples:
   python -m producer label samples/ --out results.csv
   python -m producer label /data/photos --job photos --out-dir /shared/labels --out photos.parquet
   KILN_REDIS_URL=redis://queue:6379/0 python -m producer submit manifest.csv --job big --out-dir s3://bucket/labels
+  KILN_REDIS_URL=redis://queue:6379/0 python -m producer wait big       # progress until done; exit 1 if any failed
   KILN_REDIS_URL=redis://queue:6379/0 python -m producer export big --out-dir s3://bucket/labels --out big.parquet
   python -m producer label 'photos/**/*.jpg' list.csv --job holiday --topk 3 --out holiday.parquet
   KILN_REDIS_URL=redis://queue:6379/0 python -m producer status holiday
@@ -80,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    wait = commands.add_parser(
+        "wait", help="wait until every image of a job has a record, with progress (after `submit`)"
+    )
+    wait.add_argument("job")
+    wait.add_argument(
+        "--timeout", type=_seconds, help="give up after this many seconds (the workers go on with the job)"
+    )
+    wait.add_argument("--no-progress", action="store_true", help="no progress bar")
     status = commands.add_parser("status", help="counters of a job")
     status.add_argument("job")
     export = commands.add_parser("export", help="write a job's results to a file")
@@ -185,7 +194,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 counts = kiln.wait(submitted, timeout_s=left, progress=bar, check=check)
             except JobTimeout as e:  # said against the whole --timeout, not the part left to wait
                 then = (
-                    f"the workers go on with it: `kiln status {submitted.id}` follows it, "
+                    f"the workers go on with it: `kiln wait {submitted.id}` follows it, "
                     f"`kiln export {submitted.id} --out PATH` writes its records"
                     if check is None
                     else "run the same `kiln label` again to go on from there"
@@ -244,6 +253,24 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
     return submitted
 
 
+def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
+    """`wait JOB`: 0 once every image has a record and none failed, 1 if some failed; a timeout
+    raises JobTimeout (exit 2), saying that the workers go on."""
+    bar = JobProgress(not args.no_progress)
+    with contextlib.closing(bar):
+        try:
+            counts = kiln.wait(args.job, timeout_s=args.timeout, progress=bar)
+        except JobTimeout as e:
+            raise JobTimeout(
+                f"job {args.job}: {e.finished} of {e.total} images after --timeout {args.timeout:g} s; the workers "
+                f"go on with it: `kiln wait {args.job}` again, or `kiln export {args.job} --out PATH` for what is done",
+                e.finished,
+                e.total,
+            ) from None
+    print(f"{args.job}: complete, {counts.done} done, {counts.failed} failed, {counts.total} in all")
+    return 0 if counts.failed == 0 else 1
+
+
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
@@ -286,13 +313,15 @@ def main(argv: list[str] | None = None) -> int:
             return _label(args, settings)
         with Kiln(settings=settings) as kiln:
             shards_given = args.command == "export" and args.out_dir
-            if args.command in ("status", "export") and not shards_given and not kiln.exists(args.job):
+            if args.command in ("status", "wait", "export") and not shards_given and not kiln.exists(args.job):
                 raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
             if args.command == "submit":
                 bar = JobProgress(not args.no_progress)
                 with contextlib.closing(bar):
                     submitted = _submit(kiln, args, bar)
                 print(submitted.id)
+            if args.command == "wait":
+                return _wait(kiln, args)
             if args.command == "status":
                 counts = kiln.counts(args.job)
                 state = "complete" if counts.complete else "running"

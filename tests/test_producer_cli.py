@@ -60,6 +60,8 @@ def test_remote_mode_status_and_export(lite0_worker, tmp_path):
 
     status = producer("status", "remote", **env)
     assert status.returncode == 0 and "remote: complete, 2 done, 0 failed, 2 in all" in status.stdout
+    waited = producer("wait", "remote", "--no-progress", **env)
+    assert waited.returncode == 0 and "remote: complete, 2 done, 0 failed, 2 in all" in waited.stdout
     exported = producer("export", "remote", "--out", str(tmp_path / "remote.jsonl"), **env)
     assert exported.returncode == 0 and len((tmp_path / "remote.jsonl").read_text().splitlines()) == 2
     assert "note" not in exported.stderr, exported.stderr
@@ -75,6 +77,7 @@ def test_remote_mode_status_and_export(lite0_worker, tmp_path):
         (["label", "samples", "--out", "results.xlsx"], "unknown results format"),
         (["label", "/no/such/folder", "--out", "r.csv"], "no such file, folder"),
         (["status", "never-ran"], "no job named 'never-ran'"),
+        (["wait", "never-ran"], "no job named 'never-ran'"),
     ],
 )
 def test_clear_errors(lite0_worker, args, message):
@@ -105,3 +108,15 @@ def test_timeout_bounds_the_enqueuing_too(command, private_redis_url, tmp_path):
 def test_timeouts_are_numbers_of_seconds_above_zero(value):
     done = producer("classify", str(SAMPLES / "coffee.jpg"), "--timeout", value)
     assert done.returncode == 2 and "--timeout" in done.stderr and "number of seconds" in done.stderr, done.stderr
+
+
+def test_wait_follows_a_submitted_job_and_gives_up_at_its_timeout(private_redis_url):
+    """`submit` then `wait`, as a producer script runs them: with no worker consuming, `wait
+    --timeout` ends with how far the job got and what to do next (the job stays queued)."""
+    env = {"KILN_REDIS_URL": private_redis_url}
+    submitted = producer("submit", str(SAMPLES), "--job", "queued", "--no-progress", **env)
+    assert submitted.returncode == 0, submitted.stderr
+    waited = producer("wait", "queued", "--timeout", "1", **env)
+    assert waited.returncode == 2, waited.stderr
+    assert "job queued: 0 of 6 images after --timeout 1 s; the workers go on with it" in waited.stderr
+    assert "`kiln wait queued` again" in waited.stderr
