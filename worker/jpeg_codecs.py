@@ -10,8 +10,12 @@ IDCT matches libjpeg-turbo's, and it interpolates the chroma as libjpeg does): o
 within 1 level of Pillow's, and EfficientNet-Lite0's top-1 equal to the CPU path's on 1,000 of the
 agreement test's 1,000 JPEGs (bench/results/gpu-h200-decoders.json). torchvision's nvJPEG ships
 with the worker but replicates the chroma and converts colour its own way: up to 37 levels off,
-977 of 1,000, 975 with the chroma redone (`worker.chroma`). On the CPU, torchvision's decoder is
-libjpeg-turbo itself, which is how CI tests the batch decoder without a GPU.
+977 of 1,000, 975 with the chroma redone (`worker.chroma`). torchvision stays the default:
+nvImageCodec's batch call takes the GIL back about twice per image, so in one busy process (the
+in-process pipeline) it ran at 2.1k img/s against torchvision's 5.7k, while four worker processes
+on the GPU ran faster with it, 12.6k against 11.1k (bench/results/gpu-h200-decoder-ab.json).
+On the CPU, torchvision's decoder is libjpeg-turbo itself, which is how CI tests the batch decoder
+without a GPU.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class NvImageCodecFrames:
     """nvImageCodec's batch decode (hardware JPEG engine where the GPU has one, its CUDA decoder
     for what the engine refuses), on the current CUDA stream, into torch tensors without a copy."""
 
-    name = "nvImageCodec"
+    name = LIBRARIES["nvimgcodec"]
     replicates_chroma = False
 
     def __init__(self, device: torch.device) -> None:
@@ -81,11 +85,11 @@ class TorchvisionFrames:
     """torchvision's `decode_jpeg`: nvJPEG on a GPU, libjpeg-turbo on the CPU. One bad image fails
     the whole call (RuntimeError), so the caller splits the batch to find it."""
 
-    name = "torchvision nvJPEG"
-
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.replicates_chroma = device.type == "cuda"
+        cuda = device.type == "cuda"
+        self.name = LIBRARIES["torchvision"] if cuda else "libjpeg-turbo via torchvision"
+        self.replicates_chroma = cuda
 
     def __call__(self, encoded: Sequence[bytes | np.ndarray]) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
