@@ -424,14 +424,16 @@ def test_pipeline_routes_each_image_and_isolates_failures(lite0_runtime, mixed_f
         both.close()
 
 
-def test_warm_up_runs_the_gpu_path_before_the_first_task(lite0_runtime, tmp_path, sample_photos, caplog):
-    cpu_only = _pipeline(lite0_runtime, tmp_path)
-    both = _pipeline(lite0_runtime, tmp_path, gpu_decode=True, batch_size=4)
+def test_warm_up_runs_the_gpu_path_before_the_first_task(lite0_float32_runtime, tmp_path, sample_photos, caplog):
+    """In float32 (on a GPU): the bf16 package's top-1 on hubble_deep_field.jpg is a near tie that
+    the GPU path's 2x2 averaging and the CPU path's `draft` settle differently (see the agreement
+    test below); this test is about the warm-up."""
+    runtime = lite0_float32_runtime
+    cpu_only = _pipeline(runtime, tmp_path)
+    both = _pipeline(runtime, tmp_path, gpu_decode=True, batch_size=4)
     # The worker's input limits do not apply to the generated JPEGs: a PNG-only worker with a
     # small pixel cap still warms up.
-    strict = _pipeline(
-        lite0_runtime, tmp_path, gpu_decode=True, batch_size=4, formats=frozenset({"PNG"}), max_pixels=10_000
-    )
+    strict = _pipeline(runtime, tmp_path, gpu_decode=True, batch_size=4, formats=frozenset({"PNG"}), max_pixels=10_000)
     try:
         assert cpu_only.warm_up() is False  # nothing to warm where no JPEG is decoded on the GPU
         with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
