@@ -64,9 +64,6 @@ def install_wheels(folders: list[Path]) -> None:
     env = dict(os.environ, KILN_BENCH_WHEELS_DONE="1")
     env["PATH"] = os.pathsep.join([str(target / "bin"), env.get("PATH", "")])  # py-spy, when carried
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), str(ROOT), env.get("PYTHONPATH")]))
-    nvjpeg = target / "nvidia" / "nvjpeg" / "lib"  # nvImageCodec's nvJPEG, when carried
-    if nvjpeg.is_dir():
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(nvjpeg), env.get("LD_LIBRARY_PATH")]))
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
