@@ -82,9 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     wait = commands.add_parser(
-        "wait", help="wait until every image of a job has a record, with progress (after `submit`)"
+        "wait",
+        help="wait until every image of a job has a record, with progress (after `submit`)",
+        description="Wait until every image of job JOB (on KILN_REDIS_URL) has a record, with a progress bar on "
+        "stderr, then print `JOB: complete, N done, F failed, T in all`. Exit 0 when none failed, 1 when some "
+        "did, 2 for an error or after --timeout (the workers go on with the job), 130 on Ctrl-C. Start it once "
+        "`submit` has returned: a job kept in Redis counts the images enqueued so far.",
     )
-    wait.add_argument("job")
+    wait.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
     wait.add_argument(
         "--timeout", type=_seconds, help="give up after this many seconds (the workers go on with the job)"
     )
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             return _label(args, settings)
         with Kiln(settings=settings) as kiln:
             shards_given = args.command == "export" and args.out_dir
-            if args.command in ("status", "wait", "export") and not shards_given and not kiln.exists(args.job):
+            if args.command in ("status", "export") and not shards_given and not kiln.exists(args.job):
                 raise ValueError(f"no job named {args.job!r} in {settings.redis_url}")
             if args.command == "submit":
                 bar = JobProgress(not args.no_progress)
@@ -350,7 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {mask_url(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: records written so far are kept; run the same command again to resume", file=sys.stderr)
+        if args.command == "wait":
+            print(f"interrupted: the workers go on with job {args.job}; `kiln wait {args.job}` follows it again",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print("interrupted: records written so far are kept; run the same command again to resume",
+                  file=sys.stderr)  # fmt: skip
         return 130
 
 

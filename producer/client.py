@@ -235,8 +235,15 @@ class Kiln:
                     )
                 if check is not None:
                     check()
-                time.sleep(self.settings.poll_interval_s)
+                pause = self.settings.poll_interval_s
+                time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - time.monotonic())))
                 follow.poll()
+                gone = isinstance(job, str) and follow.total == 0
+                if gone and not self._redis(lambda: self.store.exists(job), deadline):
+                    raise JobNotFound(
+                        f"job {job}: no longer in {mask_url(self.settings.redis_url)} (its keys expired or were "
+                        "deleted, or Redis restarted without its data)"
+                    )
         finally:
             if bar is not progress:
                 bar.close()

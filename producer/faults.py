@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 # scheme://user:PASSWORD@ - up to the last @ of the authority, since a password may hold a raw @
 _PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^\s&#]*", re.IGNORECASE)
 _BACKOFF = ExponentialWithJitterBackoff(base=0.1, cap=2.0)
 
 
@@ -33,8 +34,10 @@ class RedisUnavailable(ConnectionError):
 
 
 def mask_url(text: str) -> str:
-    """`text` with the password of every URL in it replaced by `***` (e.g. redis://:***@host:6379/0)."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", text)
+    """`text` with the password of every URL in it replaced by `***`: in its user part
+    (redis://:***@host:6379/0) or as a query parameter (redis://host/0?password=***, which
+    redis-py accepts too)."""
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", text))
 
 
 def redis_error(error: BaseException) -> redis.RedisError | None:

@@ -32,7 +32,9 @@ class ProducerSettings(CommonSettings):
         ge=1,
         description="backpressure: `submit` pauses while the bulk queue holds this many chunks or more",
     )
-    poll_interval_s: float = Field(default=0.25, gt=0, description="how often `wait` reads a job's counters")
+    poll_interval_s: float = Field(
+        default=0.25, gt=0, le=60, description="how often `wait` reads a job's counters, in seconds"
+    )
     online_timeout_s: float = Field(
         default=60.0,
         gt=0,

@@ -77,7 +77,8 @@ def test_a_probe_child_stopped_by_a_signal_leaves_no_verdict(lite0_package, tmp_
     script = f"""
 import json, subprocess, sys
 from worker import cxx_runtime
-stopped = "import os, signal; os.kill(os.getpid(), {int(signum)})"  # a child that a stop ends
+# a child that a stop ends (by default: under `nohup` SIGHUP would be ignored, inherited)
+stopped = "import os, signal; signal.signal({int(signum)}, signal.SIG_DFL); os.kill(os.getpid(), {int(signum)})"
 cxx_runtime._start_load_in_child = lambda package, preload: subprocess.Popen([sys.executable, "-c", stopped])
 verdict = cxx_runtime.preload_needed(sys.argv[1])
 print(json.dumps({{"verdict": verdict, "cached": cxx_runtime._verdicts()}}))

@@ -7,6 +7,7 @@ import csv
 import json
 import shutil
 import subprocess
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -120,3 +121,23 @@ def test_wait_follows_a_submitted_job_and_gives_up_at_its_timeout(private_redis_
     assert waited.returncode == 2, waited.stderr
     assert "job queued: 0 of 6 images after --timeout 1 s; the workers go on with it" in waited.stderr
     assert "`kiln wait queued` again" in waited.stderr
+
+
+def test_wait_notices_a_job_that_disappears(private_redis_url):
+    """The job's keys deleted (or expired, or Redis restarted without its data) while `wait`
+    follows it: it says so and exits 2, instead of waiting for ever."""
+    import redis
+
+    env = {"KILN_REDIS_URL": private_redis_url}
+    assert producer("submit", str(SAMPLES), "--job", "vanish", "--no-progress", **env).returncode == 0
+    environment = python_env(**env)
+    waiting = subprocess.Popen([PYTHON, "-m", "producer", "wait", "vanish", "--no-progress"], env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(2)
+        client = redis.Redis.from_url(private_redis_url)
+        client.delete(*client.keys("kiln:{vanish}:*"))
+        _, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 2 and "job vanish: no longer in" in err and "expired or were deleted" in err, err

@@ -20,6 +20,8 @@ from producer.faults import describe, mask_url, transient
             "no job named 'x' in redis://:***@h:1/0, nor in redis://:***@h:2/0",
         ),
         ("redis://host:6379/0 and user@example.org", "redis://host:6379/0 and user@example.org"),
+        ("redis://h:1/0?password=s3cret&db=1", "redis://h:1/0?password=***&db=1"),
+        ("unix:///run/redis.sock?db=2&Password=pw", "unix:///run/redis.sock?db=2&Password=***"),
     ],
 )
 def test_passwords_in_urls_are_masked(text, masked):

@@ -175,7 +175,7 @@ def test_label_says_when_no_worker_takes_a_chunk(private_redis_url, tmp_path):
     assert len(notes) == 1, done.stderr
     assert f"KILN_REDIS_URL={private_redis_url}" in notes[0] and "kiln.bulk" in notes[0]
     # it kept waiting until the timeout, which counts from the start (enqueuing included)
-    assert "0 of 1 images after --timeout 45 s; the workers go on with it: `kiln status job-" in done.stderr
+    assert "0 of 1 images after --timeout 45 s; the workers go on with it: `kiln wait job-" in done.stderr
 
 
 def test_export_topk_bounds(lite0_worker, tmp_path):

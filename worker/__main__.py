@@ -61,11 +61,16 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU decoding processes per worker process [KILN_DECODE_PROCESSES; default: 0 on the CPU; on a GPU, "
         "the cores left once each worker process has one, shared among them]",
     )
-    parser.add_argument("--gpu-decode", choices=["auto", "on", "off"], help="decode JPEGs on the GPU [default: auto]")
+    parser.add_argument(
+        "--gpu-decode",
+        choices=["auto", "on", "off"],
+        help="decode JPEGs on the GPU, with a CUDA package [KILN_GPU_DECODE, default: auto]",
+    )
     parser.add_argument(
         "--gpu-decoder",
         choices=["torchvision", "nvimgcodec"],
-        help="the GPU JPEG decoder; nvimgcodec needs pip install 'kiln[gpu]' [default: torchvision]",
+        help="the GPU JPEG decoder, where JPEGs are decoded on the GPU; nvimgcodec needs pip install 'kiln[gpu]' "
+        "[KILN_GPU_DECODER, default: torchvision]",
     )
     parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
     parser.add_argument(
