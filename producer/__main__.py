@@ -204,11 +204,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                     if check is None
                     else "run the same `kiln label` again to go on from there"
                 )
-                raise JobTimeout(
-                    f"job {submitted.id}: {e.finished} of {e.total} images after --timeout {args.timeout:g} s; " + then,
-                    e.finished,
-                    e.total,
-                ) from None
+                raise _after_timeout(e, submitted.id, args.timeout, then) from None
             bar.close()
             try:
                 written = kiln.export(submitted, args.out, args.topk)
@@ -266,14 +262,22 @@ def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
         try:
             counts = kiln.wait(args.job, timeout_s=args.timeout, progress=bar)
         except JobTimeout as e:
-            raise JobTimeout(
-                f"job {args.job}: {e.finished} of {e.total} images after --timeout {args.timeout:g} s; the workers "
-                f"go on with it: `kiln wait {args.job}` again, or `kiln export {args.job} --out PATH` for what is done",
-                e.finished,
-                e.total,
-            ) from None
+            then = (
+                f"the workers go on with it: `kiln wait {args.job}` again, or `kiln export {args.job} --out PATH` "
+                "for what is done"
+            )
+            raise _after_timeout(e, args.job, args.timeout, then) from None
     print(f"{args.job}: complete, {counts.done} done, {counts.failed} failed, {counts.total} in all")
     return 0 if counts.failed == 0 else 1
+
+
+def _after_timeout(error: JobTimeout, job: str, timeout: float, then: str) -> JobTimeout:
+    """`error` said against the command's --timeout, with what to do next (`then`)."""
+    return JobTimeout(
+        f"job {job}: {error.finished} of {error.total} images after --timeout {timeout:g} s; {then}",
+        error.finished,
+        error.total,
+    )
 
 
 def _count(number: int, noun: str) -> str:
