@@ -387,8 +387,8 @@ def plan_line(log: Path) -> str:
 def bench_e2e(
     package: str, folders: dict[str, Path], workdir: Path, variants: dict[str, dict[str, str]], repeats: dict[str, int]
 ) -> dict:
-    """Default settings on every folder, then each variant (worker environment) on the first;
-    each folder's images `repeats[name]` times (1 where absent), under distinct keys."""
+    """Default settings, then each variant (worker environment), on every folder; each folder's
+    images `repeats[name]` times (1 where absent), under distinct keys."""
     from producer.embedded import embedded_redis
 
     results: dict = {}
@@ -401,9 +401,7 @@ def bench_e2e(
                 warm(url, next(iter(folders.values())), [worker])
                 row: dict = {"env": env, "ready_and_warm_s": time.perf_counter() - started, "plan": plan_line(log)}
                 print(f"  {variant}: {row['plan']}", flush=True)
-                for index, (name, folder) in enumerate(folders.items()):
-                    if index and variant != "default":
-                        break
+                for name, folder in folders.items():
                     row[name] = e2e_rate(url, folder, [worker], repeat=repeats.get(name, 1))
                     print(f"  e2e {variant} {name}: {row[name]['images_per_s']:,.0f} img/s (steady "
                           f"{row[name]['steady_images_per_s'] or 0:,.0f}; {row[name]['images']} "
@@ -562,7 +560,10 @@ def summarise(results: dict) -> list[str]:
                 f"{cpu:,.0f} -> {rate / max(gpu, cpu):.2f}x the better one, {rate / (gpu + cpu):.2f}x their sum"
             )
     for variant, row in e2e.get("variants", {}).items():
-        lines.append(f"640x480, {variant} ({row['env']}): kiln {row['640x480']['images_per_s']:,.0f} img/s")
+        rates = ", ".join(
+            f"{name} {row[name]['images_per_s']:,.0f}" for name in ("640x480", "4000x3000", "mixed") if name in row
+        )
+        lines.append(f"{variant} ({row['env']}): kiln {rates} img/s")
     if "mixed" in e2e:
         lines.append(f"mixed folder: kiln {e2e['mixed']['images_per_s']:,.0f} img/s")
     if "gpus" in results and "ratio" in results["gpus"]:
@@ -591,6 +592,9 @@ def main() -> None:
     parser.add_argument(
         "--large-repeat", type=int, default=4, help="end to end: each 4000x3000 image this many times (seconds of work)"
     )
+    parser.add_argument(
+        "--mixed-repeat", type=int, default=8, help="end to end: each mixed-folder image this many times"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu-h200.json")
     parser.add_argument(
@@ -598,7 +602,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="NAME:VAR=VALUE,...",
-        help="also run the worker with these environment settings on the 640x480 folder (repeatable)",
+        help="also run the worker with these environment settings on every folder (repeatable)",
     )
     args = parser.parse_args()
     variants = {
@@ -660,7 +664,7 @@ def main() -> None:
                 {"640x480": small, "4000x3000": large, "mixed": mixed},
                 workdir,
                 variants,
-                {"640x480": args.repeat, "4000x3000": args.large_repeat},
+                {"640x480": args.repeat, "4000x3000": args.large_repeat, "mixed": args.mixed_repeat},
             ),
         },
     )

@@ -38,9 +38,9 @@ from worker.gpu_decode import MAX_DECODED_PIXELS, PLANS_KEPT, JpegBatchDecoder, 
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
 from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import decode_image
-from worker.probe import DEFAULT_MAX_PIXELS, read_header
+from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
 from worker.resample import crop_plan, resample
-from worker.route import draft_factor, gpu_decodable, marker_segments
+from worker.route import cpu_takes, draft_factor, gpu_decodable, marker_segments
 from worker.settings import DEFAULT_FORMATS
 
 CUDA = DEVICE == "cuda"
@@ -416,9 +416,10 @@ def test_pipeline_routes_each_image_and_isolates_failures(lite0_runtime, mixed_f
         assert expected[str(mixed_folder / "corrupt.jpg")] == "unreadable"
         assert expected[str(mixed_folder / "truncated.jpg")] == "unreadable"
         assert expected[str(mixed_folder / "coffee.png")] == "espresso"
-        assert both.decoded_by["gpu"] >= 2  # the plain JPEGs: none is large enough for `draft`
-        cpu_side = both.decoded_by["processes" if processes else "threads"]
-        assert cpu_side >= 3  # CMYK, PNG, WebP never go to the GPU decoder
+        # The plain JPEGs (none is large enough for `draft`), and the progressive one where no
+        # CPU process can take it: CMYK, PNG and WebP never go to the GPU decoder.
+        assert both.decoded_by["gpu"] == (2 if processes else 3)
+        assert both.decoded_by["processes" if processes else "threads"] == (4 if processes else 3)
     finally:
         cpu_only.close()
         both.close()
@@ -508,6 +509,16 @@ def test_top1_agreement_on_1000_jpegs(lite0_float32_runtime, library, tmp_path):
 
 
 # -- what a hostile test found: every image still gets exactly one record -----------------------------
+
+
+def test_cpu_processes_take_progressive_jpegs_always_and_large_ones_while_the_gpu_is_busy():
+    def header(width: int, height: int, progressive: bool = False) -> ImageHeader:
+        return ImageHeader("JPEG", width, height, "RGB", 1, progressive, (2, 2))
+
+    for busy in (False, True):
+        assert cpu_takes(header(640, 480, progressive=True), 256, busy)
+        assert not cpu_takes(header(640, 480), 256, busy)  # full scale: the GPU is far faster
+        assert cpu_takes(header(4000, 3000), 256, busy) == busy
 
 
 def test_draft_factor_of_an_image_smaller_than_the_resize():

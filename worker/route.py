@@ -116,9 +116,15 @@ def draft_factor(width: int, height: int, resize: int) -> int:
 
 
 def cpu_takes(header: ImageHeader, resize: int, gpu_busy: bool) -> bool:
-    """Whether a JPEG the GPU could decode goes to a CPU process instead: only one that `draft`
-    decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does (docs/FACTS.md), and only
-    while the GPU is busy (enough images wait for it); at full scale the GPU is about eight times
-    faster (bench/results/gpu-h200.json). On the H200, four processes decoding 4000x3000 JPEGs on
-    the GPU and twelve with Pillow at once gave 908 + 631 img/s (gpu-h200-camera.json)."""
-    return gpu_busy and draft_factor(header.width, header.height, resize) > 1
+    """Whether a JPEG the GPU could decode goes to a CPU process instead:
+    - a progressive JPEG, always: both GPU decoders Huffman-decode it on the host, in the one GPU
+      decode thread, holding up the batch. On the H200, batches of 256 progressive 640x480 JPEGs
+      decoded at 469 img/s (torchvision) and 842 (nvImageCodec), against 23.5k baseline ones
+      (bench/results/gpu-h200-decoder-by-kind.json), where Pillow decodes them at 0.7x its
+      baseline rate on each core (222 against 318 img/s on the 2-core VM);
+    - one that `draft` decodes at 1/2..1/8 scale, where Pillow costs about what nvJPEG does
+      (docs/FACTS.md), only while the GPU is busy (enough images wait for it); at full scale the
+      GPU is about eight times faster (bench/results/gpu-h200.json). On the H200, four processes
+      decoding 4000x3000 JPEGs on the GPU and twelve with Pillow at once gave 908 + 631 img/s
+      (gpu-h200-camera.json)."""
+    return header.progressive or (gpu_busy and draft_factor(header.width, header.height, resize) > 1)
