@@ -11,7 +11,15 @@ import torch
 from pydantic import ValidationError
 
 from worker.manifest import PackageError
-from worker.plan import ONLINE_FLUSHES, gpu_decode_processes, host_cores, plan_data_path, quota_cores, worker_processes
+from worker.plan import (
+    ONLINE_FLUSHES,
+    choose_gpu_decoder,
+    gpu_decode_processes,
+    host_cores,
+    plan_data_path,
+    quota_cores,
+    worker_processes,
+)
 from worker.settings import WorkerSettings
 
 
@@ -95,3 +103,33 @@ def test_a_cuda_worker_without_nvimagecodec_says_so_and_decodes_on_the_cpu(caplo
 def test_an_unknown_gpu_decoder_is_refused_with_the_choices():
     with pytest.raises(ValidationError, match=r"torchvision.*nvimgcodec"):
         WorkerSettings(_env_file=None, gpu_decoder="dali")
+
+
+def test_the_gpu_decoder_auto_takes_nvimagecodec_only_where_installed_and_the_gpu_has_several_processes(
+    monkeypatch,
+):
+    """Explicit choices stand; `auto` weighs nvImageCodec's exact pixels and its speed in several
+    processes against its GIL use in one (the figures are in `choose_gpu_decoder`)."""
+    assert choose_gpu_decoder("torchvision", 4) == "torchvision"
+    assert choose_gpu_decoder("nvimgcodec", 1) == "nvimgcodec"
+    installed = importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    assert choose_gpu_decoder("auto", 4) == ("nvimgcodec" if installed else "torchvision")
+    assert choose_gpu_decoder("auto", 1) == "torchvision"
+    # The other branch of this host: what a GPU host with `kiln[gpu]` installed (or without) chooses.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if installed else object())
+    assert choose_gpu_decoder("auto", 4) == ("torchvision" if installed else "nvimgcodec")
+    assert choose_gpu_decoder("auto", 1) == "torchvision"
+
+
+def test_gpu_decoding_asked_of_a_cpu_package_is_refused_or_noted(caplog):
+    """KILN_GPU_DECODE=on refuses to start, as it does where a GPU decoder cannot start; a GPU
+    decoder named for a CPU package is noted in the log, not silently dropped."""
+    with pytest.raises(PackageError, match=r"KILN_GPU_DECODE=on, but the package runs on cpu"):
+        plan_data_path(WorkerSettings(_env_file=None, gpu_decode="on"), torch.device("cpu"), 64, 1)
+    with caplog.at_level(logging.WARNING, logger="worker.plan"):
+        plan = plan_data_path(WorkerSettings(_env_file=None, gpu_decoder="nvimgcodec"), torch.device("cpu"), 64, 1)
+    assert not plan.gpu_decode and "KILN_GPU_DECODER=nvimgcodec has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="worker.plan"):
+        plan_data_path(WorkerSettings(_env_file=None), torch.device("cpu"), 64, 1)
+    assert caplog.text == ""  # the defaults say nothing

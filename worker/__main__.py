@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from worker.process_signals import exit_if_stopped, exit_on_stop_until_ready, hold_until_ready, stop_status
 
@@ -27,6 +27,11 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from worker.settings import WorkerSettings
+
+    def choices(field: str) -> tuple[str, ...]:  # the settings' own Literal: one list of names
+        return get_args(WorkerSettings.model_fields[field].annotation)
+
     parser = argparse.ArgumentParser(
         prog="python -m worker",
         description="Serve image-classification jobs from Redis with a compiled kiln package. Each worker "
@@ -63,14 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gpu-decode",
-        choices=["auto", "on", "off"],
+        choices=choices("gpu_decode"),
         help="decode JPEGs on the GPU, with a CUDA package [KILN_GPU_DECODE, default: auto]",
     )
     parser.add_argument(
         "--gpu-decoder",
-        choices=["torchvision", "nvimgcodec"],
-        help="the GPU JPEG decoder, where JPEGs are decoded on the GPU; nvimgcodec needs pip install 'kiln[gpu]' "
-        "[KILN_GPU_DECODER, default: torchvision]",
+        choices=choices("gpu_decoder"),
+        help="the GPU JPEG decoder, where JPEGs are decoded on the GPU; nvimgcodec needs pip install 'kiln[gpu]'; "
+        "auto takes it where it is installed and each GPU has two worker processes or more [KILN_GPU_DECODER, "
+        "default: auto]",
     )
     parser.add_argument("--queues", help="comma-separated queues [default: kiln.bulk,kiln.online]")
     parser.add_argument(

@@ -10,10 +10,10 @@ IDCT matches libjpeg-turbo's, and it interpolates the chroma as libjpeg does): o
 within 1 level of Pillow's, and EfficientNet-Lite0's top-1 equal to the CPU path's on 1,000 of the
 agreement test's 1,000 JPEGs (bench/results/gpu-h200-decoders.json). torchvision's nvJPEG ships
 with the worker but replicates the chroma and converts colour its own way: up to 37 levels off,
-977 of 1,000, 975 with the chroma redone (`worker.chroma`). torchvision stays the default:
-nvImageCodec's batch call takes the GIL back about twice per image, so in one busy process (the
-in-process pipeline) it ran at 2.1k img/s against torchvision's 5.7k, while four worker processes
-on the GPU ran faster with it, 12.6k against 11.1k (bench/results/gpu-h200-decoder-ab.json).
+977 of 1,000, 975 with the chroma redone (`worker.chroma`). nvImageCodec's batch call takes the
+GIL back about twice per image, so in one busy process it ran at 1.7-2.1k img/s against
+torchvision's 5.7-5.9k, while four worker processes on the GPU ran faster with it (12.1k against
+11.0k): KILN_GPU_DECODER=auto weighs that (`worker.plan.choose_gpu_decoder`).
 On the CPU, torchvision's decoder is libjpeg-turbo itself, which is how CI tests the batch decoder
 without a GPU.
 """

@@ -18,6 +18,7 @@ H200, bench/results/gpu-h200-diag.json: 4,078 img/s with 16 torch threads, 6,165
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -124,23 +125,36 @@ def tasks_in_flight(settings: WorkerSettings, device_type: str) -> int:
     return settings.tasks_in_flight or (8 if device_type == "cuda" else 2)
 
 
+def choose_gpu_decoder(setting: str, processes_per_gpu: int) -> str:
+    """The GPU JPEG decoder (`worker.jpeg_codecs.LIBRARIES`) for KILN_GPU_DECODER=`setting`:
+    `auto` takes nvImageCodec where `pip install 'kiln[gpu]'` installed it and the GPU has two
+    worker processes or more, else torchvision's nvJPEG.
+
+    Why (the H200, bench/results/gpu-h200-routing.json): nvImageCodec gives the CPU path's own
+    pixels (top-1 equal on 1,000 of 1,000 JPEGs, where torchvision's nvJPEG gives 975-977) and
+    four worker processes ran faster with it (640x480 12,125 img/s against 11,006; 4000x3000
+    1,230 against 1,199; a mixed folder 2,717 against 2,552 in its steady part), but its batch
+    call takes the GIL back about twice an image, so one process alone ran at 1,717 against 5,872."""
+    if setting != "auto":
+        return setting
+    if processes_per_gpu >= 2 and importlib.util.find_spec("nvidia.nvimgcodec") is not None:
+        return "nvimgcodec"
+    return "torchvision"
+
+
 def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: int, processes: int) -> DataPathPlan:
     """The plan for one of `processes` worker processes on this host serving a package whose
     largest batch is `batch_max`. Raises `PackageError` when `gpu_decode="on"` cannot be met."""
-    from worker.gpu_decode import decoder_available
-
     cores = host_cores()
     share = max(1, cores // processes)
     cuda = device.type == "cuda"
-    gpu_decode = False
+    gpu_decode, gpu_decoder = False, "torchvision"
     if cuda and settings.gpu_decode != "off":
-        why_not = decoder_available(device, settings.gpu_decoder)
-        if why_not is None:
-            gpu_decode = True
-        elif settings.gpu_decode == "on":
-            raise PackageError(f"KILN_GPU_DECODE=on, but the GPU decoder cannot decode JPEGs on {device}: {why_not}")
-        else:
-            log.warning("no GPU JPEG decoder on %s (%s): decoding on the CPU", device, why_not)
+        gpu_decode, gpu_decoder = _gpu_decoder(settings, device, processes)
+    elif not cuda and settings.gpu_decode == "on":
+        raise PackageError(f"KILN_GPU_DECODE=on, but the package runs on {device}: use a CUDA package, or unset it")
+    elif not cuda and "gpu_decoder" in settings.model_fields_set:
+        log.warning("KILN_GPU_DECODER=%s has no effect: the package runs on %s", settings.gpu_decoder, device)
     if settings.decode_processes is not None:
         decode_processes = settings.decode_processes
     else:
@@ -148,7 +162,7 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
     return DataPathPlan(
         device=str(device),
         gpu_decode=gpu_decode,
-        gpu_decoder=settings.gpu_decoder,
+        gpu_decoder=gpu_decoder,
         decode_processes=decode_processes,
         fetch_threads=settings.fetch_threads or (4 if cuda else 2),
         torch_threads=settings.threads or (1 if cuda else share),
@@ -156,3 +170,26 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
         tasks_in_flight=tasks_in_flight(settings, device.type),
         online_flushes=ONLINE_FLUSHES if ONLINE_QUEUE in settings.queues else 0,
     )
+
+
+def _gpu_decoder(settings: WorkerSettings, device: torch.device, processes: int) -> tuple[bool, str]:
+    """(whether JPEGs are decoded on `device`, by which library): the chosen library where it
+    starts; under KILN_GPU_DECODER=auto, torchvision's where nvImageCodec does not; none, with a
+    warning (or `PackageError` under KILN_GPU_DECODE=on), where the library asked for does not."""
+    import torch
+
+    from worker.gpu_decode import decoder_available
+
+    per_gpu = max(1, processes // max(1, torch.cuda.device_count()))
+    library = choose_gpu_decoder(settings.gpu_decoder, per_gpu)
+    why_not = decoder_available(device, library)
+    if why_not is not None and settings.gpu_decoder == "auto" and library != "torchvision":
+        log.warning("nvImageCodec cannot decode JPEGs on %s (%s): decoding them with torchvision's", device, why_not)
+        library = "torchvision"
+        why_not = decoder_available(device, library)
+    if why_not is None:
+        return True, library
+    if settings.gpu_decode == "on":
+        raise PackageError(f"KILN_GPU_DECODE=on, but the GPU decoder cannot decode JPEGs on {device}: {why_not}")
+    log.warning("no GPU JPEG decoder on %s (%s): decoding on the CPU", device, why_not)
+    return False, library

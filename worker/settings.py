@@ -117,11 +117,12 @@ class WorkerSettings(CommonSettings):
         description="decode JPEGs on the GPU: auto does with CUDA packages where the GPU decoder works (else "
         "it logs why and decodes on the CPU); on refuses to start without it",
     )
-    gpu_decoder: Literal["torchvision", "nvimgcodec"] = Field(
-        default="torchvision",
+    gpu_decoder: Literal["auto", "torchvision", "nvimgcodec"] = Field(
+        default="auto",
         description="the GPU JPEG decoder: torchvision (nvJPEG, ships with the worker) or nvimgcodec "
         "(nvImageCodec, `pip install 'kiln[gpu]'`): libjpeg's own pixels, so the GPU path's answers are the "
-        "CPU path's, but slower where one process does everything (see the README's GPU section)",
+        "CPU path's, and faster with several worker processes per GPU, slower with one; auto takes nvimgcodec "
+        "where it is installed and each GPU has two worker processes or more (see the README's GPU section)",
     )
     tasks_in_flight: int | None = Field(
         default=None,
