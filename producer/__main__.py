@@ -17,12 +17,12 @@ from pydantic import ValidationError
 from producer.client import JobTimeout, Kiln, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
 from producer.export import check_writable
-from producer.faults import describe, mask_url
+from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots, one_line
 from worker.contract import Record
-from worker.settings import settings_error, unknown_variables
+from worker.settings import mask_url, settings_error, unknown_variables
 
 EPILOG = """\
 Without KILN_REDIS_URL, `label` runs everything itself: it starts a Redis (its data kept under

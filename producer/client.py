@@ -34,7 +34,7 @@ from redis.retry import Retry
 from producer.enqueue import KEYS_KEPT, Submission
 from producer.enqueue import SubmitIncomplete as SubmitIncomplete  # where callers have imported it from
 from producer.export import write_results, write_shards
-from producer.faults import mask_url, retrying
+from producer.faults import retrying
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings
 from producer.sources import Expansion, default_job_id, inputs_job_id, iter_items
@@ -50,6 +50,7 @@ from worker.contract import (
     reply_key,
 )
 from worker.eviction import check_eviction_policy
+from worker.settings import mask_url
 from worker.store import JobCounts, ResultStore
 
 T = TypeVar("T")

@@ -8,7 +8,6 @@ timeout, or `KILN_REDIS_RETRY_S`), so the loop is here and only the backoff is r
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -19,25 +18,16 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import AuthorizationError, NoPermissionError
 
 from worker.retry import is_transient
+from worker.settings import mask_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# scheme://user:PASSWORD@ - up to the last @ of the authority, since a password may hold a raw @
-_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@")
-_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^\s&#]*", re.IGNORECASE)
 _BACKOFF = ExponentialWithJitterBackoff(base=0.1, cap=2.0)
 
 
 class RedisUnavailable(ConnectionError):
     """Redis did not answer, or refused, within the time allowed; the message says what to do."""
-
-
-def mask_url(text: str) -> str:
-    """`text` with the password of every URL in it replaced by `***`: in its user part
-    (redis://:***@host:6379/0) or as a query parameter (redis://host/0?password=***, which
-    redis-py accepts too)."""
-    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", text))
 
 
 def redis_error(error: BaseException) -> redis.RedisError | None:

@@ -6,7 +6,8 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from producer.faults import describe, mask_url, transient
+from producer.faults import describe, transient
+from worker.settings import mask_url
 
 
 @pytest.mark.parametrize(

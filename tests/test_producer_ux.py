@@ -155,6 +155,27 @@ def test_an_invalid_setting_is_one_line_and_exit_2(tmp_path, command, variable):
     assert variable in lines[0] and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://:hunter2@127.0.0.1:6379/0?socket_timout=5", "redis-py knows no URL parameter 'socket_timout'"),
+        ("redis://127.0.0.1:6379/0?password=hunter2&socket_timeout=soon", "Invalid value for 'socket_timeout'"),
+        ("redis://:hunter2@127.0.0.1:70000/0", "Port out of range"),
+        ("http://127.0.0.1:6379/0", "must specify one of the following schemes"),
+    ],
+)
+@pytest.mark.parametrize("command", [["producer", "wait", "x"], ["worker", "--model", "m.pt2"]])
+def test_a_redis_url_that_redis_py_cannot_read_is_one_line_and_exit_2(tmp_path, url, says, command):
+    """Misspelt parameters, bad values, ports and schemes: said before anything connects, with
+    the password masked, for producers and workers alike."""
+    done = subprocess.run([PYTHON, "-m", *command], capture_output=True, text=True, cwd=tmp_path,
+                          env=python_env(KILN_REDIS_URL=url), timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid setting KILN_REDIS_URL="), done.stderr
+    assert says in lines[0] and "hunter2" not in done.stderr
+
+
 def test_waiting_for_a_job_that_does_not_exist_raises(kiln, tmp_path):
     with pytest.raises(JobNotFound, match="no job named 'nosuchjob'"):
         kiln.wait("nosuchjob", timeout_s=60, progress=False)

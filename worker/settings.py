@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -22,6 +23,18 @@ from worker.object_store import parse_root
 DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
 
 
+# scheme://user:PASSWORD@ - up to the last @ of the authority, since a password may hold a raw @
+_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^\s&#]*", re.IGNORECASE)
+
+
+def mask_url(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`: in its user part
+    (redis://:***@host:6379/0) or as a query parameter (redis://host/0?password=***, which
+    redis-py accepts too)."""
+    return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", text))
+
+
 def settings_error(error: ValidationError, where: str = "the environment or .env") -> str:
     """One line for invalid settings: each variable named (`KILN_CHUNK_SIZE='abc'`) with what is
     wrong and `where` settings come from, for the CLIs to print instead of pydantic's traceback."""
@@ -29,7 +42,7 @@ def settings_error(error: ValidationError, where: str = "the environment or .env
     for problem in error.errors():
         name = "KILN_" + "_".join(str(part) for part in problem["loc"]).upper()
         value = problem.get("input")
-        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        shown = f"={mask_url(repr(value))}" if isinstance(value, str | int | float) else ""
         problems.append(f"{name}{shown}: {problem['msg']}")
     return f"invalid setting {'; '.join(problems)} (from {where})"
 
@@ -77,6 +90,27 @@ class CommonSettings(BaseSettings):
         description="run against a Redis whose maxmemory-policy is not noeviction (kiln's keys may then vanish "
         "when it is full); by default workers and producers refuse to start on one",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_one_redis_py_reads(cls, url: str | None) -> str | None:
+        """Checked as redis-py reads it (scheme, port, query parameters), without connecting: a
+        misspelt parameter (`?socket_timout=5`) would otherwise be a TypeError at the first
+        command, deep in a traceback."""
+        if url is None:
+            return url
+        import redis
+
+        try:
+            redis.ConnectionPool.from_url(url).make_connection()
+        except TypeError as e:  # an unknown query parameter: "... got an unexpected keyword argument 'x'"
+            name = str(e).rpartition(" ")[2]
+            raise ValueError(
+                f"redis-py knows no URL parameter {name} (see redis.Redis for the ones it takes)"
+            ) from None
+        except ValueError as e:  # a bad scheme, port or parameter value: redis-py's words say which
+            raise ValueError(str(e)) from None
+        return url
 
 
 class WorkerSettings(CommonSettings):
