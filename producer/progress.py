@@ -28,6 +28,7 @@ class JobProgress:
         self._bar = None
         self._line: tuple[str, int, int | None, str] | None = None  # job, finished, total, postfix
         self._started = self._printed = 0.0
+        self._initial = 0  # images finished before the first line: not part of the rate
         self._printed_line: tuple[str, int, int | None, str] | None = None
 
     @property
@@ -66,14 +67,16 @@ class JobProgress:
         now = time.monotonic()
         if self._line is None:
             self._started = self._printed = now
+            self._initial = finished
         self._line = (job, finished, total, postfix)
         if force or now - self._printed >= LOG_INTERVAL_S:
             from tqdm import tqdm
 
             if self._line != self._printed_line:  # a line only where something moved
                 line = tqdm.format_meter(
-                    finished, total, now - self._started, prefix=job, unit="img", postfix=postfix or None, ascii=True
-                )
+                    finished, total, now - self._started, prefix=job, unit="img", postfix=postfix or None,
+                    ascii=True, initial=self._initial,
+                )  # fmt: skip
                 print(line, file=sys.stderr)
             self._printed, self._printed_line = now, self._line
 

@@ -298,3 +298,18 @@ def test_progress_in_a_log_is_whole_lines(capsys, monkeypatch):
     assert lines[2] == "job job-x: 256 images"
     assert lines[3].startswith("job-x: 100%") and "256/256" in lines[3]
     assert len(lines) == 4
+
+
+def test_progress_in_a_log_rates_only_what_finished_while_it_watched(capsys, monkeypatch):
+    """`kiln wait` on a job half done: its rate counts the images finished since it started."""
+    from producer import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    clock = iter([100.0, 110.0, 110.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.JobProgress(terminal=False)
+    bar.show("job-x", 9000, total=10000)
+    bar.show("job-x", 9500, total=10000)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert "9500/10000" in lines[1] and "50.00img/s" in lines[1], lines  # 500 in 10 s, not 9,500
