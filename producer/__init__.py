@@ -1,6 +1,6 @@
 """kiln's producer side: enqueue jobs, follow them, read and export results. Imports no torch."""
 
-from producer.client import JobNotFound, JobTimeout, Kiln, SubmitIncomplete, SubmittedJob
+from producer.client import JobNotFound, JobTimeout, Kiln, ListingStopped, SubmitIncomplete, SubmittedJob
 from producer.enqueue import SubmitTimeout
 from producer.faults import RedisUnavailable
 from producer.progress import JobProgress
@@ -16,6 +16,7 @@ __all__ = [
     "JobProgress",
     "JobTimeout",
     "Kiln",
+    "ListingStopped",
     "Record",
     "RedisUnavailable",
     "SourceError",

@@ -14,7 +14,7 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer.client import JobTimeout, Kiln, SubmittedJob
+from producer.client import JobTimeout, Kiln, ListingStopped, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
 from producer.export import check_writable
 from producer.faults import describe
@@ -333,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
                 return _wait(kiln, args)
             if args.command == "status":
                 counts = kiln.counts(args.job)
-                state = "complete" if counts.complete else "running"
+                state = (
+                    "complete" if counts.complete
+                    else "listing stopped early (run its submission again)" if counts.listing_stopped
+                    else "running"
+                )  # fmt: skip
                 print(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
             elif args.command == "export":
                 # Shards carry their own label columns, and are read without Redis.
@@ -355,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     except (redis.RedisError, OperationalError) as e:  # one the retries did not describe
         print(f"error: {describe(e, settings.redis_url or '')}", file=sys.stderr)
         return 2
-    except (SourceError, EmbeddedError, ValueError, OSError, TimeoutError) as e:
+    except (SourceError, EmbeddedError, ValueError, OSError, TimeoutError, ListingStopped) as e:
         print(f"error: {mask_url(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

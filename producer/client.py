@@ -72,6 +72,11 @@ class JobNotFound(ValueError):
     """No job of that name in this Redis (never submitted, or its keys expired)."""
 
 
+class ListingStopped(RuntimeError):
+    """The submission listing the job stopped before its end (interrupted, killed, or it failed),
+    and every image it enqueued has a record: no more will come until it is run again."""
+
+
 @dataclass(frozen=True)
 class SubmittedJob:
     """One submission. `keys` are its images (a job may hold more, from other submissions), kept
@@ -213,9 +218,11 @@ class Kiln:
         """Block until every image has a record: a submission's images (given a SubmittedJob) or
         the whole job's (given its name). Shows a progress bar (rate, ETA), or draws on the one
         given (`submit` may have started it). Returns the counters of those images. `check` runs
-        at every poll and may raise to give up (the embedded mode checks its worker). Raises
+        at every poll and may raise to give up (the embedded mode checks its worker). While a
+        submission lists the job, its total is not final and the wait goes on. Raises
         JobTimeout after `timeout_s`, RedisUnavailable if Redis stays away until then (or for
-        KILN_REDIS_RETRY_S without a timeout), JobNotFound for a job name this Redis does not hold."""
+        KILN_REDIS_RETRY_S without a timeout), JobNotFound for a job name this Redis does not hold,
+        ListingStopped where the job's submission stopped early and what it enqueued is done."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._require(job, deadline)
         follow = _Follow(self, job, deadline)
@@ -228,6 +235,13 @@ class Kiln:
                 bar.show(follow.name, follow.finished, follow.total if follow.job.listed else None)
                 if follow.complete:
                     break
+                if follow.job.listing_stopped and follow.job.finished >= follow.job.total:
+                    counts = follow.job
+                    raise ListingStopped(
+                        f"job {follow.name}: the submission listing it stopped before its end (interrupted, killed, "
+                        f"or it failed) after {counts.total} images, and all have records ({counts.done} done, "
+                        f"{counts.failed} failed); run that submission again to enqueue the rest"
+                    )
                 if deadline is not None and time.monotonic() > deadline:
                     raise JobTimeout(
                         f"job {follow.name}: {follow.finished} of {follow.total} images after {timeout_s:g} s",

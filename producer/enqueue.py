@@ -10,15 +10,20 @@ and Redis holds one counter per chunk, never a key per image.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+
+import redis
 
 from producer.faults import RedisUnavailable, retrying
 from producer.progress import JobProgress
 from producer.sources import SourceError
 from worker.contract import BULK_QUEUE, CHUNK_TASK, ChunkMessage, Item, chunk_id
+from worker.store import LISTER_TTL_S
 
 if TYPE_CHECKING:
     from producer.client import Kiln
@@ -68,13 +73,19 @@ class Submission:
         return None if self._keys is None else tuple(self._keys)
 
     def enqueue(self, items: Iterator[Item]) -> None:
-        """Send every chunk of `items`; on return the listing has ended and every chunk is queued."""
+        """Send every chunk of `items`; on return the listing has ended and every chunk is queued.
+        From the first chunk to the last, the job's listing is open (`wait` does not take the job
+        for complete) and a heartbeat says that this submission is still at it; if it stops
+        early, `wait` learns so (`worker.store.ResultStore.open_listing`)."""
         size = self.kiln.settings.chunk_size
+        heartbeat: _Heartbeat | None = None
         try:
             for index in itertools.count():
                 chunk = _unique(list(itertools.islice(items, size)))
                 if not chunk:
                     break
+                if heartbeat is None:  # a listing that names nothing makes no job
+                    heartbeat = _Heartbeat(self.kiln, self.job)
                 self.listed += len(chunk)
                 self._keep(chunk)
                 if self.out_dir is None:
@@ -82,8 +93,8 @@ class Submission:
                 else:
                     self._send_sharded(index, chunk)
                 self._show()
-            if self.out_dir is not None:
-                self.kiln._redis(lambda: self.kiln.store.finish_listing(self.job))
+            if heartbeat is not None:
+                heartbeat.finish()
         except RedisUnavailable as e:
             raise SubmitIncomplete(
                 f"job {self.job}: enqueued {self.enqueued} of the {self.listed} images listed so far, then: {e}. "
@@ -96,6 +107,9 @@ class Submission:
                 f"{e} (job {self.job}: the {self.listed} images listed before it are enqueued; fix the input and "
                 "run the same submission again to resume)"
             ) from e
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop(self.enqueued)
         self._show(force=True)
 
     def _keep(self, chunk: list[Item]) -> None:
@@ -180,6 +194,46 @@ class Submission:
             self._shown = now
             counts = self.kiln._redis(lambda: self.kiln.store.counts(self.job))
             self.bar.show(self.job, counts.finished, listed=self.listed)
+
+
+class _Heartbeat:
+    """A submission's listing of `job`: opened at once, its heartbeat renewed from a thread
+    until `finish` (every chunk is queued) or `stop` (the submission ends early: interrupted, or
+    failed). A producer killed outright stops renewing it, and it lapses in LISTER_TTL_S."""
+
+    def __init__(self, kiln: Kiln, job: str) -> None:
+        self.kiln, self.job = kiln, job
+        self.finished = False
+        self._stopping = threading.Event()
+        self._previous = kiln._redis(lambda: kiln.store.open_listing(job))
+        self._thread = threading.Thread(target=self._renew, name=f"kiln-listing-{job}", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stopping.wait(LISTER_TTL_S / 3):
+            # A Redis away for a moment fails this renewal only; the submission's own calls
+            # retry, and fail it if Redis stays away.
+            with contextlib.suppress(redis.RedisError, OSError):
+                self.kiln.store.keep_listing(self.job)
+
+    def finish(self) -> None:
+        self.kiln._redis(lambda: self.kiln.store.finish_listing(self.job))
+        self.finished = True
+
+    def stop(self, enqueued: int) -> None:
+        """Stop the heartbeat; unless finished, mark the listing stopped, or where the submission
+        `enqueued` nothing, put it back as it was."""
+        self._stopping.set()
+        self._thread.join()
+        if self.finished:
+            return
+        store = self.kiln.store
+        if enqueued:
+            end = functools.partial(store.stop_listing, self.job)
+        else:
+            end = functools.partial(store.reset_listing, self.job, self._previous)
+        with contextlib.suppress(redis.RedisError, OSError):  # best effort: without Redis, the heartbeat lapses
+            retrying(end, self.kiln.settings.redis_url, 5.0)
 
 
 def _unique(chunk: list[Item]) -> list[Item]:

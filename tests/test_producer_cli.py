@@ -6,12 +6,20 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import subprocess
+import threading
 import time
+import uuid
 
 import pyarrow.parquet as pq
 import pytest
+import redis
 from conftest import CATS, PYTHON, SAMPLES, python_env
+
+from producer import Item, Kiln
+from producer.settings import ProducerSettings
+from worker.store import LISTER_TTL_S
 
 
 def producer(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -126,8 +134,6 @@ def test_wait_follows_a_submitted_job_and_gives_up_at_its_timeout(private_redis_
 def test_wait_notices_a_job_that_disappears(private_redis_url):
     """The job's keys deleted (or expired, or Redis restarted without its data) while `wait`
     follows it: it says so and exits 2, instead of waiting for ever."""
-    import redis
-
     env = {"KILN_REDIS_URL": private_redis_url}
     assert producer("submit", str(SAMPLES), "--job", "vanish", "--no-progress", **env).returncode == 0
     environment = python_env(**env)
@@ -141,3 +147,89 @@ def test_wait_notices_a_job_that_disappears(private_redis_url):
     finally:
         waiting.kill()
     assert waiting.returncode == 2 and "job vanish: no longer in" in err and "expired or were deleted" in err, err
+
+
+def _wait_process(url: str, job: str) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "producer", "wait", job, "--no-progress", "--timeout", "120"],
+                            env=python_env(KILN_REDIS_URL=url), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def _slow_listing(photos: list, pause_at: int, listed: threading.Event, pause_s: float):
+    """The photos as Items, pausing once `pause_at` were listed (chunks of 2 send them first)."""
+    for i, photo in enumerate(photos):
+        if i == pause_at:
+            listed.set()
+            time.sleep(pause_s)
+        yield Item(key=f"{i}-{photo.name}", ref=str(photo))
+
+
+def test_wait_beside_a_running_submit_waits_for_the_whole_listing(lite0_worker):
+    """`kiln wait` started while `submit` still lists the job: it waits until the listing has
+    ended, not only for the images enqueued so far, which the worker labels during the listing's
+    pause. Before, it said "complete, 2 in all"."""
+    job, photos = f"listing-{uuid.uuid4().hex[:8]}", sorted(SAMPLES.glob("*.jpg"))
+    listed = threading.Event()
+    with Kiln(settings=ProducerSettings(redis_url=lite0_worker.redis_url, chunk_size=2)) as kiln:
+        submitter = threading.Thread(target=kiln.submit, args=(_slow_listing(photos, 2, listed, 6.0), job))
+        submitter.start()
+        try:
+            assert listed.wait(60)
+            waiting = _wait_process(lite0_worker.redis_url, job)
+            out, err = waiting.communicate(timeout=180)
+            assert not submitter.is_alive()  # wait ended after the listing, not before
+        finally:
+            submitter.join()
+    assert waiting.returncode == 0, err
+    assert f"{job}: complete, {len(photos)} done, 0 failed, {len(photos)} in all" in out
+
+
+def test_wait_stops_when_the_submission_listing_the_job_stops_early(lite0_worker, tmp_path):
+    """A `submit` interrupted mid-listing (Ctrl-C): once the worker has labelled what it
+    enqueued, `wait` says that the listing stopped and how to go on (exit 2), instead of waiting
+    for chunks that will never come; `status` says so too. A producer killed outright stops its
+    listing's heartbeat, which lapses in LISTER_TTL_S."""
+    job = f"stopped-{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "submit.py"
+    script.write_text(
+        "import sys, time\nfrom pathlib import Path\nfrom producer import Item, Kiln\n"
+        "def items():\n"
+        "    for i, p in enumerate(sorted(Path(sys.argv[2]).glob('*.jpg'))):\n"
+        "        if i == 2:\n"
+        "            print('listed', flush=True)\n"
+        "            time.sleep(600)\n"
+        "        yield Item(key=str(i), ref=str(p))\n"
+        "Kiln(sys.argv[1]).submit(items(), job=sys.argv[3])\n"
+    )
+    env = python_env(KILN_REDIS_URL=lite0_worker.redis_url, KILN_CHUNK_SIZE="2")
+    submitting = subprocess.Popen([PYTHON, str(script), lite0_worker.redis_url, str(SAMPLES), job], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert submitting.stdout.readline().strip() == "listed", submitting.stderr.read()
+        client = redis.Redis.from_url(lite0_worker.redis_url)
+        assert 0 < client.ttl(f"kiln:{{{job}}}:lister") <= LISTER_TTL_S  # the heartbeat, while it lists
+        submitting.send_signal(signal.SIGINT)
+        submitting.communicate(timeout=60)
+    finally:
+        submitting.kill()
+    waiting = _wait_process(lite0_worker.redis_url, job)
+    _, err = waiting.communicate(timeout=180)
+    assert waiting.returncode == 2, err
+    assert f"job {job}: the submission listing it stopped before its end" in err and "after 2 images" in err
+    assert "run that submission again to enqueue the rest" in err
+    status = producer("status", job, KILN_REDIS_URL=lite0_worker.redis_url)
+    assert "listing stopped early" in status.stdout, status.stdout
+
+
+def test_a_submission_refused_at_its_first_chunk_leaves_the_job_as_it_was(lite0_worker, tmp_path):
+    """A complete job kept in Redis, submitted to again with --out-dir (a conflict): the listing
+    it opened is put back, and the job stays complete."""
+    env = {"KILN_REDIS_URL": lite0_worker.redis_url}
+    job = f"kept-{uuid.uuid4().hex[:8]}"
+    done = producer("label", str(SAMPLES / "coffee.jpg"), "--job", job, "--out", str(tmp_path / "r.csv"),
+                    "--no-progress", **env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    refused = producer("submit", str(SAMPLES), "--job", job, "--out-dir", str(tmp_path / "shards"), **env)
+    assert refused.returncode == 2 and "keeps its records in Redis" in refused.stderr, refused.stderr
+    status = producer("status", job, **env)
+    assert f"{job}: complete, 1 done, 0 failed, 1 in all" in status.stdout, status.stdout

@@ -5,11 +5,12 @@ and per-chunk completion: O(chunks) in Redis, nothing per image.
 Keys of a job share the hash tag `{job}`, so they live on one Redis Cluster slot and one Lua
 script can update them together:
 
-    kiln:{job}:meta      hash: total, done, failed, created_at, online, topk; sharded jobs also
-                         sink (the out_dir URL), chunks (chunks enqueued), listing ("open", or
-                         "done" once the producer has enqueued every chunk: total is final then),
-                         sink_error (why a worker last gave a chunk back unwritten; cleared when
-                         a shard is written)
+    kiln:{job}:meta      hash: total, done, failed, created_at, online, topk, listing ("open"
+                         while a submission enqueues chunks, "done" once one has enqueued every
+                         chunk: total is final then; absent for jobs of online requests); sharded
+                         jobs also sink (the out_dir URL), chunks (chunks enqueued), sink_error (why
+                         a worker last gave a chunk back unwritten; cleared when a shard is written)
+    kiln:{job}:lister    string, expiring: a submission is listing the job now (its heartbeat)
     kiln:{job}:listed    hash: chunk id -> images, once enqueued (sharded; what total counts)
     kiln:{job}:chunks    hash: chunk id -> "ok|failed" once its shard is written (sharded)
     kiln:{job}:items     hash: image key -> reference   (the job's images; total is its length)
@@ -153,7 +154,7 @@ _BEGIN_SHARDED = """
 local ttl, out_dir, topk, now = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local sink = redis.call('HGET', KEYS[1], 'sink')
 if not sink then
-  if redis.call('EXISTS', KEYS[1]) == 1 then return {'records'} end
+  if redis.call('HEXISTS', KEYS[1], 'created_at') == 1 then return {'records'} end
   redis.call('HSET', KEYS[1], 'sink', out_dir, 'topk', topk, 'created_at', now,
              'total', 0, 'done', 0, 'failed', 0, 'chunks', 0)
 elseif sink ~= out_dir then
@@ -197,6 +198,11 @@ DEAD_LETTERS = "kiln:dead-letters"  # messages too broken to name a job or a cal
 DELIVERY_TTL_S = 24 * 3600  # at least: delivery entries outlive the workers that wrote them
 
 
+# A listing submission's heartbeat lives this long (seconds); the submission renews it every third
+# of that, from a thread of its own, so a slow listing or a full queue never lets it lapse.
+LISTER_TTL_S = 30
+
+
 def _key(job: str, part: str) -> str:
     return f"kiln:{{{job}}}:{part}"
 
@@ -219,13 +225,20 @@ class Delivery:
 class JobCounts:
     """Images of a job: `total` so far, `done` (classified), `failed` (an error record).
 
-    `listed`: whether `total` is final. Always so for a Redis-store job; a sharded job's total
-    grows while its producer enqueues chunks, and is final once the producer finished listing."""
+    `listed`: whether `total` is final. A job's total grows while a submission enqueues its
+    chunks, and is final once that submission has listed all its sources. `lister`: whether a
+    submission is listing it now (its heartbeat is alive); not `listed` and no `lister` means the
+    submission stopped before its end (interrupted, killed, or it failed)."""
 
     total: int
     done: int
     failed: int
     listed: bool = True
+    lister: bool = False
+
+    @property
+    def listing_stopped(self) -> bool:
+        return not self.listed and not self.lister
 
     @property
     def finished(self) -> int:
@@ -283,9 +296,9 @@ class ResultStore:
         return [key.decode() for key in answer[1]]
 
     def begin_sharded(self, job: str, out_dir: str, topk: int) -> None:
-        """Create a sharded job writing to `out_dir`, or resume it; its listing is open until
-        `finish_listing`. Raises JobConflict for a job that keeps its records in Redis, or that
-        writes to another out_dir or with another top-k."""
+        """Create a sharded job writing to `out_dir`, or resume it (after `open_listing`). Raises
+        JobConflict for a job that keeps its records in Redis, or that writes to another out_dir
+        or with another top-k."""
         answer = self._begin_sharded(keys=[_key(job, "meta")], args=[self.ttl_s, out_dir, topk, time.time()])
         verdict = answer[0].decode()
         if verdict == "records":
@@ -304,9 +317,42 @@ class ResultStore:
         keys = [_key(job, "meta"), _key(job, "listed")]
         return bool(self._add_chunk(keys=keys, args=[chunk, n_images, self.ttl_s]))
 
+    def open_listing(self, job: str) -> str | None:
+        """Say that a submission is enqueueing the job's chunks: its total is not final, and
+        `keep_listing` must be called at least every `LISTER_TTL_S` until `finish_listing`,
+        `stop_listing` or `reset_listing`, else the listing counts as stopped. Returns the
+        listing's state before ("open", "done", or None: none), for `reset_listing`."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hget(_key(job, "meta"), "listing").hset(_key(job, "meta"), "listing", "open")
+            pipe.set(_key(job, "lister"), 1, ex=LISTER_TTL_S)
+            if self.ttl_s > 0:  # a submission killed before its first chunk leaves nothing for good
+                pipe.expire(_key(job, "meta"), self.ttl_s)
+            previous = pipe.execute()[0]
+        return None if previous is None else previous.decode()
+
+    def keep_listing(self, job: str) -> None:
+        """The listing submission's heartbeat (see `open_listing`)."""
+        self.redis.set(_key(job, "lister"), 1, ex=LISTER_TTL_S)
+
     def finish_listing(self, job: str) -> None:
-        """Say that every chunk of a sharded job is enqueued: its total is final."""
-        self.redis.hset(_key(job, "meta"), "listing", "done")
+        """Say that every chunk of the job is enqueued: its total is final."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(_key(job, "meta"), "listing", "done").delete(_key(job, "lister")).execute()
+
+    def stop_listing(self, job: str) -> None:
+        """Say that the listing submission stopped before its end: `wait` then stops too, once
+        what was enqueued has its records, instead of waiting for chunks that will not come."""
+        self.redis.delete(_key(job, "lister"))
+
+    def reset_listing(self, job: str, previous: str | None) -> None:
+        """Put the listing back as `open_listing` found it: the submission stopped before it
+        enqueued anything (a conflict at its first chunk, say), so the job is as it was."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            if previous is None:
+                pipe.hdel(_key(job, "meta"), "listing")
+            else:
+                pipe.hset(_key(job, "meta"), "listing", previous)
+            pipe.delete(_key(job, "lister")).execute()
 
     def listed_images(self, job: str, chunk: str) -> int | None:
         """How many images a sharded job's producer counted in for `chunk` (None: not one of its chunks)."""
@@ -404,9 +450,10 @@ class ResultStore:
 
     def counts(self, job: str) -> JobCounts:
         """The job's counters, Redis-store or sharded (where `listed` says whether total is final)."""
-        meta = self.redis.hgetall(_key(job, "meta"))
+        with self.redis.pipeline(transaction=False) as pipe:
+            meta, lister = pipe.hgetall(_key(job, "meta")).exists(_key(job, "lister")).execute()
         total, done, failed = (int(meta.get(k, 0)) for k in (b"total", b"done", b"failed"))
-        return JobCounts(total, done, failed, listed=meta.get(b"listing", b"done") == b"done")
+        return JobCounts(total, done, failed, listed=meta.get(b"listing", b"done") == b"done", lister=bool(lister))
 
     def exists(self, job: str) -> bool:
         return bool(self.redis.exists(_key(job, "meta")))
