@@ -34,7 +34,16 @@ from PIL import Image, ImageOps
 from worker.contract import InputError
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy
-from worker.gpu_decode import MAX_DECODED_PIXELS, PLANS_KEPT, JpegBatchDecoder, _parts, decode_part_pixels, orient
+from worker.gpu_decode import (
+    MAX_DECODED_PIXELS,
+    PLANS_KEPT,
+    JpegBatchDecoder,
+    _parts,
+    decode_part_pixels,
+    decoder_available,
+    orient,
+)
+from worker.jpeg_codecs import frame_decoder
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
 from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import decode_image
@@ -400,6 +409,15 @@ def mixed_folder(tmp_path, photos) -> dict[str, str]:
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     return tmp_path
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_the_start_up_check_and_the_pipeline_share_one_frame_decoder(library):
+    """nvImageCodec's decoder (and its threads) start once per process, not once to check that
+    it works and again for the pipeline."""
+    assert decoder_available(torch.device(DEVICE), library) is None
+    decoder = JpegBatchDecoder(torch.device(DEVICE), IMAGENET_PREPROCESS, library)
+    assert decoder.frames is frame_decoder(torch.device(DEVICE), library)
 
 
 @pytest.mark.parametrize("library", LIBRARIES)

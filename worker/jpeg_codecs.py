@@ -21,6 +21,7 @@ without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -44,8 +45,16 @@ LIBRARIES = {"torchvision": "nvJPEG via torchvision", "nvimgcodec": "nvImageCode
 
 def frame_decoder(device: torch.device, library: str = "torchvision") -> FrameDecoder:
     """`library`'s decoder (one of `LIBRARIES`) on a GPU; on the CPU always torchvision's
-    libjpeg-turbo (the CPU stands in for the GPU in CI). Raises ImportError where nvImageCodec is
-    not installed, and RuntimeError or OSError from a library that cannot start on `device`."""
+    libjpeg-turbo (the CPU stands in for the GPU in CI). One per device and library in a process:
+    the worker's start-up check (`worker.gpu_decode.decoder_available`) and its pipeline share
+    it, so nvImageCodec's decoder and its threads start once. Use it from one thread at a time.
+    Raises ImportError where nvImageCodec is not installed, and RuntimeError or OSError from a
+    library that cannot start on `device` (not cached: the next call tries again)."""
+    return _frame_decoder(device, library)
+
+
+@functools.cache
+def _frame_decoder(device: torch.device, library: str) -> FrameDecoder:
     if library not in LIBRARIES:
         raise ValueError(f"unknown GPU JPEG decoder {library!r}: one of {', '.join(LIBRARIES)}")
     if device.type == "cuda" and library == "nvimgcodec":
