@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ import torch
 
 from compile.models import ModelSpec
 from compile.verify import BatchRangeError, BuildError, verify_package
+from worker.atomic_file import replacing
 from worker.manifest import MANIFEST_KEY, Manifest, Preprocess
 from worker.runtime import gpu_arch
 
@@ -154,12 +154,8 @@ def _build_once(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
     log.info("exported %s in %.1f s", spec.name, time.perf_counter() - started)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to the target and rename at the end: a failed build never leaves a package behind.
-    # os.open, not mkstemp: the package gets the umask's permissions (mkstemp's 0600 left a package
-    # built by one user unreadable to the worker's, or to a container's other user).
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.pt2"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
+    # Built next to the target and renamed at the end: a failed build never leaves a package behind.
+    with replacing(out, suffix=".pt2") as tmp:
         configs = {"aot_inductor.metadata": {MANIFEST_KEY: manifest.model_dump_json()}}
         if options.max_autotune:
             configs["max_autotune"] = True
@@ -176,7 +172,4 @@ def _build_once(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
             ) from None
         log.info("compiled with AOTInductor in %.1f s", time.perf_counter() - started)
         verify_package(tmp, wrapped, manifest)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return manifest

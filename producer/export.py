@@ -13,11 +13,10 @@ import contextlib
 import csv
 import itertools
 import json
-import os
-import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from worker.atomic_file import replacing
 from worker.contract import Record
 from worker.records import arrow_schema, columns, flat_row
 
@@ -113,27 +112,16 @@ def check_writable(path: Path) -> str:
 
 @contextlib.contextmanager
 def _replacing(path: Path, keep: bool = True) -> Iterator[Path]:
-    """A temporary file beside `path` that replaces it once the block succeeds (`keep`). Raises
-    OSError naming `path`, not the temporary file, where it cannot be made."""
+    """`worker.atomic_file.replacing`, making `path`'s folder first. Raises OSError naming
+    `path` where its folder or the file cannot be made."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise OSError(f"cannot write {path}: {path.parent} (or a folder above it) is a file, not a folder") from None
     except OSError as e:
         raise OSError(f"cannot write {path}: cannot make its folder: {e.strerror}") from e
-    try:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
-        # os.open with mode 0o666 leaves the permissions to the umask, as open() would (mkstemp
-        # would make the file 0600 whatever the umask).
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror}") from e
-    try:
+    with replacing(path, keep) as tmp:
         yield tmp
-        if keep:
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_rows(path: Path, fmt: str, rows: Iterable[dict], columns: list[str]) -> int:

@@ -12,10 +12,9 @@ pyarrow and fsspec are imported only here, when a shard is written (`pip install
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Callable, Iterable
-from typing import BinaryIO
+from collections.abc import Iterable
 
+from worker.atomic_file import replacing
 from worker.contract import Record, shard_name
 from worker.records import arrow_schema, flat_row
 from worker.retry import Unavailable
@@ -51,32 +50,11 @@ def write_shard(out_dir: str, job: str, chunk: str, records: Iterable[Record], t
     table = pa.Table.from_pylist(rows, schema=arrow_schema(topk))
     fs, path = fsspec.core.url_to_fs(shard_url(out_dir, job, chunk))
     if "file" in fs.protocol:
-        _replace_local(path, lambda f: pq.write_table(table, f))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with replacing(path, durable=True) as tmp:
+            pq.write_table(table, str(tmp))
     else:
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer)
         fs.pipe_file(path, buffer.getvalue().to_pybytes())  # one PUT: the object appears whole
     return len(rows)
-
-
-def _replace_local(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file through `write(file)` under a temporary name beside `path`, make it durable,
-    and rename it over `path` (atomic within one file system)."""
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        # os.open, not mkstemp: the shard gets the umask's permissions, readable where the folder is shared.
-        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    folder_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(folder_fd)  # the rename itself survives a crash of the host
-    finally:
-        os.close(folder_fd)
