@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from worker.manifest import PackageError, Preprocess, read_manifest
 
@@ -30,6 +34,32 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "[default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `low` (argparse then names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (nan or inf would make every prediction nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,22 +92,27 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     build.add_argument("--channels-last", action="store_true", help="run convolutions in channels_last layout (GPU)")
     build.add_argument(
-        "--max-batch", type=int, help="largest batch the package takes [default: 64 on cpu, 256 on cuda]"
+        "--max-batch",
+        type=_at_least(3),
+        help="largest batch the package takes, 3 at least (the batch range starts at 2) [default: 64 on cpu, "
+        "256 on cuda]",
     )
     build.add_argument(
-        "--tune-batch", type=int, help="batch size Inductor tunes its kernels for [default: --max-batch]"
+        "--tune-batch", type=_at_least(2), help="batch size Inductor tunes its kernels for [default: --max-batch]"
     )
     build.add_argument("--max-autotune", action="store_true", help="let Inductor benchmark kernel choices (slow build)")
     build.add_argument("--weights", help="state_dict file for the model's weights")
     build.add_argument("--labels", type=Path, help="class names, one per line (or a JSON list)")
     prep = build.add_argument_group("preprocessing (defaults: the model's own; ImageNet's for others)")
-    prep.add_argument("--resize", type=int, help="short side after resizing")
-    prep.add_argument("--crop", type=int, help="centre crop side")
+    prep.add_argument("--resize", type=_at_least(1), help="short side after resizing, in pixels")
+    prep.add_argument("--crop", type=_at_least(1), help="centre crop side, in pixels (at most --resize)")
     prep.add_argument(
         "--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], help="resize filter (Pillow's)"
     )
-    prep.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel mean, 0..255 units")
-    prep.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel std, 0..255 units")
+    prep.add_argument("--mean", type=_finite, nargs=3, metavar=("R", "G", "B"), help="per-channel mean, 0..255 units")
+    prep.add_argument(
+        "--std", type=_finite, nargs=3, metavar=("R", "G", "B"), help="per-channel std, 0..255 units, above 0"
+    )
 
     inspect = commands.add_parser(
         "inspect",
@@ -95,10 +130,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_labels(path: Path) -> list[str]:
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        return [str(x) for x in json.loads(text)]
+    """Class names, one per line or a JSON list. Raises ValueError naming the file."""
+    try:
+        text = path.read_text()
+        if text.lstrip().startswith("["):
+            return [str(x) for x in json.loads(text)]
+    except OSError as e:
+        raise ValueError(f"cannot read labels {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read labels {path}: {e}") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _preprocess_error(error: ValidationError) -> str:
+    """Pydantic's errors for the preprocessing, in one line, each named by its option."""
+    return "; ".join(
+        (f"--{problem['loc'][0]}: " if problem["loc"] else "") + problem["msg"].removeprefix("Value error, ")
+        for problem in error.errors()
+    )
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -110,12 +159,14 @@ def _build(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         channels_last=args.channels_last,
-        max_batch=args.max_batch or (256 if args.device == "cuda" else 64),
+        max_batch=args.max_batch if args.max_batch is not None else (256 if args.device == "cuda" else 64),
         max_autotune=args.max_autotune,
         tune_batch=args.tune_batch,
     )
     output = args.output or Path("models") / f"{args.model.replace(':', '.')}-{args.device}-{args.dtype}.pt2"
-    try:
+    try:  # the command line and its files: exit 2, nothing built
+        if args.tune_batch is not None and args.tune_batch > options.max_batch:
+            raise ValueError(f"--tune-batch ({args.tune_batch}) must not exceed --max-batch ({options.max_batch})")
         spec = resolve_model(args.model, args.weights)
         overrides = {k: getattr(args, k) for k in ("resize", "crop", "interpolation", "mean", "std")}
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -123,8 +174,15 @@ def _build(args: argparse.Namespace) -> int:
             spec = replace(spec, preprocess=Preprocess(**{**spec.preprocess.model_dump(), **overrides}))
         if args.labels:
             spec = replace(spec, labels=_read_labels(args.labels))
+    except ValidationError as e:
+        print(f"error: {_preprocess_error(e)}", file=sys.stderr)
+        return 2
+    except (ModelError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:  # the build and its check: exit 1
         manifest = build_package(spec, output, options)
-    except (ModelError, BuildError, PackageError, ValueError, OSError) as e:
+    except (BuildError, PackageError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
@@ -142,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(read_manifest(args.package).model_dump(), indent=2))
         except PackageError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
+            return 2
         return 0
     if args.command == "models":
         from compile.models import DEFAULT_MODEL, torchvision_classifiers

@@ -67,27 +67,42 @@ def test_a_fixed_batch_with_an_explicit_tune_batch_fails_cleanly(tmp_path, capsy
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "status", "message"),
     [
-        (["no_such_model"], "unknown model 'no_such_model'"),
-        (["factories:not_a_model"], "returned str, not an nn.Module"),
-        (["factories:missing"], "cannot import factories:missing"),
-        (["factories:tiny", "--labels", "LABELS"], "4 outputs but 2 labels"),
-        (["resnet18", "--weights", "WEIGHTS"], "do not fit the model"),
-        (["factories:tiny", "--resize", "16"], "must not exceed resize"),
-        (["factories:tiny", "--max-batch", "2"], "--max-batch must be at least 3"),
-        (["factories:tiny", "--max-batch", "4", "--tune-batch", "8"], "--tune-batch must be between 2"),
+        # The command line or its files: exit 2, before any build.
+        (["no_such_model"], 2, "unknown model 'no_such_model'"),
+        (["factories:not_a_model"], 2, "returned str, not an nn.Module"),
+        (["factories:missing"], 2, "cannot import factories:missing"),
+        (["resnet18", "--weights", "WEIGHTS"], 2, "do not fit the model"),
+        (["factories:tiny", "--labels", "MISSING"], 2, "cannot read labels"),
+        (["factories:tiny", "--resize", "16"], 2, "crop (32) must not exceed resize (16)"),
+        (["factories:tiny", "--std", "1", "0", "1"], 2, "std must be positive"),
+        (["factories:tiny", "--mean", "nan", "1", "1"], 2, "argument --mean: nan is not a finite number"),
+        (["factories:tiny", "--resize", "0"], 2, "argument --resize: 0 is less than 1"),
+        (["factories:tiny", "--max-batch", "0"], 2, "argument --max-batch: 0 is less than 3"),
+        (["factories:tiny", "--max-batch", "2"], 2, "argument --max-batch: 2 is less than 3"),
+        (["factories:tiny", "--tune-batch", "0"], 2, "argument --tune-batch: 0 is less than 2"),
+        (["factories:tiny", "--max-batch", "4", "--tune-batch", "8"], 2, "--tune-batch (8) must not exceed"),
+        # The build: exit 1.
+        (["factories:tiny", "--labels", "LABELS"], 1, "4 outputs but 2 labels"),
     ],
 )
-def test_bad_builds_say_why_and_leave_nothing(tmp_path, capsys, args, message):
+def test_bad_builds_say_why_and_leave_nothing(tmp_path, capsys, args, status, message):
+    """A bad command line or input file exits 2 with one line (argparse's for what it checks),
+    a build that fails exits 1; neither leaves a package, nor a traceback."""
     (tmp_path / "labels.txt").write_text("cat\ndog\n")
     import torch
 
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "w.pt")
-    args = [a.replace("LABELS", str(tmp_path / "labels.txt")).replace("WEIGHTS", str(tmp_path / "w.pt")) for a in args]
+    names = {"LABELS": tmp_path / "labels.txt", "WEIGHTS": tmp_path / "w.pt", "MISSING": tmp_path / "none.txt"}
+    args = [str(names.get(a, a)) for a in args]
     out = tmp_path / "out" / "model.pt2"
-    assert compile_main(["build", *args, "-o", str(out)]) == 1
-    assert message in capsys.readouterr().err
+    try:
+        code = compile_main(["build", *args, "-o", str(out)])
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == status and message in err and "Traceback" not in err, err
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
@@ -105,7 +120,7 @@ def test_no_cxx_compiler_says_what_to_install(tmp_path):
 def test_inspect_refuses_a_non_package(tmp_path):
     (tmp_path / "x.pt2").write_text("nope")
     done = run_cli("inspect", str(tmp_path / "x.pt2"))
-    assert done.returncode == 1 and "not a .pt2 package" in done.stderr
+    assert done.returncode == 2 and "not a .pt2 package" in done.stderr
 
 
 def test_help_explains_each_command():
