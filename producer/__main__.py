@@ -157,6 +157,16 @@ def _job_arguments(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _out(text: str) -> None:
+    """Print a line of the command's output. A reader that went away (`kiln wait J | head -0`) is
+    not the job's failure: the rest goes nowhere, and the exit status still says how the job went
+    (it was `error: [Errno 32] Broken pipe` and exit 2)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # and no second error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def print_table(records: list[Record], topk: int = 5) -> None:
     """Top-k per image, one line each, sorted by key."""
     for record in sorted(records, key=lambda r: r.key):
@@ -165,7 +175,7 @@ def print_table(records: list[Record], topk: int = 5) -> None:
             text = " | ".join(f"{x.label} {x.score:.2f}" for x in record.topk[:topk])
         else:
             text = f"ERROR {record.error.kind}: {record.error.message}"
-        print(f"{one_line(name):28.28s} {one_line(text)}")
+        _out(f"{one_line(name):28.28s} {one_line(text)}")
 
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
@@ -267,7 +277,7 @@ def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
                 "for what is done"
             )
             raise _after_timeout(e, args.job, args.timeout, then) from None
-    print(f"{args.job}: complete, {counts.done} done, {counts.failed} failed, {counts.total} in all")
+    _out(f"{args.job}: complete, {counts.done} done, {counts.failed} failed, {counts.total} in all")
     return 0 if counts.failed == 0 else 1
 
 
@@ -328,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar = JobProgress(not args.no_progress)
                 with contextlib.closing(bar):
                     submitted = _submit(kiln, args, bar)
-                print(submitted.id)
+                _out(submitted.id)
             if args.command == "wait":
                 return _wait(kiln, args)
             if args.command == "status":
@@ -338,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     else "listing stopped early (run its submission again)" if counts.listing_stopped
                     else "running"
                 )  # fmt: skip
-                print(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
+                _out(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
             elif args.command == "export":
                 # Shards carry their own label columns, and are read without Redis.
                 topk = 5 if shards_given else _export_topk(kiln, args)
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             elif args.command == "classify":
                 record = kiln.classify(_classify_input(kiln, args.image), topk=args.topk, timeout_s=args.timeout)
-                print(record.model_dump_json(indent=2, exclude_none=True))
+                _out(record.model_dump_json(indent=2, exclude_none=True))
                 return 0 if record.status == "ok" else 1
         return 0
     except (redis.RedisError, OperationalError) as e:  # one the retries did not describe

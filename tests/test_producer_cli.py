@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -233,3 +234,20 @@ def test_a_submission_refused_at_its_first_chunk_leaves_the_job_as_it_was(lite0_
     assert refused.returncode == 2 and "keeps its records in Redis" in refused.stderr, refused.stderr
     status = producer("status", job, **env)
     assert f"{job}: complete, 1 done, 0 failed, 1 in all" in status.stdout, status.stdout
+
+
+def test_a_reader_that_goes_away_does_not_change_the_exit_status(private_redis_url):
+    """`kiln submit ... | head -0`, `kiln status J | true`: the command's output has nowhere to go,
+    but it did its work, and says so by its exit status alone (it was `Broken pipe` and exit 2)."""
+    read, write = os.pipe()
+    os.close(read)  # a pipe whose reader is gone: the first write fails with EPIPE
+    try:
+        env = python_env(KILN_REDIS_URL=private_redis_url)
+        for args in (["submit", str(SAMPLES), "--job", "piped", "--no-progress"], ["status", "piped"]):
+            done = subprocess.run([PYTHON, "-m", "producer", *args], stdout=write, stderr=subprocess.PIPE, text=True,
+                                  env=env, timeout=120)  # fmt: skip
+            assert done.returncode == 0 and "error" not in done.stderr, (args, done.stderr)
+    finally:
+        os.close(write)
+    status = producer("status", "piped", KILN_REDIS_URL=private_redis_url)
+    assert "piped: running, 0 done, 0 failed, 6 in all" in status.stdout, status.stdout
