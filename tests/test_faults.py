@@ -201,9 +201,12 @@ def test_a_full_redis_holds_workers_back_and_loses_nothing(server, workers, phot
     with serve_folder(photos, delay_s=0.02) as base:
         keys = submit(server, [f"{base}/{i:04d}.jpg" for i in range(240)], "full")
         client = server.client()
+        time.sleep(2)  # the submission's connections and buffers freed (65 KB more just after it)
         used = int(client.info("memory")["used_memory"])
         client.config_set("maxmemory-policy", "noeviction")
-        client.config_set("maxmemory", used + 300_000)  # room for part of the records
+        # Room for part of the records: with 300 KB all 240 fitted in one run on a loaded host, and
+        # the worker never met a full Redis.
+        client.config_set("maxmemory", used + 100_000)
         first = workers.start("first")
         wait_for(lambda: "OutOfMemoryError" in log_of(first), 240, "the worker to meet a full Redis")
         stalled = done(server, "full")
