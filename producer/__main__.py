@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 counts = kiln.counts(args.job)
                 state = (
                     "complete" if counts.complete
-                    else "listing stopped early (run its submission again)" if counts.listing_stopped
+                    else "listing stopped early (run its submission again)" if counts.listing in ("stopped", "lapsed")
                     else "running"
                 )  # fmt: skip
                 _out(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")

@@ -51,13 +51,16 @@ from worker.contract import (
 )
 from worker.eviction import check_eviction_policy
 from worker.settings import mask_url
-from worker.store import JobCounts, ResultStore
+from worker.store import LISTER_TTL_S, JobCounts, ResultStore
 
 T = TypeVar("T")
 _KEYS_PER_CALL = 10_000  # keys per HMGET: one reply of a few hundred KB
 # `wait` says once that no worker seems to consume after this long without a record or a chunk
 # taken: long enough for a worker to load its model, short enough to spare a user's patience.
 STALL_NOTE_S = 30.0
+# `wait` takes a lapsed listing heartbeat for a stopped submission once it has seen it lapsed this
+# long: a live submission renews it every third of LISTER_TTL_S, also right after a Redis outage.
+LAPSE_GRACE_S = LISTER_TTL_S / 2
 
 
 class JobTimeout(TimeoutError):
@@ -231,11 +234,11 @@ class Kiln:
         try:
             while True:
                 stall.check(bar)
-                # a sharded job's total is final only once its listing is done (`listed`)
-                bar.show(follow.name, follow.finished, follow.total if follow.job.listed else None)
+                # a job's total is final only once its listing is done
+                bar.show(follow.name, follow.finished, follow.total if follow.total_is_final else None)
                 if follow.complete:
                     break
-                if follow.job.listing_stopped and follow.job.finished >= follow.job.total:
+                if follow.stopped_early():
                     counts = follow.job
                     raise ListingStopped(
                         f"job {follow.name}: the submission listing it stopped before its end (interrupted, killed, "
@@ -243,8 +246,9 @@ class Kiln:
                         f"{counts.failed} failed); run that submission again to enqueue the rest"
                     )
                 if deadline is not None and time.monotonic() > deadline:
+                    listing = "" if follow.total_is_final else " listed so far (the listing goes on)"
                     raise JobTimeout(
-                        f"job {follow.name}: {follow.finished} of {follow.total} images after {timeout_s:g} s",
+                        f"job {follow.name}: {follow.finished} of {follow.total} images{listing} after {timeout_s:g} s",
                         follow.finished,
                         follow.total,
                     )
@@ -397,11 +401,29 @@ class _Follow:
 
     def __init__(self, kiln: Kiln, job: str | SubmittedJob, deadline: float | None) -> None:
         self.kiln, self.deadline = kiln, deadline
+        # A submission's own listing has ended: other producers' listings of the job are theirs.
+        self.submitted = isinstance(job, SubmittedJob)
         self.name = job.id if isinstance(job, SubmittedJob) else job
         self.keys = job.keys if isinstance(job, SubmittedJob) else None
         self.pending = list(self.keys or ())
         self._checked_at = -1
+        self._lapsed_since: float | None = None
         self.poll()
+
+    @property
+    def total_is_final(self) -> bool:
+        return self.submitted or self.job.listed
+
+    def stopped_early(self) -> bool:
+        """A job followed by name whose images enqueued so far all have records, while the
+        submission listing it has stopped: said so (`stop_listing`), or its heartbeat lapsed and
+        stayed so for LAPSE_GRACE_S of this wait's polls (a live submission renews it within a
+        third of LISTER_TTL_S once Redis is back from an outage)."""
+        if self.submitted or self.job.finished < self.job.total:
+            return False
+        if self.job.listing == "stopped":
+            return True
+        return self._lapsed_since is not None and time.monotonic() - self._lapsed_since >= LAPSE_GRACE_S
 
     @property
     def total(self) -> int:
@@ -420,10 +442,18 @@ class _Follow:
 
     @property
     def complete(self) -> bool:
-        return self.job.complete if self.keys is None or self.alone else not self.pending
+        if self.keys is not None and not self.alone:
+            return not self.pending
+        if self.submitted:
+            return self.job.total > 0 and self.job.finished >= self.job.total
+        return self.job.complete
 
     def poll(self) -> None:
         self.job = self.kiln._redis(lambda: self.kiln.store.counts(self.name), self.deadline)
+        if self.job.listing != "lapsed":
+            self._lapsed_since = None
+        elif self._lapsed_since is None:
+            self._lapsed_since = time.monotonic()
         # Another producer's images share the job: look up this submission's own, but only when
         # something new was recorded, since that costs a lookup per pending image.
         if self.keys is not None and not self.alone and self.job.finished != self._checked_at:

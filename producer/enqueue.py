@@ -14,6 +14,7 @@ import functools
 import itertools
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -197,15 +198,17 @@ class Submission:
 
 
 class _Heartbeat:
-    """A submission's listing of `job`: opened at once, its heartbeat renewed from a thread
-    until `finish` (every chunk is queued) or `stop` (the submission ends early: interrupted, or
-    failed). A producer killed outright stops renewing it, and it lapses in LISTER_TTL_S."""
+    """One submission's part in the listing of `job`: opened at once, its heartbeat renewed from a
+    thread until `finish` (every chunk is queued) or `stop` (the submission ends early:
+    interrupted, or failed). A producer killed outright stops renewing it, and it lapses in
+    LISTER_TTL_S. Other submissions of the same job keep their own."""
 
     def __init__(self, kiln: Kiln, job: str) -> None:
         self.kiln, self.job = kiln, job
+        self.id = uuid.uuid4().hex
         self.finished = False
         self._stopping = threading.Event()
-        self._previous = kiln._redis(lambda: kiln.store.open_listing(job))
+        self._existed, self._previous = kiln._redis(lambda: kiln.store.open_listing(job, self.id))
         self._thread = threading.Thread(target=self._renew, name=f"kiln-listing-{job}", daemon=True)
         self._thread.start()
 
@@ -214,24 +217,24 @@ class _Heartbeat:
             # A Redis away for a moment fails this renewal only; the submission's own calls
             # retry, and fail it if Redis stays away.
             with contextlib.suppress(redis.RedisError, OSError):
-                self.kiln.store.keep_listing(self.job)
+                self.kiln.store.keep_listing(self.job, self.id)
 
     def finish(self) -> None:
-        self.kiln._redis(lambda: self.kiln.store.finish_listing(self.job))
+        self.kiln._redis(lambda: self.kiln.store.finish_listing(self.job, self.id))
         self.finished = True
 
     def stop(self, enqueued: int) -> None:
-        """Stop the heartbeat; unless finished, mark the listing stopped, or where the submission
-        `enqueued` nothing, put it back as it was."""
+        """Stop the heartbeat; unless finished, mark this submission stopped, or where it
+        `enqueued` nothing, take it back as if it had never run."""
         self._stopping.set()
         self._thread.join()
         if self.finished:
             return
         store = self.kiln.store
         if enqueued:
-            end = functools.partial(store.stop_listing, self.job)
+            end = functools.partial(store.stop_listing, self.job, self.id)
         else:
-            end = functools.partial(store.reset_listing, self.job, self._previous)
+            end = functools.partial(store.reset_listing, self.job, self.id, self._existed, self._previous)
         with contextlib.suppress(redis.RedisError, OSError):  # best effort: without Redis, the heartbeat lapses
             retrying(end, self.kiln.settings.redis_url, 5.0)
 

@@ -68,6 +68,7 @@ class JobProgress:
         if self._line is None:
             self._started = self._printed = now
             self._initial = finished
+        self._initial = min(self._initial, finished)  # fewer finished (a retry took records back): no negative rate
         self._line = (job, finished, total, postfix)
         if force or now - self._printed >= LOG_INTERVAL_S:
             from tqdm import tqdm

@@ -208,7 +208,9 @@ def test_wait_stops_when_the_submission_listing_the_job_stops_early(lite0_worker
     try:
         assert submitting.stdout.readline().strip() == "listed", submitting.stderr.read()
         client = redis.Redis.from_url(lite0_worker.redis_url)
-        assert 0 < client.ttl(f"kiln:{{{job}}}:lister") <= LISTER_TTL_S  # the heartbeat, while it lists
+        ((submission, state),) = client.hgetall(f"kiln:{{{job}}}:listers").items()
+        assert state == b"running"  # and its heartbeat, while it lists:
+        assert 0 < client.ttl(f"kiln:{{{job}}}:lister:{submission.decode()}") <= LISTER_TTL_S
         submitting.send_signal(signal.SIGINT)
         submitting.communicate(timeout=60)
     finally:
@@ -220,20 +222,89 @@ def test_wait_stops_when_the_submission_listing_the_job_stops_early(lite0_worker
     assert "run that submission again to enqueue the rest" in err
     status = producer("status", job, KILN_REDIS_URL=lite0_worker.redis_url)
     assert "listing stopped early" in status.stdout, status.stdout
+    # A submission of its own that ended (label's) is not held by the other one's stop.
+    with Kiln(lite0_worker.redis_url) as kiln:
+        mine = kiln.submit([Item(key="mine", ref=str(SAMPLES / "coffee.jpg"))], job=job)
+        assert kiln.wait(mine, timeout_s=120, progress=False).done == 1
 
 
 def test_a_submission_refused_at_its_first_chunk_leaves_the_job_as_it_was(lite0_worker, tmp_path):
-    """A complete job kept in Redis, submitted to again with --out-dir (a conflict): the listing
-    it opened is put back, and the job stays complete."""
+    """A complete job kept in Redis (its keys kept for good), submitted to again with --out-dir (a
+    conflict): the listing it opened is put back, the job stays complete, and keeps its TTL."""
     env = {"KILN_REDIS_URL": lite0_worker.redis_url}
     job = f"kept-{uuid.uuid4().hex[:8]}"
     done = producer("label", str(SAMPLES / "coffee.jpg"), "--job", job, "--out", str(tmp_path / "r.csv"),
                     "--no-progress", **env)  # fmt: skip
     assert done.returncode == 0, done.stderr
+    client = redis.Redis.from_url(lite0_worker.redis_url)
+    client.persist(f"kiln:{{{job}}}:meta")
     refused = producer("submit", str(SAMPLES), "--job", job, "--out-dir", str(tmp_path / "shards"), **env)
     assert refused.returncode == 2 and "keeps its records in Redis" in refused.stderr, refused.stderr
     status = producer("status", job, **env)
     assert f"{job}: complete, 1 done, 0 failed, 1 in all" in status.stdout, status.stdout
+    assert client.ttl(f"kiln:{{{job}}}:meta") == -1
+
+
+def test_a_new_job_whose_submission_enqueued_nothing_is_not_left_behind(private_redis_url, tmp_path):
+    """A sharded submission that times out waiting for room before its first chunk (the queue
+    full of another job's chunks, no worker): no job of 0 images that would never complete."""
+    env = {"KILN_REDIS_URL": private_redis_url, "KILN_MAX_PENDING_CHUNKS": "1", "KILN_CHUNK_SIZE": "1"}
+    assert producer("submit", str(SAMPLES / "coffee.jpg"), "--job", "filler", **env).returncode == 0
+    stalled = producer("submit", str(SAMPLES), "--job", "new-shards", "--out-dir", str(tmp_path / "shards"),
+                       "--timeout", "2", "--no-progress", **env)  # fmt: skip
+    assert stalled.returncode == 2 and "the bulk queue still held 1 chunks" in stalled.stderr, stalled.stderr
+    status = producer("status", "new-shards", **env)
+    assert status.returncode == 2 and "no job named 'new-shards'" in status.stderr, status.stderr
+
+
+def test_concurrent_submissions_to_one_job_each_hold_its_listing_open(lite0_worker, tmp_path):
+    """Several producers filling one job: while one still lists, another one finishing (or one
+    refused at its first chunk) neither completes the job nor stops its listing; `wait` ends
+    when the last one has listed everything."""
+    job, photos = f"shared-{uuid.uuid4().hex[:8]}", sorted(SAMPLES.glob("*.jpg"))
+    env = {"KILN_REDIS_URL": lite0_worker.redis_url}
+    listed = threading.Event()
+    with Kiln(settings=ProducerSettings(redis_url=lite0_worker.redis_url, chunk_size=2)) as kiln:
+        slow = threading.Thread(target=kiln.submit, args=(_slow_listing(photos, 2, listed, 12.0), job))
+        slow.start()
+        try:
+            assert listed.wait(60)
+            other = producer("submit", str(SAMPLES / "coffee.jpg"), "--job", job, "--no-progress", **env)
+            assert other.returncode == 0, other.stderr
+            refused = producer("submit", str(SAMPLES), "--job", job, "--out-dir", str(tmp_path / "s"), **env)
+            assert refused.returncode == 2, refused.stderr
+            time.sleep(3)  # the worker labels what was enqueued
+            status = producer("status", job, **env)
+            assert f"{job}: running, 3 done, 0 failed, 3 in all" in status.stdout, status.stdout
+            waiting = _wait_process(lite0_worker.redis_url, job)
+            out, err = waiting.communicate(timeout=180)
+            assert not slow.is_alive()
+        finally:
+            slow.join()
+    assert waiting.returncode == 0, err
+    assert f"{job}: complete, {len(photos) + 1} done, 0 failed, {len(photos) + 1} in all" in out
+
+
+def test_a_lapsed_heartbeat_renewed_after_a_redis_outage_does_not_end_wait(lite0_worker):
+    """A heartbeat that expired while Redis was away: the live submission renews it within a
+    third of its lifetime once Redis is back, so `wait` waits that long before it calls the
+    listing stopped. Here a second submission's heartbeat has lapsed while the job's records
+    are all written; it is renewed after 4 s and finished after 6: wait exits 0, not 2."""
+    job = f"outage-{uuid.uuid4().hex[:8]}"
+    with Kiln(lite0_worker.redis_url) as kiln:
+        kiln.wait(kiln.submit([Item(key="a", ref=str(SAMPLES / "coffee.jpg"))], job=job), timeout_s=120,
+                  progress=False)  # fmt: skip
+        store = kiln.store
+        store.open_listing(job, "second")
+        store.redis.delete(f"kiln:{{{job}}}:lister:second")  # expired during the outage
+        assert store.counts(job).listing == "lapsed"
+        waiting = _wait_process(lite0_worker.redis_url, job)
+        time.sleep(4)
+        store.keep_listing(job, "second")
+        time.sleep(2)
+        store.finish_listing(job, "second")
+        out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and f"{job}: complete, 1 done" in out, err
 
 
 def test_a_reader_that_goes_away_does_not_change_the_exit_status(private_redis_url):

@@ -17,6 +17,7 @@ from test_producer_cli import producer
 
 from producer import JobNotFound, Kiln
 from producer.embedded import LocalWorker
+from producer.settings import ProducerSettings
 
 
 def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path):
@@ -158,22 +159,40 @@ def test_an_invalid_setting_is_one_line_and_exit_2(tmp_path, command, variable):
 @pytest.mark.parametrize(
     ("url", "says"),
     [
-        ("redis://:hunter2@127.0.0.1:6379/0?socket_timout=5", "redis-py knows no URL parameter 'socket_timout'"),
-        ("redis://127.0.0.1:6379/0?password=hunter2&socket_timeout=soon", "Invalid value for 'socket_timeout'"),
-        ("redis://:hunter2@127.0.0.1:70000/0", "Port out of range"),
-        ("http://127.0.0.1:6379/0", "must specify one of the following schemes"),
+        ("redis://:hunter2@127.0.0.1:6379/0?socket_timout=5", "kiln takes no URL parameter socket_timout"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=5", "timeouts and retries are KILN_REDIS_TIMEOUT_S"),
+        ("redis://127.0.0.1:6379/0?password=hunter2&db=1", "kiln takes no URL parameter db, password"),
+        ("redis://:hunter2@127.0.0.1:70000/0", "the port is a number from 1 to 65535"),
+        ("redis://:hunter2/x@127.0.0.1:6379/0", "the port is a number from 1 to 65535"),
+        ("redis://:hunter2#x@127.0.0.1:6379/0", "the port is a number from 1 to 65535"),
+        ("redis://:hunter2 x@127.0.0.1:6379/0", "a URL holds no spaces"),
+        ("redis://127.0.0.1:6379/zero", "the database after the host is a number"),
+        ("redis://127.0.0.1:0/0", "port 0"),
+        ("http://127.0.0.1:6379/0", "use redis://[:password@]host[:port][/db], or rediss://"),
+        ("unix:///tmp/redis.sock", "no unix:// sockets"),
     ],
 )
-@pytest.mark.parametrize("command", [["producer", "wait", "x"], ["worker", "--model", "m.pt2"]])
-def test_a_redis_url_that_redis_py_cannot_read_is_one_line_and_exit_2(tmp_path, url, says, command):
-    """Misspelt parameters, bad values, ports and schemes: said before anything connects, with
-    the password masked, for producers and workers alike."""
+@pytest.mark.parametrize("command", [["producer", "wait", "x"], ["worker", "--model", "m.pt2"], ["worker.health"]])
+def test_a_redis_url_that_workers_cannot_use_is_one_line(tmp_path, url, says, command):
+    """What Celery's broker or redis-py would refuse only at the first connection, in a traceback
+    (unknown parameters, other schemes, bad ports and databases), is said before anything
+    connects, with no part of the password, for producers, workers and the health check alike."""
     done = subprocess.run([PYTHON, "-m", *command], capture_output=True, text=True, cwd=tmp_path,
                           env=python_env(KILN_REDIS_URL=url), timeout=120)  # fmt: skip
-    assert done.returncode == 2, done.stderr
+    assert done.returncode == (1 if command == ["worker.health"] else 2), done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: invalid setting KILN_REDIS_URL="), done.stderr
+    assert len(lines) == 1 and "invalid setting KILN_REDIS_URL=" in lines[0], done.stderr
     assert says in lines[0] and "hunter2" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://queue", "redis://:pw@queue:6380/3", "redis://user:p@ss@queue:1/2", "redis://[::1]:6379/0",
+     "rediss://:pw@queue:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/ssl/ca.pem"],
+)  # fmt: skip
+def test_the_redis_urls_workers_take_are_accepted(url):
+    assert ProducerSettings(_env_file=None, redis_url=url).redis_url == url
+    assert ProducerSettings(_env_file=None, redis_url="").redis_url is None  # empty: unset
 
 
 def test_waiting_for_a_job_that_does_not_exist_raises(kiln, tmp_path):
@@ -313,3 +332,17 @@ def test_progress_in_a_log_rates_only_what_finished_while_it_watched(capsys, mon
     bar.close()
     lines = capsys.readouterr().err.splitlines()
     assert "9500/10000" in lines[1] and "50.00img/s" in lines[1], lines  # 500 in 10 s, not 9,500
+
+
+def test_progress_in_a_log_never_rates_below_zero(capsys, monkeypatch):
+    """A retry of failed images takes their records back: fewer finished than at the start."""
+    from producer import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    clock = iter([100.0, 110.0, 120.0, 120.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    bar = progress.JobProgress(terminal=False)
+    for finished in (50, 0, 10):
+        bar.show("job-x", finished, total=60)
+    bar.close()
+    assert "-" not in "".join(line.split("]")[0].split("[")[1] for line in capsys.readouterr().err.splitlines())

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Literal
 
 import redis
+from pydantic import ValidationError
 
 from worker.metrics import MULTIPROC_ENV
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, settings_error
 
 _MARKER = "loaded-"
 _REPORT = "live-"
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         port = args.port or endpoint_port(WorkerSettings())
+    except ValidationError as e:
+        print(f"unhealthy: {settings_error(e)}", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as e:
         print(f"unhealthy: {e}", file=sys.stderr)
         return 1

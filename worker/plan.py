@@ -153,7 +153,7 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
         gpu_decode, gpu_decoder = _gpu_decoder(settings, device, processes)
     elif not cuda and settings.gpu_decode == "on":
         raise PackageError(f"KILN_GPU_DECODE=on, but the package runs on {device}: use a CUDA package, or unset it")
-    elif not cuda and "gpu_decoder" in settings.model_fields_set:
+    elif not cuda and settings.gpu_decoder != "auto":
         log.warning("KILN_GPU_DECODER=%s has no effect: the package runs on %s", settings.gpu_decoder, device)
     if settings.decode_processes is not None:
         decode_processes = settings.decode_processes

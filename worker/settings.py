@@ -10,6 +10,7 @@ import difflib
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -23,9 +24,14 @@ from worker.object_store import parse_root
 DEFAULT_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF"})
 
 
-# scheme://user:PASSWORD@ - up to the last @ of the authority, since a password may hold a raw @
-_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)[^\s/]*@")
-_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^\s&#]*", re.IGNORECASE)
+# scheme://user:PASSWORD@ - up to the last @ before a space, since a password may hold a raw @, /,
+# # or ? (not valid in a URL, but typed all the same): rather too much masked than a password shown
+_PASSWORD_IN_URL = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*:)\S*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^\s&#'\"]*", re.IGNORECASE)
+
+
+# redis-py's TLS options, which kombu passes on from a rediss:// URL as well.
+TLS_URL_PARAMETERS = frozenset({"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile"})
 
 
 def mask_url(text: str) -> str:
@@ -42,6 +48,8 @@ def settings_error(error: ValidationError, where: str = "the environment or .env
     for problem in error.errors():
         name = "KILN_" + "_".join(str(part) for part in problem["loc"]).upper()
         value = problem.get("input")
+        if isinstance(value, str) and "://" in value and "@" in value:  # a password, with spaces maybe
+            value = re.sub(r"://.*@", "://***@", value, flags=re.DOTALL)
         shown = f"={mask_url(repr(value))}" if isinstance(value, str | int | float) else ""
         problems.append(f"{name}{shown}: {problem['msg']}")
     return f"invalid setting {'; '.join(problems)} (from {where})"
@@ -91,25 +99,41 @@ class CommonSettings(BaseSettings):
         "when it is full); by default workers and producers refuse to start on one",
     )
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", mode="before")
     @classmethod
-    def _redis_url_is_one_redis_py_reads(cls, url: str | None) -> str | None:
-        """Checked as redis-py reads it (scheme, port, query parameters), without connecting: a
-        misspelt parameter (`?socket_timout=5`) would otherwise be a TypeError at the first
-        command, deep in a traceback."""
-        if url is None:
-            return url
-        import redis
-
+    def _redis_url_is_one_kiln_takes(cls, url: object) -> object:
+        """`redis://[[user]:password@]host[:port][/db]`, or `rediss://` (TLS) with redis-py's
+        `ssl_*` parameters: what both Celery's broker (kombu) and redis-py take. Anything else
+        (another scheme, `unix://`, other query parameters, a database that is not a number)
+        failed only at the first connection, in a traceback. Empty means unset. No message here
+        quotes the URL: it may hold a password (`settings_error` shows it masked)."""
+        if not isinstance(url, str) or not url.strip():
+            return None if isinstance(url, str) else url
+        if any(character.isspace() for character in url):
+            raise ValueError("a URL holds no spaces or line breaks: percent-encode them (%20)")
         try:
-            redis.ConnectionPool.from_url(url).make_connection()
-        except TypeError as e:  # an unknown query parameter: "... got an unexpected keyword argument 'x'"
-            name = str(e).rpartition(" ")[2]
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ValueError("its host or port cannot be read: the port is a number from 1 to 65535") from None
+        if not url.startswith(("redis://", "rediss://")):  # lower case: redis-py takes no other
             raise ValueError(
-                f"redis-py knows no URL parameter {name} (see redis.Redis for the ones it takes)"
-            ) from None
-        except ValueError as e:  # a bad scheme, port or parameter value: redis-py's words say which
-            raise ValueError(str(e)) from None
+                "use redis://[:password@]host[:port][/db], or rediss:// for TLS: workers reach Redis through "
+                "Celery, which takes no other scheme (no unix:// sockets)"
+            )
+        if port == 0 or not parts.hostname:
+            raise ValueError("it names no host, or port 0: redis://host:6379/0")
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ValueError("the database after the host is a number: redis://host:6379/0")
+        allowed = TLS_URL_PARAMETERS if parts.scheme == "rediss" else frozenset()
+        unknown = sorted(set(urllib.parse.parse_qs(parts.query, keep_blank_values=True)) - allowed)
+        if unknown:
+            raise ValueError(
+                f"kiln takes no URL parameter {', '.join(unknown)}: timeouts and retries are KILN_REDIS_TIMEOUT_S "
+                "and KILN_REDIS_RETRY_S, a password goes before the host (redis://:password@host)"
+                + (f"; rediss:// takes {', '.join(sorted(TLS_URL_PARAMETERS))}" if parts.scheme == "rediss" else "")
+            )
         return url
 
 

@@ -10,7 +10,9 @@ script can update them together:
                          chunk: total is final then; absent for jobs of online requests); sharded
                          jobs also sink (the out_dir URL), chunks (chunks enqueued), sink_error (why
                          a worker last gave a chunk back unwritten; cleared when a shard is written)
-    kiln:{job}:lister    string, expiring: a submission is listing the job now (its heartbeat)
+    kiln:{job}:listers   hash: submission id -> "running" | "stopped", for each submission that
+                         opened the listing and has not finished it
+    kiln:{job}:lister:{id} string, expiring: that submission's heartbeat while it runs
     kiln:{job}:listed    hash: chunk id -> images, once enqueued (sharded; what total counts)
     kiln:{job}:chunks    hash: chunk id -> "ok|failed" once its shard is written (sharded)
     kiln:{job}:items     hash: image key -> reference   (the job's images; total is its length)
@@ -36,7 +38,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -167,6 +169,67 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return {'ok'}
 """
 
+# A submission opens the job's listing: KEYS meta, listers, its heartbeat; ARGV its id, heartbeat
+# TTL, job TTL. A job it creates gets the job's TTL (one killed before its first chunk leaves nothing
+# for good); an existing one keeps its own. Returns whether the job existed and the listing before.
+_OPEN_LISTING = """
+local existed = redis.call('EXISTS', KEYS[1])
+local previous = redis.call('HGET', KEYS[1], 'listing') or ''
+redis.call('HSET', KEYS[1], 'listing', 'open')
+redis.call('HSET', KEYS[2], ARGV[1], 'running')
+redis.call('SET', KEYS[3], 1, 'EX', ARGV[2])
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  if existed == 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return {existed, previous}
+"""
+
+# A submission has enqueued all it listed: it leaves, with the stopped and lapsed ones; the listing
+# is done once none is left. KEYS as above; ARGV its id, the heartbeats' key prefix.
+_FINISH_LISTING = """
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+local others = redis.call('HGETALL', KEYS[2])
+for i = 1, #others, 2 do
+  if others[i + 1] == 'stopped' or redis.call('EXISTS', ARGV[2] .. others[i]) == 0 then
+    redis.call('HDEL', KEYS[2], others[i])
+  end
+end
+if redis.call('HLEN', KEYS[2]) == 0 then redis.call('HSET', KEYS[1], 'listing', 'done') end
+return 1
+"""
+
+# A submission that enqueued nothing is taken back: KEYS meta, listers, its heartbeat, listed,
+# chunks; ARGV its id, whether the job existed before it, the listing before it.
+_RESET_LISTING = """
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
+if ARGV[2] == '0' and tonumber(redis.call('HGET', KEYS[1], 'total') or '0') == 0 then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
+elseif ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'listing')
+else
+  redis.call('HSET', KEYS[1], 'listing', ARGV[3])
+end
+return 1
+"""
+
+# The job's meta and its submissions by state: heartbeat alive, stopped, lapsed. KEYS meta,
+# listers; ARGV the heartbeats' key prefix.
+_LISTING_STATE = """
+local alive, stopped, lapsed = 0, 0, 0
+local members = redis.call('HGETALL', KEYS[2])
+for i = 1, #members, 2 do
+  if members[i + 1] == 'stopped' then stopped = stopped + 1
+  elseif redis.call('EXISTS', ARGV[1] .. members[i]) == 1 then alive = alive + 1
+  else lapsed = lapsed + 1 end
+end
+return {redis.call('HGETALL', KEYS[1]), alive, stopped, lapsed}
+"""
+
 # Count a chunk into the job once, however often it is enqueued (a resumed job enqueues again
 # the chunks that were not complete).
 _ADD_CHUNK = """
@@ -225,20 +288,20 @@ class Delivery:
 class JobCounts:
     """Images of a job: `total` so far, `done` (classified), `failed` (an error record).
 
-    `listed`: whether `total` is final. A job's total grows while a submission enqueues its
-    chunks, and is final once that submission has listed all its sources. `lister`: whether a
-    submission is listing it now (its heartbeat is alive); not `listed` and no `lister` means the
-    submission stopped before its end (interrupted, killed, or it failed)."""
+    `listing`: whether `total` is final. A job's total grows while submissions enqueue its chunks:
+    "running" while one of them is at it (its heartbeat alive), "done" once every submission that
+    opened the listing has finished it; "stopped" where the last one running was interrupted or
+    failed, "lapsed" where its heartbeat expired (killed, or Redis away longer than the heartbeat:
+    a live one renews it within a third of LISTER_TTL_S of Redis's return)."""
 
     total: int
     done: int
     failed: int
-    listed: bool = True
-    lister: bool = False
+    listing: Literal["done", "running", "stopped", "lapsed"] = "done"
 
     @property
-    def listing_stopped(self) -> bool:
-        return not self.listed and not self.lister
+    def listed(self) -> bool:
+        return self.listing == "done"
 
     @property
     def finished(self) -> int:
@@ -264,6 +327,10 @@ class ResultStore:
         self._begin_sharded = client.register_script(_BEGIN_SHARDED)
         self._add_chunk = client.register_script(_ADD_CHUNK)
         self._complete_chunk = client.register_script(_COMPLETE_CHUNK)
+        self._open_listing = client.register_script(_OPEN_LISTING)
+        self._finish_listing = client.register_script(_FINISH_LISTING)
+        self._reset_listing = client.register_script(_RESET_LISTING)
+        self._listing_state = client.register_script(_LISTING_STATE)
 
     @classmethod
     def from_url(cls, url: str, ttl_s: int = 0, timeout_s: float | None = None) -> ResultStore:
@@ -317,42 +384,45 @@ class ResultStore:
         keys = [_key(job, "meta"), _key(job, "listed")]
         return bool(self._add_chunk(keys=keys, args=[chunk, n_images, self.ttl_s]))
 
-    def open_listing(self, job: str) -> str | None:
-        """Say that a submission is enqueueing the job's chunks: its total is not final, and
-        `keep_listing` must be called at least every `LISTER_TTL_S` until `finish_listing`,
-        `stop_listing` or `reset_listing`, else the listing counts as stopped. Returns the
-        listing's state before ("open", "done", or None: none), for `reset_listing`."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hget(_key(job, "meta"), "listing").hset(_key(job, "meta"), "listing", "open")
-            pipe.set(_key(job, "lister"), 1, ex=LISTER_TTL_S)
-            if self.ttl_s > 0:  # a submission killed before its first chunk leaves nothing for good
-                pipe.expire(_key(job, "meta"), self.ttl_s)
-            previous = pipe.execute()[0]
-        return None if previous is None else previous.decode()
+    def open_listing(self, job: str, submission: str) -> tuple[bool, str | None]:
+        """Say that `submission` (an id of the producer's own) is enqueueing the job's chunks: its
+        total is not final. `keep_listing` must renew the submission's heartbeat at least every
+        `LISTER_TTL_S` until `finish_listing`, `stop_listing` or `reset_listing`, else the
+        listing counts as lapsed. Returns whether the job existed, and its listing's state
+        before ("open", "done", or None), for `reset_listing`."""
+        keys = self._listing_keys(job, submission)
+        answer = self._open_listing(keys=keys, args=[submission, LISTER_TTL_S, self.ttl_s])
+        return bool(answer[0]), answer[1].decode() or None
 
-    def keep_listing(self, job: str) -> None:
+    def keep_listing(self, job: str, submission: str) -> None:
         """The listing submission's heartbeat (see `open_listing`)."""
-        self.redis.set(_key(job, "lister"), 1, ex=LISTER_TTL_S)
+        self.redis.set(_key(job, f"lister:{submission}"), 1, ex=LISTER_TTL_S)
 
-    def finish_listing(self, job: str) -> None:
-        """Say that every chunk of the job is enqueued: its total is final."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(_key(job, "meta"), "listing", "done").delete(_key(job, "lister")).execute()
+    def finish_listing(self, job: str, submission: str = "") -> None:
+        """Say that `submission` has enqueued every chunk it listed. The submissions that stopped
+        or lapsed are finished with it (a resume, usually: the same sources listed again); the
+        listing is done once no other submission still runs."""
+        self._finish_listing(keys=self._listing_keys(job, submission), args=[submission, _key(job, "lister:")])
 
-    def stop_listing(self, job: str) -> None:
-        """Say that the listing submission stopped before its end: `wait` then stops too, once
-        what was enqueued has its records, instead of waiting for chunks that will not come."""
-        self.redis.delete(_key(job, "lister"))
-
-    def reset_listing(self, job: str, previous: str | None) -> None:
-        """Put the listing back as `open_listing` found it: the submission stopped before it
-        enqueued anything (a conflict at its first chunk, say), so the job is as it was."""
+    def stop_listing(self, job: str, submission: str) -> None:
+        """Say that `submission` stopped before its end: `wait` then stops too, once what was
+        enqueued has its records and no other submission runs, instead of waiting for chunks
+        that will not come."""
         with self.redis.pipeline(transaction=True) as pipe:
-            if previous is None:
-                pipe.hdel(_key(job, "meta"), "listing")
-            else:
-                pipe.hset(_key(job, "meta"), "listing", previous)
-            pipe.delete(_key(job, "lister")).execute()
+            pipe.hset(_key(job, "listers"), submission, "stopped").delete(_key(job, f"lister:{submission}"))
+            pipe.execute()
+
+    def reset_listing(self, job: str, submission: str, existed: bool, previous: str | None) -> None:
+        """Take back `submission`, which stopped before it enqueued anything (a conflict at its
+        first chunk, say), as `open_listing` found the job (`existed`, `previous`): a job it made
+        that holds nothing is deleted, another one's listing put back, unless other submissions
+        run."""
+        keys = [*self._listing_keys(job, submission), _key(job, "listed"), _key(job, "chunks")]
+        self._reset_listing(keys=keys, args=[submission, int(existed), previous or ""])
+
+    @staticmethod
+    def _listing_keys(job: str, submission: str) -> list[str]:
+        return [_key(job, "meta"), _key(job, "listers"), _key(job, f"lister:{submission}")]
 
     def listed_images(self, job: str, chunk: str) -> int | None:
         """How many images a sharded job's producer counted in for `chunk` (None: not one of its chunks)."""
@@ -450,10 +520,20 @@ class ResultStore:
 
     def counts(self, job: str) -> JobCounts:
         """The job's counters, Redis-store or sharded (where `listed` says whether total is final)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            meta, lister = pipe.hgetall(_key(job, "meta")).exists(_key(job, "lister")).execute()
+        raw, alive, stopped, lapsed = self._listing_state(
+            keys=[_key(job, "meta"), _key(job, "listers")], args=[_key(job, "lister:")]
+        )
+        meta = dict(zip(raw[::2], raw[1::2], strict=True))
         total, done, failed = (int(meta.get(k, 0)) for k in (b"total", b"done", b"failed"))
-        return JobCounts(total, done, failed, listed=meta.get(b"listing", b"done") == b"done", lister=bool(lister))
+        if alive:
+            listing = "running"
+        elif stopped:
+            listing = "stopped"
+        elif lapsed or meta.get(b"listing") == b"open":  # open with no submission: one of an older kiln
+            listing = "lapsed"
+        else:
+            listing = "done"
+        return JobCounts(total, done, failed, listing)
 
     def exists(self, job: str) -> bool:
         return bool(self.redis.exists(_key(job, "meta")))
