@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from worker.argtypes import at_least, finite
 from worker.manifest import PackageError, Preprocess, read_manifest
 
 EPILOG = """\
@@ -34,32 +33,6 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "[default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `low` (argparse then names the option)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
-        return value
-
-    return parse
-
-
-def _finite(text: str) -> float:
-    """An argparse type: a finite number (nan or inf would make every prediction nan)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,25 +66,25 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--channels-last", action="store_true", help="run convolutions in channels_last layout (GPU)")
     build.add_argument(
         "--max-batch",
-        type=_at_least(3),
+        type=at_least(3),
         help="largest batch the package takes, 3 at least (the batch range starts at 2) [default: 64 on cpu, "
         "256 on cuda]",
     )
     build.add_argument(
-        "--tune-batch", type=_at_least(2), help="batch size Inductor tunes its kernels for [default: --max-batch]"
+        "--tune-batch", type=at_least(2), help="batch size Inductor tunes its kernels for [default: --max-batch]"
     )
     build.add_argument("--max-autotune", action="store_true", help="let Inductor benchmark kernel choices (slow build)")
     build.add_argument("--weights", help="state_dict file for the model's weights")
     build.add_argument("--labels", type=Path, help="class names, one per line (or a JSON list)")
     prep = build.add_argument_group("preprocessing (defaults: the model's own; ImageNet's for others)")
-    prep.add_argument("--resize", type=_at_least(1), help="short side after resizing, in pixels")
-    prep.add_argument("--crop", type=_at_least(1), help="centre crop side, in pixels (at most --resize)")
+    prep.add_argument("--resize", type=at_least(1), help="short side after resizing, in pixels")
+    prep.add_argument("--crop", type=at_least(1), help="centre crop side, in pixels (at most --resize)")
     prep.add_argument(
         "--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], help="resize filter (Pillow's)"
     )
-    prep.add_argument("--mean", type=_finite, nargs=3, metavar=("R", "G", "B"), help="per-channel mean, 0..255 units")
+    prep.add_argument("--mean", type=finite, nargs=3, metavar=("R", "G", "B"), help="per-channel mean, 0..255 units")
     prep.add_argument(
-        "--std", type=_finite, nargs=3, metavar=("R", "G", "B"), help="per-channel std, 0..255 units, above 0"
+        "--std", type=finite, nargs=3, metavar=("R", "G", "B"), help="per-channel std, 0..255 units, above 0"
     )
 
     inspect = commands.add_parser(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots, one_line
+from worker.argtypes import at_least, seconds
 from worker.contract import Record
 from worker.settings import mask_url, settings_error, unknown_variables
 
@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--model", type=Path, help="embedded mode: package for the local worker [KILN_MODEL]")
     label.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         help="give up after this many seconds, enqueuing and waiting together (what was enqueued keeps running)",
     )
     label.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     _job_arguments(submit)
     submit.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         help="give up if the bulk queue is still full after this many seconds (what was enqueued stays) "
         "[default: wait for the workers as long as it takes]",
     )
@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     wait.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
     wait.add_argument(
-        "--timeout", type=_seconds, help="give up after this many seconds (the workers go on with the job)"
+        "--timeout", type=seconds, help="give up after this many seconds (the workers go on with the job)"
     )
     wait.add_argument("--no-progress", action="store_true", help="no progress bar")
     status = commands.add_parser("status", help="counters of a job")
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("job")
     export.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     export.add_argument(
-        "--topk", type=_positive, help="label columns in CSV/Parquet, at most the job's top-k [default: the job's]"
+        "--topk", type=at_least(1), help="label columns in CSV/Parquet, at most the job's top-k [default: the job's]"
     )
     export.add_argument(
         "--out-dir",
@@ -110,38 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     classify = commands.add_parser("classify", help="classify one image now, through the online queue")
     classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
-    classify.add_argument("--topk", type=_positive, default=5)
-    classify.add_argument("--timeout", type=_seconds, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
+    classify.add_argument("--topk", type=at_least(1), default=5)
+    classify.add_argument("--timeout", type=seconds, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
     return parser
-
-
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
-    return value
 
 
 def _job_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "inputs", nargs="+", metavar="PATH", help="folders, image files, globs, URLs, CSV/JSONL manifests"
     )
-    command.add_argument("--topk", type=_positive, default=5, help="labels per image [default: 5]")
+    command.add_argument("--topk", type=at_least(1), default=5, help="labels per image [default: 5]")
     command.add_argument(
         "--job",
         help="job name; the same name again resumes it, or adds new images to it [default: derived from the inputs]",

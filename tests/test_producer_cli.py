@@ -3,6 +3,7 @@ the remote mode against running workers, and the result files."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -156,13 +158,27 @@ def _wait_process(url: str, job: str) -> subprocess.Popen:
                             text=True)  # fmt: skip
 
 
-def _slow_listing(photos: list, pause_at: int, listed: threading.Event, pause_s: float):
-    """The photos as Items, pausing once `pause_at` were listed (chunks of 2 send them first)."""
-    for i, photo in enumerate(photos):
-        if i == pause_at:
-            listed.set()
-            time.sleep(pause_s)
-        yield Item(key=f"{i}-{photo.name}", ref=str(photo))
+@contextlib.contextmanager
+def _listing_slowly(url: str, job: str, photos: list, pause_s: float) -> Iterator[threading.Thread]:
+    """`Kiln.submit` of the photos (chunks of 2) in a thread, pausing for `pause_s` once the first
+    chunk is sent; yields the thread then (the submission still listing), and joins it after."""
+    listed = threading.Event()
+
+    def items() -> Iterator[Item]:
+        for i, photo in enumerate(photos):
+            if i == 2:
+                listed.set()
+                time.sleep(pause_s)
+            yield Item(key=f"{i}-{photo.name}", ref=str(photo))
+
+    with Kiln(settings=ProducerSettings(redis_url=url, chunk_size=2)) as kiln:
+        submitter = threading.Thread(target=kiln.submit, args=(items(), job))
+        submitter.start()
+        try:
+            assert listed.wait(60)
+            yield submitter
+        finally:
+            submitter.join()
 
 
 def test_wait_beside_a_running_submit_waits_for_the_whole_listing(lite0_worker):
@@ -170,17 +186,10 @@ def test_wait_beside_a_running_submit_waits_for_the_whole_listing(lite0_worker):
     ended, not only for the images enqueued so far, which the worker labels during the listing's
     pause. Before, it said "complete, 2 in all"."""
     job, photos = f"listing-{uuid.uuid4().hex[:8]}", sorted(SAMPLES.glob("*.jpg"))
-    listed = threading.Event()
-    with Kiln(settings=ProducerSettings(redis_url=lite0_worker.redis_url, chunk_size=2)) as kiln:
-        submitter = threading.Thread(target=kiln.submit, args=(_slow_listing(photos, 2, listed, 6.0), job))
-        submitter.start()
-        try:
-            assert listed.wait(60)
-            waiting = _wait_process(lite0_worker.redis_url, job)
-            out, err = waiting.communicate(timeout=180)
-            assert not submitter.is_alive()  # wait ended after the listing, not before
-        finally:
-            submitter.join()
+    with _listing_slowly(lite0_worker.redis_url, job, photos, 6.0) as submitter:
+        waiting = _wait_process(lite0_worker.redis_url, job)
+        out, err = waiting.communicate(timeout=180)
+        assert not submitter.is_alive()  # wait ended after the listing, not before
     assert waiting.returncode == 0, err
     assert f"{job}: complete, {len(photos)} done, 0 failed, {len(photos)} in all" in out
 
@@ -263,24 +272,17 @@ def test_concurrent_submissions_to_one_job_each_hold_its_listing_open(lite0_work
     when the last one has listed everything."""
     job, photos = f"shared-{uuid.uuid4().hex[:8]}", sorted(SAMPLES.glob("*.jpg"))
     env = {"KILN_REDIS_URL": lite0_worker.redis_url}
-    listed = threading.Event()
-    with Kiln(settings=ProducerSettings(redis_url=lite0_worker.redis_url, chunk_size=2)) as kiln:
-        slow = threading.Thread(target=kiln.submit, args=(_slow_listing(photos, 2, listed, 12.0), job))
-        slow.start()
-        try:
-            assert listed.wait(60)
-            other = producer("submit", str(SAMPLES / "coffee.jpg"), "--job", job, "--no-progress", **env)
-            assert other.returncode == 0, other.stderr
-            refused = producer("submit", str(SAMPLES), "--job", job, "--out-dir", str(tmp_path / "s"), **env)
-            assert refused.returncode == 2, refused.stderr
-            time.sleep(3)  # the worker labels what was enqueued
-            status = producer("status", job, **env)
-            assert f"{job}: running, 3 done, 0 failed, 3 in all" in status.stdout, status.stdout
-            waiting = _wait_process(lite0_worker.redis_url, job)
-            out, err = waiting.communicate(timeout=180)
-            assert not slow.is_alive()
-        finally:
-            slow.join()
+    with _listing_slowly(lite0_worker.redis_url, job, photos, 12.0) as slow:
+        other = producer("submit", str(SAMPLES / "coffee.jpg"), "--job", job, "--no-progress", **env)
+        assert other.returncode == 0, other.stderr
+        refused = producer("submit", str(SAMPLES), "--job", job, "--out-dir", str(tmp_path / "s"), **env)
+        assert refused.returncode == 2, refused.stderr
+        time.sleep(3)  # the worker labels what was enqueued
+        status = producer("status", job, **env)
+        assert f"{job}: running, 3 done, 0 failed, 3 in all" in status.stdout, status.stdout
+        waiting = _wait_process(lite0_worker.redis_url, job)
+        out, err = waiting.communicate(timeout=180)
+        assert not slow.is_alive()
     assert waiting.returncode == 0, err
     assert f"{job}: complete, {len(photos) + 1} done, 0 failed, {len(photos) + 1} in all" in out
 
