@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
         help="wait until every image of a job has a record, with progress (after `submit`)",
         description="Wait until every image of job JOB (on KILN_REDIS_URL) has a record, with a progress bar on "
         "stderr, then print `JOB: complete, N done, F failed, T in all`. Exit 0 when none failed, 1 when some "
-        "did, 2 for an error or after --timeout (the workers go on with the job), 130 on Ctrl-C. Start it once "
-        "`submit` has returned: a job kept in Redis counts the images enqueued so far.",
+        "did, 2 for an error, after --timeout (the workers go on with the job), or when the submission listing "
+        "the job stopped early and what it enqueued is done, 130 on Ctrl-C. It may start while `submit` still "
+        "runs: the job is complete once every submission has listed all its images.",
     )
     wait.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
     wait.add_argument(
