@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--channels-last", action="store_true", help="run convolutions in channels_last layout (GPU)")
     build.add_argument(
         "--max-batch",
-        type=at_least(3),
-        help="largest batch the package takes, 3 at least (the batch range starts at 2) [default: 64 on cpu, "
+        type=at_least(3, 8192),
+        help="largest batch the package takes, 3 to 8192 (the batch range starts at 2) [default: 64 on cpu, "
         "256 on cuda]",
     )
     build.add_argument(
@@ -106,8 +106,11 @@ def _read_labels(path: Path) -> list[str]:
     """Class names, one per line or a JSON list. Raises ValueError naming the file."""
     try:
         text = path.read_text()
-        if text.lstrip().startswith("["):
-            return [str(x) for x in json.loads(text)]
+        if text.lstrip().startswith(("[", "{")):
+            names = json.loads(text)
+            if not isinstance(names, list):
+                raise ValueError(f"cannot read labels {path}: a JSON file of labels is a list of names")
+            return [str(x) for x in names]
     except OSError as e:
         raise ValueError(f"cannot read labels {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -50,8 +50,10 @@ def load_state_dict(module: torch.nn.Module, weights: str | Path) -> None:
     """Load a state_dict file (tensors only: `weights_only`, so a file cannot run code)."""
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ModelError(f"cannot read weights {weights}: {e}") from e
+    except OSError as e:
+        raise ModelError(f"cannot read weights {weights}: {e.strerror}") from e
+    except Exception as e:  # torch.load raises many types for a file that is not a state_dict
+        raise ModelError(f"cannot read weights {weights}: not a PyTorch state_dict file ({type(e).__name__})") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:

@@ -262,10 +262,12 @@ def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
 
 def _after_timeout(error: JobTimeout, job: str, timeout: float, then: str) -> JobTimeout:
     """`error` said against the command's --timeout, with what to do next (`then`)."""
+    listing = "" if error.total_is_final else " listed so far (the listing goes on)"
     return JobTimeout(
-        f"job {job}: {error.finished} of {error.total} images after --timeout {timeout:g} s; {then}",
+        f"job {job}: {error.finished} of {error.total} images{listing} after --timeout {timeout:g} s; {then}",
         error.finished,
         error.total,
+        error.total_is_final,
     )
 
 
@@ -324,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                 counts = kiln.counts(args.job)
                 state = (
                     "complete" if counts.complete
-                    else "listing stopped early (run its submission again)" if counts.listing in ("stopped", "lapsed")
+                    else "listing stopped early (run its submission again)" if counts.listing == "stopped"
+                    else "running (its submission's heartbeat is late: killed, or Redis was away)"
+                    if counts.listing == "lapsed"
                     else "running"
                 )  # fmt: skip
                 _out(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")

@@ -66,9 +66,9 @@ LAPSE_GRACE_S = LISTER_TTL_S / 2
 class JobTimeout(TimeoutError):
     """The job did not finish in the time given; `finished` of its `total` images had records."""
 
-    def __init__(self, message: str, finished: int, total: int) -> None:
+    def __init__(self, message: str, finished: int, total: int, total_is_final: bool = True) -> None:
         super().__init__(message)
-        self.finished, self.total = finished, total
+        self.finished, self.total, self.total_is_final = finished, total, total_is_final
 
 
 class JobNotFound(ValueError):
@@ -251,6 +251,7 @@ class Kiln:
                         f"job {follow.name}: {follow.finished} of {follow.total} images{listing} after {timeout_s:g} s",
                         follow.finished,
                         follow.total,
+                        follow.total_is_final,
                     )
                 if check is not None:
                     check()

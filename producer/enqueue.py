@@ -14,7 +14,6 @@ import functools
 import itertools
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -86,7 +85,7 @@ class Submission:
                 if not chunk:
                     break
                 if heartbeat is None:  # a listing that names nothing makes no job
-                    heartbeat = _Heartbeat(self.kiln, self.job)
+                    heartbeat = _Heartbeat(self.kiln, self.job, chunk)
                 self.listed += len(chunk)
                 self._keep(chunk)
                 if self.out_dir is None:
@@ -203,9 +202,11 @@ class _Heartbeat:
     interrupted, or failed). A producer killed outright stops renewing it, and it lapses in
     LISTER_TTL_S. Other submissions of the same job keep their own."""
 
-    def __init__(self, kiln: Kiln, job: str) -> None:
+    def __init__(self, kiln: Kiln, job: str, first_chunk: list[Item]) -> None:
         self.kiln, self.job = kiln, job
-        self.id = uuid.uuid4().hex
+        # Named by its first images: the same sources run again (a resume) take the place of the
+        # submission that stopped, while another producer's submission is another one.
+        self.id = chunk_id(0, first_chunk)
         self.finished = False
         self._stopping = threading.Event()
         self._existed, self._previous = kiln._redis(lambda: kiln.store.open_listing(job, self.id))

@@ -83,6 +83,11 @@ def test_a_fixed_batch_with_an_explicit_tune_batch_fails_cleanly(tmp_path, capsy
         (["factories:tiny", "--max-batch", "2"], 2, "argument --max-batch: 2 is less than 3"),
         (["factories:tiny", "--tune-batch", "0"], 2, "argument --tune-batch: 0 is less than 2"),
         (["factories:tiny", "--max-batch", "4", "--tune-batch", "8"], 2, "--tune-batch (8) must not exceed"),
+        (["factories:tiny", "--max-batch", "100000"], 2, "argument --max-batch: 100000 is more than 8192"),
+        (["factories:tiny", "--mean", "-1", "1", "1"], 2, "mean is in pixel units, 0 to 255"),
+        (["resnet18", "--weights", "TEXT"], 2, "not a PyTorch state_dict file"),
+        (["efficientnet_lite0", "--weights", "TEXT"], 2, "not a PyTorch state_dict file"),
+        (["factories:tiny", "--labels", "OBJECT"], 2, "a JSON file of labels is a list of names"),
         # The build: exit 1.
         (["factories:tiny", "--labels", "LABELS"], 1, "4 outputs but 2 labels"),
     ],
@@ -94,7 +99,10 @@ def test_bad_builds_say_why_and_leave_nothing(tmp_path, capsys, args, status, me
     import torch
 
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "w.pt")
-    names = {"LABELS": tmp_path / "labels.txt", "WEIGHTS": tmp_path / "w.pt", "MISSING": tmp_path / "none.txt"}
+    (tmp_path / "text.pt").write_text("not a state_dict")
+    (tmp_path / "object.json").write_text('{"cat": 0}')
+    names = {"LABELS": tmp_path / "labels.txt", "WEIGHTS": tmp_path / "w.pt", "MISSING": tmp_path / "none.txt",
+             "TEXT": tmp_path / "text.pt", "OBJECT": tmp_path / "object.json"}  # fmt: skip
     args = [str(names.get(a, a)) for a in args]
     out = tmp_path / "out" / "model.pt2"
     try:

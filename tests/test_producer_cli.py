@@ -205,14 +205,14 @@ def test_wait_stops_when_the_submission_listing_the_job_stops_early(lite0_worker
         "import sys, time\nfrom pathlib import Path\nfrom producer import Item, Kiln\n"
         "def items():\n"
         "    for i, p in enumerate(sorted(Path(sys.argv[2]).glob('*.jpg'))):\n"
-        "        if i == 2:\n"
+        "        if i == 2 and sys.argv[4] == 'pause':\n"
         "            print('listed', flush=True)\n"
         "            time.sleep(600)\n"
         "        yield Item(key=str(i), ref=str(p))\n"
         "Kiln(sys.argv[1]).submit(items(), job=sys.argv[3])\n"
     )
     env = python_env(KILN_REDIS_URL=lite0_worker.redis_url, KILN_CHUNK_SIZE="2")
-    submitting = subprocess.Popen([PYTHON, str(script), lite0_worker.redis_url, str(SAMPLES), job], env=env,
+    submitting = subprocess.Popen([PYTHON, str(script), lite0_worker.redis_url, str(SAMPLES), job, "pause"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert submitting.stdout.readline().strip() == "listed", submitting.stderr.read()
@@ -231,10 +231,21 @@ def test_wait_stops_when_the_submission_listing_the_job_stops_early(lite0_worker
     assert "run that submission again to enqueue the rest" in err
     status = producer("status", job, KILN_REDIS_URL=lite0_worker.redis_url)
     assert "listing stopped early" in status.stdout, status.stdout
-    # A submission of its own that ended (label's) is not held by the other one's stop.
+    # A submission of its own that ended (label's) is not held by the other one's stop, nor does
+    # it end that one's part: the job's listing stays stopped ...
     with Kiln(lite0_worker.redis_url) as kiln:
         mine = kiln.submit([Item(key="mine", ref=str(SAMPLES / "coffee.jpg"))], job=job)
         assert kiln.wait(mine, timeout_s=120, progress=False).done == 1
+    again = _wait_process(lite0_worker.redis_url, job)
+    assert again.wait(120) == 2, again.communicate()[1]
+    # ... until the stopped submission runs again (the same first images: the same submission).
+    resumed = subprocess.run([PYTHON, str(script), lite0_worker.redis_url, str(SAMPLES), job, "go"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    waiting = _wait_process(lite0_worker.redis_url, job)
+    out, err = waiting.communicate(timeout=180)
+    photos = len(list(SAMPLES.glob("*.jpg")))
+    assert waiting.returncode == 0 and f"{job}: complete, {photos + 1} done" in out, err
 
 
 def test_a_submission_refused_at_its_first_chunk_leaves_the_job_as_it_was(lite0_worker, tmp_path):

@@ -170,6 +170,10 @@ def test_an_invalid_setting_is_one_line_and_exit_2(tmp_path, command, variable):
         ("redis://127.0.0.1:0/0", "port 0"),
         ("http://127.0.0.1:6379/0", "use redis://[:password@]host[:port][/db], or rediss://"),
         ("unix:///tmp/redis.sock", "no unix:// sockets"),
+        ("redis://hunter2@127.0.0.1:6379/0", "a password goes after a colon"),
+        ("redis://127.0.0.1:6379/0#hunter2", "no #fragment"),
+        ("redis://:hunter2%zz@127.0.0.1:6379/0", "not a percent-escape"),
+        ("redis://127.0.0.1:6379/99999999999", "the database after the host is a number"),
     ],
 )
 @pytest.mark.parametrize("command", [["producer", "wait", "x"], ["worker", "--model", "m.pt2"], ["worker.health"]])

@@ -9,8 +9,8 @@ import math
 from collections.abc import Callable
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """A whole number of at least `low`."""
+def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number of at least `low` (and at most `high`, where given)."""
 
     def parse(text: str) -> int:
         try:
@@ -19,6 +19,8 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value} is more than {high}")
         return value
 
     return parse

@@ -43,6 +43,8 @@ class Preprocess(BaseModel):
             raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
         if any(s <= 0 for s in self.std):
             raise ValueError("std must be positive")
+        if any(not 0 <= m <= 255 for m in self.mean):
+            raise ValueError("mean is in pixel units, 0 to 255")
         return self
 
 

@@ -48,8 +48,8 @@ def settings_error(error: ValidationError, where: str = "the environment or .env
     for problem in error.errors():
         name = "KILN_" + "_".join(str(part) for part in problem["loc"]).upper()
         value = problem.get("input")
-        if isinstance(value, str) and "://" in value and "@" in value:  # a password, with spaces maybe
-            value = re.sub(r"://.*@", "://***@", value, flags=re.DOTALL)
+        if isinstance(value, str) and "://" in value:  # a password, with spaces or a # maybe
+            value = re.sub(r"#.*", "#***", re.sub(r"://.*@", "://***@", value, flags=re.DOTALL), flags=re.DOTALL)
         shown = f"={mask_url(repr(value))}" if isinstance(value, str | int | float) else ""
         problems.append(f"{name}{shown}: {problem['msg']}")
     return f"invalid setting {'; '.join(problems)} (from {where})"
@@ -123,8 +123,14 @@ class CommonSettings(BaseSettings):
             )
         if port == 0 or not parts.hostname:
             raise ValueError("it names no host, or port 0: redis://host:6379/0")
+        if parts.username and parts.password is None:
+            raise ValueError("a password goes after a colon: redis://:password@host (or user:password@)")
+        if parts.fragment or "#" in url:
+            raise ValueError("a URL of Redis has no #fragment: percent-encode a # in a password (%23)")
+        if re.search(r"%(?![0-9A-Fa-f]{2})", url):
+            raise ValueError("a % that is not a percent-escape (%25 is a %)")
         database = parts.path.strip("/")
-        if database and not database.isdigit():
+        if database and not (database.isascii() and database.isdigit() and int(database) < 2**31):
             raise ValueError("the database after the host is a number: redis://host:6379/0")
         allowed = TLS_URL_PARAMETERS if parts.scheme == "rediss" else frozenset()
         unknown = sorted(set(urllib.parse.parse_qs(parts.query, keep_blank_values=True)) - allowed)

@@ -171,7 +171,8 @@ return {'ok'}
 
 # A submission opens the job's listing: KEYS meta, listers, its heartbeat; ARGV its id, heartbeat
 # TTL, job TTL. A job it creates gets the job's TTL (one killed before its first chunk leaves nothing
-# for good); an existing one keeps its own. Returns whether the job existed and the listing before.
+# for good); an existing one keeps its own, and the submissions' hash gets the job's. Returns
+# whether the job existed and the listing before.
 _OPEN_LISTING = """
 local existed = redis.call('EXISTS', KEYS[1])
 local previous = redis.call('HGET', KEYS[1], 'listing') or ''
@@ -179,24 +180,18 @@ redis.call('HSET', KEYS[1], 'listing', 'open')
 redis.call('HSET', KEYS[2], ARGV[1], 'running')
 redis.call('SET', KEYS[3], 1, 'EX', ARGV[2])
 local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  if existed == 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-  redis.call('EXPIRE', KEYS[2], ttl)
-end
+if ttl > 0 and existed == 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+local left = redis.call('PTTL', KEYS[1])  -- the submissions' hash lives as long as the job
+if left > 0 then redis.call('PEXPIRE', KEYS[2], left) else redis.call('PERSIST', KEYS[2]) end
 return {existed, previous}
 """
 
-# A submission has enqueued all it listed: it leaves, with the stopped and lapsed ones; the listing
-# is done once none is left. KEYS as above; ARGV its id, the heartbeats' key prefix.
+# A submission has enqueued all it listed: it leaves; the listing is done once none is left (one
+# that stopped stays until it is run again: the same sources make the same id). KEYS as above;
+# ARGV its id.
 _FINISH_LISTING = """
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
-local others = redis.call('HGETALL', KEYS[2])
-for i = 1, #others, 2 do
-  if others[i + 1] == 'stopped' or redis.call('EXISTS', ARGV[2] .. others[i]) == 0 then
-    redis.call('HDEL', KEYS[2], others[i])
-  end
-end
 if redis.call('HLEN', KEYS[2]) == 0 then redis.call('HSET', KEYS[1], 'listing', 'done') end
 return 1
 """
@@ -399,10 +394,10 @@ class ResultStore:
         self.redis.set(_key(job, f"lister:{submission}"), 1, ex=LISTER_TTL_S)
 
     def finish_listing(self, job: str, submission: str = "") -> None:
-        """Say that `submission` has enqueued every chunk it listed. The submissions that stopped
-        or lapsed are finished with it (a resume, usually: the same sources listed again); the
-        listing is done once no other submission still runs."""
-        self._finish_listing(keys=self._listing_keys(job, submission), args=[submission, _key(job, "lister:")])
+        """Say that `submission` has enqueued every chunk it listed; the listing is done once no
+        other submission is in it, running or stopped (one that stopped is run again under the
+        same id: `producer.enqueue` names a submission by its first chunk)."""
+        self._finish_listing(keys=self._listing_keys(job, submission), args=[submission])
 
     def stop_listing(self, job: str, submission: str) -> None:
         """Say that `submission` stopped before its end: `wait` then stops too, once what was
