@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compile.weights import read_state_dict
+
 __all__ = ["INPUT_SIZE", "build_efficientnet_lite0", "shipped_weights_path"]
 
 # The TF "SAME" padding below is baked in for this resolution; other sizes would run
@@ -157,12 +159,7 @@ def _load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     and insist that the count and every shape match; anything else is a different
     architecture and must not load silently.
     """
-    try:
-        src = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise ValueError(f"cannot read weights {path}: {e.strerror}") from e
-    except Exception as e:  # torch.load raises many types for a file that is not a state_dict
-        raise ValueError(f"cannot read weights {path}: not a PyTorch state_dict file ({type(e).__name__})") from e
+    src = read_state_dict(path)
     dst = model.state_dict()
     if len(src) != len(dst):
         raise ValueError(f"{path}: has {len(src)} tensors, EfficientNet-Lite0 expects {len(dst)}")

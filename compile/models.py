@@ -16,6 +16,7 @@ import torchvision
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from compile.efficientnet_lite0 import build_efficientnet_lite0
+from compile.weights import read_state_dict
 from worker.manifest import IMAGENET_PREPROCESS, Preprocess
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,9 @@ def torchvision_classifiers() -> list[str]:
 
 
 def load_state_dict(module: torch.nn.Module, weights: str | Path) -> None:
-    """Load a state_dict file (tensors only: `weights_only`, so a file cannot run code)."""
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise ModelError(f"cannot read weights {weights}: {e.strerror}") from e
-    except Exception as e:  # torch.load raises many types for a file that is not a state_dict
-        raise ModelError(f"cannot read weights {weights}: not a PyTorch state_dict file ({type(e).__name__})") from e
+    """Load a state_dict file into `module`. Raises ValueError for a file that is not one, and
+    ModelError for weights that do not fit."""
+    state = read_state_dict(weights)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:
