@@ -178,13 +178,13 @@ class Kiln:
         fails partway, and SubmitTimeout if the bulk queue is still full `timeout_s` after the
         call (run it again to enqueue the rest)."""
         self._check_redis()
-        items, skipped, default = _source_items(sources)
+        items, skipped, default, identity = _source_items(sources)
         job = _job_name(job or default())
         if out_dir is not None and retry_failed:
             raise ValueError("retry_failed applies to the Redis result store; in sharded mode a chunk runs once")
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        run = Submission(self, job, topk, retry_failed, out_dir, bar, deadline)
+        run = Submission(self, job, topk, retry_failed, out_dir, bar, deadline, identity)
         try:
             run.enqueue(items)
         finally:
@@ -478,13 +478,15 @@ class _Follow:
 
 def _source_items(
     sources: Iterable[str | Path] | Iterable[Item] | Expansion,
-) -> tuple[Iterator[Item], Counter[str], Callable[[], str]]:
+) -> tuple[Iterator[Item], Counter[str], Callable[[], str], str | None]:
     """The items of `sources` as a lazy iterator, the skipped-files counter the listing fills,
-    and how to make the default job id (from the keys of a list of Items, else from the inputs)."""
+    how to make the default job id (from the keys of a list of Items, else from the inputs), and
+    the submission's identity in the job's listing where the inputs give one (folders, globs,
+    manifests: a grown folder is the same submission), else None (its first chunk names it)."""
     if isinstance(sources, Expansion):
-        return iter(sources.items), sources.skipped, lambda: default_job_id(sources.items)
+        return iter(sources.items), sources.skipped, lambda: default_job_id(sources.items), None
     if isinstance(sources, Sequence) and sources and all(isinstance(s, Item) for s in sources):
-        return iter(sources), Counter(), lambda: default_job_id(sources)
+        return iter(sources), Counter(), lambda: default_job_id(sources), None
     stream = iter(sources)
     first = next(stream, None)
     if isinstance(first, Item):
@@ -492,10 +494,10 @@ def _source_items(
         def unnamed() -> str:
             raise ValueError("a stream of Items has no default job id: name the job")
 
-        return itertools.chain([first], stream), Counter(), unnamed
+        return itertools.chain([first], stream), Counter(), unnamed, None
     inputs = [] if first is None else [first, *stream]  # the inputs themselves: a few names
     skipped: Counter[str] = Counter()
-    return iter_items(inputs, skipped), skipped, lambda: inputs_job_id(inputs)
+    return iter_items(inputs, skipped), skipped, lambda: inputs_job_id(inputs), inputs_job_id(inputs)
 
 
 def _kept_keys(job: str | SubmittedJob) -> set[str] | None:

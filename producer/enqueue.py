@@ -55,10 +55,14 @@ class Submission:
         out_dir: str | None,
         bar: JobProgress,
         deadline: float | None = None,
+        identity: str | None = None,
     ) -> None:
         self.kiln, self.job, self.topk, self.retry_failed, self.out_dir, self.bar, self.deadline = (
             kiln, job, topk, retry_failed, out_dir, bar, deadline,
         )  # fmt: skip
+        # Its name in the job's listing: the same submission run again takes the place of one that
+        # stopped. From its inputs (a grown folder stays the same submission), else its first chunk.
+        self.identity = identity
         self.listed = 0  # images listed so far (duplicates within a chunk counted once)
         self.enqueued = 0  # images sent to workers
         self.failed_kept = 0  # images left out with an error record (no --retry-failed)
@@ -85,7 +89,7 @@ class Submission:
                 if not chunk:
                     break
                 if heartbeat is None:  # a listing that names nothing makes no job
-                    heartbeat = _Heartbeat(self.kiln, self.job, chunk)
+                    heartbeat = _Heartbeat(self.kiln, self.job, self.identity or chunk_id(0, chunk))
                 self.listed += len(chunk)
                 self._keep(chunk)
                 if self.out_dir is None:
@@ -202,11 +206,8 @@ class _Heartbeat:
     interrupted, or failed). A producer killed outright stops renewing it, and it lapses in
     LISTER_TTL_S. Other submissions of the same job keep their own."""
 
-    def __init__(self, kiln: Kiln, job: str, first_chunk: list[Item]) -> None:
-        self.kiln, self.job = kiln, job
-        # Named by its first images: the same sources run again (a resume) take the place of the
-        # submission that stopped, while another producer's submission is another one.
-        self.id = chunk_id(0, first_chunk)
+    def __init__(self, kiln: Kiln, job: str, identity: str) -> None:
+        self.kiln, self.job, self.id = kiln, job, identity
         self.finished = False
         self._stopping = threading.Event()
         self._existed, self._previous = kiln._redis(lambda: kiln.store.open_listing(job, self.id))

@@ -277,6 +277,26 @@ def test_a_new_job_whose_submission_enqueued_nothing_is_not_left_behind(private_
     assert status.returncode == 2 and "no job named 'new-shards'" in status.stderr, status.stderr
 
 
+def test_a_grown_folder_submitted_again_takes_the_stopped_submissions_place(private_redis_url, tmp_path):
+    """`submit` of a folder stopped by its --timeout (no worker, the queue full), then the folder
+    grown by an image that lists first and submitted again: the same inputs are the same
+    submission, so its listing ends, and the job is running, not stopped early."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("coffee", "chelsea", "rocket"):
+        shutil.copy(SAMPLES / f"{name}.jpg", folder / f"{name}.jpg")
+    env = {"KILN_REDIS_URL": private_redis_url, "KILN_CHUNK_SIZE": "1"}
+    stalled = producer("submit", str(folder), "--job", "grown", "--timeout", "2", "--no-progress",
+                       KILN_MAX_PENDING_CHUNKS="1", **env)  # fmt: skip
+    assert stalled.returncode == 2 and "with 1 of the 2 images" in stalled.stderr, stalled.stderr
+    assert "listing stopped early" in producer("status", "grown", **env).stdout
+    shutil.copy(SAMPLES / "astronaut.jpg", folder / "000-first.jpg")
+    again = producer("submit", str(folder), "--job", "grown", "--no-progress", **env)
+    assert again.returncode == 0, again.stderr
+    status = producer("status", "grown", **env)
+    assert "grown: running, 0 done, 0 failed, 4 in all" in status.stdout, status.stdout
+
+
 def test_concurrent_submissions_to_one_job_each_hold_its_listing_open(lite0_worker, tmp_path):
     """Several producers filling one job: while one still lists, another one finishing (or one
     refused at its first chunk) neither completes the job nor stops its listing; `wait` ends

@@ -396,7 +396,7 @@ class ResultStore:
     def finish_listing(self, job: str, submission: str = "") -> None:
         """Say that `submission` has enqueued every chunk it listed; the listing is done once no
         other submission is in it, running or stopped (one that stopped is run again under the
-        same id: `producer.enqueue` names a submission by its first chunk)."""
+        same id: `producer.enqueue` names a submission by its inputs, or its first chunk)."""
         self._finish_listing(keys=self._listing_keys(job, submission), args=[submission])
 
     def stop_listing(self, job: str, submission: str) -> None:
