@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,21 @@ from packages import DEVICE, ROOT, build_lite0, build_lite0_float32
 
 SAMPLES = ROOT / "samples"
 CATS = {"tiger cat", "Egyptian cat", "tabby"}  # ImageNet labels that are right for chelsea.jpg
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run as from a terminal, whatever started pytest: a shell's background job (`cmd &` without
+    job control) or `nohup` starts it with SIGINT and SIGQUIT, or SIGHUP, ignored, and every
+    process the tests start would inherit that (an ignored signal survives exec), so the tests
+    that send those signals failed. Handled, they are back to the default in each child."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else _default_in_children)
+
+
+def _default_in_children(signum: int, frame: object) -> None:
+    """A handler only so that processes started from here get the default action (exec resets a
+    handled signal, not an ignored one); pytest itself then ignores the signal, as it was asked."""
 
 
 @pytest.fixture(scope="session")
