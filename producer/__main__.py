@@ -262,9 +262,8 @@ def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
 
 def _after_timeout(error: JobTimeout, job: str, timeout: float, then: str) -> JobTimeout:
     """`error` said against the command's --timeout, with what to do next (`then`)."""
-    listing = "" if error.total_is_final else " listed so far (the listing goes on)"
     return JobTimeout(
-        f"job {job}: {error.finished} of {error.total} images{listing} after --timeout {timeout:g} s; {then}",
+        f"job {job}: {error.progress} after --timeout {timeout:g} s; {then}",
         error.finished,
         error.total,
         error.total_is_final,

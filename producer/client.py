@@ -70,6 +70,15 @@ class JobTimeout(TimeoutError):
         super().__init__(message)
         self.finished, self.total, self.total_is_final = finished, total, total_is_final
 
+    @property
+    def progress(self) -> str:
+        return _progress(self.finished, self.total, self.total_is_final)
+
+
+def _progress(finished: int, total: int, total_is_final: bool) -> str:
+    """How far a job got, for messages: `F of T images`, and whether T is not final yet."""
+    return f"{finished} of {total} images" + ("" if total_is_final else " listed so far (the listing goes on)")
+
 
 class JobNotFound(ValueError):
     """No job of that name in this Redis (never submitted, or its keys expired)."""
@@ -246,12 +255,12 @@ class Kiln:
                         f"{counts.failed} failed); run that submission again to enqueue the rest"
                     )
                 if deadline is not None and time.monotonic() > deadline:
-                    listing = "" if follow.total_is_final else " listed so far (the listing goes on)"
+                    final = follow.total_is_final
                     raise JobTimeout(
-                        f"job {follow.name}: {follow.finished} of {follow.total} images{listing} after {timeout_s:g} s",
+                        f"job {follow.name}: {_progress(follow.finished, follow.total, final)} after {timeout_s:g} s",
                         follow.finished,
                         follow.total,
-                        follow.total_is_final,
+                        final,
                     )
                 if check is not None:
                     check()
@@ -497,7 +506,8 @@ def _source_items(
         return itertools.chain([first], stream), Counter(), unnamed, None
     inputs = [] if first is None else [first, *stream]  # the inputs themselves: a few names
     skipped: Counter[str] = Counter()
-    return iter_items(inputs, skipped), skipped, lambda: inputs_job_id(inputs), inputs_job_id(inputs)
+    identity = inputs_job_id(inputs)
+    return iter_items(inputs, skipped), skipped, lambda: identity, identity
 
 
 def _kept_keys(job: str | SubmittedJob) -> set[str] | None:

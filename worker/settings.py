@@ -125,7 +125,7 @@ class CommonSettings(BaseSettings):
             raise ValueError("it names no host, or port 0: redis://host:6379/0")
         if parts.username and parts.password is None:
             raise ValueError("a password goes after a colon: redis://:password@host (or user:password@)")
-        if parts.fragment or "#" in url:
+        if "#" in url:
             raise ValueError("a URL of Redis has no #fragment: percent-encode a # in a password (%23)")
         if re.search(r"%(?![0-9A-Fa-f]{2})", url):
             raise ValueError("a % that is not a percent-escape (%25 is a %)")
