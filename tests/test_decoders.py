@@ -412,12 +412,14 @@ def mixed_folder(tmp_path, photos) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("library", LIBRARIES)
-def test_the_start_up_check_and_the_pipeline_share_one_frame_decoder(library):
-    """nvImageCodec's decoder (and its threads) start once per process, not once to check that
-    it works and again for the pipeline."""
+def test_the_pipeline_decodes_with_a_decoder_the_start_up_check_never_used(library):
+    """The start-up check's 16x16 JPEG left nvImageCodec's decoder decoding at a tenth of its rate
+    (worker.jpeg_codecs.frame_decoder): the pipeline's decoder must be its own."""
     assert decoder_available(torch.device(DEVICE), library) is None
-    decoder = JpegBatchDecoder(torch.device(DEVICE), IMAGENET_PREPROCESS, library)
-    assert decoder.frames is frame_decoder(torch.device(DEVICE), library)
+    first = JpegBatchDecoder(torch.device(DEVICE), IMAGENET_PREPROCESS, library)
+    second = JpegBatchDecoder(torch.device(DEVICE), IMAGENET_PREPROCESS, library)
+    assert first.frames is not second.frames
+    assert first.frames is not frame_decoder(torch.device(DEVICE), library)
 
 
 @pytest.mark.parametrize("library", LIBRARIES)

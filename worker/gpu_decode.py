@@ -62,7 +62,8 @@ def is_fatal_cuda_error(error: BaseException) -> bool:
 
 def decoder_available(device: torch.device, library: str = "torchvision") -> str | None:
     """None when `library` (see `worker.jpeg_codecs.frame_decoder`) decodes JPEGs on `device`,
-    else why not (for the start-up log)."""
+    else why not (for the start-up log). It checks with a decoder of its own, dropped after: one
+    whose first JPEG was this tiny one stayed slow (`frame_decoder`)."""
     if device.type == "cpu":
         return None
     try:

@@ -21,7 +21,6 @@ without a GPU.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -44,17 +43,15 @@ LIBRARIES = {"torchvision": "nvJPEG via torchvision", "nvimgcodec": "nvImageCode
 
 
 def frame_decoder(device: torch.device, library: str = "torchvision") -> FrameDecoder:
-    """`library`'s decoder (one of `LIBRARIES`) on a GPU; on the CPU always torchvision's
-    libjpeg-turbo (the CPU stands in for the GPU in CI). One per device and library in a process:
-    the worker's start-up check (`worker.gpu_decode.decoder_available`) and its pipeline share
-    it, so nvImageCodec's decoder and its threads start once. Use it from one thread at a time.
-    Raises ImportError where nvImageCodec is not installed, and RuntimeError or OSError from a
-    library that cannot start on `device` (not cached: the next call tries again)."""
-    return _frame_decoder(device, library)
+    """A new decoder of `library` (one of `LIBRARIES`) on a GPU; on the CPU always torchvision's
+    libjpeg-turbo (the CPU stands in for the GPU in CI). Use it from one thread at a time.
 
-
-@functools.cache
-def _frame_decoder(device: torch.device, library: str) -> FrameDecoder:
+    Never share one between the worker's start-up check and its pipeline: an nvImageCodec decoder
+    whose first call was the check's 16x16 JPEG on the default stream then decoded batches of 256
+    640x480 JPEGs at 1,690 img/s for 1.16 ms of CPU an image, against 12,747-19,798 and
+    0.06-0.09 ms for a fresh one, and the default worker ran at 4,641 img/s against 11,361 (H200,
+    bench/results/gpu-h200-worker-variants.json). Raises ImportError where nvImageCodec is not
+    installed, and RuntimeError or OSError from a library that cannot start on `device`."""
     if library not in LIBRARIES:
         raise ValueError(f"unknown GPU JPEG decoder {library!r}: one of {', '.join(LIBRARIES)}")
     if device.type == "cuda" and library == "nvimgcodec":

@@ -133,7 +133,8 @@ def choose_gpu_decoder(setting: str, processes_per_gpu: int) -> str:
     Why (the H200, bench/results/gpu-h200-routing.json): nvImageCodec gives the CPU path's own
     pixels (top-1 equal on 1,000 of 1,000 JPEGs, where torchvision's nvJPEG gives 975-977) and
     four worker processes ran faster with it (640x480 12,125 img/s against 11,006; 4000x3000
-    1,230 against 1,199; a mixed folder 2,717 against 2,552 in its steady part), but its batch
+    1,230 against 1,199; a mixed folder 2,717 against 2,552 in its steady part; 640x480 11,361
+    against 10,439 on another host, gpu-h200-worker-variants.json), but its batch
     call takes the GIL back about twice an image, so one process alone ran at 1,717 against 5,872."""
     if setting != "auto":
         return setting
