@@ -210,7 +210,7 @@ class _Heartbeat:
         self.kiln, self.job, self.id = kiln, job, identity
         self.finished = False
         self._stopping = threading.Event()
-        self._existed, self._previous = kiln._redis(lambda: kiln.store.open_listing(job, self.id))
+        self._before = kiln._redis(lambda: kiln.store.open_listing(job, self.id))
         self._thread = threading.Thread(target=self._renew, name=f"kiln-listing-{job}", daemon=True)
         self._thread.start()
 
@@ -236,7 +236,7 @@ class _Heartbeat:
         if enqueued:
             end = functools.partial(store.stop_listing, self.job, self.id)
         else:
-            end = functools.partial(store.reset_listing, self.job, self.id, self._existed, self._previous)
+            end = functools.partial(store.reset_listing, self.job, self.id, self._before)
         with contextlib.suppress(redis.RedisError, OSError):  # best effort: without Redis, the heartbeat lapses
             retrying(end, self.kiln.settings.redis_url, 5.0)
 

@@ -297,6 +297,18 @@ def test_a_grown_folder_submitted_again_takes_the_stopped_submissions_place(priv
     assert "grown: running, 0 done, 0 failed, 4 in all" in status.stdout, status.stdout
 
 
+def test_a_stopped_submission_run_again_that_enqueues_nothing_stays_stopped(private_redis_url, tmp_path):
+    """A folder's submission stopped by its --timeout (no worker, the queue full), run again and
+    stopped again before its first chunk: the job is as it was, stopped early, not a submission
+    whose heartbeat is late (that entry had been deleted with the second run's)."""
+    env = {"KILN_REDIS_URL": private_redis_url, "KILN_CHUNK_SIZE": "1", "KILN_MAX_PENDING_CHUNKS": "1"}
+    for _ in range(2):
+        stalled = producer("submit", str(SAMPLES), "--job", "again", "--timeout", "2", "--no-progress", **env)
+        assert stalled.returncode == 2 and "the bulk queue still held 1 chunks" in stalled.stderr, stalled.stderr
+        status = producer("status", "again", **env)
+        assert "again: listing stopped early" in status.stdout, status.stdout
+
+
 def test_concurrent_submissions_to_one_job_each_hold_its_listing_open(lite0_worker, tmp_path):
     """Several producers filling one job: while one still lists, another one finishing (or one
     refused at its first chunk) neither completes the job nor stops its listing; `wait` ends

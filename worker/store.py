@@ -176,6 +176,7 @@ return {'ok'}
 _OPEN_LISTING = """
 local existed = redis.call('EXISTS', KEYS[1])
 local previous = redis.call('HGET', KEYS[1], 'listing') or ''
+local own = redis.call('HGET', KEYS[2], ARGV[1]) or ''
 redis.call('HSET', KEYS[1], 'listing', 'open')
 redis.call('HSET', KEYS[2], ARGV[1], 'running')
 redis.call('SET', KEYS[3], 1, 'EX', ARGV[2])
@@ -183,7 +184,7 @@ local ttl = tonumber(ARGV[3])
 if ttl > 0 and existed == 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 local left = redis.call('PTTL', KEYS[1])  -- the submissions' hash lives as long as the job
 if left > 0 then redis.call('PEXPIRE', KEYS[2], left) else redis.call('PERSIST', KEYS[2]) end
-return {existed, previous}
+return {existed, previous, own}
 """
 
 # A submission has enqueued all it listed: it leaves; the listing is done once none is left (one
@@ -197,9 +198,14 @@ return 1
 """
 
 # A submission that enqueued nothing is taken back: KEYS meta, listers, its heartbeat, listed,
-# chunks; ARGV its id, whether the job existed before it, the listing before it.
+# chunks; ARGV its id, whether the job existed before it, the listing before it, its own entry
+# before it ('stopped' where it is a stopped submission run again: that one stays stopped).
 _RESET_LISTING = """
-redis.call('HDEL', KEYS[2], ARGV[1])
+if ARGV[4] == 'stopped' then
+  redis.call('HSET', KEYS[2], ARGV[1], 'stopped')
+else
+  redis.call('HDEL', KEYS[2], ARGV[1])
+end
 redis.call('DEL', KEYS[3])
 if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
 if ARGV[2] == '0' and tonumber(redis.call('HGET', KEYS[1], 'total') or '0') == 0 then
@@ -307,6 +313,15 @@ class JobCounts:
         return self.listed and self.total > 0 and self.finished >= self.total
 
 
+@dataclass(frozen=True)
+class ListingBefore:
+    """A job as a submission found it when it opened its listing (`ResultStore.open_listing`)."""
+
+    existed: bool
+    listing: str | None  # the meta's listing: "open", "done", or None
+    own: str | None  # this submission's entry: "stopped" where it is one that stopped, run again
+
+
 class ResultStore:
     """Records and counters of jobs in one Redis. Thread-safe (redis-py's pool)."""
 
@@ -379,15 +394,14 @@ class ResultStore:
         keys = [_key(job, "meta"), _key(job, "listed")]
         return bool(self._add_chunk(keys=keys, args=[chunk, n_images, self.ttl_s]))
 
-    def open_listing(self, job: str, submission: str) -> tuple[bool, str | None]:
+    def open_listing(self, job: str, submission: str) -> ListingBefore:
         """Say that `submission` (an id of the producer's own) is enqueueing the job's chunks: its
         total is not final. `keep_listing` must renew the submission's heartbeat at least every
         `LISTER_TTL_S` until `finish_listing`, `stop_listing` or `reset_listing`, else the
-        listing counts as lapsed. Returns whether the job existed, and its listing's state
-        before ("open", "done", or None), for `reset_listing`."""
+        listing counts as lapsed. Returns how the job was before, for `reset_listing`."""
         keys = self._listing_keys(job, submission)
-        answer = self._open_listing(keys=keys, args=[submission, LISTER_TTL_S, self.ttl_s])
-        return bool(answer[0]), answer[1].decode() or None
+        existed, listing, own = self._open_listing(keys=keys, args=[submission, LISTER_TTL_S, self.ttl_s])
+        return ListingBefore(bool(existed), listing.decode() or None, own.decode() or None)
 
     def keep_listing(self, job: str, submission: str) -> None:
         """The listing submission's heartbeat (see `open_listing`)."""
@@ -407,13 +421,13 @@ class ResultStore:
             pipe.hset(_key(job, "listers"), submission, "stopped").delete(_key(job, f"lister:{submission}"))
             pipe.execute()
 
-    def reset_listing(self, job: str, submission: str, existed: bool, previous: str | None) -> None:
+    def reset_listing(self, job: str, submission: str, before: ListingBefore) -> None:
         """Take back `submission`, which stopped before it enqueued anything (a conflict at its
-        first chunk, say), as `open_listing` found the job (`existed`, `previous`): a job it made
-        that holds nothing is deleted, another one's listing put back, unless other submissions
-        run."""
+        first chunk, say), as `open_listing` found the job (`before`): a job it made that holds
+        nothing is deleted, another one's listing put back (a stopped submission run again stays
+        stopped), unless other submissions run."""
         keys = [*self._listing_keys(job, submission), _key(job, "listed"), _key(job, "chunks")]
-        self._reset_listing(keys=keys, args=[submission, int(existed), previous or ""])
+        self._reset_listing(keys=keys, args=[submission, int(before.existed), before.listing or "", before.own or ""])
 
     @staticmethod
     def _listing_keys(job: str, submission: str) -> list[str]:
