@@ -22,7 +22,7 @@ from conftest import CATS, PYTHON, SAMPLES, python_env
 
 from producer import Item, Kiln
 from producer.settings import ProducerSettings
-from worker.store import LISTER_TTL_S
+from worker.store import LISTER_TTL_S, JobConflict
 
 
 def producer(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -367,3 +367,20 @@ def test_a_reader_that_goes_away_does_not_change_the_exit_status(private_redis_u
         os.close(write)
     status = producer("status", "piped", KILN_REDIS_URL=private_redis_url)
     assert "piped: running, 0 done, 0 failed, 6 in all" in status.stdout, status.stdout
+
+
+@pytest.mark.parametrize("out_dir", [False, True])
+def test_a_job_keeps_the_top_k_it_was_started_with(private_redis_url, tmp_path, out_dir):
+    """A second submission asking more (or fewer) labels per image is refused, in both modes:
+    an export has one column per label, so a Redis-store job's records of 7 were cut to its 2
+    without a word (a new user's finding); sharded jobs refused it already."""
+    env = {"KILN_REDIS_URL": private_redis_url}
+    shards = ["--out-dir", str(tmp_path / "shards")] * out_dir
+    first = producer("submit", str(SAMPLES / "coffee.jpg"), "--job", "tk", "--topk", "2", *shards, **env)
+    assert first.returncode == 0, first.stderr
+    other = producer("submit", str(SAMPLES / "rocket.jpg"), "--job", "tk", "--topk", "7", *shards, **env)
+    assert other.returncode == 2 and "job tk was started with topk=2, not 7" in other.stderr, other.stderr
+    assert "1 in all" in producer("status", "tk", **env).stdout
+    with Kiln(private_redis_url) as kiln, pytest.raises(JobConflict, match="topk=2, not 3"):
+        kiln.submit([Item(key="r", ref=str(SAMPLES / "rocket.jpg"))], job="tk", topk=3,
+                    out_dir=str(tmp_path / "shards") if out_dir else None)  # fmt: skip

@@ -70,7 +70,8 @@ return refused
 """
 
 # Register images in a job, all or nothing: a key that the job already holds with another
-# reference refuses the whole call. `total` is the number of images the job holds, whoever
+# reference refuses the whole call, as does another top-k than the job's (an export has one
+# column per label: records of more would be cut, silently). `total` is the number of images the job holds, whoever
 # registered them, so done + failed never exceeds it. Returns {'ok', {new keys}}, or a refusal.
 _REGISTER = """
 local ttl, now, online, topk = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
@@ -84,6 +85,9 @@ if redis.call('HSETNX', KEYS[1], 'created_at', now) == 1 then
   redis.call('HSET', KEYS[1], 'online', online, 'topk', topk)
 elseif online == '1' and redis.call('HGET', KEYS[1], 'online') ~= '1' then
   return {'bulk_only'}
+else
+  local had = redis.call('HGET', KEYS[1], 'topk')
+  if had and had ~= topk then return {'other_topk', had} end
 end
 local added = {}
 for i = 5, #ARGV, 2 do
@@ -352,7 +356,8 @@ class ResultStore:
         """Add images to a job (creating it), all or nothing; return the keys that were new.
 
         `online` creates a job that online requests may write into; asking it of a job created
-        without it raises JobConflict, as does a key the job holds with another reference."""
+        without it raises JobConflict, as do a key the job holds with another reference and a
+        `topk` other than the job's."""
         args = [arg for item in items for arg in (item.key, item.ref)]
         keys = [_key(job, part) for part in ("meta", "items", "records", "status")]
         answer = self._register(keys=keys, args=[self.ttl_s, time.time(), int(online), topk, *args])
@@ -362,6 +367,11 @@ class ResultStore:
             raise JobConflict(
                 f"job {job} already holds image key {key!r} for {old}; this submission names another image for it. "
                 "Use a new job name, or give the images other keys"
+            )
+        if verdict == "other_topk":
+            raise JobConflict(
+                f"job {job} was started with topk={answer[1].decode()}, not {topk}: "
+                "submit with that --topk, or use a new job name"
             )
         if verdict == "bulk_only":
             raise JobConflict(f"job {job} was created for bulk work only; online requests may not write into it")
@@ -386,7 +396,10 @@ class ResultStore:
         if verdict == "other_sink":
             raise JobConflict(f"job {job} writes its shards to {answer[1].decode()}, not {out_dir}")
         if verdict == "other_topk":
-            raise JobConflict(f"job {job} was started with topk={answer[1].decode()}, not {topk}")
+            raise JobConflict(
+                f"job {job} was started with topk={answer[1].decode()}, not {topk}: "
+                "submit with that --topk, or use a new job name"
+            )
 
     def add_chunk(self, job: str, chunk: str, n_images: int) -> bool:
         """Count a chunk of `n_images` into a sharded job's `total` and `chunks`, once however
