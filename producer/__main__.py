@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from producer.client import JobTimeout, Kiln, ListingStopped, SubmittedJob
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
-from producer.export import check_writable
+from producer.export import check_out_dir, check_writable
 from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
@@ -159,6 +159,8 @@ def print_table(records: list[Record], topk: int = 5) -> None:
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
     check_writable(args.out)  # refuse a bad --out before any work
+    if args.out_dir:
+        check_out_dir(args.out_dir)  # and a folder for shards that could not be read back here
     with contextlib.ExitStack() as stack:
         check = None
         if settings.redis_url:
@@ -235,7 +237,7 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
             if submitted.failed_before
             else ""
         )
-        + (f"; the job also holds {others} images of other submissions" if others > 0 else "")
+        + (f"; the job also holds {_count(others, 'image')} of other submissions" if others > 0 else "")
         + (f"; shards in {submitted.out_dir}/{submitted.id}/" if submitted.out_dir else "")
     )
     if say_skipped and submitted.skipped:
@@ -331,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                     else "running"
                 )  # fmt: skip
                 _out(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
+                if counts.sink_error:
+                    _out(f"{args.job}: the workers cannot write its shards (they retry): {counts.sink_error}")
             elif args.command == "export":
                 # Shards carry their own label columns, and are read without Redis.
                 topk = 5 if shards_given else _export_topk(kiln, args)

@@ -175,10 +175,11 @@ class Kiln:
 
         Redis result store (no `out_dir`): a chunk's images that already have a record are left
         out (with `retry_failed`, failed ones are sent again). A job name used again adds this
-        submission's images to the job. `out_dir` (a folder or an fsspec URL such as
-        s3://bucket/prefix): sharded mode, workers write each chunk's records as one Parquet
-        shard there, and Redis keeps counters per chunk only; chunks already completed are
-        skipped (resume: the same inputs give the same chunks).
+        submission's images to the job. `out_dir` (a folder, made absolute from the caller's
+        working folder, or an fsspec URL such as s3://bucket/prefix): sharded mode, workers
+        write each chunk's records as one Parquet shard there, and Redis keeps counters per
+        chunk only; chunks already completed are skipped (resume: the same inputs give the same
+        chunks).
 
         `progress`: draw a progress bar (or draw on the given one) while enqueuing. Raises
         JobConflict if the job holds one of the keys for another image (checked chunk by chunk:
@@ -191,6 +192,10 @@ class Kiln:
         job = _job_name(job or default())
         if out_dir is not None and retry_failed:
             raise ValueError("retry_failed applies to the Redis result store; in sharded mode a chunk runs once")
+        if out_dir is not None and "://" not in out_dir:
+            # The workers write there, from working folders of their own: a relative folder would
+            # be one under each worker's (and `label` would not find the shards).
+            out_dir = str(Path(out_dir).expanduser().absolute())
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         run = Submission(self, job, topk, retry_failed, out_dir, bar, deadline, identity)
@@ -240,9 +245,13 @@ class Kiln:
         follow = _Follow(self, job, deadline)
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
         stall = _Stall(self, follow)
+        said: str | None = None  # the shards' write error said last
         try:
             while True:
                 stall.check(bar)
+                if follow.job.sink_error not in (None, said):
+                    said = follow.job.sink_error
+                    bar.write(f"job {follow.name}: the workers cannot write its shards (they retry): {said}")
                 # a job's total is final only once its listing is done
                 bar.show(follow.name, follow.finished, follow.total if follow.total_is_final else None)
                 if follow.complete:

@@ -384,3 +384,33 @@ def test_a_job_keeps_the_top_k_it_was_started_with(private_redis_url, tmp_path, 
     with Kiln(private_redis_url) as kiln, pytest.raises(JobConflict, match="topk=2, not 3"):
         kiln.submit([Item(key="r", ref=str(SAMPLES / "rocket.jpg"))], job="tk", topk=3,
                     out_dir=str(tmp_path / "shards") if out_dir else None)  # fmt: skip
+
+
+def test_a_relative_out_dir_is_the_producers_folder_not_the_workers(lite0_worker, tmp_path):
+    """`label --out-dir shards`, run in a folder of its own: the worker (working elsewhere) writes
+    the shards there and label reads them back. Before, they went under the worker's working
+    folder, and label said there were none (a new user's finding)."""
+    job = f"relative-{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [PYTHON, "-m", "producer", "label", str(SAMPLES / "coffee.jpg"), "--job", job, "--out-dir", "shards",
+         "--out", "coffee.csv", "--no-progress"],
+        cwd=tmp_path, env=python_env(KILN_REDIS_URL=lite0_worker.redis_url), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"shards in {tmp_path / 'shards'}/{job}/" in done.stderr
+    assert len(list((tmp_path / "shards" / job).glob("*.parquet"))) == 1
+    assert "coffee" in (tmp_path / "coffee.csv").read_text()
+
+
+@pytest.mark.parametrize("out_dir", ["/proc/kiln-shards", "blocker/shards"])
+def test_label_refuses_an_out_dir_it_could_not_read_back(private_redis_url, tmp_path, out_dir):
+    """A folder that cannot be made (under /proc, under a file): refused before anything is
+    enqueued. Before, the job never finished and said nothing of why."""
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    out_dir = out_dir if out_dir.startswith("/") else str(tmp_path / out_dir)
+    done = producer("label", str(SAMPLES / "coffee.jpg"), "--job", "nowhere", "--out-dir", out_dir,
+                    "--out", str(tmp_path / "r.csv"), KILN_REDIS_URL=private_redis_url)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"--out-dir {out_dir}: not a folder the workers and `label` can write" in done.stderr
+    assert "no job named 'nowhere'" in producer("status", "nowhere", KILN_REDIS_URL=private_redis_url).stderr

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from conftest import CATS, SAMPLES, python_env
+from conftest import CATS, PYTHON, SAMPLES, python_env
 from http_server import serve_folder
 from pydantic import ValidationError
 
@@ -280,6 +281,34 @@ def test_an_unwritable_out_dir_loses_nothing_and_says_why(workers, private_app, 
     wait_for(lambda: store.counts(job).complete, 120, "the job after the fix", worker.check)
     counts = store.counts(job)
     assert (counts.total, counts.done, counts.failed) == (6, 6, 0) and store.sink_error(job) is None
+    assert_one_row_per_image(out / job, items)
+
+
+def test_a_shard_write_error_shows_at_once_and_a_warm_shutdown_gives_the_chunk_back(workers, private_app, tmp_path):
+    """With the default KILN_SINK_RETRY_S (600 s): `kiln status` says why the shards are not
+    written from the first failed attempt, and SIGTERM (a warm shutdown) gives the chunk back
+    unwritten instead of waiting the retries out; a worker then writes it once the folder is
+    mended. A new user saw "running, 0 done" for ten minutes, and a worker that two SIGTERMs did
+    not stop."""
+    store = ResultStore.from_url(workers.url)
+    items = photo_items(tmp_path / "photos", 4)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    out, job = blocker / "out", "unwritable-long"
+    worker = workers.start("worker")
+    send_sharded(private_app, store, job, str(out), items, chunk_size=4)
+    wait_for(lambda: store.counts(job).sink_error is not None, 240, "the write error noted", worker.check)
+    status = subprocess.run([PYTHON, "-m", "producer", "status", job], capture_output=True, text=True,
+                            env=python_env(KILN_REDIS_URL=workers.url), timeout=120)  # fmt: skip
+    assert f"{job}: the workers cannot write its shards (they retry): " in status.stdout, status.stdout
+    assert "NotADirectoryError" in status.stdout
+    os.killpg(worker.process.pid, signal.SIGTERM)
+    worker.process.wait(120)  # far less than the 600 s of retries it waited out before
+    assert "giving chunk" in log_of(worker) and store.counts(job).finished == 0
+    blocker.unlink()
+    again = workers.start("again")
+    wait_for(lambda: store.counts(job).complete, 240, "the chunk given back", again.check)
+    assert store.counts(job).sink_error is None
     assert_one_row_per_image(out / job, items)
 
 

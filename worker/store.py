@@ -303,6 +303,7 @@ class JobCounts:
     done: int
     failed: int
     listing: Literal["done", "running", "stopped", "lapsed"] = "done"
+    sink_error: str | None = None  # sharded jobs: why a worker's last shard write failed, until one succeeds
 
     @property
     def listed(self) -> bool:
@@ -555,7 +556,8 @@ class ResultStore:
             listing = "lapsed"
         else:
             listing = "done"
-        return JobCounts(total, done, failed, listing)
+        sink_error = meta.get(b"sink_error")
+        return JobCounts(total, done, failed, listing, None if sink_error is None else sink_error.decode())
 
     def exists(self, job: str) -> bool:
         return bool(self.redis.exists(_key(job, "meta")))

@@ -13,6 +13,7 @@ fail for `KILN_SINK_RETRY_S`, and past that the chunk goes back to the queue
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -44,7 +45,7 @@ from worker.fetch import FetchPolicy
 from worker.lease import Heartbeat, holder_running
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.plan import DataPathPlan, plan_data_path
-from worker.retry import RedisUnavailable, Unavailable, is_transient, with_retries
+from worker.retry import RedisUnavailable, Unavailable, is_transient, shutting_down, with_retries
 from worker.settings import WorkerSettings
 from worker.sink import SinkUnavailable, shard_url, write_shard
 from worker.store import DEAD_LETTERS, Delivery, ResultStore
@@ -223,8 +224,6 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         log.error("giving chunk %s of job %s back to the queue: %s: %s", task_id, chunk.job, type(e).__name__, e)
         if delivery is not None:
             try:
-                if isinstance(e, SinkUnavailable):  # for the producer to show: the worker log is not at hand
-                    current.store.note_sink_error(chunk.job, f"{current.heartbeat.worker}: {e}")
                 current.store.release(chunk.job, task_id, delivery.deaths)
             except Exception as release_error:  # Redis is failing; the chunk's lease still brings it back
                 log.warning("could not release chunk %s: %s", task_id, release_error)
@@ -311,10 +310,24 @@ def _run_to_shard(current: ProcessState, chunk: ChunkMessage, delivery: Delivery
     _run_chunk(current, chunk, delivery, collect, missing)
     rows = list(records.values())
     started = time.perf_counter()
+
+    def write() -> None:
+        try:
+            write_shard(out_dir, chunk.job, chunk_id, rows, chunk.topk)
+        except Exception as e:
+            # At once, for `kiln status` and `wait` to show: the worker's log is not at hand, and
+            # the retries may run for KILN_SINK_RETRY_S. The next shard written clears it.
+            with contextlib.suppress(redis.RedisError):
+                current.store.note_sink_error(chunk.job, f"{current.heartbeat.worker}: {type(e).__name__}: {e}")
+            raise
+
     with_retries(
-        lambda: write_shard(out_dir, chunk.job, chunk_id, rows, chunk.topk),
+        write,
         f"write shard {shard_url(out_dir, chunk.job, chunk_id)}",
         current.settings.sink_retry_s,
+        # Any shutdown gives the chunk back unwritten (it is not acknowledged): a warm one would
+        # otherwise wait out KILN_SINK_RETRY_S on a store that is down.
+        abandon=lambda: shutting_down(warm=True),
         transient=lambda _: True,  # a folder or store that fails may be mended: the chunk waits for it
         unavailable=SinkUnavailable,
     )
