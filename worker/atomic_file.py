@@ -33,11 +33,11 @@ def replacing(
     Raises OSError naming `path` (not the temporary name) where the file cannot be made."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as e:
-        raise OSError(f"cannot write {path}: {e.strerror}") from e
-    try:
+    try:  # made inside it: a Ctrl-C just after the file appeared had left it behind
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as e:
+            raise OSError(f"cannot write {path}: {e.strerror}") from e
         yield tmp
         if keep:
             if durable:
