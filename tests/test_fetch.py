@@ -11,7 +11,7 @@ import pytest
 from http_server import serve_folder
 
 from worker.contract import InputError
-from worker.fetch import FetchPolicy, fetch
+from worker.fetch import FetchPolicy, fetch, roots_notes
 
 
 @pytest.fixture
@@ -218,3 +218,14 @@ def test_the_one_call_open_stays_beneath_its_root(tmp_path):
     os.close(fd)
     for escape in ("out.jpg", "up.jpg", "../outside.jpg", "sub/../../outside.jpg"):
         assert open_beneath(str(root), escape) is None, escape
+
+
+def test_a_worker_says_where_it_reads_images_and_which_roots_are_not_folders(tmp_path):
+    """Said at start: with no roots every local job failed as `forbidden`, and with a typo'd root
+    likewise, while the worker said nothing (a new user's finding)."""
+    (none,) = roots_notes([])
+    assert "no KILN_ALLOWED_ROOTS" in none and "every local path and object-store reference is refused" in none
+    typo = tmp_path / "typo"
+    said, *notes = roots_notes([str(tmp_path), str(typo), "s3://bucket/prefix"])
+    assert said == f"reads images under: {os.path.realpath(tmp_path)}, {os.path.realpath(typo)}, s3://bucket/prefix"
+    assert notes == [f"allowed root {typo} is not a folder on this host: nothing under it can be read"]

@@ -201,6 +201,7 @@ def test_worker_processes_each_load_the_model_and_share_the_work(private_redis_u
             workers = {r.worker for r in kiln.results("two")}
         log = worker.log_path.read_text()[-2000:]
         assert counts.done == 24, log
+        assert worker.log_path.read_text().count(f"reads images under: {os.path.realpath(SAMPLES)}") == 1
         pids = {int(w.split(":")[1]) for w in workers}
         assert worker.process.pid not in pids and pids == _children(worker.process.pid), (workers, log)
         worker.process.send_signal(signal.SIGTERM)  # a warm shutdown of both

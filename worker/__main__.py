@@ -194,10 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from worker.cxx_runtime import ensure_cxx_runtime
+    from worker.fetch import roots_notes
 
     ensure_cxx_runtime(settings.model)  # may restart this process with the C++ runtime preloaded
     if args.worker_index is None:  # said once, by the process the user started
         for line in unknown_variables(os.environ):
+            logging.getLogger("worker").warning("%s", line)
+        said, *notes = roots_notes(settings.allowed_roots)
+        logging.getLogger("worker").log(logging.INFO if settings.allowed_roots else logging.WARNING, "%s", said)
+        for line in notes:
             logging.getLogger("worker").warning("%s", line)
 
     try:

@@ -60,6 +60,24 @@ class FetchPolicy:
         return cls(local, max_bytes, timeout_s, networks, objects)
 
 
+def roots_notes(allowed_roots: list[str] | tuple[str, ...]) -> list[str]:
+    """What a worker says at start about its KILN_ALLOWED_ROOTS: where it reads from, or that it
+    reads no local file or object at all, and which local roots are not folders here (a typo,
+    or a share not mounted). Else every image of a job failed as `forbidden`, and the worker had
+    said nothing."""
+    if not allowed_roots:
+        return [
+            "no KILN_ALLOWED_ROOTS (--allowed-roots): every local path and object-store reference is "
+            "refused as forbidden; only inline images and http(s) URLs are served"
+        ]
+    shown = ", ".join(r if "://" in r else os.path.realpath(r) for r in allowed_roots)
+    return [f"reads images under: {shown}"] + [
+        f"allowed root {r} is not a folder on this host: nothing under it can be read"
+        for r in allowed_roots
+        if "://" not in r and not os.path.isdir(r)
+    ]
+
+
 def fetch(ref: str, policy: FetchPolicy) -> bytes:
     """The bytes of one image reference (an absolute path, a `file://`, `http(s)://` or object-store
     URL), at most `policy.max_bytes` of them. Raises InputError: `bad_ref`, `unsupported_ref`,
