@@ -259,7 +259,14 @@ def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
             )
             raise _after_timeout(e, args.job, args.timeout, then) from None
     _out(f"{args.job}: complete, {counts.done} done, {counts.failed} failed, {counts.total} in all")
+    _why_failed(args.job, counts.failed)
     return 0 if counts.failed == 0 else 1
+
+
+def _why_failed(job: str, failed: int) -> None:
+    """Where to read why images failed: their records say, one by one (the counters do not)."""
+    if failed:
+        print(f"the failed images' records say why: `kiln export {job} --out FILE`", file=sys.stderr)
 
 
 def _after_timeout(error: JobTimeout, job: str, timeout: float, then: str) -> JobTimeout:
@@ -333,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                     else "running"
                 )  # fmt: skip
                 _out(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
+                _why_failed(args.job, counts.failed)
                 if counts.sink_error:
                     _out(f"{args.job}: the workers cannot write its shards (they retry): {counts.sink_error}")
             elif args.command == "export":
@@ -342,11 +350,14 @@ def main(argv: list[str] | None = None) -> int:
                 written = kiln.export(args.job, args.out, topk, out_dir=args.out_dir)
                 print(f"wrote {_count(written, 'record')} to {args.out}", file=sys.stderr)
                 if counts is not None and not counts.complete:
+                    # Exit 2: a script must not take the file for the whole job.
                     print(
-                        f"note: job {args.job} was not finished ({counts.finished} of {counts.total} images had "
-                        f"records): export it again once `kiln status {args.job}` says complete",
+                        f"error: job {args.job} was not finished when the export began ({counts.finished} of "
+                        f"{counts.total} images had records then), so {args.out} may lack some: export it again "
+                        f"once `kiln status {args.job}` says complete",
                         file=sys.stderr,
                     )
+                    return 2
             elif args.command == "classify":
                 record = kiln.classify(_classify_input(kiln, args.image), topk=args.topk, timeout_s=args.timeout)
                 _out(record.model_dump_json(indent=2, exclude_none=True))

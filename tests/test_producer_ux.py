@@ -33,6 +33,9 @@ def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path
     )
     assert first.returncode == 1, first.stderr
     assert "1 labelled, 1 failed" in first.stderr
+    for command in ("status", "wait"):  # the counters do not say why: where to read it
+        said = producer(command, "retry", **env)
+        assert "the failed images' records say why: `kiln export retry --out FILE`" in said.stderr, said.stderr
 
     shutil.copy(SAMPLES / "coffee.jpg", folder / "late.jpg")  # fixed in place: the same key and reference
     plain = producer("label", str(folder), "--job", "retry", "--out", str(tmp_path / "plain.jsonl"), "--no-progress",
@@ -265,15 +268,16 @@ def test_the_table_keeps_one_line_per_image(capsys):
 
 
 def test_export_of_an_unfinished_job_says_so(private_redis_url, tmp_path):
-    """No worker consumes this database: `export` writes the records there are (none) and says
-    the job is not finished, where it used to say only "wrote 0 records"."""
+    """No worker consumes this database: `export` writes the records there are (none), says the
+    job is not finished, where it used to say only "wrote 0 records", and exits 2, where a script
+    took the partial file for the job with exit 0 (a new user's finding)."""
     env = {"KILN_REDIS_URL": private_redis_url}
     submitted = producer("submit", str(SAMPLES / "coffee.jpg"), "--job", "early", "--no-progress", **env)
     assert submitted.returncode == 0, submitted.stderr
     exported = producer("export", "early", "--out", str(tmp_path / "early.jsonl"), **env)
-    assert exported.returncode == 0, exported.stderr
+    assert exported.returncode == 2, exported.stderr
     assert "wrote 0 records" in exported.stderr
-    assert "note: job early was not finished (0 of 1 images had records)" in exported.stderr
+    assert "error: job early was not finished when the export began (0 of 1 images had records then)" in exported.stderr
 
 
 def test_a_misspelt_setting_is_named_with_the_one_meant(private_redis_url, lite0_package, tmp_path):
