@@ -13,7 +13,7 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer.client import JobTimeout, Kiln, ListingStopped, SubmittedJob
+from producer.client import JobTimeout, Kiln, ListingStopped, SubmittedJob, job_notes
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
 from producer.export import check_out_dir, check_writable
 from producer.faults import describe
@@ -341,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
                 _out(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
                 _why_failed(args.job, counts.failed)
-                if counts.sink_error:
-                    _out(f"{args.job}: the workers cannot write its shards (they retry): {counts.sink_error}")
+                for note in job_notes(args.job, counts):
+                    _out(note)
             elif args.command == "export":
                 # Shards carry their own label columns, and are read without Redis.
                 topk = 5 if shards_given else _export_topk(kiln, args)

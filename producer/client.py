@@ -75,6 +75,20 @@ class JobTimeout(TimeoutError):
         return _progress(self.finished, self.total, self.total_is_final)
 
 
+def job_notes(job: str, counts: JobCounts) -> list[str]:
+    """What holds a job back that the workers know and its counters do not say: shards that
+    cannot be written, chunks given back by workers serving another model."""
+    notes = []
+    if counts.sink_error:
+        notes.append(f"{job}: the workers cannot write its shards (they retry): {counts.sink_error}")
+    if counts.other_model:
+        notes.append(
+            f"{job}: its records come from {counts.model}, and a worker serving another model gave a chunk back "
+            f"({counts.other_model}): start workers serving {counts.model}, or submit to a new job"
+        )
+    return notes
+
+
 def _progress(finished: int, total: int, total_is_final: bool) -> str:
     """How far a job got, for messages: `F of T images`, and whether T is not final yet."""
     return f"{finished} of {total} images" + ("" if total_is_final else " listed so far (the listing goes on)")
@@ -245,13 +259,15 @@ class Kiln:
         follow = _Follow(self, job, deadline)
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
         stall = _Stall(self, follow)
-        said: str | None = None  # the shards' write error said last
+        said: list[str] = []  # the job's notes said last: each is said again only when it changes
         try:
             while True:
                 stall.check(bar)
-                if follow.job.sink_error not in (None, said):
-                    said = follow.job.sink_error
-                    bar.write(f"job {follow.name}: the workers cannot write its shards (they retry): {said}")
+                notes = job_notes(f"job {follow.name}", follow.job)
+                for note in notes:
+                    if note not in said:
+                        bar.write(note)
+                said = notes
                 # a job's total is final only once its listing is done
                 bar.show(follow.name, follow.finished, follow.total if follow.total_is_final else None)
                 if follow.complete:

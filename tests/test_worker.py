@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import CATS, SAMPLES, python_env
 from http_server import serve_folder
+from packages import build_cached
 
 from producer import Item, Kiln
 from producer.embedded import LocalWorker
@@ -472,3 +473,41 @@ def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(private_redis_u
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_job_takes_records_of_one_model_only(private_redis_url, lite0_package, tmp_path):
+    """Workers serving different packages on one Redis: a job's records come from the model of the
+    first worker that took one of its chunks. A worker of another model gives its chunks back
+    (before they count as deliveries) and `kiln status` says so; the job's own workers then label
+    them. Before, one job held Lite0's ImageNet labels and another model's (a new user's finding)."""
+    tiny = build_cached("tiny", ["factories:tiny", "--max-batch", "8", "--tune-batch", "4"])
+    url, photos = private_redis_url, sorted(SAMPLES.glob("*.jpg"))
+    settings = ProducerSettings(redis_url=url, chunk_size=1)
+
+    def start(package: Path, name: str) -> LocalWorker:
+        return LocalWorker(package, url, tmp_path / f"{name}.log", [SAMPLES], ["--threads", "1"], env=python_env())
+
+    with Kiln(settings=settings) as kiln:
+        lite0 = start(lite0_package, "lite0")
+        try:
+            kiln.submit([Item(key="first", ref=str(photos[0]))], job="one")
+            kiln.wait("one", timeout_s=180, progress=False, check=lite0.check)
+        finally:
+            lite0.stop()
+        other = start(tiny, "tiny")
+        try:
+            kiln.submit([Item(key=f"more-{i}", ref=str(p)) for i, p in enumerate(photos)], job="one")
+            _wait_until(lambda: kiln.counts("one").other_model is not None, 180, "a chunk given back")
+            status = subprocess.run([sys.executable, "-m", "producer", "status", "one"], capture_output=True,
+                                    text=True, env=python_env(KILN_REDIS_URL=url), timeout=120)  # fmt: skip
+            assert "one: its records come from efficientnet_lite0@" in status.stdout, status.stdout
+            assert "serves tiny@" in status.stdout and kiln.counts("one").finished == 1
+        finally:
+            other.stop()
+        lite0 = start(lite0_package, "lite0-again")
+        try:
+            counts = kiln.wait("one", timeout_s=180, progress=False, check=lite0.check)
+        finally:
+            lite0.stop()
+        assert counts.done == len(photos) + 1 and counts.other_model is None
+        assert {record.model for record in kiln.results("one")} == {"efficientnet_lite0"}

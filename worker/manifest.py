@@ -10,6 +10,7 @@ This module imports no torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -81,6 +82,14 @@ class Manifest(BaseModel):
     weights_source: str = Field(default="", description="shipped, random, factory, or the weights file given")
     kiln_version: str
     created_at: str
+
+    @property
+    def model_key(self) -> str:
+        """What makes two packages give a job the same answers, up to precision: the model, its
+        weights, labels and preprocessing; not the device, dtype, batch sizes or torch version,
+        so CPU and GPU builds of one model may share a job. "name@" and 12 hex digits."""
+        same = json.dumps([self.weights_sha256, self.labels, self.preprocess.model_dump(mode="json")])
+        return f"{self.model}@{hashlib.sha256(same.encode()).hexdigest()[:12]}"
 
 
 def _metadata_member(path: Path, archive: zipfile.ZipFile) -> str:

@@ -9,7 +9,9 @@ script can update them together:
                          while a submission enqueues chunks, "done" once one has enqueued every
                          chunk: total is final then; absent for jobs of online requests); sharded
                          jobs also sink (the out_dir URL), chunks (chunks enqueued), sink_error (why
-                         a worker last gave a chunk back unwritten; cleared when a shard is written)
+                         a worker last gave a chunk back unwritten; cleared when a shard is written);
+                         model (the model key of the first worker that took a chunk: its records'
+                         model), other_model (a worker of another model gave a chunk back)
     kiln:{job}:listers   hash: submission id -> "running" | "stopped", for each submission that
                          opened the listing and has not finished it
     kiln:{job}:lister:{id} string, expiring: that submission's heartbeat while it runs
@@ -248,6 +250,17 @@ if ttl > 0 then for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end end
 return added
 """
 
+# Bind a job to the model of the first worker that takes one of its chunks (a worker of that
+# model taking one clears a refusal noted before). KEYS meta; ARGV the worker's model key.
+# Returns the job's model key, or nil where the job does not exist.
+_BIND_MODEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'model', ARGV[1])
+local bound = redis.call('HGET', KEYS[1], 'model')
+if bound == ARGV[1] then redis.call('HDEL', KEYS[1], 'other_model') end
+return bound
+"""
+
 # Mark a chunk's shard written, and count its images, once: a redelivered chunk rewrote the same
 # shard, so it must not be counted again.
 _COMPLETE_CHUNK = """
@@ -304,6 +317,8 @@ class JobCounts:
     failed: int
     listing: Literal["done", "running", "stopped", "lapsed"] = "done"
     sink_error: str | None = None  # sharded jobs: why a worker's last shard write failed, until one succeeds
+    model: str | None = None  # the model its records come from (`Manifest.model_key`), once a worker took a chunk
+    other_model: str | None = None  # a worker serving another model gave a chunk back: which, and what it serves
 
     @property
     def listed(self) -> bool:
@@ -340,6 +355,7 @@ class ResultStore:
         self._reply = client.register_script(_REPLY)
         self._claim = client.register_script(_CLAIM)
         self._begin_sharded = client.register_script(_BEGIN_SHARDED)
+        self._bind_model = client.register_script(_BIND_MODEL)
         self._add_chunk = client.register_script(_ADD_CHUNK)
         self._complete_chunk = client.register_script(_COMPLETE_CHUNK)
         self._open_listing = client.register_script(_OPEN_LISTING)
@@ -466,6 +482,17 @@ class ResultStore:
         keys = [_key(job, "meta"), _key(job, "chunks")]
         return bool(self._complete_chunk(keys=keys, args=[chunk, ok, failed, self.ttl_s]))
 
+    def bind_model(self, job: str, model_key: str) -> str | None:
+        """The model a job's records come from (`Manifest.model_key`): the first worker to take
+        one of its chunks binds it to its own. Returns the job's, or None for no such job."""
+        answer = self._bind_model(keys=[_key(job, "meta")], args=[model_key])
+        return None if answer is None else answer.decode()
+
+    def note_other_model(self, job: str, message: str) -> None:
+        """Keep why a worker gave a chunk back (it serves another model than the job's), for
+        `kiln status` and `wait` to show, until a worker of the job's model takes a chunk."""
+        self.redis.hset(_key(job, "meta"), "other_model", message[:2000])
+
     def note_sink_error(self, job: str, message: str) -> None:
         """Keep why a worker gave a sharded chunk back unwritten (out_dir unwritable, store down,
         pyarrow missing), for the producer to show; the next shard written clears it."""
@@ -556,8 +583,9 @@ class ResultStore:
             listing = "lapsed"
         else:
             listing = "done"
-        sink_error = meta.get(b"sink_error")
-        return JobCounts(total, done, failed, listing, None if sink_error is None else sink_error.decode())
+        names = ("sink_error", "model", "other_model")
+        text = {name: value.decode() for name in names if (value := meta.get(name.encode())) is not None}
+        return JobCounts(total, done, failed, listing, **text)
 
     def exists(self, job: str) -> bool:
         return bool(self.redis.exists(_key(job, "meta")))

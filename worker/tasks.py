@@ -73,6 +73,7 @@ class ProcessState:
 
 
 _state: ProcessState | None = None
+OTHER_MODEL_PAUSE_S = 2.0  # before a worker gives back a chunk of a job bound to another model
 
 
 def init_process(settings: WorkerSettings, device: str | None, processes: int) -> ProcessState:
@@ -209,6 +210,7 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         if refusal:
             dead_letter(message, refusal)
             return {"error": "bad_message"}
+        _take_only_own_models(current, chunk.job)
         delivery = claim_chunk(current, chunk.job, task_id)
         metrics.observe_deliveries("chunk", [delivery.deaths + 1], current.settings.max_deliveries)
         if delivery.done:  # finished by an earlier delivery whose acknowledgement was lost
@@ -231,6 +233,24 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
     finally:
         current.heartbeat.end(task_id)
     return {"job": chunk.job, "records": written}
+
+
+def _take_only_own_models(current: ProcessState, job: str) -> None:
+    """Bind the job to this worker's model if no worker has taken one of its chunks yet; raise
+    Reject (the chunk goes back to the queue, before it counts as a delivery) where the job's
+    records come from another model: workers serving different packages on one Redis wrote a
+    job's records with two models' labels (a new user's finding). The pause lets the job's own
+    workers take the chunk, not this one again at once."""
+    mine = current.pipeline.runtime.manifest.model_key
+    bound = current.retrying(lambda: current.store.bind_model(job, mine), "bind a job to its model")
+    if bound is None or bound == mine:
+        return
+    log.warning("giving a chunk of job %s back to the queue: its records come from %s, this worker serves %s",
+                job, bound, mine)  # fmt: skip
+    note = f"{current.heartbeat.worker} serves {mine}"
+    current.retrying(lambda: current.store.note_other_model(job, note), "note a worker of another model")
+    time.sleep(OTHER_MODEL_PAUSE_S)
+    raise Reject(f"job {job} takes records of {bound} only", requeue=True)
 
 
 def _output_refusal(store: ResultStore, chunk: ChunkMessage) -> str | None:
