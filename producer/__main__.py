@@ -172,7 +172,8 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
             # Listing passes first, for the folders and prefixes the local worker may read: each
             # holds one entry per folder, not per image.
             roots = local_roots(iter_items(args.inputs)) + object_roots(iter_items(args.inputs))
-            worker = LocalWorker(model, url, settings.data_dir / "worker.log", roots)
+            # Its Redis dies with this process: a worker left without it exits at once.
+            worker = LocalWorker(model, url, settings.data_dir / "worker.log", roots, ["--exit-with-parent"])
             stack.callback(worker.stop)
             settings = settings.model_copy(update={"redis_url": url})
             check = worker.check

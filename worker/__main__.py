@@ -54,9 +54,14 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes per GPU when --concurrency is not given [KILN_PROCESSES_PER_GPU; default: one per 4 "
         "cores of a GPU's share of the host, at most 4]",
     )
-    # Set by a parent worker for each worker process it starts (worker/supervisor.py).
+    # Set by a parent worker for each worker process it starts (worker/supervisor.py); --parent-pid
+    # also by any process that starts a worker it must not outlive (producer/embedded.py).
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    # The embedded mode's: its Redis dies with the producer, so a worker whose parent is gone has
+    # nothing a warm shutdown could finish (it would retry writing its chunks for
+    # KILN_REDIS_RETRY_S); passed on to a supervisor's worker processes with the other options.
+    parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--threads", type=int, help="torch threads per process [KILN_THREADS; default: cores / processes, 1 on a GPU]"
     )
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.parent_pid is not None:  # a parent killed while this process starts stops it too
         from worker.supervisor import stop_with_parent
 
-        stop_with_parent(args.parent_pid)
+        stop_with_parent(args.parent_pid, at_once=args.exit_with_parent)
     if args.worker_index is not None:  # its log lines say which of the host's worker processes wrote them
         import multiprocessing
 

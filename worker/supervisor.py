@@ -23,7 +23,8 @@ its folder), and:
   that stops with status 2 (a bad package or setting), or dies within `EARLY_EXIT_S` of its start
   `EARLY_EXITS` times in a row, stops them all: starting it again would only fail again.
 - A child whose parent is gone (killed with SIGKILL, or by the OOM killer) shuts down warm on
-  its own (`stop_with_parent`), so no worker outlives its supervisor.
+  its own (`stop_with_parent`), so no worker outlives its supervisor; in the embedded mode,
+  whose Redis died with the producer, the supervisor and its children exit at once instead.
 - Processes orphaned by a dead child (its decode processes) are re-parented to the supervisor
   (a Linux child subreaper) and reaped, so none stays a zombie, also where the supervisor is a
   container's PID 1.
@@ -115,12 +116,17 @@ def when_parent_exits(action: Callable[[], None], parent: int | None = None) -> 
     threading.Thread(target=watch, name="kiln-parent-watch", daemon=True).start()
 
 
-def stop_with_parent(parent: int) -> None:
-    """In a worker process the supervisor (pid `parent`) started, first thing: a warm shutdown once
-    the supervisor is gone, also if it died while this process was starting."""
+def stop_with_parent(parent: int, at_once: bool = False) -> None:
+    """In a worker process that the supervisor or another process (pid `parent`) started, first
+    thing: a warm shutdown once that parent is gone, also if it died while this process was
+    starting; with `at_once`, an exit there and then (its decode processes and worker processes
+    follow it the same way)."""
 
     def stop() -> None:
-        log.warning("the parent worker process is gone: shutting down")
+        if at_once:
+            log.warning("the parent process (pid %d) is gone, and its Redis with it: exiting", parent)
+            os._exit(1)
+        log.warning("the parent process (pid %d) is gone: shutting down", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 
     when_parent_exits(stop, parent)
