@@ -126,7 +126,22 @@ def _preprocess_error(error: ValidationError) -> str:
     )
 
 
+def _check_output(output: Path) -> None:
+    """Before the minutes of a build: `output`'s folder (made if missing) takes a new file.
+    Raises OSError naming `output`."""
+    from worker.atomic_file import replacing
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot write {output}: cannot make its folder: {e.strerror or e}") from e
+    with replacing(output, keep=False, suffix=".pt2"):
+        pass
+
+
 def _build(args: argparse.Namespace) -> int:
+    import torch
+
     from compile.models import ModelError, resolve_model
     from compile.package import BuildOptions, build_package
     from compile.verify import BuildError
@@ -150,6 +165,11 @@ def _build(args: argparse.Namespace) -> int:
             spec = replace(spec, preprocess=Preprocess(**{**spec.preprocess.model_dump(), **overrides}))
         if args.labels:
             spec = replace(spec, labels=_read_labels(args.labels))
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                "--device cuda, but this host has no usable CUDA device: build CUDA packages on a GPU host"
+            )
+        _check_output(output)
     except ValidationError as e:
         print(f"error: {_preprocess_error(e)}", file=sys.stderr)
         return 2

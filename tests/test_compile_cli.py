@@ -8,6 +8,7 @@ import signal
 import subprocess
 
 import pytest
+import torch
 from conftest import PYTHON, python_env
 from packages import ROOT, build_cached
 
@@ -89,6 +90,13 @@ def test_a_fixed_batch_with_an_explicit_tune_batch_fails_cleanly(tmp_path, capsy
         (["resnet18", "--weights", "TEXT"], 2, "not a PyTorch state_dict file"),
         (["efficientnet_lite0", "--weights", "TEXT"], 2, "not a PyTorch state_dict file"),
         (["factories:tiny", "--labels", "OBJECT"], 2, "a JSON file of labels is a list of names"),
+        pytest.param(
+            ["factories:tiny", "--device", "cuda"],
+            2,
+            "this host has no usable CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA host builds it"),
+        ),
+        (["factories:tiny", "-o", "/proc/kiln/model.pt2"], 2, "cannot write /proc/kiln/model.pt2"),
         # The build: exit 1.
         (["factories:tiny", "--labels", "LABELS"], 1, "4 outputs but 2 labels"),
     ],
@@ -107,7 +115,7 @@ def test_bad_builds_say_why_and_leave_nothing(tmp_path, capsys, args, status, me
     args = [str(names.get(a, a)) for a in args]
     out = tmp_path / "out" / "model.pt2"
     try:
-        code = compile_main(["build", *args, "-o", str(out)])
+        code = compile_main(["build", *args, *([] if "-o" in args else ["-o", str(out)])])
     except SystemExit as e:  # argparse's refusal
         code = e.code
     err = capsys.readouterr().err
