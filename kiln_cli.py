@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command
+    sys.argv[0] = "kiln"  # each module's usage lines then say `kiln label`, not `python -m producer label`
     try:
         return importlib.import_module(module).main([*first, *argv[1:]])
     except BrokenPipeError:

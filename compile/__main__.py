@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from worker.argtypes import at_least, finite
+from worker.argtypes import at_least, finite, program
 from worker.manifest import PackageError, Preprocess, read_manifest
 
 EPILOG = """\
@@ -37,7 +37,7 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m compile",
+        prog=program("compile"),
         description="Compile an image classifier into an AOTInductor package (.pt2) that kiln workers "
         "load, with a manifest (labels, preprocessing, batch range, device) stored inside.",
         epilog=EPILOG,

@@ -20,7 +20,7 @@ from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots, one_line
-from worker.argtypes import at_least, seconds
+from worker.argtypes import at_least, program, seconds
 from worker.contract import Record
 from worker.settings import mask_url, settings_error, unknown_variables
 
@@ -52,13 +52,21 @@ examples:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m producer",
+        prog=program("producer"),
         description="Enqueue image-classification jobs for kiln workers and collect their results.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    label = commands.add_parser("label", help="classify images and write the results to a file")
+    label = commands.add_parser(
+        "label",
+        help="classify images and write the results to a file",
+        description="Enqueue the images, wait for their records with a progress bar, and write them to --out. "
+        "With KILN_REDIS_URL the workers there do the work; without it (the embedded mode) label starts its own "
+        "Redis and a local worker. Run it again to resume: images with a record are not sent again. Exit 0 when "
+        "every image was labelled, 1 when some failed (their error records are written too), 2 for an error or "
+        "--timeout, 130 on Ctrl-C.",
+    )
     _job_arguments(label)
     label.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     label.add_argument("--model", type=Path, help="embedded mode: package for the local worker [KILN_MODEL]")
@@ -69,9 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     label.add_argument("--no-progress", action="store_true", help="no progress bar")
     label.add_argument(
-        "--show", type=int, default=20, help="print a top-5 table when the job has at most this many images"
+        "--show", type=int, default=20, help="print a table of each image's labels when the job has at most this many"
     )
-    submit = commands.add_parser("submit", help="enqueue images for the workers and return (needs KILN_REDIS_URL)")
+    submit = commands.add_parser(
+        "submit",
+        help="enqueue images for the workers and return (needs KILN_REDIS_URL)",
+        description="Enqueue the images for the workers on KILN_REDIS_URL, pausing while the queue holds "
+        "KILN_MAX_PENDING_CHUNKS chunks, and print the job's name once the last chunk is enqueued; `wait JOB` "
+        "follows it and `export JOB` writes its records. Run it again to resume an interrupted submission.",
+    )
     _job_arguments(submit)
     submit.add_argument(
         "--timeout",
@@ -95,10 +109,20 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=seconds, help="give up after this many seconds (the workers go on with the job)"
     )
     wait.add_argument("--no-progress", action="store_true", help="no progress bar")
-    status = commands.add_parser("status", help="counters of a job")
-    status.add_argument("job")
-    export = commands.add_parser("export", help="write a job's results to a file")
-    export.add_argument("job")
+    status = commands.add_parser(
+        "status",
+        help="counters of a job",
+        description="Print `JOB: STATE, N done, F failed, T in all` (STATE: complete, running, or listing "
+        "stopped early), and what holds the job back where the workers said so.",
+    )
+    status.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
+    export = commands.add_parser(
+        "export",
+        help="write a job's results to a file",
+        description="Write the records of job JOB to --out, sorted by key. Exit 2 when the job was not finished "
+        "when the export began (the file holds the records there were).",
+    )
+    export.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
     export.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     export.add_argument(
         "--topk", type=at_least(1), help="label columns in CSV/Parquet, at most the job's top-k [default: the job's]"
@@ -109,9 +133,14 @@ def _parser() -> argparse.ArgumentParser:
         help="read a sharded job's Parquet shards from URL (default: the job's own, as recorded in Redis); "
         "works once the job's Redis keys have expired",
     )
-    classify = commands.add_parser("classify", help="classify one image now, through the online queue")
+    classify = commands.add_parser(
+        "classify",
+        help="classify one image now, through the online queue",
+        description="Send one image to the workers' online queue (ahead of bulk work) and print its record as "
+        "JSON. Exit 0 for an `ok` record, 1 for an error record, 2 when no worker answered in time.",
+    )
     classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
-    classify.add_argument("--topk", type=at_least(1), default=5)
+    classify.add_argument("--topk", type=at_least(1), default=5, help="labels to return [default: 5]")
     classify.add_argument("--timeout", type=seconds, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
     return parser
 

@@ -27,13 +27,14 @@ examples:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from worker.argtypes import program
     from worker.settings import WorkerSettings
 
     def choices(field: str) -> tuple[str, ...]:  # the settings' own Literal: one list of names
         return get_args(WorkerSettings.model_fields[field].annotation)
 
     parser = argparse.ArgumentParser(
-        prog="python -m worker",
+        prog=program("worker", "kiln worker"),
         description="Serve image-classification jobs from Redis with a compiled kiln package. Each worker "
         "process loads the package once; run as many workers on as many hosts as you like.",
         epilog=EPILOG,

@@ -1,11 +1,13 @@
 """argparse types that the command lines share (`python -m compile`, `python -m producer`): each
 refuses what the command could not use, in words argparse prefixes with the option's name
-(`argument --topk: 0 is less than 1`, exit status 2)."""
+(`argument --topk: 0 is less than 1`, exit status 2); and the name each command goes by."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from collections.abc import Callable
 
 
@@ -46,3 +48,10 @@ def seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a number of seconds above 0")
     return value
+
+
+def program(module: str, under_kiln: str = "kiln") -> str:
+    """The command's name in its usage lines: `under_kiln` where the `kiln` launcher runs it (it
+    names itself in sys.argv[0]: `kiln label --help` says `usage: kiln label ...`), else
+    `python -m MODULE`."""
+    return under_kiln if os.path.basename(sys.argv[0]) == "kiln" else f"python -m {module}"
