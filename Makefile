@@ -27,8 +27,12 @@ system-deps:
 docker-engine:
 	@sh docker/engine.sh
 
+# Also where `label`'s embedded mode looks for its default package (producer.settings.default_model_path),
+# so that a later `kiln label` without KILN_MODEL does not compile the same model again.
 $(MODEL): $(INSTALLED)
 	$(PY) -m compile build efficientnet_lite0 -o $@
+	$(PY) -c "import shutil, sys; from producer.settings import default_model_path; \
+	path = default_model_path(); path.parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(sys.argv[1], path)" $@
 
 ## Label the sample photos through Redis and a worker (both started here); writes out/samples.csv.
 demo: $(MODEL)
