@@ -20,12 +20,18 @@ from worker.atomic_file import replacing
 from worker.contract import Record
 from worker.records import arrow_schema, columns, flat_row
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 BATCH_ROWS = 2_000  # rows converted and written at once: a few MB at most
 
 
 def export_format(path: Path) -> str:
+    """The format of a results file, by its name. Raises ValueError for a folder or an unknown
+    extension; `.json` too, whose readers expect one JSON document, not a record a line."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; name the results file in it (for example {path / 'results.csv'})")
     fmt = FORMATS.get(path.suffix.lower())
+    if path.suffix.lower() == ".json":
+        raise ValueError(f"{path}: results are written as JSON Lines, a record a line: name the file .jsonl")
     if fmt is None:
         raise ValueError(f"{path}: unknown results format; use one of {', '.join(sorted(FORMATS))}")
     return fmt

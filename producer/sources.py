@@ -323,7 +323,9 @@ def _manifest_items(path: Path, rows: Iterable[tuple[int, dict]]) -> Iterator[tu
 
 
 def _csv_rows(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
-    reader = csv.reader(lines)
+    # strict: a quote left open swallowed the rest of the file as one reference, and text after a
+    # closing quote was glued on ('"a"b.jpg' read as ab.jpg); both are errors naming the line.
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader, None)
         if header is None:
@@ -342,7 +344,8 @@ def _csv_rows(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, dict]]:
             if row:  # the csv module yields [] for a blank line
                 yield start, dict(zip(header, row, strict=False))
     except csv.Error as e:
-        raise SourceError(f"{path}:{reader.line_num}: {e}") from None
+        hint = " (a quote left open?)" if "unexpected end of data" in str(e) else ""
+        raise SourceError(f"{path}:{reader.line_num}: {e}{hint}") from None
 
 
 def _jsonl_rows(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, dict]]:

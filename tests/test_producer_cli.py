@@ -87,6 +87,8 @@ def test_remote_mode_status_and_export(lite0_worker, tmp_path):
     ("args", "message"),
     [
         (["label", "samples", "--out", "results.xlsx"], "unknown results format"),
+        (["label", "samples", "--out", "results.json"], "results are written as JSON Lines"),
+        (["label", "samples", "--out", "samples"], "samples: a folder; name the results file in it"),
         (["label", "/no/such/folder", "--out", "r.csv"], "no such file, folder"),
         (["status", "never-ran"], "no job named 'never-ran'"),
         (["wait", "never-ran"], "no job named 'never-ran'"),

@@ -101,6 +101,10 @@ def test_a_spreadsheet_csv_with_a_byte_order_mark(tree):
         ("m.csv", b"path\na/1.jpg\n\nb\xe9.jpg\n", 4, "not UTF-8"),
         # one key for two images
         ("m.csv", "key,path\nk,a/1.jpg\n\nk,b.jpg\n", 4, "names two images"),
+        # a quote left open (the rest of the file was one reference), text after a closing quote
+        # (it was glued on: '"a"b.jpg' read as ab.jpg)
+        ("m.csv", 'path\na/1.jpg\n"b.jpg,c\n', 3, "unexpected end of data (a quote left open?)"),
+        ("m.csv", 'path\na/1.jpg\n"a"b.jpg\n', 3, "',' expected after '\"'"),
     ],
 )
 def test_every_manifest_error_names_its_file_and_line(tree, name, content, line, reason):
