@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "inspect":
         try:
-            print(json.dumps(read_manifest(args.package).model_dump(), indent=2))
+            manifest = read_manifest(args.package).model_dump()
+            labels = manifest.pop("labels")  # last: a thousand lines of them hid the rest on a terminal
+            print(json.dumps({**manifest, "labels": labels}, indent=2))
         except PackageError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

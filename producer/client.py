@@ -50,7 +50,7 @@ from worker.contract import (
     reply_key,
 )
 from worker.eviction import check_eviction_policy
-from worker.settings import mask_url
+from worker.settings import mask_url, settings_error
 from worker.store import LISTER_TTL_S, JobCounts, ResultStore
 
 T = TypeVar("T")
@@ -124,8 +124,11 @@ class Kiln:
 
     def __init__(self, redis_url: str | None = None, settings: ProducerSettings | None = None) -> None:
         settings = settings or ProducerSettings()
-        if redis_url:
-            settings = settings.model_copy(update={"redis_url": redis_url})
+        if redis_url:  # checked as KILN_REDIS_URL is: redis-py's own message named schemes kiln refuses
+            try:
+                settings = type(settings).model_validate({**settings.model_dump(), "redis_url": redis_url})
+            except ValidationError as e:
+                raise ValueError(settings_error(e, "Kiln(redis_url=...)")) from None
         if not settings.redis_url:
             raise ValueError("no Redis: pass redis_url or set KILN_REDIS_URL")
         self.settings = settings

@@ -10,7 +10,7 @@ from hostile import gif_with_large_frame, icon_directory, png_bomb
 from PIL import Image, PngImagePlugin
 
 from worker.contract import InputError
-from worker.probe import DEFAULT_FORMATS, ImageHeader, read_header
+from worker.probe import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, ImageHeader, read_header
 
 CAP = 50_000_000
 
@@ -112,3 +112,8 @@ def test_pixel_cap_is_exact():
 )  # fmt: skip
 def test_not_images_and_broken_headers(data, kind):
     assert kind_of(data) == kind
+
+
+def test_an_empty_file_says_so():
+    with pytest.raises(InputError, match=r"an empty file \(0 bytes\)"):
+        read_header(b"", DEFAULT_MAX_PIXELS)

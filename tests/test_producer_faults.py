@@ -300,3 +300,12 @@ def test_two_producers_with_one_job_name_each_wait_for_their_own(private_redis_u
             worker.stop()
         job = a.counts("shared")
         assert (job.total, job.done, job.failed) == (10, 10, 0)
+
+
+@pytest.mark.parametrize("url", ["localhost:6390", "unix:///run/redis.sock", "redis://:s3cret@localhost:0/0"])
+def test_the_api_checks_a_redis_url_as_the_cli_does(url):
+    """`Kiln(url)`: kiln's own one-line refusal, password masked; redis-py's named unix://, which
+    kiln's workers cannot use (a new user's finding)."""
+    with pytest.raises(ValueError, match=r"invalid setting KILN_REDIS_URL=.*\(from Kiln\(redis_url=\.\.\.\)\)") as e:
+        Kiln(url)
+    assert "s3cret" not in str(e.value) and ("rediss://" in str(e.value) or "port 0" in str(e.value))

@@ -192,6 +192,8 @@ def _unidentified(data: bytes, allowed: frozenset[str]) -> InputError:
         return InputError("unreadable", f"corrupt {matches[0]} header")
     if matches:
         return _refused(matches[0], allowed)
+    if not data:
+        return InputError("not_an_image", "an empty file (0 bytes)")
     return InputError("not_an_image", "not an image in any format kiln reads")
 
 
