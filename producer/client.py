@@ -58,6 +58,7 @@ _KEYS_PER_CALL = 10_000  # keys per HMGET: one reply of a few hundred KB
 # `wait` says once that no worker seems to consume after this long without a record or a chunk
 # taken: long enough for a worker to load its model, short enough to spare a user's patience.
 STALL_NOTE_S = 30.0
+ORPHAN_CHECK_S = 10.0  # a wait without a new record for this long looks for chunks of a worker that stopped
 # `wait` takes a lapsed listing heartbeat for a stopped submission once it has seen it lapsed this
 # long: a live submission renews it every third of LISTER_TTL_S, also right after a Redis outage.
 LAPSE_GRACE_S = LISTER_TTL_S / 2
@@ -261,11 +262,12 @@ class Kiln:
         self._require(job, deadline)
         follow = _Follow(self, job, deadline)
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
-        stall = _Stall(self, follow)
+        stall, orphans = _Stall(self, follow), _Orphans(self, follow)
         said: list[str] = []  # the job's notes said last: each is said again only when it changes
         try:
             while True:
                 stall.check(bar)
+                orphans.check(bar)
                 notes = job_notes(f"job {follow.name}", follow.job)
                 for note in notes:
                     if note not in said:
@@ -432,6 +434,32 @@ class _Stall:
             f"against this Redis (KILN_REDIS_URL={mask_url(self.kiln.settings.redis_url)}) and consume "
             f"{BULK_QUEUE}. Still waiting"
         )
+
+
+class _Orphans:
+    """Notices, once per stall of ORPHAN_CHECK_S without a new record, chunks that a worker holds
+    but no longer runs (killed, or its host lost: its heartbeat expired), and says when they run
+    again; the wait otherwise sat silent for the lease's minute."""
+
+    def __init__(self, kiln: Kiln, follow: _Follow) -> None:
+        self.kiln, self.follow = kiln, follow
+        self.finished, self.since, self.said = follow.finished, time.monotonic(), False
+
+    def check(self, bar: JobProgress) -> None:
+        if self.follow.finished != self.finished:
+            self.finished, self.since, self.said = self.follow.finished, time.monotonic(), False
+            return
+        if self.said or time.monotonic() - self.since < ORPHAN_CHECK_S:
+            return
+        self.said = True
+        name = self.follow.name
+        orphans = self.kiln._redis(lambda: self.kiln.store.orphaned_chunks(name), self.follow.deadline)
+        if orphans:
+            bar.write(
+                f"job {name}: {orphans} chunk{'s' if orphans != 1 else ''} held by a worker that stopped (its "
+                "heartbeat expired: killed, or its host lost); they run again once their lease lapses, KILN_LEASE_S "
+                "(60 s by default) after it stopped. Still waiting"
+            )
 
 
 class _Follow:

@@ -461,6 +461,12 @@ def test_a_killed_workers_chunk_is_redelivered_and_recorded_once(private_redis_u
             os.kill(first.process.pid, signal.SIGKILL)
             first.process.wait(10)
             assert kiln.counts("killed").done < 60, "the chunk finished before the kill; nothing to redeliver"
+            # `wait` meanwhile says why nothing moves, where it sat silent for the lease.
+            waiting = subprocess.run([sys.executable, "-m", "producer", "wait", "killed", "--timeout", "15",
+                                      "--no-progress"], capture_output=True, text=True,
+                                     env=python_env(KILN_REDIS_URL=url), timeout=120)  # fmt: skip
+            assert waiting.returncode == 2, waiting.stderr
+            assert "job killed: 1 chunk held by a worker that stopped (its heartbeat expired" in waiting.stderr
             second = start("second")
             counts = kiln.wait("killed", timeout_s=180, progress=False, check=second.check)
             records = list(kiln.results("killed"))

@@ -635,6 +635,22 @@ class ResultStore:
             return None
         return Delivery(done=state == b"done", holder=worker, deaths=int(deaths))
 
+    def orphaned_chunks(self, job: str) -> int:
+        """Chunks of the job that a worker holds by its delivery entry but no longer runs: its
+        heartbeat (`worker.lease`) expired or names other tasks, so it was killed or lost its
+        host. They run again once their lease lapses. One pass over the job's delivery entries."""
+        from worker.lease import heartbeat_key  # worker.lease imports Celery: not at this module's import
+
+        held = []
+        for task_id, raw in self.redis.hscan_iter(_key(job, "delivery"), count=1000):
+            holder = raw.decode().rpartition("|")[0] if raw != b"done" else ""
+            if holder:
+                held.append((task_id, holder))
+        if not held:
+            return 0
+        beats = self.redis.mget([heartbeat_key(holder) for _, holder in held])
+        return sum(beat is None or task_id not in beat.split() for (task_id, _), beat in zip(held, beats, strict=True))
+
     def release(self, job: str, task_id: str, deaths: int) -> None:
         """Give a chunk up unfinished and alive (it goes back to the queue): no holder, no death."""
         self.redis.hset(_key(job, "delivery"), task_id, f"|{deaths}")
