@@ -4,6 +4,8 @@ nothing here imports torch.
 
 from __future__ import annotations
 
+import warnings
+
 from celery import Celery
 
 from worker.contract import BULK_QUEUE, CHUNK_TASK, ONLINE_QUEUE, ONLINE_TASK
@@ -55,6 +57,11 @@ def configure_worker(app: Celery, settings: WorkerSettings) -> None:
         broker_connection_timeout=timeout,
         broker_connection_retry=True,
         broker_connection_max_retries=None,
+        # A task that runs on through a broker reconnect keeps its records: they go to kiln's store,
+        # and its message's lease to the unacked bookkeeping (worker/broker.py), not to the lost
+        # connection. Pinned against Celery 6's default; its warning of that default is filtered
+        # below, since a user read it in the log as an error.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
             # The visibility timeout is a lease that live workers renew (worker/lease.py).
             "visibility_timeout": lease,
@@ -73,6 +80,7 @@ def configure_worker(app: Celery, settings: WorkerSettings) -> None:
             "max_message_bytes": settings.max_message_bytes,
         },
     )
+    warnings.filterwarnings("ignore", message="(?s).*worker_cancel_long_running_tasks_on_connection_loss")
     online = ONLINE_QUEUE in settings.queues
     # Threads, not prefork: worker/pool.py says why this subclass of Celery's thread pool.
     app.conf.worker_pool = "worker.pool:ThreadPool"
