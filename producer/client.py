@@ -225,8 +225,8 @@ class Kiln:
         job_total = self._redis(lambda: self.store.counts(job)).total
         return SubmittedJob(job, run.listed, run.enqueued, run.failed_kept, job_total, run.keys, skipped, out_dir)
 
-    def _send(self, task: str, message: dict, queue: str) -> None:
-        self._app.send_task(task, args=[message], queue=queue, retry=False)
+    def _send(self, task: str, message: dict, queue: str, expires_s: float | None = None) -> None:
+        self._app.send_task(task, args=[message], queue=queue, retry=False, expires=expires_s)
 
     def counts(self, job: str) -> JobCounts:
         return self._redis(lambda: self.store.counts(job))
@@ -399,7 +399,10 @@ class Kiln:
             job=job,
             key=key,
         ).model_dump(mode="json", exclude_none=True)
-        self._redis(lambda: self._send(ONLINE_TASK, message, ONLINE_QUEUE), deadline)
+        # Nobody reads an answer after the caller's timeout: a request that writes into no job expires
+        # then, and a worker started later drops it instead of classifying it for no one.
+        expires_s = None if job is not None else max(0.0, deadline - time.monotonic())
+        self._redis(lambda: self._send(ONLINE_TASK, message, ONLINE_QUEUE, expires_s), deadline)
         record = self._redis(
             lambda: self.store.wait_reply(reply_key(request_id), max(0.0, deadline - time.monotonic())), deadline
         )

@@ -215,3 +215,23 @@ def test_online_requests_pass_stalled_chunks_and_stalled_references(private_redi
             answer.set()
             callers.shutdown(wait=False, cancel_futures=True)
             worker.stop()
+
+
+def test_a_request_whose_caller_gave_up_is_dropped_not_classified(private_redis_url, lite0_package, tmp_path):
+    """`classify` with no worker times out; a worker started later drops the request (nobody reads
+    its answer) instead of classifying it, while one kept in a job still runs: the job counts on
+    its record. Before, the worker classified it for no one (a new user's finding)."""
+    with Kiln(private_redis_url) as kiln:
+        with pytest.raises(TimeoutError):
+            kiln.classify(SAMPLES / "coffee.jpg", timeout_s=2)
+        with pytest.raises(TimeoutError):
+            kiln.classify(SAMPLES / "chelsea.jpg", timeout_s=2, job="kept", key="chelsea")
+        worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "worker.log", [SAMPLES],
+                             ["--loglevel", "INFO"], env=python_env())  # fmt: skip
+        try:
+            wait_for(lambda: kiln.counts("kept").done == 1, 180)
+            wait_for(lambda: "dropped online request" in worker.log_path.read_text(), 60)
+            assert kiln.store.redis.llen(ONLINE_QUEUE) == 0
+            assert [r.key for r in kiln.results("kept")] == ["chelsea"]
+        finally:
+            worker.stop()

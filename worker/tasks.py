@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from itertools import count
 from queue import Empty
 from typing import Any, TypeVar
@@ -427,7 +428,7 @@ def _classify_online(requests: list[Any], unanswered: set[str]) -> None:
             else:
                 dead_letter(raw, reason)
             unanswered.discard(request.id)
-    accepted = _refuse_foreign_jobs(accepted, unanswered)
+    accepted = _refuse_foreign_jobs(_drop_expired(accepted, unanswered), unanswered)
     if not accepted:
         return
     ids = [request.id for request, _ in accepted]
@@ -457,6 +458,25 @@ def _classify_online(requests: list[Any], unanswered: set[str]) -> None:
         _answer([(w.reply_to, r) for w, r in answers])
         unanswered.difference_update(request_ids[id(w)] for w, _ in answers)
         metrics.observe_records([r for _, r in answers], time.perf_counter() - started, current.pipeline.batch_size)
+
+
+def _drop_expired(accepted: list[tuple[Any, OnlineMessage]], unanswered: set[str]) -> list[tuple[Any, OnlineMessage]]:
+    """Drop (acknowledged, unanswered) the requests past their message's expiry that write into
+    no job: `Kiln.classify` sets it to its caller's timeout, after which no one reads the answer.
+    A request kept in a job runs whatever its age: the job counts on its record."""
+    now, kept = datetime.now(UTC), []
+    for request, message in accepted:
+        expires = (request.request_dict or {}).get("expires")
+        try:
+            expired = message.job is None and expires is not None and datetime.fromisoformat(expires) < now
+        except (TypeError, ValueError):  # not Celery's ISO form: not an expiry kiln set
+            expired = False
+        if expired:
+            log.info("dropped online request %s: its caller stopped waiting at %s", message.id, expires)
+            unanswered.discard(request.id)
+        else:
+            kept.append((request, message))
+    return kept
 
 
 def _refuse_foreign_jobs(
