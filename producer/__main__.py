@@ -178,12 +178,14 @@ def _out(text: str) -> None:
 def print_table(records: list[Record], topk: int = 5) -> None:
     """Top-k per image, one line each, sorted by key."""
     for record in sorted(records, key=lambda r: r.key):
-        name = Path(record.key).name if "://" not in record.key else record.key
+        name = one_line(record.key.rstrip("/").rsplit("/", 1)[-1] or record.key)  # a path's or URL's last part
+        if len(name) > 28:  # its end tells images apart: the start gives way
+            name = "…" + name[-27:]
         if record.status == "ok":
             text = " | ".join(f"{x.label} {x.score:.2f}" for x in record.topk[:topk])
         else:
             text = f"ERROR {record.error.kind}: {record.error.message}"
-        _out(f"{one_line(name):28.28s} {one_line(text)}")
+        _out(f"{name:28s} {one_line(text)}")
 
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
@@ -235,7 +237,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                     f"`kiln export {submitted.id} --out PATH`"
                 ) from e
             if submitted.out_dir is None and counts.total <= args.show:
-                print_table(kiln.results(submitted))
+                print_table(kiln.results(submitted), args.topk)
             done = f"{counts.done} labelled, {counts.failed} failed; wrote {_count(written, 'record')} to {args.out}"
             print(done, file=sys.stderr)
         finally:  # also after a timeout, Ctrl-C or a failed export: what the listing left out

@@ -354,3 +354,16 @@ def test_progress_in_a_log_never_rates_below_zero(capsys, monkeypatch):
         bar.show("job-x", finished, total=60)
     bar.close()
     assert "-" not in "".join(line.split("]")[0].split("[")[1] for line in capsys.readouterr().err.splitlines())
+
+
+def test_the_table_names_images_by_their_ends(capsys):
+    """A URL by its last part, and a long name by its end, marked: the table cut file:// keys at
+    28 characters with no sign of it (a new user's finding)."""
+    from producer.__main__ import print_table
+    from worker.contract import Record
+
+    records = [Record.failure("j", "file:///tmp/nu/imgs/img04.jpg", "unreadable", "x"),
+               Record.failure("j", "/d/holiday-2026-photo-number-000123.jpg", "unreadable", "x")]  # fmt: skip
+    print_table(records)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["…026-photo-number-000123.jpg ERROR unreadable: x", f"{'img04.jpg':28s} ERROR unreadable: x"]
