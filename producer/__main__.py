@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         "the job stopped early and what it enqueued is done, 130 on Ctrl-C. It may start while `submit` still "
         "runs: the job is complete once every submission has listed all its images.",
     )
-    wait.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
+    _job_name(wait)
     wait.add_argument(
         "--timeout", type=seconds, help="give up after this many seconds (the workers go on with the job)"
     )
@@ -115,14 +115,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Print `JOB: STATE, N done, F failed, T in all` (STATE: complete, running, or listing "
         "stopped early), and what holds the job back where the workers said so.",
     )
-    status.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
+    _job_name(status)
     export = commands.add_parser(
         "export",
         help="write a job's results to a file",
         description="Write the records of job JOB to --out, sorted by key. Exit 2 when the job was not finished "
         "when the export began (the file holds the records there were).",
     )
-    export.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
+    _job_name(export)
     export.add_argument("--out", type=Path, required=True, help="results file: .jsonl, .csv or .parquet")
     export.add_argument(
         "--topk", type=at_least(1), help="label columns in CSV/Parquet, at most the job's top-k [default: the job's]"
@@ -143,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--topk", type=at_least(1), default=5, help="labels to return [default: 5]")
     classify.add_argument("--timeout", type=seconds, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
     return parser
+
+
+def _job_name(command: argparse.ArgumentParser) -> None:
+    command.add_argument("job", metavar="JOB", help="the job's name, as `submit` printed it")
 
 
 def _job_arguments(command: argparse.ArgumentParser) -> None:
