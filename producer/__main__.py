@@ -23,6 +23,7 @@ from producer.sources import Expansion, SourceError, iter_items, local_roots, ob
 from worker.argtypes import at_least, program, seconds
 from worker.contract import Record
 from worker.settings import mask_url, settings_error, unknown_variables
+from worker.store import JobCounts
 
 EPILOG = """\
 Without KILN_REDIS_URL, `label` runs everything itself: it starts a Redis (its data kept under
@@ -333,6 +334,15 @@ def _classify_input(kiln: Kiln, image: str) -> bytes | str:
     return path.read_bytes()
 
 
+def _counts_at_once(kiln: Kiln, job: str) -> JobCounts | None:
+    """The job's counters where Redis answers at once and holds the job, else None: shards are
+    read without Redis, also after its keys expired or with Redis away."""
+    try:
+        return kiln.store.counts(job) if kiln.store.exists(job) else None
+    except redis.RedisError:
+        return None
+
+
 def _export_topk(kiln: Kiln, args: argparse.Namespace) -> int:
     """The label columns to export: the job's top-k, or fewer if asked; more would be empty."""
     job_topk = kiln.job_topk(args.job) or 5
@@ -382,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "export":
                 # Shards carry their own label columns, and are read without Redis.
                 topk = 5 if shards_given else _export_topk(kiln, args)
-                counts = None if shards_given else kiln.counts(args.job)  # read first: it may finish meanwhile
+                # Read first: it may finish meanwhile. Shards named by --out-dir are checked too where
+                # Redis answers and still holds their job (a script exported right after submit, exit 0).
+                counts = _counts_at_once(kiln, args.job) if shards_given else kiln.counts(args.job)
                 written = kiln.export(args.job, args.out, topk, out_dir=args.out_dir)
                 print(f"wrote {_count(written, 'record')} to {args.out}", file=sys.stderr)
                 if counts is not None and not counts.complete:

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+import redis
 from conftest import SAMPLES, python_env
 
 from producer import Kiln
@@ -20,17 +21,25 @@ from worker.celery_app import make_app
 from worker.settings import CommonSettings
 
 
-def task_events(url: str, seconds: float) -> list[str]:
-    """Task event types seen on the broker during `seconds`."""
+def task_events(url: str, bound: threading.Event, stop: threading.Event) -> list[str]:
+    """Task event types seen on the broker from when `bound` is set (the receiver's queue is bound
+    to the events exchange: events sent before never reach it) until `stop` is."""
     app = make_app(CommonSettings(redis_url=url))
     seen: list[str] = []
     with app.connection_for_read() as connection:
         receiver = app.events.Receiver(connection, handlers={"*": lambda event: seen.append(event["type"])})
-        stopper = threading.Timer(seconds, lambda: setattr(receiver, "should_stop", True))
-        stopper.start()
-        with contextlib.suppress(TimeoutError):
-            receiver.capture(limit=None, timeout=seconds + 5, wakeup=False)
-        stopper.cancel()
+
+        def watch() -> None:
+            client = redis.Redis.from_url(url)
+            name = receiver.queue.name.encode()
+            while not any(name in binding for binding in client.smembers("_kombu.binding.celeryev")):
+                time.sleep(0.1)
+            bound.set()
+            stop.wait()
+            receiver.should_stop = True
+
+        threading.Thread(target=watch, daemon=True).start()
+        receiver.capture(limit=None, timeout=None, wakeup=False)
     return [kind for kind in seen if kind.startswith("task-")]
 
 
@@ -50,13 +59,17 @@ def test_inspect_sees_the_worker_and_task_events_follow_the_flag(events, private
             assert ping.returncode == 0 and f"kiln-{worker.process.pid}-" in ping.stdout and "pong" in ping.stdout, (
                 ping.stdout + ping.stderr
             )
-            listener = threading.Thread(target=lambda: seen.extend(task_events(url, 40)))
+            bound, stop = threading.Event(), threading.Event()
+            listener = threading.Thread(target=lambda: seen.extend(task_events(url, bound, stop)))
             seen: list[str] = []
             listener.start()
-            time.sleep(3)  # events sent before the receiver has bound its queue never reach it
+            assert bound.wait(60), "the event receiver did not bind its queue"
             kiln.submit([SAMPLES], job="watched")
             kiln.wait("watched", timeout_s=180, progress=False, check=worker.check)
-            listener.join()
+            # A task's task-succeeded goes out after its records, which end the wait.
+            time.sleep(5)
+            stop.set()
+            listener.join(60)
         if events:
             # No task-started: Celery's threads pool (a worker process runs its chunks on threads)
             # does not report when a thread picks a task up.

@@ -367,3 +367,23 @@ def test_the_table_names_images_by_their_ends(capsys):
     print_table(records)
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["…026-photo-number-000123.jpg ERROR unreadable: x", f"{'img04.jpg':28s} ERROR unreadable: x"]
+
+
+def test_export_of_an_unfinished_sharded_job_by_its_out_dir_says_so(private_redis_url, tmp_path):
+    """`export JOB --out-dir URL`, the README's form for sharded jobs, reads the shards without
+    Redis; while Redis still holds the job, an unfinished one exits 2 there too (a hostile
+    tester's finding: it wrote the shards there were with exit 0)."""
+    from worker.contract import Record
+    from worker.sink import write_shard
+
+    env = {"KILN_REDIS_URL": private_redis_url, "KILN_CHUNK_SIZE": "1"}
+    out_dir = tmp_path / "shards"
+    photos = [str(SAMPLES / "coffee.jpg"), str(SAMPLES / "rocket.jpg")]
+    submitted = producer("submit", *photos, "--job", "halfway", "--out-dir", str(out_dir), "--no-progress", **env)
+    assert submitted.returncode == 0, submitted.stderr
+    tabby = [{"label": "tabby", "index": 281, "score": 0.5}]
+    record = Record(job="halfway", key=photos[0], ref=photos[0], status="ok", topk=tabby)
+    write_shard(str(out_dir), "halfway", "c0", [record], 5)
+    exported = producer("export", "halfway", "--out-dir", str(out_dir), "--out", str(tmp_path / "h.csv"), **env)
+    assert exported.returncode == 2 and "wrote 1 record" in exported.stderr, exported.stderr
+    assert "job halfway was not finished when the export began (0 of 2 images had records then)" in exported.stderr
