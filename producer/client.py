@@ -47,6 +47,7 @@ from worker.contract import (
     JobId,
     OnlineMessage,
     Record,
+    check_topk,
     reply_key,
 )
 from worker.eviction import check_eviction_policy
@@ -205,6 +206,7 @@ class Kiln:
         inputs, ValueError for a stream of Items without a job name, SubmitIncomplete if Redis
         fails partway, and SubmitTimeout if the bulk queue is still full `timeout_s` after the
         call (run it again to enqueue the rest)."""
+        topk = check_topk(topk)
         self._check_redis()
         items, skipped, default, identity = _source_items(sources)
         job = _job_name(job or default())
@@ -374,6 +376,7 @@ class Kiln:
 
         Raises ValueError for an oversized image, JobConflict for a job that takes no online
         writes, TimeoutError if no worker answers within `timeout_s` (KILN_ONLINE_TIMEOUT_S)."""
+        topk = check_topk(topk)
         inline = isinstance(image, bytes)
         if inline:
             self.check_inline(len(image))

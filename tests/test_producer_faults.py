@@ -309,3 +309,16 @@ def test_the_api_checks_a_redis_url_as_the_cli_does(url):
     with pytest.raises(ValueError, match=r"invalid setting KILN_REDIS_URL=.*\(from Kiln\(redis_url=\.\.\.\)\)") as e:
         Kiln(url)
     assert "s3cret" not in str(e.value) and ("rediss://" in str(e.value) or "port 0" in str(e.value))
+
+
+@pytest.mark.parametrize("topk", [2.0, 0, -1, "3", True, 1001])
+def test_a_top_k_that_is_not_a_whole_number_from_1_to_1000_is_refused_before_redis(private_redis_url, topk):
+    """`Kiln.submit(topk=2.0)` stored "2.0" in the job, which the worker then failed to read: the
+    chunk was lost and the job hung; topk=0 made a job of images with no chunk (a hostile
+    tester's findings). Refused now, before any job is made."""
+    with Kiln(private_redis_url) as kiln:
+        with pytest.raises(ValueError, match="topk must be a whole number from 1 to 1000"):
+            kiln.submit([Item(key="c", ref=str(SAMPLES / "coffee.jpg"))], job="tk", topk=topk)
+        with pytest.raises(ValueError, match="topk must be a whole number from 1 to 1000"):
+            kiln.classify(SAMPLES / "coffee.jpg", topk=topk, job="tk-online")
+        assert not kiln.exists("tk") and not kiln.exists("tk-online")

@@ -13,7 +13,16 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 MESSAGE_VERSION = 1
 
@@ -93,6 +102,20 @@ def shard_name(job: str, chunk: str) -> str:
     return f"{job}/part-{chunk}.parquet"
 
 
+# Labels per image: a whole number (a float or a string was stored as given in the job and
+# failed the worker's reading of it, losing the chunk), at most what a message may ask.
+TopK = Annotated[StrictInt, Field(ge=1, le=1000)]
+
+
+def check_topk(topk: object) -> int:
+    """`topk` as messages take it; ValueError saying what is wrong otherwise (before any job is
+    made or changed)."""
+    try:
+        return TypeAdapter(TopK).validate_python(topk)
+    except ValidationError:
+        raise ValueError(f"topk must be a whole number from 1 to 1000, not {topk!r}") from None
+
+
 class ChunkMessage(BaseModel):
     """Bulk work: many image references of one job, classified in batches by one worker.
 
@@ -104,7 +127,7 @@ class ChunkMessage(BaseModel):
     v: Literal[1] = MESSAGE_VERSION
     job: JobId
     items: list[Item] = Field(min_length=1, max_length=100_000)
-    topk: int = Field(default=5, ge=1, le=1000)
+    topk: TopK = 5
     chunk: ChunkId | None = None
     out_dir: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
 
@@ -130,7 +153,7 @@ class OnlineMessage(BaseModel):
     reply_to: Annotated[str, StringConstraints(min_length=1, max_length=300)]
     ref: str | None = None
     data_b64: str | None = None
-    topk: int = Field(default=5, ge=1, le=1000)
+    topk: TopK = 5
     job: JobId | None = None
     key: Key | None = None
 
