@@ -19,9 +19,10 @@ from producer.export import check_out_dir, check_writable
 from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
-from producer.sources import Expansion, SourceError, iter_items, local_roots, object_roots, one_line
+from producer.sources import Expansion, SourceError, inputs_job_id, iter_items, local_roots, object_roots, one_line
 from worker.argtypes import at_least, program, seconds
 from worker.contract import Record
+from worker.manifest import read_manifest
 from worker.settings import mask_url, settings_error, unknown_variables
 from worker.store import JobCounts
 
@@ -217,6 +218,8 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 f"embedded mode: Redis and a local worker ({model.name}); data in {settings.data_dir}", file=sys.stderr
             )
         kiln = stack.enter_context(Kiln(settings=settings))
+        if check is not None:
+            _check_job_model(kiln, args.job or inputs_job_id(args.inputs), model)
         bar = JobProgress(not args.no_progress)
         stack.callback(bar.close)
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -243,13 +246,31 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 ) from e
             if submitted.out_dir is None and counts.total <= args.show:
                 print_table(kiln.results(submitted), args.topk)
-            done = f"{counts.done} labelled, {counts.failed} failed; wrote {_count(written, 'record')} to {args.out}"
+            by = kiln.counts(submitted.id).model
+            done = (
+                f"{counts.done} labelled, {counts.failed} failed{f' by {by}' if by else ''}; "
+                f"wrote {_count(written, 'record')} to {args.out}"
+            )
             print(done, file=sys.stderr)
         finally:  # also after a timeout, Ctrl-C or a failed export: what the listing left out
             bar.close()
             if submitted.skipped:
                 print(Expansion([], submitted.skipped).skipped_summary(), file=sys.stderr)
     return 0 if counts.failed == 0 else 1
+
+
+def _check_job_model(kiln: Kiln, job: str, package: Path) -> None:
+    """Embedded mode: refuse a job whose records come from another model than the local worker's.
+    Its default name comes from the inputs, so labelling them again with another model resumed
+    the old job: its records came back with exit 0, or, unfinished, it waited for ever on chunks
+    the local worker gives back (a hostile tester's finding)."""
+    bound = kiln.counts(job).model if kiln.exists(job) else None
+    mine = read_manifest(package).model_key
+    if bound is not None and bound != mine:
+        raise ValueError(
+            f"job {job} holds the records of {bound}, and this run's worker serves {mine}: give another --job "
+            "(the default name comes from the inputs, not the model)"
+        )
 
 
 def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped: bool = True) -> SubmittedJob:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 from conftest import CATS, PYTHON, SAMPLES, python_env
+from packages import build_cached
 
 from producer import Item, Kiln
 from producer.settings import ProducerSettings
@@ -58,6 +59,15 @@ def test_embedded_mode_labels_and_resumes(tmp_path, lite0_package):
     assert "4 images (2 already done)" in second.stderr
     records = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+    assert "4 labelled, 0 failed by efficientnet_lite0@" in second.stderr
+
+    # The same inputs with another model: the job holds Lite0's records, which came back with
+    # exit 0 as the other model's (a hostile tester's finding). Refused, before anything is sent.
+    tiny = build_cached("tiny", ["factories:tiny", "--max-batch", "8", "--tune-batch", "4"])
+    other = producer("label", str(images), "--job", "album", "--out", str(tmp_path / "o.csv"), "--model", str(tiny),
+                     **{**env, "KILN_MODEL": ""})  # fmt: skip
+    assert other.returncode == 2, other.stderr
+    assert "job album holds the records of efficientnet_lite0@" in other.stderr and "serves tiny@" in other.stderr
 
 
 def test_remote_mode_status_and_export(lite0_worker, tmp_path):
