@@ -205,15 +205,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join([DEFAULT_MODEL, *torchvision_classifiers()]))
         return 0
-    return _build(args)
+    try:
+        return _build(args)
+    except KeyboardInterrupt:  # Ctrl-C: torch's traceback from deep in the export says nothing more
+        print("interrupted: no package written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C: torch's traceback from deep in the export says nothing more
-        print("interrupted: no package written", file=sys.stderr)
-        sys.exit(130)
     except BrokenPipeError:  # `python -m compile inspect X | head`: the reader left; nothing to report
         # Python's documented recipe (library/signal, "Note on SIGPIPE"): no second error at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -211,12 +211,14 @@ def test_random_weights_are_the_same_on_every_build():
     assert all(torch.equal(first[name], second[name]) for name in first)
 
 
-def test_ctrl_c_during_a_build_says_so_in_one_line_and_writes_nothing(tmp_path):
-    """Ctrl-C while AOTInductor compiles: exit 130, one line, no package; before, torch's ~50-line
-    KeyboardInterrupt traceback (a new user's finding)."""
+@pytest.mark.parametrize("command", [["compile", "build"], ["kiln_cli", "build"]])
+def test_ctrl_c_during_a_build_says_so_in_one_line_and_writes_nothing(tmp_path, command):
+    """Ctrl-C while AOTInductor compiles, from `python -m compile build` or `kiln build`: exit 130,
+    one line, no package; before, torch's ~50-line KeyboardInterrupt traceback (a new user's and
+    a hostile tester's findings)."""
     out = tmp_path / "tiny.pt2"
     build = subprocess.Popen(
-        [PYTHON, "-m", "compile", "build", "factories:tiny", "--max-batch", "4", "-o", str(out)],
+        [PYTHON, "-m", *command, "factories:tiny", "--max-batch", "4", "-o", str(out)],
         stderr=subprocess.PIPE, text=True, env=python_env(), cwd=ROOT / "tests",
     )  # fmt: skip
     first = build.stderr.readline()  # "exported tiny in ...": the compiler is at work now
