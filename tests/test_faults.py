@@ -731,3 +731,20 @@ def test_poison_counts_the_deaths_of_a_worker_restarted_as_the_same_pid(server, 
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(30)
+
+
+def test_a_stop_during_a_retry_backoff_gives_up_within_the_sleep():
+    """A worker told to stop while it waits out a retry's backoff gives up then, not after the
+    sleep (up to 10 s: past `docker stop`'s grace, the chunk waited for its lease; a hostile
+    tester's finding). The operation runs once: the stop comes during its first backoff."""
+    from worker.retry import RedisUnavailable, with_retries
+
+    attempts, checks = [], iter([False, True])  # before the backoff, then in it
+
+    def failing() -> None:
+        attempts.append(1)
+        raise redis.ConnectionError("down")
+
+    with pytest.raises(RedisUnavailable, match="the worker is shutting down"):
+        with_retries(failing, "write", give_up_after_s=3600, abandon=lambda: next(checks, True))
+    assert len(attempts) == 1

@@ -104,6 +104,18 @@ def shutting_down(warm: bool = False) -> bool:
     return state.should_terminate is not None or (warm and state.should_stop is not None)
 
 
+def _sleep_unless(abandon: Callable[[], bool], seconds: float, step_s: float = 0.25) -> bool:
+    """Sleep `seconds`, or until `abandon()` says to stop (checked every `step_s`); returns whether
+    it did: a worker told to stop mid-backoff gave its chunk back only after the sleep, up to
+    BACKOFF_CAP_S later, past `docker stop`'s grace."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if abandon():
+            return True
+        time.sleep(min(step_s, left))
+    return False
+
+
 def with_retries(
     operation: Callable[[], T],
     what: str,
@@ -141,7 +153,8 @@ def with_retries(
                 "%s failed to %s (attempt %d: %s: %s); retrying in %.1f s",
                 unavailable.service, what, attempt, type(error).__name__, error, delay,
             )  # fmt: skip
-            time.sleep(delay)
+            if _sleep_unless(abandon, delay):
+                raise unavailable(f"abandoned retrying to {what}: the worker is shutting down") from error
         else:
             if attempt:
                 log.warning("%s is back: %s succeeded after %d failed attempts", unavailable.service, what, attempt)
