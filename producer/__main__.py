@@ -13,7 +13,15 @@ import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer.client import JobTimeout, Kiln, ListingStopped, SubmittedJob, job_notes
+from producer.client import (
+    JobTimeout,
+    Kiln,
+    ListingStopped,
+    SubmittedJob,
+    checked_job_name,
+    job_notes,
+    local_out_dir,
+)
 from producer.embedded import EmbeddedError, LocalWorker, embedded_redis, ensure_default_model
 from producer.export import check_out_dir, check_writable
 from producer.faults import describe
@@ -196,8 +204,9 @@ def print_table(records: list[Record], topk: int = 5) -> None:
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
     check_writable(args.out)  # refuse a bad --out before any work
+    job = checked_job_name(args.job or inputs_job_id(args.inputs))  # as `Kiln.submit` names it
     if args.out_dir:
-        check_out_dir(args.out_dir)  # and a folder for shards that could not be read back here
+        check_out_dir(local_out_dir(args.out_dir), job)  # and a folder for shards that could not be read back here
     with contextlib.ExitStack() as stack:
         check = None
         if settings.redis_url:
@@ -219,7 +228,7 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
             )
         kiln = stack.enter_context(Kiln(settings=settings))
         if check is not None:
-            _check_job_model(kiln, args.job or inputs_job_id(args.inputs), model)
+            _check_job_model(kiln, job, model)
         bar = JobProgress(not args.no_progress)
         stack.callback(bar.close)
         deadline = None if args.timeout is None else time.monotonic() + args.timeout

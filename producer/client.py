@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import os
 import time
 import uuid
 from collections import Counter
@@ -75,6 +76,18 @@ class JobTimeout(TimeoutError):
     @property
     def progress(self) -> str:
         return _progress(self.finished, self.total, self.total_is_final)
+
+
+def local_out_dir(out_dir: str) -> str:
+    """A local out_dir (a path, or a file:// URL) as an absolute, normal path: the workers write
+    there from working folders of their own, so a relative one was a folder under each worker's
+    (and `label` found no shards), and `../sd` beside `/tmp/sd` read as another out_dir. Other
+    fsspec URLs as they are."""
+    if out_dir.startswith("file://"):
+        out_dir = out_dir.removeprefix("file://")
+    elif "://" in out_dir:
+        return out_dir
+    return os.path.abspath(os.path.expanduser(out_dir))
 
 
 def job_notes(job: str, counts: JobCounts) -> list[str]:
@@ -180,7 +193,7 @@ class Kiln:
         job: str | None = None,
         topk: int = 5,
         retry_failed: bool = False,
-        out_dir: str | None = None,
+        out_dir: str | Path | None = None,
         progress: bool | JobProgress = False,
         timeout_s: float | None = None,
     ) -> SubmittedJob:
@@ -209,13 +222,11 @@ class Kiln:
         topk = check_topk(topk)
         self._check_redis()
         items, skipped, default, identity = _source_items(sources)
-        job = _job_name(job or default())
+        job = checked_job_name(job or default())
         if out_dir is not None and retry_failed:
             raise ValueError("retry_failed applies to the Redis result store; in sharded mode a chunk runs once")
-        if out_dir is not None and "://" not in out_dir:
-            # The workers write there, from working folders of their own: a relative folder would
-            # be one under each worker's (and `label` would not find the shards).
-            out_dir = str(Path(out_dir).expanduser().absolute())
+        if out_dir is not None:
+            out_dir = local_out_dir(str(out_dir))
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         run = Submission(self, job, topk, retry_failed, out_dir, bar, deadline, identity)
@@ -388,7 +399,7 @@ class Kiln:
         self._check_redis(deadline)
         request_id = uuid.uuid4().hex
         if job is not None:
-            job = _job_name(job)
+            job = checked_job_name(job)
             key = key or request_id
             ref = f"inline:sha256:{hashlib.sha256(image).hexdigest()}" if inline else str(image)
             item = Item(key=key, ref=ref)
@@ -581,10 +592,12 @@ def _kept_keys(job: str | SubmittedJob) -> set[str] | None:
 _JOB_ID = TypeAdapter(JobId)
 
 
-def _job_name(job: str) -> str:
+def checked_job_name(job: str) -> str:
+    """`job` where it is a valid job name, else ValueError saying what one is."""
     try:
         return _JOB_ID.validate_python(job)
     except ValidationError:
         raise ValueError(
-            f"job name {job!r}: use 1 to 200 letters, digits and . _ : @ - (it becomes part of Redis keys)"
+            f"job name {job!r}: use 1 to 200 letters, digits and . _ : @ -, not dots only (it becomes part of "
+            "Redis keys and of its shards' folder)"
         ) from None

@@ -116,17 +116,18 @@ def check_writable(path: Path) -> str:
     return fmt
 
 
-def check_out_dir(out_dir: str) -> None:
-    """Check, before any work, that `label` can read back the shards of a local `out_dir`: a
-    folder (made if missing) where this host can write. `submit` does not check: its workers'
-    folder may not be this host's. Raises OSError naming it; fsspec URLs are not checked."""
+def check_out_dir(out_dir: str, job: str) -> None:
+    """Check, before any work, that `label` can read back the shards of a local `out_dir`: the
+    job's folder in it (made if missing), where this host can write. `submit` does not check: its
+    workers' folder may not be this host's. Raises OSError naming it; fsspec URLs are not checked."""
     if "://" in out_dir:
         return
+    folder = Path(out_dir).expanduser() / job
     try:
-        with _replacing(Path(out_dir).expanduser() / ".kiln-write-check", keep=False):
+        with _replacing(folder / ".kiln-write-check", keep=False):
             pass
     except OSError as e:
-        raise OSError(f"--out-dir {out_dir}: not a folder the workers and `label` can write ({e})") from e
+        raise OSError(f"--out-dir {out_dir}: cannot write the job's shards in {folder} ({e})") from e
 
 
 @contextlib.contextmanager

@@ -415,14 +415,42 @@ def test_a_relative_out_dir_is_the_producers_folder_not_the_workers(lite0_worker
     assert "coffee" in (tmp_path / "coffee.csv").read_text()
 
 
-@pytest.mark.parametrize("out_dir", ["/proc/kiln-shards", "blocker/shards"])
+@pytest.mark.parametrize("out_dir", ["/proc/kiln-shards", "blocker/shards", "shards"])
 def test_label_refuses_an_out_dir_it_could_not_read_back(private_redis_url, tmp_path, out_dir):
-    """A folder that cannot be made (under /proc, under a file): refused before anything is
-    enqueued. Before, the job never finished and said nothing of why."""
+    """A folder that cannot be made (under /proc, under a file), or whose job folder is a file:
+    refused before anything is enqueued. Before, the job never finished and said nothing of why
+    (a new user's and a hostile tester's findings)."""
     (tmp_path / "blocker").write_text("a file where a folder should be")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "nowhere").write_text("a file where the job's folder should be")
     out_dir = out_dir if out_dir.startswith("/") else str(tmp_path / out_dir)
     done = producer("label", str(SAMPLES / "coffee.jpg"), "--job", "nowhere", "--out-dir", out_dir,
                     "--out", str(tmp_path / "r.csv"), KILN_REDIS_URL=private_redis_url)  # fmt: skip
     assert done.returncode == 2, done.stderr
-    assert f"--out-dir {out_dir}: not a folder the workers and `label` can write" in done.stderr
+    assert f"--out-dir {out_dir}: cannot write the job's shards in {out_dir}/nowhere" in done.stderr
     assert "no job named 'nowhere'" in producer("status", "nowhere", KILN_REDIS_URL=private_redis_url).stderr
+
+
+@pytest.mark.parametrize("given", ["../shards", "file://../shards", "file://{tmp}/x/../shards"])
+def test_an_out_dir_names_one_folder_however_it_is_written(private_redis_url, tmp_path, given):
+    """Made absolute and normal: `../shards` from a folder beside it and the absolute path are one
+    out_dir, not "another" (a hostile tester's finding); a relative file:// URL too (its shards
+    went under the worker's folder); and a Path is taken as a str."""
+    here = tmp_path / "here"
+    here.mkdir()
+    env = python_env(KILN_REDIS_URL=private_redis_url)
+    first = subprocess.run([PYTHON, "-m", "producer", "submit", str(SAMPLES / "coffee.jpg"), "--job", "one-dir",
+                            "--out-dir", given.format(tmp=tmp_path), "--no-progress"],
+                           cwd=here, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert first.returncode == 0 and f"shards in {tmp_path / 'shards'}/one-dir/" in first.stderr, first.stderr
+    with Kiln(private_redis_url) as kiln:
+        again = kiln.submit([SAMPLES / "coffee.jpg"], job="one-dir", out_dir=tmp_path / "shards")
+    assert again.out_dir == str(tmp_path / "shards")
+
+
+@pytest.mark.parametrize("job", [".", ".."])
+def test_a_job_name_of_dots_is_refused(private_redis_url, tmp_path, job):
+    """`out_dir/..` is the folder above the shards: its export would read other jobs' shards."""
+    done = producer("submit", str(SAMPLES / "coffee.jpg"), "--job", job, "--out-dir", str(tmp_path / "s"),
+                    KILN_REDIS_URL=private_redis_url)  # fmt: skip
+    assert done.returncode == 2 and "not dots only" in done.stderr, done.stderr

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -63,7 +64,19 @@ def is_reply_key(name: object) -> bool:
 
 
 Key = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
-JobId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$")]
+
+
+def _not_only_dots(job: str) -> str:
+    if not job.strip("."):
+        raise ValueError("a job name of dots only names a folder above the shards' out_dir")
+    return job
+
+
+# A job name is part of Redis keys and of its shards' folder (out_dir/JOB/): `.` or `..` would be
+# out_dir itself or the folder above it, whose shards `export` would then read as this job's.
+JobId = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:@-]+$"), AfterValidator(_not_only_dots)
+]
 
 
 class InputError(Exception):
