@@ -211,7 +211,9 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
         if refusal:
             dead_letter(message, refusal)
             return {"error": "bad_message"}
-        _take_only_own_models(current, chunk.job)
+        if not _take_only_own_models(current, chunk.job):
+            dead_letter(message, f"job {chunk.job} is not in Redis (its keys expired or were deleted): submit it again")
+            return {"error": "bad_message"}
         delivery = claim_chunk(current, chunk.job, task_id)
         metrics.observe_deliveries("chunk", [delivery.deaths + 1], current.settings.max_deliveries)
         if delivery.done:  # finished by an earlier delivery whose acknowledgement was lost
@@ -236,16 +238,19 @@ def classify_chunk(task: Task, message: Any = None, *args: Any, **kwargs: Any) -
     return {"job": chunk.job, "records": written}
 
 
-def _take_only_own_models(current: ProcessState, job: str) -> None:
+def _take_only_own_models(current: ProcessState, job: str) -> bool:
     """Bind the job to this worker's model if no worker has taken one of its chunks yet; raise
     Reject (the chunk goes back to the queue, before it counts as a delivery) where the job's
     records come from another model: workers serving different packages on one Redis wrote a
     job's records with two models' labels (a new user's finding). The pause lets the job's own
-    workers take the chunk, not this one again at once."""
+    workers take the chunk, not this one again at once. False where the job is not in Redis: its
+    chunk would make a job of its records alone, bound to no model (a hostile tester's finding)."""
     mine = current.pipeline.runtime.manifest.model_key
     bound = current.retrying(lambda: current.store.bind_model(job, mine), "bind a job to its model")
-    if bound is None or bound == mine:
-        return
+    if bound is None:
+        return False
+    if bound == mine:
+        return True
     log.warning("giving a chunk of job %s back to the queue: its records come from %s, this worker serves %s",
                 job, bound, mine)  # fmt: skip
     note = f"{current.heartbeat.worker} serves {mine}"
