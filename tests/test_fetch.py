@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -229,3 +230,6 @@ def test_a_worker_says_where_it_reads_images_and_which_roots_are_not_folders(tmp
     said, *notes = roots_notes([str(tmp_path), str(typo), "s3://bucket/prefix"])
     assert said == f"reads images under: {os.path.realpath(tmp_path)}, {os.path.realpath(typo)}, s3://bucket/prefix"
     assert notes == [f"allowed root {typo} is not a folder on this host: nothing under it can be read"]
+    if importlib.util.find_spec("gcsfs") is None:  # an object store whose library is missing: said too
+        (_, missing) = roots_notes(["gs://bucket/"])
+        assert missing.startswith("allowed root gs://bucket/: ") and "gcsfs" in missing

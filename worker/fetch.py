@@ -71,11 +71,29 @@ def roots_notes(allowed_roots: list[str] | tuple[str, ...]) -> list[str]:
             "refused as forbidden; only inline images and http(s) URLs are served"
         ]
     shown = ", ".join(r if "://" in r else os.path.realpath(r) for r in allowed_roots)
-    return [f"reads images under: {shown}"] + [
-        f"allowed root {r} is not a folder on this host: nothing under it can be read"
-        for r in allowed_roots
-        if "://" not in r and not os.path.isdir(r)
-    ]
+    notes = [f"reads images under: {shown}"]
+    for root in allowed_roots:
+        if "://" in root:
+            problem = _object_store_missing(root.split("://", 1)[0])
+            if problem:
+                notes.append(f"allowed root {root}: {problem}: nothing under it can be read")
+        elif not os.path.isdir(root):
+            notes.append(f"allowed root {root} is not a folder on this host: nothing under it can be read")
+    return notes
+
+
+def _object_store_missing(protocol: str) -> str | None:
+    """Why this host cannot read `protocol://` objects (fsspec, or the library fsspec names for
+    it, such as gcsfs, not installed), or None."""
+    try:
+        import fsspec
+    except ImportError:
+        return "fsspec is not installed: pip install 'kiln[s3]'"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as e:  # its library missing ("Please install gcsfs ..."), or no such protocol
+        return str(e)
+    return None
 
 
 def fetch(ref: str, policy: FetchPolicy) -> bytes:

@@ -388,7 +388,7 @@ class ResultStore:
         if verdict == "other_topk":
             raise JobConflict(
                 f"job {job} was started with topk={answer[1].decode()}, not {topk}: "
-                "submit with that --topk, or use a new job name"
+                "submit with that top-k (--topk, topk=), or use a new job name"
             )
         if verdict == "bulk_only":
             raise JobConflict(f"job {job} was created for bulk work only; online requests may not write into it")
@@ -415,7 +415,7 @@ class ResultStore:
         if verdict == "other_topk":
             raise JobConflict(
                 f"job {job} was started with topk={answer[1].decode()}, not {topk}: "
-                "submit with that --topk, or use a new job name"
+                "submit with that top-k (--topk, topk=), or use a new job name"
             )
 
     def add_chunk(self, job: str, chunk: str, n_images: int) -> bool:
