@@ -23,7 +23,7 @@ from producer.faults import RedisUnavailable, retrying
 from producer.progress import JobProgress
 from producer.sources import SourceError
 from worker.contract import BULK_QUEUE, CHUNK_TASK, ChunkMessage, Item, chunk_id
-from worker.store import LISTER_TTL_S
+from worker.store import LISTER_TTL_S, listing_run
 
 if TYPE_CHECKING:
     from producer.client import Kiln
@@ -207,7 +207,7 @@ class _Heartbeat:
     LISTER_TTL_S. Other submissions of the same job keep their own."""
 
     def __init__(self, kiln: Kiln, job: str, identity: str) -> None:
-        self.kiln, self.job, self.id = kiln, job, identity
+        self.kiln, self.job, self.id = kiln, job, listing_run(identity)
         self.finished = False
         self._stopping = threading.Event()
         self._before = kiln._redis(lambda: kiln.store.open_listing(job, self.id))

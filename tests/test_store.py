@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from worker.contract import Item, Label, Record
-from worker.store import JobConflict, ResultStore
+from worker.store import JobConflict, ResultStore, listing_run
 
 
 def ok(key: str, label: str = "espresso") -> Record:
@@ -212,3 +212,28 @@ def test_a_write_never_adds_images_to_a_job(store):
     counts = store.counts("j")
     assert (counts.total, counts.done) == (1, 1) and store.get("j", "injected") is None
     assert not store.exists("nojob")
+
+
+def test_each_run_of_a_submission_holds_the_listing_until_it_finishes(store):
+    """Two runs of one submission (the same inputs) at once: the first finishing does not end the
+    other's part (a hostile tester's finding: the job read complete, and exported with exit 0,
+    while the other run still enqueued). A run that finishes ends the earlier runs of its inputs
+    that stopped or were killed, not other inputs' runs nor live ones."""
+    job = "runs"
+    store.register(job, [Item(key="a", ref="/a.jpg")])
+    first, second, other = listing_run("inputs"), listing_run("inputs"), listing_run("other-inputs")
+    for run in (first, second):
+        store.open_listing(job, run)
+    store.finish_listing(job, first)
+    assert store.counts(job).listing == "running"
+    store.stop_listing(job, second)
+    store.open_listing(job, other)
+    store.stop_listing(job, other)
+    killed = listing_run("inputs")
+    store.open_listing(job, killed)
+    store.redis.delete(f"kiln:{{{job}}}:lister:{killed}")  # its heartbeat lapsed
+    again = listing_run("inputs")
+    store.open_listing(job, again)
+    store.finish_listing(job, again)
+    assert store.counts(job).listing == "stopped"  # the other inputs' run is still owed
+    assert store.redis.hkeys(f"kiln:{{{job}}}:listers") == [other.encode()]

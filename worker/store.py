@@ -36,6 +36,7 @@ This module imports no torch: producers read through it too.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -182,7 +183,6 @@ return {'ok'}
 _OPEN_LISTING = """
 local existed = redis.call('EXISTS', KEYS[1])
 local previous = redis.call('HGET', KEYS[1], 'listing') or ''
-local own = redis.call('HGET', KEYS[2], ARGV[1]) or ''
 redis.call('HSET', KEYS[1], 'listing', 'open')
 redis.call('HSET', KEYS[2], ARGV[1], 'running')
 redis.call('SET', KEYS[3], 1, 'EX', ARGV[2])
@@ -190,28 +190,34 @@ local ttl = tonumber(ARGV[3])
 if ttl > 0 and existed == 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 local left = redis.call('PTTL', KEYS[1])  -- the submissions' hash lives as long as the job
 if left > 0 then redis.call('PEXPIRE', KEYS[2], left) else redis.call('PERSIST', KEYS[2]) end
-return {existed, previous, own}
+return {existed, previous}
 """
 
-# A submission has enqueued all it listed: it leaves; the listing is done once none is left (one
-# that stopped stays until it is run again: the same sources make the same id). KEYS as above;
-# ARGV its id.
+# A run of a submission has enqueued all it listed: it leaves, and so do the earlier runs of the
+# same submission (its inputs, the part of the id before '#') that stopped or lapsed: this run
+# listed what they left out. Live runs stay, each its own entry: two runs of one submission at
+# once must not end each other's part. The listing is done once no entry is left. KEYS as
+# above; ARGV the run's id, its submission's prefix ("INPUTS#"), the heartbeats' key prefix.
 _FINISH_LISTING = """
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
+local members = redis.call('HGETALL', KEYS[2])
+for i = 1, #members, 2 do
+  local id = members[i]
+  if string.sub(id, 1, #ARGV[2]) == ARGV[2]
+     and (members[i + 1] == 'stopped' or redis.call('EXISTS', ARGV[3] .. id) == 0) then
+    redis.call('HDEL', KEYS[2], id)
+  end
+end
 if redis.call('HLEN', KEYS[2]) == 0 then redis.call('HSET', KEYS[1], 'listing', 'done') end
 return 1
 """
 
-# A submission that enqueued nothing is taken back: KEYS meta, listers, its heartbeat, listed,
-# chunks; ARGV its id, whether the job existed before it, the listing before it, its own entry
-# before it ('stopped' where it is a stopped submission run again: that one stays stopped).
+# A run that enqueued nothing is taken back (earlier runs of its submission stay as they were):
+# KEYS meta, listers, its heartbeat, listed, chunks; ARGV its id, whether the job existed before
+# it, the listing before it.
 _RESET_LISTING = """
-if ARGV[4] == 'stopped' then
-  redis.call('HSET', KEYS[2], ARGV[1], 'stopped')
-else
-  redis.call('HDEL', KEYS[2], ARGV[1])
-end
+redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
 if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
 if ARGV[2] == '0' and tonumber(redis.call('HGET', KEYS[1], 'total') or '0') == 0 then
@@ -333,13 +339,18 @@ class JobCounts:
         return self.listed and self.total > 0 and self.finished >= self.total
 
 
+def listing_run(submission: str) -> str:
+    """One run's id in a job's listing: its submission's (the inputs', or the first chunk's), '#',
+    and its own, so that two runs of one submission at once each hold the listing open."""
+    return f"{submission}#{secrets.token_hex(4)}"
+
+
 @dataclass(frozen=True)
 class ListingBefore:
     """A job as a submission found it when it opened its listing (`ResultStore.open_listing`)."""
 
     existed: bool
     listing: str | None  # the meta's listing: "open", "done", or None
-    own: str | None  # this submission's entry: "stopped" where it is one that stopped, run again
 
 
 class ResultStore:
@@ -424,24 +435,25 @@ class ResultStore:
         keys = [_key(job, "meta"), _key(job, "listed")]
         return bool(self._add_chunk(keys=keys, args=[chunk, n_images, self.ttl_s]))
 
-    def open_listing(self, job: str, submission: str) -> ListingBefore:
-        """Say that `submission` (an id of the producer's own) is enqueueing the job's chunks: its
-        total is not final. `keep_listing` must renew the submission's heartbeat at least every
-        `LISTER_TTL_S` until `finish_listing`, `stop_listing` or `reset_listing`, else the
-        listing counts as lapsed. Returns how the job was before, for `reset_listing`."""
-        keys = self._listing_keys(job, submission)
-        existed, listing, own = self._open_listing(keys=keys, args=[submission, LISTER_TTL_S, self.ttl_s])
-        return ListingBefore(bool(existed), listing.decode() or None, own.decode() or None)
+    def open_listing(self, job: str, run: str) -> ListingBefore:
+        """Say that `run` (`listing_run`: a submission's id and this run's) is enqueueing the
+        job's chunks: its total is not final. `keep_listing` must renew the run's heartbeat at
+        least every `LISTER_TTL_S` until `finish_listing`, `stop_listing` or `reset_listing`, else
+        the listing counts as lapsed. Returns how the job was before, for `reset_listing`."""
+        keys = self._listing_keys(job, run)
+        existed, listing = self._open_listing(keys=keys, args=[run, LISTER_TTL_S, self.ttl_s])
+        return ListingBefore(bool(existed), listing.decode() or None)
 
     def keep_listing(self, job: str, submission: str) -> None:
         """The listing submission's heartbeat (see `open_listing`)."""
         self.redis.set(_key(job, f"lister:{submission}"), 1, ex=LISTER_TTL_S)
 
-    def finish_listing(self, job: str, submission: str = "") -> None:
-        """Say that `submission` has enqueued every chunk it listed; the listing is done once no
-        other submission is in it, running or stopped (one that stopped is run again under the
-        same id: `producer.enqueue` names a submission by its inputs, or its first chunk)."""
-        self._finish_listing(keys=self._listing_keys(job, submission), args=[submission])
+    def finish_listing(self, job: str, run: str = "") -> None:
+        """Say that `run` has enqueued every chunk it listed. Earlier runs of its submission that
+        stopped or lapsed leave with it: it listed what they left out. The listing is done once no
+        run is left in it, live or stopped."""
+        prefix = run.partition("#")[0] + "#"
+        self._finish_listing(keys=self._listing_keys(job, run), args=[run, prefix, _key(job, "lister:")])
 
     def stop_listing(self, job: str, submission: str) -> None:
         """Say that `submission` stopped before its end: `wait` then stops too, once what was
@@ -454,10 +466,10 @@ class ResultStore:
     def reset_listing(self, job: str, submission: str, before: ListingBefore) -> None:
         """Take back `submission`, which stopped before it enqueued anything (a conflict at its
         first chunk, say), as `open_listing` found the job (`before`): a job it made that holds
-        nothing is deleted, another one's listing put back (a stopped submission run again stays
-        stopped), unless other submissions run."""
+        nothing is deleted, another one's listing put back, unless other runs are in it (earlier
+        runs of its submission, stopped, stay so)."""
         keys = [*self._listing_keys(job, submission), _key(job, "listed"), _key(job, "chunks")]
-        self._reset_listing(keys=keys, args=[submission, int(before.existed), before.listing or "", before.own or ""])
+        self._reset_listing(keys=keys, args=[submission, int(before.existed), before.listing or ""])
 
     @staticmethod
     def _listing_keys(job: str, submission: str) -> list[str]:
