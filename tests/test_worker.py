@@ -498,6 +498,7 @@ def test_a_job_takes_records_of_one_model_only(private_redis_url, lite0_package,
         try:
             kiln.submit([Item(key="first", ref=str(photos[0]))], job="one")
             kiln.wait("one", timeout_s=180, progress=False, check=lite0.check)
+            assert kiln.classify(photos[0], job="live", key="first", timeout_s=120).status == "ok"
         finally:
             lite0.stop()
         other = start(tiny, "tiny")
@@ -508,6 +509,11 @@ def test_a_job_takes_records_of_one_model_only(private_redis_url, lite0_package,
                                     text=True, env=python_env(KILN_REDIS_URL=url), timeout=120)  # fmt: skip
             assert "one: its records come from efficientnet_lite0@" in status.stdout, status.stdout
             assert "serves tiny@" in status.stdout and kiln.counts("one").finished == 1
+            # Online writes into a job are bound too: a hostile tester had 6 tiny records land in
+            # a job of Lite0's.
+            refused = kiln.classify(photos[1], job="live", key="second", timeout_s=120)
+            assert refused.status == "error" and refused.error.kind == "forbidden", refused
+            assert "job live takes records of efficientnet_lite0@" in refused.error.message
         finally:
             other.stop()
         lite0 = start(lite0_package, "lite0-again")

@@ -487,14 +487,21 @@ def _drop_expired(accepted: list[tuple[Any, OnlineMessage]], unanswered: set[str
 def _refuse_foreign_jobs(
     accepted: list[tuple[Any, OnlineMessage]], unanswered: set[str]
 ) -> list[tuple[Any, OnlineMessage]]:
-    """Answer `forbidden` to requests that name a job which does not take online writes; keep the rest."""
+    """Answer `forbidden` to requests that name a job which does not take online writes, or whose
+    records come from another model than this worker's; keep the rest."""
     current = state()
     targets = [(message.job, message.key or message.id) for _, message in accepted if message.job]
     found = current.retrying(lambda: current.store.online_refusals(targets), "check online jobs") if targets else []
     refusals = iter(found)
+    # One model per job, online writes too (`_take_only_own_models`): bound by the first writer.
+    mine = current.pipeline.runtime.manifest.model_key
+    jobs = {message.job for _, message in accepted if message.job}
+    bound = {job: current.retrying(lambda job=job: current.store.bind_model(job, mine), "bind a job") for job in jobs}
     kept = []
     for request, message in accepted:
         refusal = next(refusals) if message.job else None
+        if refusal is None and message.job and bound[message.job] not in (None, mine):
+            refusal = f"job {message.job} takes records of {bound[message.job]} only; this worker serves {mine}"
         if refusal is None:
             kept.append((request, message))
         else:
