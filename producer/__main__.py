@@ -429,10 +429,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {_count(written, 'record')} to {args.out}", file=sys.stderr)
                 if counts is not None and not counts.complete:
                     # Exit 2: a script must not take the file for the whole job.
+                    then = (
+                        "run its submission again to enqueue the rest (its listing stopped early), then export it"
+                        if counts.listing == "stopped"
+                        else f"export it again once `kiln status {args.job}` says complete"
+                    )
                     print(
                         f"error: job {args.job} was not finished when the export began ({counts.finished} of "
-                        f"{counts.total} images had records then), so {args.out} may lack some: export it again "
-                        f"once `kiln status {args.job}` says complete",
+                        f"{counts.total} images had records then), so {args.out} may lack some: {then}",
                         file=sys.stderr,
                     )
                     return 2

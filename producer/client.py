@@ -99,7 +99,7 @@ def job_notes(job: str, counts: JobCounts) -> list[str]:
     if counts.other_model:
         notes.append(
             f"{job}: its records come from {counts.model}, and a worker serving another model gave a chunk back "
-            f"({counts.other_model}): start workers serving {counts.model}, or submit to a new job"
+            f"({counts.other_model}); where no worker serving {counts.model} runs, start one, or submit to a new job"
         )
     return notes
 
