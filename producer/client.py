@@ -53,7 +53,7 @@ from worker.contract import (
 )
 from worker.eviction import check_eviction_policy
 from worker.settings import mask_url, settings_error
-from worker.store import LISTER_TTL_S, JobCounts, ResultStore
+from worker.store import LAPSE_GRACE_S, JobCounts, ResultStore
 
 T = TypeVar("T")
 _KEYS_PER_CALL = 10_000  # keys per HMGET: one reply of a few hundred KB
@@ -61,9 +61,6 @@ _KEYS_PER_CALL = 10_000  # keys per HMGET: one reply of a few hundred KB
 # taken: long enough for a worker to load its model, short enough to spare a user's patience.
 STALL_NOTE_S = 30.0
 ORPHAN_CHECK_S = 10.0  # a wait without a new record for this long looks for chunks of a worker that stopped
-# `wait` takes a lapsed listing heartbeat for a stopped submission once it has seen it lapsed this
-# long: a live submission renews it every third of LISTER_TTL_S, also right after a Redis outage.
-LAPSE_GRACE_S = LISTER_TTL_S / 2
 
 
 class JobTimeout(TimeoutError):

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from worker.contract import Item, Label, Record
-from worker.store import JobConflict, ResultStore, listing_run
+from worker.store import LAPSE_GRACE_S, LISTER_TTL_S, JobConflict, ResultStore, listing_run
 
 
 def ok(key: str, label: str = "espresso") -> Record:
@@ -237,3 +237,20 @@ def test_each_run_of_a_submission_holds_the_listing_until_it_finishes(store):
     store.finish_listing(job, again)
     assert store.counts(job).listing == "stopped"  # the other inputs' run is still owed
     assert store.redis.hkeys(f"kiln:{{{job}}}:listers") == [other.encode()]
+
+
+def test_a_run_whose_heartbeat_lapsed_past_the_grace_reads_as_stopped(store):
+    """A killed submission: `status` said "heartbeat is late" for ever (a hostile tester's
+    finding). Its entry keeps the time of its last beat (Redis's clock): lapsed within the grace,
+    stopped after it."""
+    job = "killed-run"
+    store.register(job, [Item(key="a", ref="/a.jpg")])
+    run = listing_run("inputs")
+    store.open_listing(job, run)
+    store.keep_listing(job, run)
+    assert store.counts(job).listing == "running"
+    store.redis.delete(f"kiln:{{{job}}}:lister:{run}")  # killed: no more renewals
+    assert store.counts(job).listing == "lapsed"
+    now = int(store.redis.time()[0])
+    store.redis.hset(f"kiln:{{{job}}}:listers", run, f"running {now - LISTER_TTL_S - LAPSE_GRACE_S - 1:.0f}")
+    assert store.counts(job).listing == "stopped"

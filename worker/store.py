@@ -184,7 +184,7 @@ _OPEN_LISTING = """
 local existed = redis.call('EXISTS', KEYS[1])
 local previous = redis.call('HGET', KEYS[1], 'listing') or ''
 redis.call('HSET', KEYS[1], 'listing', 'open')
-redis.call('HSET', KEYS[2], ARGV[1], 'running')
+redis.call('HSET', KEYS[2], ARGV[1], 'running ' .. redis.call('TIME')[1])
 redis.call('SET', KEYS[3], 1, 'EX', ARGV[2])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 and existed == 0 then redis.call('EXPIRE', KEYS[1], ttl) end
@@ -234,13 +234,27 @@ return 1
 # listers; ARGV the heartbeats' key prefix.
 _LISTING_STATE = """
 local alive, stopped, lapsed = 0, 0, 0
+local now = tonumber(redis.call('TIME')[1])
 local members = redis.call('HGETALL', KEYS[2])
 for i = 1, #members, 2 do
+  local beat = tonumber(string.match(members[i + 1], '^running (%d+)$'))
   if members[i + 1] == 'stopped' then stopped = stopped + 1
   elseif redis.call('EXISTS', ARGV[1] .. members[i]) == 1 then alive = alive + 1
+  elseif beat and now - beat > tonumber(ARGV[2]) then stopped = stopped + 1
   else lapsed = lapsed + 1 end
 end
 return {redis.call('HGETALL', KEYS[1]), alive, stopped, lapsed}
+"""
+
+# A run's heartbeat, and the time of it in its entry (while it is a running one): a lapsed entry
+# whose last beat is older than the grace reads as stopped. KEYS listers, its heartbeat; ARGV its
+# id, the heartbeat's seconds.
+_KEEP_LISTING = """
+if string.sub(redis.call('HGET', KEYS[1], ARGV[1]) or '', 1, 7) == 'running' then
+  redis.call('HSET', KEYS[1], ARGV[1], 'running ' .. redis.call('TIME')[1])
+end
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[2])
+return 1
 """
 
 # Count a chunk into the job once, however often it is enqueued (a resumed job enqueues again
@@ -288,6 +302,10 @@ DELIVERY_TTL_S = 24 * 3600  # at least: delivery entries outlive the workers tha
 # A listing submission's heartbeat lives this long (seconds); the submission renews it every third
 # of that, from a thread of its own, so a slow listing or a full queue never lets it lapse.
 LISTER_TTL_S = 30
+# A lapsed heartbeat this long is a run that was killed (or lost its host): a live one renews it
+# within a third of LISTER_TTL_S once Redis is back from an outage. `wait` and `status` then
+# call its listing stopped.
+LAPSE_GRACE_S = LISTER_TTL_S / 2
 
 
 def _key(job: str, part: str) -> str:
@@ -315,8 +333,9 @@ class JobCounts:
     `listing`: whether `total` is final. A job's total grows while submissions enqueue its chunks:
     "running" while one of them is at it (its heartbeat alive), "done" once every submission that
     opened the listing has finished it; "stopped" where the last one running was interrupted or
-    failed, "lapsed" where its heartbeat expired (killed, or Redis away longer than the heartbeat:
-    a live one renews it within a third of LISTER_TTL_S of Redis's return)."""
+    failed, or was killed: its heartbeat lapsed over LAPSE_GRACE_S ago; "lapsed" where its
+    heartbeat expired since (killed, or Redis away longer than the heartbeat: a live one renews
+    it within a third of LISTER_TTL_S of Redis's return)."""
 
     total: int
     done: int
@@ -367,6 +386,7 @@ class ResultStore:
         self._claim = client.register_script(_CLAIM)
         self._begin_sharded = client.register_script(_BEGIN_SHARDED)
         self._bind_model = client.register_script(_BIND_MODEL)
+        self._keep_listing = client.register_script(_KEEP_LISTING)
         self._add_chunk = client.register_script(_ADD_CHUNK)
         self._complete_chunk = client.register_script(_COMPLETE_CHUNK)
         self._open_listing = client.register_script(_OPEN_LISTING)
@@ -444,9 +464,9 @@ class ResultStore:
         existed, listing = self._open_listing(keys=keys, args=[run, LISTER_TTL_S, self.ttl_s])
         return ListingBefore(bool(existed), listing.decode() or None)
 
-    def keep_listing(self, job: str, submission: str) -> None:
-        """The listing submission's heartbeat (see `open_listing`)."""
-        self.redis.set(_key(job, f"lister:{submission}"), 1, ex=LISTER_TTL_S)
+    def keep_listing(self, job: str, run: str) -> None:
+        """The listing run's heartbeat (see `open_listing`)."""
+        self._keep_listing(keys=[_key(job, "listers"), _key(job, f"lister:{run}")], args=[run, LISTER_TTL_S])
 
     def finish_listing(self, job: str, run: str = "") -> None:
         """Say that `run` has enqueued every chunk it listed. Earlier runs of its submission that
@@ -583,7 +603,7 @@ class ResultStore:
     def counts(self, job: str) -> JobCounts:
         """The job's counters, Redis-store or sharded (where `listed` says whether total is final)."""
         raw, alive, stopped, lapsed = self._listing_state(
-            keys=[_key(job, "meta"), _key(job, "listers")], args=[_key(job, "lister:")]
+            keys=[_key(job, "meta"), _key(job, "listers")], args=[_key(job, "lister:"), LISTER_TTL_S + LAPSE_GRACE_S]
         )
         meta = dict(zip(raw[::2], raw[1::2], strict=True))
         total, done, failed = (int(meta.get(k, 0)) for k in (b"total", b"done", b"failed"))
