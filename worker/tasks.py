@@ -493,15 +493,19 @@ def _refuse_foreign_jobs(
     targets = [(message.job, message.key or message.id) for _, message in accepted if message.job]
     found = current.retrying(lambda: current.store.online_refusals(targets), "check online jobs") if targets else []
     refusals = iter(found)
-    # One model per job, online writes too (`_take_only_own_models`): bound by the first writer.
-    mine = current.pipeline.runtime.manifest.model_key
-    jobs = {message.job for _, message in accepted if message.job}
-    bound = {job: current.retrying(lambda job=job: current.store.bind_model(job, mine), "bind a job") for job in jobs}
+    # One model per job, online writes too (`_take_only_own_models`): bound by the first writer,
+    # among the requests that may write into it.
+    mine, bound = current.pipeline.runtime.manifest.model_key, {}
     kept = []
     for request, message in accepted:
         refusal = next(refusals) if message.job else None
-        if refusal is None and message.job and bound[message.job] not in (None, mine):
-            refusal = f"job {message.job} takes records of {bound[message.job]} only; this worker serves {mine}"
+        if refusal is None and message.job:
+            if message.job not in bound:
+                bound[message.job] = current.retrying(
+                    lambda job=message.job: current.store.bind_model(job, mine), "bind a job to its model"
+                )
+            if bound[message.job] not in (None, mine):
+                refusal = f"job {message.job} takes records of {bound[message.job]} only; this worker serves {mine}"
         if refusal is None:
             kept.append((request, message))
         else:
