@@ -12,9 +12,9 @@ script can update them together:
                          a worker last gave a chunk back unwritten; cleared when a shard is written);
                          model (the model key of the first worker that took a chunk: its records'
                          model), other_model (a worker of another model gave a chunk back)
-    kiln:{job}:listers   hash: submission id -> "running" | "stopped", for each submission that
-                         opened the listing and has not finished it
-    kiln:{job}:lister:{id} string, expiring: that submission's heartbeat while it runs
+    kiln:{job}:listers   hash: run id ("INPUTS#RUN") -> "running LAST_BEAT" | "stopped", for each
+                         run of a submission that opened the listing and has not finished it
+    kiln:{job}:lister:{id} string, expiring: that run's heartbeat while it runs
     kiln:{job}:listed    hash: chunk id -> images, once enqueued (sharded; what total counts)
     kiln:{job}:chunks    hash: chunk id -> "ok|failed" once its shard is written (sharded)
     kiln:{job}:items     hash: image key -> reference   (the job's images; total is its length)
