@@ -30,7 +30,7 @@ from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, inputs_job_id, iter_items, local_roots, object_roots, one_line
 from worker.argtypes import at_least, program, seconds
 from worker.contract import Record
-from worker.manifest import read_manifest
+from worker.manifest import PackageError, read_manifest
 from worker.settings import mask_url, settings_error, unknown_variables
 from worker.store import JobCounts
 
@@ -274,8 +274,7 @@ def _check_job_model(kiln: Kiln, job: str, package: Path) -> None:
     the old job: its records came back with exit 0, or, unfinished, it waited for ever on chunks
     the local worker gives back (a hostile tester's finding)."""
     bound = kiln.counts(job).model if kiln.exists(job) else None
-    mine = read_manifest(package).model_key
-    if bound is not None and bound != mine:
+    if bound is not None and bound != (mine := read_manifest(package).model_key):
         raise ValueError(
             f"job {job} holds the records of {bound}, and this run's worker serves {mine}: give another --job "
             "(the default name comes from the inputs, not the model)"
@@ -448,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     except (redis.RedisError, OperationalError) as e:  # one the retries did not describe
         print(f"error: {describe(e, settings.redis_url or '')}", file=sys.stderr)
         return 2
-    except (SourceError, EmbeddedError, ValueError, OSError, TimeoutError, ListingStopped) as e:
+    except (SourceError, EmbeddedError, PackageError, ValueError, OSError, TimeoutError, ListingStopped) as e:
         print(f"error: {mask_url(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
