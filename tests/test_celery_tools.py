@@ -21,13 +21,18 @@ from worker.celery_app import make_app
 from worker.settings import CommonSettings
 
 
-def task_events(url: str, bound: threading.Event, stop: threading.Event) -> list[str]:
-    """Task event types seen on the broker from when `bound` is set (the receiver's queue is bound
-    to the events exchange: events sent before never reach it) until `stop` is."""
+def task_events(url: str, seen: list[str], bound: threading.Event, stop: threading.Event) -> None:
+    """Append to `seen` the task event types on the broker from when `bound` is set (the
+    receiver's queue is bound to the events exchange: events sent before never reach it) until
+    `stop` is."""
     app = make_app(CommonSettings(redis_url=url))
-    seen: list[str] = []
+
+    def record(event: dict) -> None:
+        if event["type"].startswith("task-"):
+            seen.append(event["type"])
+
     with app.connection_for_read() as connection:
-        receiver = app.events.Receiver(connection, handlers={"*": lambda event: seen.append(event["type"])})
+        receiver = app.events.Receiver(connection, handlers={"*": record})
 
         def watch() -> None:
             client = redis.Redis.from_url(url)
@@ -40,7 +45,6 @@ def task_events(url: str, bound: threading.Event, stop: threading.Event) -> list
 
         threading.Thread(target=watch, daemon=True).start()
         receiver.capture(limit=None, timeout=None, wakeup=False)
-    return [kind for kind in seen if kind.startswith("task-")]
 
 
 @pytest.mark.parametrize("events", [False, True])
@@ -59,15 +63,19 @@ def test_inspect_sees_the_worker_and_task_events_follow_the_flag(events, private
             assert ping.returncode == 0 and f"kiln-{worker.process.pid}-" in ping.stdout and "pong" in ping.stdout, (
                 ping.stdout + ping.stderr
             )
-            bound, stop = threading.Event(), threading.Event()
-            listener = threading.Thread(target=lambda: seen.extend(task_events(url, bound, stop)))
             seen: list[str] = []
+            bound, stop = threading.Event(), threading.Event()
+            listener = threading.Thread(target=task_events, args=(url, seen, bound, stop))
             listener.start()
             assert bound.wait(60), "the event receiver did not bind its queue"
             kiln.submit([SAMPLES], job="watched")
             kiln.wait("watched", timeout_s=180, progress=False, check=worker.check)
-            # A task's task-succeeded goes out after its records, which end the wait.
-            time.sleep(5)
+            # A task's task-succeeded goes out after its records, which end the wait, and the
+            # worker's event loop flushes task events in batches: on a loaded CI host, over 5 s
+            # later. Without events, 10 s of nothing stands for none.
+            deadline = time.monotonic() + (120 if events else 10)
+            while "task-succeeded" not in seen and time.monotonic() < deadline:
+                time.sleep(0.2)
             stop.set()
             listener.join(60)
         if events:
