@@ -372,6 +372,14 @@ class ListingBefore:
     listing: str | None  # the meta's listing: "open", "done", or None
 
 
+def _other_topk(job: str, started: str, topk: int) -> JobConflict:
+    """The refusal of a submission asking another top-k than its job's, in either output mode."""
+    return JobConflict(
+        f"job {job} was started with topk={started}, not {topk}: submit with that top-k (--topk, topk=), "
+        "or use a new job name"
+    )
+
+
 class ResultStore:
     """Records and counters of jobs in one Redis. Thread-safe (redis-py's pool)."""
 
@@ -417,10 +425,7 @@ class ResultStore:
                 "Use a new job name, or give the images other keys"
             )
         if verdict == "other_topk":
-            raise JobConflict(
-                f"job {job} was started with topk={answer[1].decode()}, not {topk}: "
-                "submit with that top-k (--topk, topk=), or use a new job name"
-            )
+            raise _other_topk(job, answer[1].decode(), topk)
         if verdict == "bulk_only":
             raise JobConflict(f"job {job} was created for bulk work only; online requests may not write into it")
         if verdict == "sharded":
@@ -444,10 +449,7 @@ class ResultStore:
         if verdict == "other_sink":
             raise JobConflict(f"job {job} writes its shards to {answer[1].decode()}, not {out_dir}")
         if verdict == "other_topk":
-            raise JobConflict(
-                f"job {job} was started with topk={answer[1].decode()}, not {topk}: "
-                "submit with that top-k (--topk, topk=), or use a new job name"
-            )
+            raise _other_topk(job, answer[1].decode(), topk)
 
     def add_chunk(self, job: str, chunk: str, n_images: int) -> bool:
         """Count a chunk of `n_images` into a sharded job's `total` and `chunks`, once however
