@@ -276,11 +276,11 @@ def test_an_unwritable_out_dir_loses_nothing_and_says_why(workers, private_app, 
     assert f"{out}/{job}/part-" in log
     counts = store.counts(job)
     assert (counts.finished, store.completed_chunks(job)) == (0, set())
-    assert "NotADirectoryError" in store.sink_error(job)  # what a producer can show its user
+    assert "NotADirectoryError" in store.counts(job).sink_error  # what a producer can show its user
     blocker.unlink()  # mended: the next delivery writes the shard
     wait_for(lambda: store.counts(job).complete, 120, "the job after the fix", worker.check)
     counts = store.counts(job)
-    assert (counts.total, counts.done, counts.failed) == (6, 6, 0) and store.sink_error(job) is None
+    assert (counts.total, counts.done, counts.failed) == (6, 6, 0) and store.counts(job).sink_error is None
     assert_one_row_per_image(out / job, items)
 
 
@@ -325,7 +325,7 @@ def test_a_worker_without_pyarrow_says_what_to_install_and_loses_nothing(workers
     send_sharded(private_app, store, job, str(out), items, chunk_size=4)
     wait_for(lambda: "giving chunk" in log_of(without), 240, "the chunk given back", without.check)
     assert "pip install 'kiln[parquet]'" in log_of(without), log_of(without)[-3000:]
-    assert "pip install 'kiln[parquet]'" in store.sink_error(job)
+    assert "pip install 'kiln[parquet]'" in store.counts(job).sink_error
     assert store.counts(job).finished == 0 and not out.exists()
     without.stop()
     with_pyarrow = workers.start("with")

@@ -532,11 +532,6 @@ class ResultStore:
         pyarrow missing), for the producer to show; the next shard written clears it."""
         self.redis.hset(_key(job, "meta"), "sink_error", message[:2000])
 
-    def sink_error(self, job: str) -> str | None:
-        """Why a worker last gave a chunk of a sharded job back unwritten, if no shard was written since."""
-        message = self.redis.hget(_key(job, "meta"), "sink_error")
-        return None if message is None else message.decode()
-
     def sink(self, job: str) -> str | None:
         """The out_dir of a sharded job; None for a job that keeps its records in Redis (or none)."""
         return self.output(job)[0]
