@@ -273,7 +273,7 @@ def _check_job_model(kiln: Kiln, job: str, package: Path) -> None:
     Its default name comes from the inputs, so labelling them again with another model resumed
     the old job: its records came back with exit 0, or, unfinished, it waited for ever on chunks
     the local worker gives back (a hostile tester's finding)."""
-    bound = kiln.counts(job).model if kiln.exists(job) else None
+    bound = kiln.counts(job).model  # None for a job not in Redis yet
     if bound is not None and bound != (mine := read_manifest(package).model_key):
         raise ValueError(
             f"job {job} holds the records of {bound}, and this run's worker serves {mine}: give another --job "
