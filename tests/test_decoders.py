@@ -49,7 +49,7 @@ from worker.pipeline import Pipeline, PipelineClosed, PipelineConfig, Work
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
 from worker.resample import crop_plan, resample
-from worker.route import cpu_takes, draft_factor, gpu_decodable, marker_segments
+from worker.route import GpuBusy, cpu_takes, draft_factor, gpu_decodable, marker_segments
 from worker.settings import DEFAULT_FORMATS
 
 CUDA = DEVICE == "cuda"
@@ -336,19 +336,20 @@ def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, phot
 
 
 def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(tmp_path):
-    """A JPEG that `draft` shrinks goes to the GPU while fewer than `busy_backlog` images wait for
-    it, and is decoded in the process once that many wait: decided when the process reads it, from the
-    backlog the worker publishes then, not when the load was queued. A JPEG at full scale goes to
-    the GPU either way."""
+    """A JPEG that `draft` shrinks goes to the GPU while fewer full-size pixels than `gpu_busy`
+    allows wait for it, and is decoded in the process once that many wait: decided when the
+    process reads it, from the backlog the worker publishes then, not when the load was queued. A
+    JPEG at full scale goes to the GPU either way."""
     camera = tmp_path / "camera.jpg"  # 1024x768: draft decodes it at 1/2 scale for a 256 resize
     Image.new("RGB", (1024, 768), (200, 40, 90)).save(camera, "JPEG", quality=90)
     small = tmp_path / "small.jpg"
     Image.new("RGB", (320, 240), (20, 140, 90)).save(small, "JPEG", quality=90)
     policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
-    pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=8, policy=policy, busy_backlog=4)
+    busy = GpuBusy(pixels=4 * 1024 * 768, images=100)
+    pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=8, policy=policy, gpu_busy=busy)
     try:
         refs = [str(camera), str(small)]
-        for backlog, camera_on_gpu in ((0, True), (3, True), (4, False), (0, True)):
+        for backlog, camera_on_gpu in ((0, True), (4 * 1024 * 768 - 1, True), (4 * 1024 * 768, False), (0, True)):
             pool.set_gpu_backlog(backlog)
             loads = pool.load(refs, gpu=True).result(timeout=120)
             assert [load.header is not None for load in loads] == [camera_on_gpu, True], backlog
@@ -358,6 +359,25 @@ def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(
             pool.release([load.slot for load in loads])
     finally:
         pool.close()
+
+
+def test_the_gpu_is_busy_by_the_pixels_waiting_for_it_or_half_a_batch_of_the_image():
+    """Busy from `pixels` full-size pixels waiting: a hundred 640x480 JPEGs (31 Mpx) are not a
+    busy GPU, ten camera photos' worth are; with a batch too small for that many pixels to wait,
+    `images` images of this one's size are."""
+
+    def header(width: int, height: int) -> ImageHeader:
+        return ImageHeader("JPEG", width, height, "RGB", 1, False, (2, 2))
+
+    camera = header(4000, 3000)
+    busy = GpuBusy(pixels=10 * 4000 * 3000, images=128)
+    assert not busy(100 * 640 * 480, camera)
+    assert not busy(10 * 4000 * 3000 - 1, camera)
+    assert busy(10 * 4000 * 3000, camera)
+    small_batch = GpuBusy(pixels=10 * 4000 * 3000, images=4)
+    assert not small_batch(3 * 4000 * 3000, camera)
+    assert small_batch(4 * 4000 * 3000, camera)
+    assert small_batch(4 * 1024 * 768, header(1024, 768))
 
 
 def test_decode_pool_survives_a_dead_process(pool, photos):

@@ -33,6 +33,28 @@ def test_a_gpu_worker_runs_torch_on_one_cpu_thread_and_decodes_in_processes():
     assert "1 torch thread," in plan.describe()
 
 
+def test_the_plan_says_how_threads_wait_for_the_gpu():
+    """KILN_GPU_WAIT: block by default, so that a core is not spun while the GPU decodes (see
+    worker/gpu_wait.py); a CPU worker waits for no GPU, and its plan line says nothing of it."""
+    block = plan_data_path(WorkerSettings(_env_file=None, gpu_decode="off"), torch.device("cuda:0"), 256, 1)
+    assert "threads block while waiting for the GPU" in block.describe()
+    spin = WorkerSettings(_env_file=None, gpu_decode="off", gpu_wait="spin")
+    assert "threads spin while waiting" in plan_data_path(spin, torch.device("cuda:0"), 256, 1).describe()
+    assert "waiting" not in plan_data_path(WorkerSettings(_env_file=None), torch.device("cpu"), 64, 1).describe()
+    with pytest.raises(ValidationError):
+        WorkerSettings(_env_file=None, gpu_wait="yield")
+
+
+def test_blocking_while_waiting_is_a_no_op_without_an_nvidia_driver():
+    """On a host with no driver (CI), nothing waits for a GPU: no error, nothing to say. On the
+    device the worker's GPU tests start with it (tests/test_gpu_worker.py)."""
+    from worker.gpu_wait import block_while_waiting
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has an NVIDIA driver")
+    assert block_while_waiting() is None
+
+
 def test_a_cpu_worker_gives_torch_its_share_of_the_cores():
     settings = WorkerSettings(_env_file=None)
     plan = plan_data_path(settings, torch.device("cpu"), batch_max=64, processes=1)

@@ -19,7 +19,7 @@ JPEGs for the GPU come back in their slot too, where they fit (a 640x480 photo i
 crop's slot 150 kB): reading them from the result pipe was a fifth of the worker process's time
 (py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json).
 A process routes each image when it has read it, not when the load was queued: the worker
-publishes how many images wait for its GPU (`set_gpu_backlog`), and while the GPU is busy the
+publishes how many pixels wait for its GPU (`set_gpu_backlog`), and while the GPU is busy the
 processes decode the JPEGs that `draft` shrinks themselves (`worker.route.cpu_takes`). Decided at
 the queueing instead, a load queued while the GPU was busy went to the CPU after the GPU had gone
 idle: on 4000x3000 JPEGs kiln reached 0.75x the GPU decoder's ceiling (bench/results/gpu-h200.json).
@@ -52,9 +52,12 @@ from worker.fetch import FetchPolicy
 from worker.manifest import Preprocess
 from worker.probe import ImageHeader
 from worker.process_signals import GROUP_SIGNALS, blocked
+from worker.route import GpuBusy
 from worker.supervisor import when_parent_exits
 
 log = logging.getLogger(__name__)
+
+ANY_BACKLOG = GpuBusy(pixels=1, images=1)  # the GPU is busy while any image waits for it
 
 # State of a pool process: set by `_attach`, read by `_decode_into`.
 _child: dict[str, object] = {}
@@ -83,7 +86,7 @@ def _attach(
     formats: frozenset[str],
     policy: FetchPolicy | None,
     backlog: ctypes.c_longlong,
-    busy_backlog: int,
+    gpu_busy: GpuBusy,
 ) -> None:
     # A worker killed with SIGKILL (or ended by `os._exit` after a CUDA fault) cannot stop its pool:
     # each process leaves on its own once its parent is gone, so neither it nor the shared memory
@@ -100,7 +103,7 @@ def _attach(
         signal.signal(stop, signal.SIG_IGN)
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
-    _child.update(max_pixels=max_pixels, formats=formats, policy=policy, backlog=backlog, busy_backlog=busy_backlog)
+    _child.update(max_pixels=max_pixels, formats=formats, policy=policy, backlog=backlog, gpu_busy=gpu_busy)
 
 
 def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:
@@ -140,7 +143,7 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool) -> list[Loaded]:
             continue
         fetched = time.perf_counter()
         fetch_ms = (fetched - started) * 1e3
-        gpu_busy = _child["backlog"].value >= _child["busy_backlog"]
+        gpu_busy = _child["gpu_busy"](_child["backlog"].value, header)
         if gpu and not cpu_takes(header, prep.resize, gpu_busy) and gpu_decodable(data, header):
             room = _child["pixels"][slot].reshape(-1)
             if len(data) <= len(room):  # through shared memory, not the result pipe
@@ -169,7 +172,7 @@ def _start_resource_tracker() -> None:
 class DecodePool:
     """`processes` decoding processes writing into `slots` shared-memory crops. Thread-safe.
     With a fetch `policy`, the processes also fetch and route images (`load`): they decode large
-    JPEGs themselves while `busy_backlog` images or more wait for the GPU (`set_gpu_backlog`)."""
+    JPEGs themselves while `gpu_busy` says the GPU's backlog (`set_gpu_backlog`) is long enough."""
 
     def __init__(
         self,
@@ -179,7 +182,7 @@ class DecodePool:
         formats: frozenset[str],
         slots: int,
         policy: FetchPolicy | None = None,
-        busy_backlog: int = 1,
+        gpu_busy: GpuBusy = ANY_BACKLOG,
     ) -> None:
         self.processes = processes
         self.shape = (slots, prep.crop, prep.crop, 3)
@@ -204,7 +207,7 @@ class DecodePool:
             formats,
             policy,
             self._backlog,
-            busy_backlog,
+            gpu_busy,
         )
         self._executor = self._start()
 
@@ -244,9 +247,10 @@ class DecodePool:
         future.set_exception(error)
         return future
 
-    def set_gpu_backlog(self, images: int) -> None:
-        """How many images wait for the GPU now: the processes route by it (`worker.route.cpu_takes`)."""
-        self._backlog.value = images
+    def set_gpu_backlog(self, pixels: int) -> None:
+        """Full-size pixels of the images that wait for the GPU now: the processes route by it
+        (`gpu_busy`, then `worker.route.cpu_takes`)."""
+        self._backlog.value = pixels
 
     def load(self, refs: list[str], gpu: bool) -> Future[list[Loaded]]:
         """Fetch, route and (for the CPU) decode `refs` in one process; blocks while the slots are

@@ -48,7 +48,7 @@ from worker.gpu_decode import JpegBatchDecoder, is_fatal_cuda_error
 from worker.lease import process_id
 from worker.preprocess import decode_image
 from worker.probe import DEFAULT_MAX_PIXELS, ImageHeader, read_header
-from worker.route import cpu_takes, gpu_decodable
+from worker.route import GPU_BUSY_PIXELS, GpuBusy, cpu_takes, gpu_decodable
 from worker.runtime import ModelRuntime
 from worker.settings import DEFAULT_FORMATS
 
@@ -152,11 +152,11 @@ class Pipeline:
         self.config = config
         self.prep = runtime.manifest.preprocess
         self.batch_size = min(config.batch_size or runtime.batch_max, runtime.batch_max)
-        # From this many images waiting for the GPU on, CPU processes decode large JPEGs themselves.
-        # Half a batch, not a whole one: the pool's slots (two batches) hold the batch the GPU is
-        # decoding too, so with camera photos a whole batch never waited, and no image took the
-        # CPU path (bench/results/gpu-h200-camera.json: every decode time was the GPU's ~4 ms).
-        self._busy_backlog = max(1, self.batch_size // 2)
+        # Half a batch at most: the pool's slots (two batches) hold the batch the GPU is decoding
+        # too, so with camera photos a whole batch never waited, and no image took the CPU path
+        # (bench/results/gpu-h200-camera.json: every decode time was the GPU's ~4 ms).
+        self._gpu_busy = GpuBusy(GPU_BUSY_PIXELS, max(1, self.batch_size // 2))
+        self._backlog_pixels = 0  # full-size pixels of the images in `_gpu_queue`
         # Taken here, in the process that serves: its id names the records it writes.
         self.worker_id = process_id()
         self._fetchers = ThreadPoolExecutor(config.fetch_threads, thread_name_prefix="kiln-fetch")
@@ -169,7 +169,7 @@ class Pipeline:
                 config.formats,
                 slots=2 * self.batch_size + 4 * config.decode_processes,
                 policy=config.policy,
-                busy_backlog=self._busy_backlog,
+                gpu_busy=self._gpu_busy,
             )
             if config.decode_processes
             else None
@@ -372,19 +372,21 @@ class Pipeline:
 
     def _cpu_takes(self, header: ImageHeader) -> bool:
         """`worker.route.cpu_takes`, where there are CPU decode processes to take it."""
-        return self._pool is not None and cpu_takes(header, self.prep.resize, self._gpu_is_busy())
-
-    def _gpu_is_busy(self) -> bool:
-        return self._gpu_queue.qsize() >= self._busy_backlog
+        if self._pool is None:
+            return False
+        return cpu_takes(header, self.prep.resize, self._gpu_busy(self._backlog_pixels, header))
 
     def _queue_for_gpu(self, image: _Image) -> None:
+        self._add_backlog(_pixels(image))
         self._gpu_queue.put(image)
-        self._publish_gpu_backlog()
 
-    def _publish_gpu_backlog(self) -> None:
-        """Tell the decode processes how many images wait for the GPU: they route each image by it."""
-        if self._pool is not None:
-            self._pool.set_gpu_backlog(self._gpu_queue.qsize())
+    def _add_backlog(self, pixels: int) -> None:
+        """Count pixels into (or out of) what waits for the GPU, and tell the decode processes:
+        they route each image by it."""
+        with self._count_lock:
+            self._backlog_pixels += pixels
+            if self._pool is not None:
+                self._pool.set_gpu_backlog(self._backlog_pixels)
 
     def _decode_on_cpu(self, image: _Image, data: bytes, here: bool = False) -> None:
         """Decode in the pool when there is one (the result comes back on its own thread), unless
@@ -430,7 +432,7 @@ class Pipeline:
         images = self._gather(self._gpu_queue, self.batch_size)
         if not images:
             return
-        self._publish_gpu_backlog()
+        self._add_backlog(-sum(_pixels(image) for image in images))
         # Pool slots hold these images' places, and most of their bytes (`data` is a view): free
         # once the decode call has returned, which is when nvJPEG is done with them (torchvision's
         # `decode_jpegs_cuda` synchronises its stream before it returns; on the CPU it is synchronous).
@@ -653,6 +655,11 @@ class Pipeline:
                     logging.shutdown()
                     os._exit(70)  # EX_SOFTWARE; no acknowledgement, no cleanup that could touch CUDA
                 log.exception("%s failed; it carries on", threading.current_thread().name)
+
+
+def _pixels(image: _Image) -> int:
+    header = image.header
+    return header.width * header.height if header is not None else 0
 
 
 def _count(unit: _Image | _Rows) -> int:

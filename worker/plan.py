@@ -53,6 +53,7 @@ class DataPathPlan:
     batch_size: int
     tasks_in_flight: int
     online_flushes: int  # 0 where the worker does not serve the online queue
+    gpu_wait: str = ""  # KILN_GPU_WAIT on a GPU; "" on the CPU
 
     @property
     def task_threads(self) -> int:
@@ -78,6 +79,7 @@ class DataPathPlan:
             f"{self.torch_threads} torch thread{'s' if self.torch_threads != 1 else ''}, "
             f"{self.tasks_in_flight} chunk tasks in flight"
             + (f", {self.online_flushes} online batches" if self.online_flushes else "")
+            + (f", threads {self.gpu_wait} while waiting for the GPU" if self.gpu_wait else "")
         )
 
 
@@ -170,6 +172,7 @@ def plan_data_path(settings: WorkerSettings, device: torch.device, batch_max: in
         batch_size=min(settings.batch_size or batch_max, batch_max),
         tasks_in_flight=tasks_in_flight(settings, device.type),
         online_flushes=ONLINE_FLUSHES if ONLINE_QUEUE in settings.queues else 0,
+        gpu_wait=settings.gpu_wait if cuda else "",
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -113,6 +114,28 @@ def draft_factor(width: int, height: int, resize: int) -> int:
     largest that keeps both sides at least `resize` (`PIL.JpegImagePlugin.JpegImageFile.draft`)."""
     scale = min(width // resize, height // resize)
     return next((factor for factor in (8, 4, 2) if scale >= factor), 1)
+
+
+# Full-size pixels waiting for one worker process's GPU decoder from which CPU processes decode
+# the JPEGs that `draft` shrinks themselves (bench/diagnose/gpu_camera_routing.py). TENTATIVE
+GPU_BUSY_PIXELS = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class GpuBusy:
+    """When the GPU counts as busy for a JPEG that `draft` would shrink: when what waits for it is
+    `pixels` full-size pixels or more, or `images` images of this one's size (where the batch is
+    too small for `pixels` of them to wait: the decode pool's slots hold about two batches).
+
+    Pixels, not images: the GPU's decode time grows with them, and a count of images mixes a
+    hundred 640x480 JPEGs (a few ms of the GPU) with a hundred camera photos (a second).
+    """
+
+    pixels: int
+    images: int
+
+    def __call__(self, backlog_pixels: int, header: ImageHeader) -> bool:
+        return backlog_pixels >= min(self.pixels, self.images * header.width * header.height)
 
 
 def cpu_takes(header: ImageHeader, resize: int, gpu_busy: bool) -> bool:

@@ -188,6 +188,13 @@ class WorkerSettings(CommonSettings):
         "CPU path's, and faster with several worker processes per GPU, slower with one; auto takes nvimgcodec "
         "where it is installed and each GPU has two worker processes or more (see the README's GPU section)",
     )
+    gpu_wait: Literal["block", "spin"] = Field(
+        default="block",
+        description="how a worker process's threads wait for its GPU: block (the core is free meanwhile, for the "
+        "CPU decode processes) or spin (CUDA's default: a core busy for as long as the GPU works, for the "
+        "shortest wake-up); nvImageCodec's hardware decoder waits inside each batch call, so spinning took a "
+        "core per worker process on camera photos",
+    )
     tasks_in_flight: int | None = Field(
         default=None,
         ge=1,

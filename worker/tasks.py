@@ -43,6 +43,7 @@ from worker.contract import (
     reply_key,
 )
 from worker.fetch import FetchPolicy
+from worker.gpu_wait import block_while_waiting
 from worker.lease import Heartbeat, holder_running
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.plan import DataPathPlan, plan_data_path
@@ -85,6 +86,8 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
 
     from worker.runtime import load_runtime
 
+    if settings.gpu_wait == "block" and (why_not := block_while_waiting()) is not None:
+        log.warning("KILN_GPU_WAIT=block not applied, so threads spin while they wait for the GPU: %s", why_not)
     runtime = load_runtime(settings.model, device)
     plan = plan_data_path(settings, runtime.device, runtime.batch_max, processes)
     torch.set_num_threads(plan.torch_threads)
