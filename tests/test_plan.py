@@ -34,12 +34,12 @@ def test_a_gpu_worker_runs_torch_on_one_cpu_thread_and_decodes_in_processes():
 
 
 def test_the_plan_says_how_threads_wait_for_the_gpu():
-    """KILN_GPU_WAIT: block by default, so that a core is not spun while the GPU decodes (see
-    worker/gpu_wait.py); a CPU worker waits for no GPU, and its plan line says nothing of it."""
-    block = plan_data_path(WorkerSettings(_env_file=None, gpu_decode="off"), torch.device("cuda:0"), 256, 1)
-    assert "threads block while waiting for the GPU" in block.describe()
-    spin = WorkerSettings(_env_file=None, gpu_decode="off", gpu_wait="spin")
-    assert "threads spin while waiting" in plan_data_path(spin, torch.device("cuda:0"), 256, 1).describe()
+    """KILN_GPU_WAIT: spin by default (quicker on small images, worker/gpu_wait.py), block when
+    asked; a CPU worker waits for no GPU, and its plan line says nothing of it."""
+    spin = plan_data_path(WorkerSettings(_env_file=None, gpu_decode="off"), torch.device("cuda:0"), 256, 1)
+    assert "threads spin while waiting for the GPU" in spin.describe()
+    block = WorkerSettings(_env_file=None, gpu_decode="off", gpu_wait="block")
+    assert "threads block while waiting" in plan_data_path(block, torch.device("cuda:0"), 256, 1).describe()
     assert "waiting" not in plan_data_path(WorkerSettings(_env_file=None), torch.device("cpu"), 64, 1).describe()
     with pytest.raises(ValidationError):
         WorkerSettings(_env_file=None, gpu_wait="yield")
@@ -47,7 +47,7 @@ def test_the_plan_says_how_threads_wait_for_the_gpu():
 
 def test_blocking_while_waiting_is_a_no_op_without_an_nvidia_driver():
     """On a host with no driver (CI), nothing waits for a GPU: no error, nothing to say. On the
-    device the worker's GPU tests start with it (tests/test_gpu_worker.py)."""
+    H200, bench/gpu.py's workers started with it (bench/results/gpu-h200-camera-fix.log)."""
     from worker.gpu_wait import block_while_waiting
 
     if torch.cuda.is_available():

@@ -1,12 +1,14 @@
-"""How a worker process's threads wait for its GPU (KILN_GPU_WAIT): blocked in the kernel, or
-spinning on a core, the CUDA default while a host has more cores than CUDA contexts.
+"""How a worker process's threads wait for its GPU (KILN_GPU_WAIT): spinning on a core (CUDA's
+default while a host has more cores than CUDA contexts), or blocked in the kernel.
 
-nvImageCodec's hardware decoder waits for its engine inside each batch call, so with the default a
-worker process's GPU decode thread kept a core busy for as long as the engine worked: on the H200,
-four processes decoding 4000x3000 JPEGs at once used 3.9 ms of CPU an image each, one alone
-1.05 ms, at the same 1,045 img/s in all (bench/results/gpu-h200-camera-cpu.json). Those are the
-cores that the CPU decode processes need for camera photos, where the host's cores, not the GPU,
-bound kiln.
+nvImageCodec's hardware decoder waits for its engine inside each batch call, so a spinning GPU
+decode thread keeps a core busy for as long as the engine works: on the H200, four processes
+decoding 4000x3000 JPEGs at once used 3.9 ms of CPU an image each, one alone 1.05 ms, at the same
+1,045 img/s in all (bench/results/gpu-h200-camera-cpu.json). End to end, blocking did not turn
+those cores into throughput, and spinning was quicker on small images: in one run of
+bench/gpu.py (bench/results/gpu-h200-camera-fix.json), 640x480 JPEGs 12,707 img/s spinning and
+11,694 blocking, 4000x3000 1,260 and 1,253, a mixed folder 2,623 and 2,756. So spinning is the
+default, and `block` is there for hosts whose cores are short (many CPU-only formats).
 
 The flag is the primary context's (CUDA driver API, `cuDevicePrimaryCtxSetFlags`), set for every
 GPU before torch creates a context, through ctypes: torch has no call for it, and libcuda.so.1 is

@@ -117,7 +117,10 @@ def draft_factor(width: int, height: int, resize: int) -> int:
 
 
 # Full-size pixels waiting for one worker process's GPU decoder from which CPU processes decode
-# the JPEGs that `draft` shrinks themselves (bench/diagnose/gpu_camera_routing.py). TENTATIVE
+# the JPEGs that `draft` shrinks themselves: one decode call's worth (worker.gpu_decode's
+# MAX_DECODED_PIXELS). On the H200 with 4000x3000 JPEGs, 256 Mpx to 1.5 Gpx ran within 5% of each
+# other; 64 Mpx ran 8-13% slower, the GPU getting batches of 14 photos and idling a fifth of the
+# time (bench/results/gpu-h200-camera-routing.json, gpu-h200-camera-cpu.json).
 GPU_BUSY_PIXELS = 512 * 2**20
 
 

@@ -188,12 +188,11 @@ class WorkerSettings(CommonSettings):
         "CPU path's, and faster with several worker processes per GPU, slower with one; auto takes nvimgcodec "
         "where it is installed and each GPU has two worker processes or more (see the README's GPU section)",
     )
-    gpu_wait: Literal["block", "spin"] = Field(
-        default="block",
-        description="how a worker process's threads wait for its GPU: block (the core is free meanwhile, for the "
-        "CPU decode processes) or spin (CUDA's default: a core busy for as long as the GPU works, for the "
-        "shortest wake-up); nvImageCodec's hardware decoder waits inside each batch call, so spinning took a "
-        "core per worker process on camera photos",
+    gpu_wait: Literal["spin", "block"] = Field(
+        default="spin",
+        description="how a worker process's threads wait for its GPU: spin (CUDA's default: a core busy while "
+        "the GPU works, the quickest wake-up) or block (the core is free meanwhile, for the CPU decode processes); "
+        "on the H200, spin ran 640x480 JPEGs 9% faster, block a mixed folder 5% faster, camera photos alike",
     )
     tasks_in_flight: int | None = Field(
         default=None,

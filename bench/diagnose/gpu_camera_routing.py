@@ -17,7 +17,10 @@ some.
 
 First run (bench/results/gpu-h200-camera-routing.json): the threshold hardly mattered, the CPU
 processes took 12-17% of the photos, and the host's cores were busy (14 of 16): 4.8 ms of CPU an
-image in the worker processes, 7.1 in the decode processes.
+image in the worker processes, 7.1 in the decode processes, 3.5 of them reading each photo's
+headers (since 0.3). Second run, with that fixed (gpu-h200-camera-cpu.json): 1,219 img/s, 1.13x
+the ceiling of that host; nvImageCodec's default backends decode camera photos as `HW_GPU_ONLY`
+does, and a process waiting for the engine spins a core (3.9 ms of CPU an image, four at once).
 
     python3 bench/diagnose/gpu_camera_routing.py $OUT/routing.json .whl
 """
