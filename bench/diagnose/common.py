@@ -10,7 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,3 +65,33 @@ def mps_daemon() -> Iterator[dict[str, str] | None]:
         yield pipes
     finally:
         subprocess.run([control], input="quit\n", env=env, text=True, capture_output=True)
+
+
+def worker_variant(
+    results: Results,
+    name: str,
+    package: str,
+    url: str,
+    folder: Path,
+    log: Path,
+    env: dict[str, str],
+    measure: Callable[[object], dict],
+    shown: tuple[str, ...],
+) -> None:
+    """One end-to-end variant: bench/gpu.py's worker with `env` started and warmed up on `folder`,
+    then `measure(worker)`; its row (or the error) saved under `name` with the environment, the
+    plan line and the seconds it took, and the `shown` keys printed. The worker stops either way."""
+    from bench.gpu import _worker, plan_line, warm
+
+    started = time.perf_counter()
+    worker = _worker(package, url, [folder], log, env)
+    try:
+        warm(url, folder, [worker])
+        results[name] = {**measure(worker), "env": env, "plan": plan_line(log)}
+    except Exception as e:
+        results[name] = {"error": repr(e)[-1500:], "env": env}
+    finally:
+        worker.stop()
+    results[name]["variant_s"] = round(time.perf_counter() - started, 1)
+    results.save()
+    print(name, {k: v for k, v in results[name].items() if k in (*shown, "error")}, flush=True)

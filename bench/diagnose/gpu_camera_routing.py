@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import Results, resnet18_on_640x480
+from common import Results, resnet18_on_640x480, worker_variant
 
 R = Results(sys.argv[1])
 WANTED = set(filter(None, os.environ.get("VARIANTS", "").split(",")))  # default: all
@@ -133,24 +133,15 @@ def variant(url: str, package: str, folder: Path, workdir: Path, name: str, env:
         return
     from gpu_host_budget import job
 
-    from bench.gpu import _worker, plan_line, warm
-
     shutil.rmtree(DUMPS, ignore_errors=True)
     DUMPS.mkdir(parents=True)
     site = workdir / "routing-site"
     site.mkdir(parents=True, exist_ok=True)
     (site / "sitecustomize.py").write_text(SITE)
-    full_env = {
-        **env,
-        "KILN_DIAG_DUMPS": str(DUMPS),
-        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-    }
-    started = time.perf_counter()
-    log = workdir / f"worker-routing-{name}.log"
-    worker = _worker(package, url, [folder], log, full_env)
-    try:
-        warm(url, folder, [worker])
-        shutil.rmtree(DUMPS)
+    site_path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+
+    def measure(worker) -> dict:
+        shutil.rmtree(DUMPS)  # the warm-up's counts
         DUMPS.mkdir()
         row = job(url, folder, worker, repeat, None)
         row.pop("per_process_per_quarter_second", None)
@@ -159,19 +150,14 @@ def variant(url: str, package: str, folder: Path, workdir: Path, name: str, env:
         row.update(dumps())
         decoded = row["decoded_by"]
         row["cpu_share"] = round(decoded.get("processes", 0) / max(1, sum(decoded.values())), 3)
-        row["gpu_decode_busy_share"] = round(
-            row["gpu_decode_busy_s"] / row["seconds"] / max(1, row["processes_dumped"]), 3
-        )
-        R[name] = {**row, "env": env, "plan": plan_line(log)}
-    except Exception as e:
-        R[name] = {"error": repr(e)[-1500:], "env": env}
-    finally:
-        worker.stop()
-    R[name]["variant_s"] = round(time.perf_counter() - started, 1)
-    R.save()
+        busy = row["gpu_decode_busy_s"] / row["seconds"] / max(1, row["processes_dumped"])
+        return {**row, "gpu_decode_busy_share": round(busy, 3)}
+
+    log = workdir / f"worker-routing-{name}.log"
+    full_env = {**env, "KILN_DIAG_DUMPS": str(DUMPS), "PYTHONPATH": site_path}
     shown = ("images_per_s", "steady_images_per_s", "cores_busy", "cpu_share", "decoded_by", "gpu_images_per_batch",
-             "gpu_decode_busy_share", "error")  # fmt: skip
-    print(name, {k: v for k, v in R[name].items() if k in shown}, flush=True)
+             "gpu_decode_busy_share")  # fmt: skip
+    worker_variant(R, name, package, url, folder, log, full_env, measure, shown)
 
 
 # nvImageCodec's backend choices (BackendKind names; None: its default, every backend it has).

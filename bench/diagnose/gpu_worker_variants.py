@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import Results, mps_daemon, resnet18_on_640x480
+from common import Results, mps_daemon, resnet18_on_640x480, worker_variant
 
 R = Results(sys.argv[1])
 WANTED = set(filter(None, os.environ.get("VARIANTS", "").split(",")))  # default: all
@@ -128,23 +128,13 @@ def variant(url: str, package: str, folder: Path, workdir: Path, name: str, env:
         return
     from gpu_host_budget import job  # after the wheels are installed: it imports redis
 
-    from bench.gpu import _worker, plan_line, warm
-
-    started = time.perf_counter()
-    worker = _worker(package, url, [folder], workdir / f"worker-variant-{name}.log", env)
-    try:
-        warm(url, folder, [worker])
+    def measure(worker) -> dict:
         row = job(url, folder, worker, 8, workdir if spy else None)
-        row["stall_share"] = stalls(row["per_process_per_quarter_second"])
-        R[name] = {**row, "env": env, "plan": plan_line(workdir / f"worker-variant-{name}.log")}
-    except Exception as e:
-        R[name] = {"error": repr(e)[-1500:], "env": env}
-    finally:
-        worker.stop()
-    R[name]["variant_s"] = round(time.perf_counter() - started, 1)
-    R.save()
-    shown = ("images_per_s", "steady_images_per_s", "cores_busy", "cpu_ms_per_image", "stall_share", "error")
-    print(name, {k: v for k, v in R[name].items() if k in shown}, flush=True)
+        return {**row, "stall_share": stalls(row["per_process_per_quarter_second"])}
+
+    log = workdir / f"worker-variant-{name}.log"
+    shown = ("images_per_s", "steady_images_per_s", "cores_busy", "cpu_ms_per_image", "stall_share")
+    worker_variant(R, name, package, url, folder, log, env, measure, shown)
 
 
 def main() -> None:
