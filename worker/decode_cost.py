@@ -35,21 +35,31 @@ _SOS, _EOI = b"\xff\xda", b"\xff\xd9"
 _STANDALONE = frozenset({0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8})  # markers with no length
 
 
+# Bytes of a JPEG searched at once for its markers: the search's temporary arrays are about this
+# size whatever the file's, and it stops at the block holding the end-of-image marker.
+_SEARCH_BLOCK = 1 << 20
+
+
 def jpeg_scans(data: bytes) -> int:
     """Scans (SOS markers) in the first frame of a JPEG file; 0 when it has none. Entropy-coded
     data never holds 0xFFDA (an 0xFF byte in it is stuffed with 0x00), so after the first scan
-    header the byte after each 0xFF counts exactly, up to the first end-of-image marker. One
-    vectorised pass: `bytes.count` and `bytes.find` of the two-byte markers took 1.7 ms of a
-    1 MB camera photo's 3.5 ms header read (0.2 ms now), and every camera photo is read so."""
+    header the byte after each 0xFF counts exactly, up to the first end-of-image marker. Searched
+    with numpy, a block at a time: `bytes.count` and `bytes.find` of the two-byte markers took
+    1.7 ms of a 1 MB camera photo's 3.5 ms header read (0.2 ms so), and every camera photo is
+    read so."""
     first = _first_scan(data)
     if first is None:
         return 0
-    view = np.frombuffer(data, np.uint8, offset=first)
-    markers = view[1:][view[:-1] == 0xFF]  # the byte after each 0xFF
-    ends = np.flatnonzero(markers == _EOI[1])
-    if ends.size:
-        markers = markers[: ends[0]]
-    return int(np.count_nonzero(markers == _SOS[1]))
+    view = np.frombuffer(data, np.uint8)
+    scans = 0
+    for start in range(first, len(view) - 1, _SEARCH_BLOCK):
+        block = view[start : start + _SEARCH_BLOCK + 1]  # one byte more: a marker across the blocks' edge
+        markers = block[1:][block[:-1] == 0xFF]  # the byte after each 0xFF
+        ends = np.flatnonzero(markers == _EOI[1])
+        if ends.size:
+            return scans + int(np.count_nonzero(markers[: ends[0]] == _SOS[1]))
+        scans += int(np.count_nonzero(markers == _SOS[1]))
+    return scans
 
 
 def _first_scan(data: bytes) -> int | None:
@@ -71,34 +81,28 @@ def _first_scan(data: bytes) -> int | None:
     return None
 
 
-def check_cost(image: Image.Image, data: bytes, max_pixels: int | None) -> None:
-    """Refuse an opened image whose decode would cost more than its declared pixels allow.
+def check_cost(image: Image.Image, data: bytes, max_pixels: int | None) -> int:
+    """Refuse an opened image whose decode would cost more than its declared pixels allow; else
+    return the bytes its decoder holds (before `draft`) besides the decoded pixels: a multi-scan
+    JPEG's coefficients, a tiled TIFF's one tile, WebP's and AVIF's own frame copies; 0 for
+    other images.
 
     Raises InputError `too_large`: a JPEG frame of more than MAX_JPEG_SCANS scans, or decoder
-    buffers (`decoder_bytes`) over BYTES_PER_CAP_PIXEL bytes per pixel of `max_pixels`."""
+    buffers over BYTES_PER_CAP_PIXEL bytes per pixel of `max_pixels`."""
     scans = jpeg_scans(data) if image.format in ("JPEG", "MPO") else 0
     if scans > MAX_JPEG_SCANS:
         raise InputError(
             "too_large", f"JPEG with {scans} scans, over the limit of {MAX_JPEG_SCANS}: a scan bomb costs minutes"
         )
-    if max_pixels is None:
-        return
     needed, why = _decoder_buffers(image, data, scans)
-    limit = max_pixels * BYTES_PER_CAP_PIXEL
-    if needed > limit:
+    limit = max_pixels * BYTES_PER_CAP_PIXEL if max_pixels is not None else None
+    if limit is not None and needed > limit:
         raise InputError(
             "too_large",
             f"{image.format} image of {image.width}x{image.height} pixels whose decoder needs {needed / 2**20:.0f} MB "
             f"({why}), over the limit of {limit / 2**20:.0f} MB",
         )
-
-
-def decoder_bytes(image: Image.Image, data: bytes) -> int:
-    """Bytes a decoder holds for an opened image (before `draft`) besides the decoded pixels: a
-    multi-scan JPEG's coefficients, a tiled TIFF's one tile, WebP's and AVIF's own frame copies;
-    0 for other images."""
-    scans = jpeg_scans(data) if image.format in ("JPEG", "MPO") else 0
-    return _decoder_buffers(image, data, scans)[0]
+    return needed
 
 
 # Bytes per pixel that Pillow's WebP and AVIF plugins hold besides the decoded image, measured on

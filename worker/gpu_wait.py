@@ -39,11 +39,14 @@ def block_while_waiting() -> str | None:
     count = ctypes.c_int()
     if (error := cuda.cuDeviceGetCount(ctypes.byref(count))) != 0:
         return f"cuDeviceGetCount failed with CUDA error {error}"
+    set_flags = getattr(cuda, "cuDevicePrimaryCtxSetFlags_v2", None)
+    if set_flags is None:  # drivers before CUDA 11, older than any torch supports
+        return "this NVIDIA driver has no cuDevicePrimaryCtxSetFlags_v2"
     for ordinal in range(count.value):
         device = ctypes.c_int()
         error = cuda.cuDeviceGet(ctypes.byref(device), ordinal)
         if error == 0:
-            error = cuda.cuDevicePrimaryCtxSetFlags_v2(device, CU_CTX_SCHED_BLOCKING_SYNC)
+            error = set_flags(device, CU_CTX_SCHED_BLOCKING_SYNC)
         if error != 0:
             return f"setting GPU {ordinal}'s context flags failed with CUDA error {error}"
     return None

@@ -21,7 +21,6 @@ from PIL import Image
 
 from worker.budget import MemoryBudget
 from worker.contract import InputError
-from worker.decode_cost import decoder_bytes
 from worker.manifest import Preprocess
 from worker.metadata import without_metadata
 from worker.probe import CORRUPT_ERRORS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, open_image, orientation, pixel_cap
@@ -103,8 +102,8 @@ def decode_image(
 
 
 def _decode(data: bytes, prep: Preprocess, formats: Iterable[str], budget: MemoryBudget | None) -> np.ndarray:
-    with open_image(data, formats) as image:
-        working = decoder_bytes(image, data)  # a progressive JPEG's coefficients stay full size under draft
+    image, working = open_image(data, formats)  # working: a progressive JPEG's coefficients stay full size under draft
+    with image:
         if image.format in ("JPEG", "MPO"):
             # Decode at 1/2, 1/4 or 1/8 scale when the short side stays >= the resize target.
             image.draft("RGB", (prep.resize, prep.resize))

@@ -70,7 +70,8 @@ def read_header(data: bytes, max_pixels: int, formats: frozenset[str] = DEFAULT_
 
 
 def _header(data: bytes, formats: frozenset[str]) -> ImageHeader:
-    with open_image(data, formats) as image:
+    image, _ = open_image(data, formats)
+    with image:
         return header_of(image)
 
 
@@ -108,9 +109,10 @@ def orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS) -> ImageFile.ImageFile:
+def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS) -> tuple[ImageFile.ImageFile, int]:
     """Open (parse the headers of) an image whose format is in `formats`; call it inside
-    `pixel_cap`, which also bounds the decoder's own buffers (`worker.decode_cost`). Raises
+    `pixel_cap`, which also bounds the decoder's own buffers (`worker.decode_cost`). Returns the
+    image and the bytes its decoder holds besides the decoded pixels (`check_cost`). Raises
     InputError as `read_header` does."""
     allowed = frozenset(formats)
     container = container_format(data)  # HEIC and AVIF share one container: judged before any plugin
@@ -129,11 +131,11 @@ def open_image(data: bytes, formats: Iterable[str] = DEFAULT_FORMATS) -> ImageFi
         image.close()
         raise _refused(image.format or "unknown", allowed)
     try:
-        check_cost(image, data, _cap.get())
+        working = check_cost(image, data, _cap.get())
     except InputError:
         image.close()
         raise
-    return image
+    return image, working
 
 
 # -- the pixel cap inside Pillow ------------------------------------------------------------------
