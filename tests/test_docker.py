@@ -131,6 +131,30 @@ def test_a_wrong_or_corrupt_package_stops_the_container_with_the_reason(images, 
         assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+def test_too_little_shared_memory_stops_the_container_with_what_to_do(images, lite0_package, redis_url, tmp_path):
+    """Docker's default /dev/shm (64 MB) is less than a GPU worker process's decode slots (75 MB at
+    batch 256), and tmpfs hands pages out when first written: the worker died of SIGBUS mid-job.
+    It reserves them at start now. Here a CPU worker with a decode process (28 slots of the test
+    package's batch of 12, 4 MB) in a 1 MB /dev/shm."""
+    package = tmp_path / "model.pt2"
+    shutil.copyfile(lite0_package, package)
+    package.chmod(0o644)
+    name = f"kiln-shm-{uuid.uuid4().hex[:8]}"
+    try:
+        done = run(
+            "docker", "run", "--rm", "--name", name, "--network", "host", "--shm-size=1m",
+            "-e", f"KILN_REDIS_URL={redis_url}", "-e", "KILN_DECODE_PROCESSES=1", "-e", "KILN_METRICS_PORT=0",
+            "-v", f"{package}:/opt/kiln-model/model.pt2:ro", IMAGE, timeout=300, check=False,
+        )  # fmt: skip
+    finally:
+        run("docker", "rm", "-f", name, check=False)  # a worker that started after all must not outlive the test
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "error:" in done.stderr and "shared memory" in done.stderr and "--shm-size" in done.stderr, done.stderr[
+        -2000:
+    ]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_compose_names_the_folder_setting_it_lacks():
     """Without KILN_IMAGES (or KILN_OUT) compose stops and says which to set: before, it mounted an
     empty ./images it created in docker/, and only the producer's "no images found" hinted why."""

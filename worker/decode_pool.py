@@ -44,12 +44,13 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 
 from worker.contract import InputError
 from worker.fetch import FetchPolicy
-from worker.manifest import Preprocess
+from worker.manifest import PackageError, Preprocess
 from worker.probe import ImageHeader
 from worker.process_signals import GROUP_SIGNALS, blocked
 from worker.route import GpuBusy
@@ -169,6 +170,37 @@ def _start_resource_tracker() -> None:
         resource_tracker.ensure_running()
 
 
+SHM_FOLDER = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_overview(7))
+
+
+def _reserved_shared_memory(size: int, slots: int) -> shared_memory.SharedMemory:
+    """A shared-memory block of `size` bytes whose pages are reserved now. tmpfs hands pages out as
+    they are first written, so a block larger than what is left of /dev/shm was created without
+    an error, and the process died of SIGBUS when a decode process first wrote past the end
+    (Docker's default /dev/shm is 64 MB; a GPU worker process's slots take 75 MB).
+    Raises PackageError (the worker's "does not fit this host", exit status 2) saying what to do."""
+    memory = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        descriptor = os.open(SHM_FOLDER / memory.name.lstrip("/"), os.O_RDWR)
+    except FileNotFoundError:  # shared memory kept elsewhere: nothing to reserve through
+        return memory
+    try:
+        os.posix_fallocate(descriptor, 0, size)
+    except OSError as e:
+        memory.close()
+        memory.unlink()
+        stats = os.statvfs(SHM_FOLDER)
+        raise PackageError(
+            f"the decode processes need {size / 2**20:.0f} MB of shared memory for their {slots} image slots, "
+            f"and {SHM_FOLDER} has {stats.f_bavail * stats.f_frsize / 2**20:.0f} MB free ({e.strerror}): give the "
+            "worker more (docker run --shm-size=1g, compose's shm_size, a memory-backed emptyDir on /dev/shm "
+            "in Kubernetes), or fewer slots (KILN_BATCH_SIZE, KILN_DECODE_PROCESSES)"
+        ) from None
+    finally:
+        os.close(descriptor)
+    return memory
+
+
 class DecodePool:
     """`processes` decoding processes writing into `slots` shared-memory crops. Thread-safe.
     With a fetch `policy`, the processes also fetch and route images (`load`): they decode large
@@ -187,7 +219,7 @@ class DecodePool:
         self.processes = processes
         self.shape = (slots, prep.crop, prep.crop, 3)
         _start_resource_tracker()
-        self._memory = shared_memory.SharedMemory(create=True, size=int(np.prod(self.shape)))
+        self._memory = _reserved_shared_memory(int(np.prod(self.shape)), slots)
         self._pixels = np.ndarray(self.shape, np.uint8, self._memory.buf)
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(slots):

@@ -69,7 +69,9 @@ class DataPathPlan:
             part
             for part in (
                 f"GPU ({LIBRARIES[self.gpu_decoder]}) for JPEGs" if self.gpu_decode else "",
-                f"{self.decode_processes} CPU decode processes" if self.decode_processes else "",
+                f"{self.decode_processes} CPU decode process{'es' if self.decode_processes != 1 else ''}"
+                if self.decode_processes
+                else "",
                 "" if self.decode_processes else f"decoding in the {self.fetch_threads} fetch threads",
             )
             if part
