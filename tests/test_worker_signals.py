@@ -251,6 +251,28 @@ def test_decode_processes_signalled_while_they_start(signum):
         pool.close()
 
 
+def test_a_task_read_after_the_pool_stopped_is_left_for_the_queue():
+    """Celery's thread pool raised "cannot schedule new futures after shutdown" for a message the
+    consumer read between the pool's stop and its own (once in CI): the worker stopped with a
+    traceback as an unrecoverable error. Stopped, kiln's pool runs nothing and raises nothing (the
+    message stays unacknowledged and goes back to the queue); a pool not stopped still raises."""
+    from worker.pool import ThreadPool
+
+    ran: list[int] = []
+    done: list[object] = []  # Celery's pool hands each task's return value to a callback
+    pool = ThreadPool(limit=1)
+    pool.start()
+    pool.apply_async(ran.append, args=(1,), callback=done.append).get()
+    pool.stop()
+    assert pool.apply_async(ran.append, args=(2,), callback=done.append) is None
+    assert ran == [1] and done == [None]
+    broken = ThreadPool(limit=1)
+    broken.start()
+    broken.executor.shutdown()
+    with pytest.raises(RuntimeError):
+        broken.apply_async(ran.append, args=(3,), callback=done.append)
+
+
 def test_a_cold_shutdown_reads_the_running_tasks_while_their_threads_finish():
     """Celery's cold shutdown reads its set of running tasks on the main thread while the thread
     pool's tasks finish and leave it: "Set changed size during iteration" stopped a worker
