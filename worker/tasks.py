@@ -87,9 +87,13 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
     from worker.manifest import read_manifest
     from worker.runtime import load_runtime
 
-    # Before torch creates a CUDA context; a package for the CPU waits for no GPU.
-    on_gpu = torch.device(device or read_manifest(settings.model).device).type == "cuda"
-    if settings.gpu_wait == "block" and on_gpu and (why_not := block_while_waiting()) is not None:
+    # Before torch creates a CUDA context; a package for the CPU waits for no GPU. The manifest is
+    # read only where no device was given and blocking was asked for (the default spins).
+    if (
+        settings.gpu_wait == "block"
+        and torch.device(device or read_manifest(settings.model).device).type == "cuda"
+        and (why_not := block_while_waiting()) is not None
+    ):
         log.warning("KILN_GPU_WAIT=block not applied, so threads spin while they wait for the GPU: %s", why_not)
     runtime = load_runtime(settings.model, device)
     plan = plan_data_path(settings, runtime.device, runtime.batch_max, processes)
