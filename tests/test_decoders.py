@@ -31,6 +31,7 @@ from conftest import SAMPLES
 from packages import DEVICE
 from PIL import Image, ImageOps
 
+from worker import decode_pool
 from worker.contract import InputError
 from worker.decode_pool import DecodePool
 from worker.fetch import FetchPolicy
@@ -307,10 +308,15 @@ def test_decode_pool_decodes_into_shared_memory(pool, photos):
     pool.release([slots[name] for name in photos])
 
 
+def _handed_over_files() -> set[str]:
+    return {path.name for path in decode_pool.SHM_FOLDER.glob("kiln-*")}
+
+
 def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, photos):
     """A JPEG for the GPU comes back as its bytes in its slot (no pickle through the result pipe);
-    one larger than a slot (crop x crop x 3 bytes) comes back in `data`; pixels for the CPU path
-    stay as they were."""
+    one larger than a slot (crop x crop x 3 bytes) comes back in `data`, mapping the shared-memory
+    file it was handed over in, whose name is gone by then; pixels for the CPU path stay as they
+    were."""
     small = tmp_path / "small.jpg"
     small.write_bytes(photos["coffee"])
     large = tmp_path / "large.jpg"  # noise does not compress: well over a 224 crop's 150,528 bytes
@@ -320,19 +326,45 @@ def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, phot
     Image.open(io.BytesIO(photos["coffee"])).save(png)
     policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
     pool = DecodePool(1, IMAGENET_PREPROCESS, 50_000_000, DEFAULT_FORMATS, slots=4, policy=policy)
+    before = _handed_over_files()
     try:
         loads = pool.load([str(small), str(large), str(png)], gpu=True).result(timeout=120)
-        in_slot, in_pipe, decoded = loads
+        in_slot, handed_over, decoded = loads
         assert in_slot.error is None and in_slot.data is None and in_slot.header is not None
         assert in_slot.encoded_bytes == len(photos["coffee"])
         assert pool.encoded(in_slot.slot, in_slot.encoded_bytes).tobytes() == photos["coffee"]
         assert len(large.read_bytes()) > IMAGENET_PREPROCESS.crop**2 * 3
-        assert in_pipe.data == large.read_bytes() and in_pipe.encoded_bytes == 0
+        assert isinstance(handed_over.data, np.ndarray) and handed_over.handed_over is None
+        assert handed_over.data.tobytes() == large.read_bytes() and handed_over.encoded_bytes == 0
+        assert _handed_over_files() == before
         assert decoded.header is None and decoded.encoded_bytes == 0
         assert np.array_equal(pool.pixels(decoded.slot), decode_image(png.read_bytes(), IMAGENET_PREPROCESS))
         pool.release([load.slot for load in loads])
     finally:
         pool.close()
+
+
+def test_a_handed_over_jpeg_goes_through_the_result_pipe_where_shared_memory_has_no_room(monkeypatch):
+    """Where /dev/shm is full (a write fails: ENOSPC there, EFBIG under a file-size limit here) or
+    missing, a large JPEG comes back through the result pipe, and no file is left behind."""
+    import resource
+
+    data = b"\xff" * 200_000
+    before = _handed_over_files()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not kills
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        assert decode_pool._hand_over(data) is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert _handed_over_files() == before
+    name = decode_pool._hand_over(data)
+    assert name is not None and _handed_over_files() == before | {name}
+    assert decode_pool._take_over(name).tobytes() == data and _handed_over_files() == before
+    monkeypatch.setattr(decode_pool, "SHM_FOLDER", Path("/nonexistent-shm"))
+    assert decode_pool._hand_over(data) is None
 
 
 def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(tmp_path):

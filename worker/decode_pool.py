@@ -17,7 +17,10 @@ Measured on the H200 (bench/results/gpu-h200.json): with fetching and routing in
 process's threads, its GIL bounded kiln at 1.5k 640x480 images/s against a GPU decode ceiling of 16k.
 JPEGs for the GPU come back in their slot too, where they fit (a 640x480 photo is ~60 kB, a 224
 crop's slot 150 kB): reading them from the result pipe was a fifth of the worker process's time
-(py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json).
+(py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json). A larger one (a camera photo,
+~1 MB) comes back in a shared-memory file of its own, which the worker maps and unlinks at once:
+through the pipe, the worker's thread that reads it takes the GIL back for every 64 kB, and behind
+the pipeline's busy threads 16 camera photos took it 0.6 s on the 2-core VM (0.1 s idle).
 A process routes each image when it has read it, not when the load was queued: the worker
 publishes how many pixels wait for its GPU (`set_gpu_backlog`), and while the GPU is busy the
 processes decode the JPEGs that `draft` shrinks themselves (`worker.route.cpu_takes`). Decided at
@@ -34,16 +37,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import multiprocessing
 import os
 import queue
+import secrets
 import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +72,62 @@ _child: dict[str, object] = {}
 @dataclass(frozen=True)
 class Loaded:
     """What a pool process made of one reference: pixels in `slot`, or a JPEG for the GPU (with its
-    `header`: the first `encoded_bytes` bytes of `slot`, or `data` where it did not fit), or
-    `error` (kind, message). Times in milliseconds."""
+    `header`: the first `encoded_bytes` bytes of `slot`, or `data` where it did not fit: a uint8
+    array mapping the shared-memory file it came back in, or bytes where /dev/shm had no room), or
+    `error` (kind, message). Times in milliseconds. `handed_over` is that file's name, between the
+    process and `DecodePool`."""
 
     slot: int | None = None
-    data: bytes | None = None
+    data: bytes | np.ndarray | None = None
     header: ImageHeader | None = None
     error: tuple[str, str] | None = None
     fetch_ms: float = 0.0
     decode_ms: float = 0.0
     encoded_bytes: int = 0
+    handed_over: str | None = None
+
+
+SHM_FOLDER = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_overview(7))
+
+
+def _hand_over(data: bytes) -> str | None:
+    """In a pool process: `data` in a shared-memory file of its own, for `_take_over` in the
+    worker; its name, or None where it could not be written (no /dev/shm, or no room left in it:
+    `os.write` says ENOSPC where a mapping's write would have been SIGBUS). The resource tracker
+    unlinks it should the worker die before taking it over."""
+    name = f"kiln-{secrets.token_hex(8)}"
+    path = SHM_FOLDER / name
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError:
+        return None
+    resource_tracker.register(f"/{name}", "shared_memory")
+    try:
+        with open(descriptor, "wb", buffering=0) as file:
+            view = memoryview(data)
+            while view:
+                view = view[file.write(view) :]
+    except OSError:
+        _forget(name)
+        return None
+    return name
+
+
+def _take_over(name: str) -> np.ndarray:
+    """In the worker: the bytes a pool process handed over in shared-memory file `name`, as a uint8
+    array mapping it. The name is unlinked at once; the memory goes with the array's last view."""
+    try:
+        with open(SHM_FOLDER / name, "r+b") as file:
+            mapped = mmap.mmap(file.fileno(), 0)  # writable: torch.frombuffer warns on read-only memory
+    finally:
+        _forget(name)
+    return np.frombuffer(mapped, np.uint8)
+
+
+def _forget(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(SHM_FOLDER / name)
+    resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
 def _attach(
@@ -150,6 +201,8 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool) -> list[Loaded]:
             if len(data) <= len(room):  # through shared memory, not the result pipe
                 room[: len(data)] = np.frombuffer(data, np.uint8)
                 loads.append(Loaded(header=header, fetch_ms=fetch_ms, encoded_bytes=len(data)))
+            elif (name := _hand_over(data)) is not None:
+                loads.append(Loaded(header=header, fetch_ms=fetch_ms, handed_over=name))
             else:
                 loads.append(Loaded(data=data, header=header, fetch_ms=fetch_ms))
             continue
@@ -168,9 +221,6 @@ def _start_resource_tracker() -> None:
 
     with blocked(GROUP_SIGNALS):
         resource_tracker.ensure_running()
-
-
-SHM_FOLDER = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_overview(7))
 
 
 def _reserved_shared_memory(size: int, slots: int) -> shared_memory.SharedMemory:
@@ -308,6 +358,11 @@ class DecodePool:
             loads = [Loaded(error=("internal", why)) for _ in slots]
         kept = []
         for slot, loaded in zip(slots, loads, strict=True):
+            if loaded.handed_over is not None:
+                try:
+                    loaded = replace(loaded, data=_take_over(loaded.handed_over), handed_over=None)
+                except (OSError, ValueError) as e:  # gone from /dev/shm meanwhile: this image alone fails
+                    loaded = Loaded(error=("internal", f"its bytes were lost on their way from the process: {e}"))
             if loaded.error is None:
                 kept.append(replace(loaded, slot=slot))
             else:

@@ -21,6 +21,10 @@ image in the worker processes, 7.1 in the decode processes, 3.5 of them reading 
 headers (since 0.3). Second run, with that fixed (gpu-h200-camera-cpu.json): 1,219 img/s, 1.13x
 the ceiling of that host; nvImageCodec's default backends decode camera photos as `HW_GPU_ONLY`
 does, and a process waiting for the engine spins a core (3.9 ms of CPU an image, four at once).
+`handover` (no GPU needed: VARIANTS=handover runs it alone) times how camera photos for the GPU
+come back from the decode processes, a shared-memory file each (kiln's, since session 16) or
+through the result pipe, with the worker's other threads busy or not; `camera_no_handover` is the
+pipe end to end.
 
     python3 bench/diagnose/gpu_camera_routing.py $OUT/routing.json .whl
 """
@@ -34,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import Results, resnet18_on_640x480, worker_variant
+from common import ROOT, Results, resnet18_on_640x480, worker_variant
 
 R = Results(sys.argv[1])
 WANTED = set(filter(None, os.environ.get("VARIANTS", "").split(",")))  # default: all
@@ -87,7 +91,17 @@ def _after_codecs(module):
     module.NvImageCodecFrames.__init__ = __init__
 
 
-_AFTER = {"worker.route": _after_route, "worker.pipeline": _after_pipeline, "worker.jpeg_codecs": _after_codecs}
+def _after_decode_pool(module):
+    if os.environ.get("KILN_DIAG_NO_HANDOVER"):
+        module._hand_over = lambda data: None
+
+
+_AFTER = {
+    "worker.route": _after_route,
+    "worker.pipeline": _after_pipeline,
+    "worker.jpeg_codecs": _after_codecs,
+    "worker.decode_pool": _after_decode_pool,
+}
 
 
 class _Patch(importlib.abc.MetaPathFinder):
@@ -135,10 +149,7 @@ def variant(url: str, package: str, folder: Path, workdir: Path, name: str, env:
 
     shutil.rmtree(DUMPS, ignore_errors=True)
     DUMPS.mkdir(parents=True)
-    site = workdir / "routing-site"
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITE)
-    site_path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    site_path = os.pathsep.join([str(site_folder(workdir)), os.environ.get("PYTHONPATH", "")])
 
     def measure(worker) -> dict:
         shutil.rmtree(DUMPS)  # the warm-up's counts
@@ -244,8 +255,79 @@ def backends(large: Path) -> None:
         R.save()
 
 
+def site_folder(workdir: Path) -> Path:
+    site = workdir / "routing-site"
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITE)
+    return site
+
+
+def handover(large: Path, workdir: Path, rounds: int = 12) -> None:
+    """How camera photos for the GPU come back from the decode processes, in this process as the
+    worker's pool gives them: a shared-memory file each (kiln's) or through the result pipe
+    (KILN_DIAG_NO_HANDOVER), with 0 or 3 threads running Python here meanwhile, as the worker's
+    pipeline threads do. Per load of 16 photos: wall ms from submit to result, and this process's
+    CPU ms."""
+    import threading
+
+    from worker.decode_pool import DecodePool
+    from worker.fetch import FetchPolicy
+    from worker.manifest import IMAGENET_PREPROCESS
+    from worker.settings import DEFAULT_FORMATS
+
+    files = [str(f) for f in sorted(large.rglob("*.jpg"))[:16]]
+    os.environ["KILN_DIAG_DUMPS"] = "/tmp"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site_folder(workdir)), os.environ.get("PYTHONPATH", "")])
+    rows: dict = {}
+    for way in ("shared_memory_file", "result_pipe"):
+        if way == "result_pipe":
+            os.environ["KILN_DIAG_NO_HANDOVER"] = "1"
+        policy = FetchPolicy.create([str(large)], 10**8, 10)
+        pool = DecodePool(4, IMAGENET_PREPROCESS, 10**9, DEFAULT_FORMATS, slots=64, policy=policy)
+        try:
+            for busy in (0, 3):
+                stop = threading.Event()
+
+                def spin(stop: threading.Event = stop) -> None:
+                    while not stop.is_set():
+                        sum(range(1000))
+
+                spinners = [threading.Thread(target=spin, daemon=True) for _ in range(busy)]
+                for thread in spinners:
+                    thread.start()
+                walls, cpus = [], []
+                for _ in range(rounds + 1):
+                    wall, cpu = time.perf_counter(), time.thread_time()
+                    loads = pool.load(files, gpu=True).result()
+                    walls.append((time.perf_counter() - wall) * 1e3)
+                    cpus.append((time.thread_time() - cpu) * 1e3)
+                    assert all(load.header is not None and load.data is not None for load in loads), loads
+                    pool.release([load.slot for load in loads])
+                stop.set()
+                for thread in spinners:
+                    thread.join()
+                walls, cpus = sorted(walls[1:]), sorted(cpus[1:])
+                rows[f"{way}_{busy}_busy_threads"] = {
+                    "median_wall_ms": round(walls[len(walls) // 2], 1),
+                    "min_wall_ms": round(walls[0], 1),
+                    "median_calling_thread_cpu_ms": round(cpus[len(cpus) // 2], 2),
+                }
+                print("handover", way, busy, rows[f"{way}_{busy}_busy_threads"], flush=True)
+        finally:
+            pool.close()
+            os.environ.pop("KILN_DIAG_NO_HANDOVER", None)
+    R["handover"] = {"photos_per_load": len(files), "bytes_per_load": sum(map(os.path.getsize, files)), **rows}
+    R.save()
+
+
 def main() -> None:
     started = time.perf_counter()
+    if {"handover"} == WANTED:  # needs no GPU: runs on the VM too
+        from bench.gpu import LARGE, dataset
+
+        workdir = ROOT / "build" / "gpu-bench-work"
+        handover(dataset("jpeg", 64, LARGE), workdir)
+        return
     package, small, workdir = resnet18_on_640x480(sys.argv[2:])
     from bench.gpu import LARGE, bench_decode, dataset, mixed_dataset
 
@@ -262,10 +344,13 @@ def main() -> None:
 
     if not WANTED or "backends" in WANTED:
         backends(large)
+    if not WANTED or "handover" in WANTED:
+        handover(large, workdir)
     hw_only = {"KILN_DIAG_NVIMGCODEC_BACKENDS": "HW_GPU_ONLY"}
     hw_then_cuda = {"KILN_DIAG_NVIMGCODEC_BACKENDS": "HW_GPU_ONLY,GPU_ONLY"}
     with embedded_redis(workdir / "redis-routing", persist=False) as url:
         variant(url, package, large, workdir, "camera_512mpx", pixels(512), 24)
+        variant(url, package, large, workdir, "camera_no_handover", {**pixels(512), "KILN_DIAG_NO_HANDOVER": "1"}, 24)
         variant(url, package, large, workdir, "camera_hw_only", {**pixels(512), **hw_only}, 24)
         variant(url, package, large, workdir, "camera_hw_then_cuda", {**pixels(512), **hw_then_cuda}, 24)
         variant(url, package, large, workdir, "camera_1536mpx", pixels(1536), 24)  # the rule until session 14
