@@ -344,27 +344,41 @@ def test_jpegs_for_the_gpu_come_back_in_their_slot_where_they_fit(tmp_path, phot
         pool.close()
 
 
-def test_a_handed_over_jpeg_goes_through_the_result_pipe_where_shared_memory_has_no_room(monkeypatch):
-    """Where /dev/shm is full (a write fails: ENOSPC there, EFBIG under a file-size limit here) or
-    missing, a large JPEG comes back through the result pipe, and no file is left behind."""
+def test_large_jpegs_go_through_the_result_pipe_where_shared_memory_has_no_room(monkeypatch):
+    """The JPEGs of a load too large for their slots share one shared-memory file, each at its
+    offset, and the others stay as they were. Where /dev/shm is full (a write fails: ENOSPC there,
+    EFBIG under a file-size limit here) or missing, they come back through the result pipe, and
+    no file is left behind."""
     import resource
 
-    data = b"\xff" * 200_000
+    header = read_header(SAMPLES.joinpath("coffee.jpg").read_bytes(), DEFAULT_MAX_PIXELS)
+    first, second = b"\xff\xd8" + b"a" * 80_000, b"\xff\xd8" + b"b" * 90_000
+    loads = [
+        decode_pool.Loaded(data=first, header=header),
+        decode_pool.Loaded(slot=3),
+        decode_pool.Loaded(error=("unreadable", "truncated")),
+        decode_pool.Loaded(data=second, header=header),
+    ]
     before = _handed_over_files()
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not kills
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
     try:
-        assert decode_pool._hand_over(data) is None
+        assert decode_pool._hand_over(loads) == loads
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous)
     assert _handed_over_files() == before
-    name = decode_pool._hand_over(data)
-    assert name is not None and _handed_over_files() == before | {name}
-    assert decode_pool._take_over(name).tobytes() == data and _handed_over_files() == before
+    handed = decode_pool._hand_over(loads)
+    names = {loaded.handed_over for loaded in handed} - {None}
+    assert len(names) == 1 and _handed_over_files() == before | names
+    assert handed[0].data is None and handed[3].data is None and handed[1:3] == loads[1:3]
+    taken = decode_pool._take_over(handed)
+    assert _handed_over_files() == before
+    assert taken[0].data.tobytes() == first and taken[3].data.tobytes() == second and taken[1:3] == loads[1:3]
+    assert all(loaded.handed_over is None and loaded.encoded_bytes == 0 for loaded in taken)
     monkeypatch.setattr(decode_pool, "SHM_FOLDER", Path("/nonexistent-shm"))
-    assert decode_pool._hand_over(data) is None
+    assert decode_pool._hand_over(loads) == loads
 
 
 def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(tmp_path):

@@ -18,7 +18,7 @@ process's threads, its GIL bounded kiln at 1.5k 640x480 images/s against a GPU d
 JPEGs for the GPU come back in their slot too, where they fit (a 640x480 photo is ~60 kB, a 224
 crop's slot 150 kB): reading them from the result pipe was a fifth of the worker process's time
 (py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json). A larger one (a camera photo,
-~1 MB) comes back in a shared-memory file of its own, which the worker maps and unlinks at once:
+~1 MB) comes back in a shared-memory file, one a load, which the worker maps and unlinks at once:
 through the pipe, the worker's thread that reads it takes the GIL back for every 64 kB, and behind
 the pipeline's busy threads 16 camera photos took it 0.6 s on the 2-core VM (0.1 s idle).
 A process routes each image when it has read it, not when the load was queued: the worker
@@ -74,8 +74,8 @@ class Loaded:
     """What a pool process made of one reference: pixels in `slot`, or a JPEG for the GPU (with its
     `header`: the first `encoded_bytes` bytes of `slot`, or `data` where it did not fit: a uint8
     array mapping the shared-memory file it came back in, or bytes where /dev/shm had no room), or
-    `error` (kind, message). Times in milliseconds. `handed_over` is that file's name, between the
-    process and `DecodePool`."""
+    `error` (kind, message). Times in milliseconds. Between the process and `DecodePool` only:
+    `handed_over`, that file's name, with the JPEG's `offset` and length (`encoded_bytes`) in it."""
 
     slot: int | None = None
     data: bytes | np.ndarray | None = None
@@ -85,43 +85,70 @@ class Loaded:
     decode_ms: float = 0.0
     encoded_bytes: int = 0
     handed_over: str | None = None
+    offset: int = 0
 
 
 SHM_FOLDER = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_overview(7))
 
 
-def _hand_over(data: bytes) -> str | None:
-    """In a pool process: `data` in a shared-memory file of its own, for `_take_over` in the
-    worker; its name, or None where it could not be written (no /dev/shm, or no room left in it:
-    `os.write` says ENOSPC where a mapping's write would have been SIGBUS). The resource tracker
-    unlinks it should the worker die before taking it over."""
+def _hand_over(loads: list[Loaded]) -> list[Loaded]:
+    """In a pool process: the JPEGs of `loads` that came back in `data` (too large for their slot),
+    written into one shared-memory file, for `_take_over` in the worker: each of them then holds
+    the file's name, and its offset and length there. Unchanged where the file could not be
+    written (no /dev/shm, or no room left in it: `os.write` says ENOSPC where a mapping's write
+    would have been SIGBUS). One file a load: each open, write, map and unlink gives up the GIL,
+    and the worker's thread that takes it over waits for it again behind the pipeline's.
+    The resource tracker unlinks the file should the worker die before taking it over."""
+    large = [i for i, loaded in enumerate(loads) if loaded.data is not None]
+    if not large:
+        return loads
     name = f"kiln-{secrets.token_hex(8)}"
-    path = SHM_FOLDER / name
     try:
-        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        descriptor = os.open(SHM_FOLDER / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except OSError:
-        return None
+        return loads
     resource_tracker.register(f"/{name}", "shared_memory")
+    handed = list(loads)
+    offset = 0
     try:
-        with open(descriptor, "wb", buffering=0) as file:
-            view = memoryview(data)
-            while view:
-                view = view[file.write(view) :]
+        with open(descriptor, "wb") as file:
+            for i in large:
+                data = loads[i].data
+                file.write(data)
+                handed[i] = replace(loads[i], data=None, handed_over=name, offset=offset, encoded_bytes=len(data))
+                offset += len(data)
     except OSError:
         _forget(name)
-        return None
-    return name
+        return loads
+    return handed
 
 
-def _take_over(name: str) -> np.ndarray:
-    """In the worker: the bytes a pool process handed over in shared-memory file `name`, as a uint8
-    array mapping it. The name is unlinked at once; the memory goes with the array's last view."""
+def _take_over(loads: list[Loaded]) -> list[Loaded]:
+    """In the worker: `loads` with the JPEGs a pool process handed over in a shared-memory file
+    (`_hand_over`) in `data`, as uint8 arrays mapping it. The file's name is unlinked at once; its
+    memory goes with the last of those arrays. Raises OSError where the file is gone."""
+    names = {loaded.handed_over for loaded in loads} - {None}
+    if not names:
+        return loads
+    (name,) = names
     try:
         with open(SHM_FOLDER / name, "r+b") as file:
             mapped = mmap.mmap(file.fileno(), 0)  # writable: torch.frombuffer warns on read-only memory
     finally:
         _forget(name)
-    return np.frombuffer(mapped, np.uint8)
+    memory = np.frombuffer(mapped, np.uint8)
+    return [
+        loaded
+        if loaded.handed_over is None
+        else replace(
+            loaded,
+            data=memory[loaded.offset : loaded.offset + loaded.encoded_bytes],
+            handed_over=None,
+            offset=0,
+            encoded_bytes=0,
+        )
+        for loaded in loads
+    ]
 
 
 def _forget(name: str) -> None:
@@ -201,15 +228,13 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool) -> list[Loaded]:
             if len(data) <= len(room):  # through shared memory, not the result pipe
                 room[: len(data)] = np.frombuffer(data, np.uint8)
                 loads.append(Loaded(header=header, fetch_ms=fetch_ms, encoded_bytes=len(data)))
-            elif (name := _hand_over(data)) is not None:
-                loads.append(Loaded(header=header, fetch_ms=fetch_ms, handed_over=name))
             else:
                 loads.append(Loaded(data=data, header=header, fetch_ms=fetch_ms))
             continue
         failure = _decode_into(slot, data)
         decode_ms = (time.perf_counter() - fetched) * 1e3
         loads.append(Loaded(slot=slot, error=failure, fetch_ms=fetch_ms, decode_ms=decode_ms))
-    return loads
+    return _hand_over(loads)
 
 
 def _start_resource_tracker() -> None:
@@ -356,13 +381,13 @@ class DecodePool:
             else:  # cancelled by close(), or anything else: each image still gets its answer
                 why = f"not loaded: {type(e).__name__}: {e}"
             loads = [Loaded(error=("internal", why)) for _ in slots]
+        try:
+            loads = _take_over(loads)
+        except OSError as e:  # gone from /dev/shm meanwhile: those images fail, the others go on
+            lost = Loaded(error=("internal", f"its bytes were lost on their way from the decoding process: {e}"))
+            loads = [lost if loaded.handed_over is not None else loaded for loaded in loads]
         kept = []
         for slot, loaded in zip(slots, loads, strict=True):
-            if loaded.handed_over is not None:
-                try:
-                    loaded = replace(loaded, data=_take_over(loaded.handed_over), handed_over=None)
-                except (OSError, ValueError) as e:  # gone from /dev/shm meanwhile: this image alone fails
-                    loaded = Loaded(error=("internal", f"its bytes were lost on their way from the process: {e}"))
             if loaded.error is None:
                 kept.append(replace(loaded, slot=slot))
             else:

@@ -22,7 +22,7 @@ headers (since 0.3). Second run, with that fixed (gpu-h200-camera-cpu.json): 1,2
 the ceiling of that host; nvImageCodec's default backends decode camera photos as `HW_GPU_ONLY`
 does, and a process waiting for the engine spins a core (3.9 ms of CPU an image, four at once).
 `handover` (no GPU needed: VARIANTS=handover runs it alone) times how camera photos for the GPU
-come back from the decode processes, a shared-memory file each (kiln's, since session 16) or
+come back from the decode processes, in a shared-memory file a load (kiln's, since session 16) or
 through the result pipe, with the worker's other threads busy or not; `camera_no_handover` is the
 pipe end to end.
 
@@ -93,7 +93,7 @@ def _after_codecs(module):
 
 def _after_decode_pool(module):
     if os.environ.get("KILN_DIAG_NO_HANDOVER"):
-        module._hand_over = lambda data: None
+        module._hand_over = lambda loads: loads
 
 
 _AFTER = {
@@ -264,7 +264,7 @@ def site_folder(workdir: Path) -> Path:
 
 def handover(large: Path, workdir: Path, rounds: int = 12) -> None:
     """How camera photos for the GPU come back from the decode processes, in this process as the
-    worker's pool gives them: a shared-memory file each (kiln's) or through the result pipe
+    worker's pool gives them: in a shared-memory file a load (kiln's) or through the result pipe
     (KILN_DIAG_NO_HANDOVER), with 0 or 3 threads running Python here meanwhile, as the worker's
     pipeline threads do. Per load of 16 photos: wall ms from submit to result, and this process's
     CPU ms."""
