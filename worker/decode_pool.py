@@ -20,7 +20,10 @@ crop's slot 150 kB): reading them from the result pipe was a fifth of the worker
 (py-spy of the end-to-end worker, bench/results/gpu-h200-diag.json). A larger one (a camera photo,
 ~1 MB) comes back in a shared-memory file, one a load, which the worker maps and unlinks at once:
 through the pipe, the worker's thread that reads it takes the GIL back for every 64 kB, and behind
-the pipeline's busy threads 16 camera photos took it 0.6 s on the 2-core VM (0.1 s idle).
+three busy threads a load of 16 camera photos took 2.6 s to come back on the H200 (42 ms idle;
+bench/results/gpu-h200-camera-handover.json); in one file, 0.17 s on the 2-core VM
+(vm-camera-handover.json). End to end, camera photos went from 1.2x to 1.36x the GPU decoder's
+ceiling (gpu-h200.json).
 A process routes each image when it has read it, not when the load was queued: the worker
 publishes how many pixels wait for its GPU (`set_gpu_backlog`), and while the GPU is busy the
 processes decode the JPEGs that `draft` shrinks themselves (`worker.route.cpu_takes`). Decided at
