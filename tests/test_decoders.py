@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 
 from worker import decode_pool
 from worker.contract import InputError
-from worker.decode_pool import DecodePool
+from worker.decode_pool import DecodePool, Loaded
 from worker.fetch import FetchPolicy
 from worker.gpu_decode import (
     MAX_DECODED_PIXELS,
@@ -379,6 +379,31 @@ def test_large_jpegs_go_through_the_result_pipe_where_shared_memory_has_no_room(
     assert all(loaded.handed_over is None and loaded.encoded_bytes == 0 for loaded in taken)
     monkeypatch.setattr(decode_pool, "SHM_FOLDER", Path("/nonexistent-shm"))
     assert decode_pool._hand_over(loads) == loads
+
+
+def test_images_whose_handed_over_file_is_gone_fail_alone(tmp_path):
+    """A load whose shared-memory file vanished before the worker took it over (someone cleaned
+    /dev/shm) fails those images with `internal` and gives their slots back; the load's other
+    images go on."""
+    from concurrent.futures import Future
+    from multiprocessing import resource_tracker
+
+    policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
+    pool = DecodePool(1, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=2, policy=policy)
+    try:
+        header = read_header(SAMPLES.joinpath("coffee.jpg").read_bytes(), DEFAULT_MAX_PIXELS)
+        name = f"kiln-gone-{os.getpid()}"
+        resource_tracker.register(f"/{name}", "shared_memory")  # as the process that wrote it did
+        done: Future = Future()
+        done.set_result([Loaded(header=header, handed_over=name, encoded_bytes=10), Loaded(decode_ms=1.0)])
+        result: Future = Future()
+        pool._loaded(done, [0, 1], result)
+        lost, decoded = result.result(timeout=5)
+        assert lost.error[0] == "internal" and "lost" in lost.error[1] and lost.slot is None
+        assert decoded.error is None and decoded.slot == 1
+        assert pool._free.get(timeout=5) == 0  # the lost image's slot is free again
+    finally:
+        pool.close()
 
 
 def test_decode_processes_route_each_image_by_the_gpu_backlog_when_they_read_it(tmp_path):

@@ -386,7 +386,7 @@ class DecodePool:
             loads = [Loaded(error=("internal", why)) for _ in slots]
         try:
             loads = _take_over(loads)
-        except OSError as e:  # gone from /dev/shm meanwhile: those images fail, the others go on
+        except Exception as e:  # gone from /dev/shm meanwhile, or no memory to map: those images fail alone
             lost = Loaded(error=("internal", f"its bytes were lost on their way from the decoding process: {e}"))
             loads = [lost if loaded.handed_over is not None else loaded for loaded in loads]
         kept = []
