@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 RESERVED_CORES = 3  # at least, for the worker processes' own threads: fetch and route, GPU decode, model, writes
 CORES_PER_GPU_PROCESS = 4  # a worker process per 4 cores of a GPU's share of the host ...
 MAX_PROCESSES_PER_GPU = 4  # ... up to 4: the best of 1, 2, 3, 4 and 6 on the H200 (module docstring); a
-# later run had three 8% ahead of four (bench/results/gpu-h200.json), within the runs' spread
+# later run had three 8% ahead of four (bench/results/gpu-h200.json), and one in the 16th session five
+# 7% ahead and six 3% (bench/results/gpu-h200-small-processes.json): within the runs' spread
 ONLINE_FLUSHES = 4  # online batches a worker process runs at once, each on a Celery thread of its own
 
 
