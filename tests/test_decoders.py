@@ -364,21 +364,26 @@ def test_large_jpegs_go_through_the_result_pipe_where_shared_memory_has_no_room(
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, not kills
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
     try:
-        assert decode_pool._hand_over(loads) == loads
+        assert decode_pool._hand_over(loads, "kiln-test-") == loads
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous)
     assert _handed_over_files() == before
-    handed = decode_pool._hand_over(loads)
+    handed = decode_pool._hand_over(loads, "kiln-test-")
     names = {loaded.handed_over for loaded in handed} - {None}
-    assert len(names) == 1 and _handed_over_files() == before | names
+    assert len(names) == 1 and names.pop().startswith("kiln-test-") and len(_handed_over_files() - before) == 1
     assert handed[0].data is None and handed[3].data is None and handed[1:3] == loads[1:3]
     taken = decode_pool._take_over(handed)
     assert _handed_over_files() == before
     assert taken[0].data.tobytes() == first and taken[3].data.tobytes() == second and taken[1:3] == loads[1:3]
     assert all(loaded.handed_over is None and loaded.encoded_bytes == 0 for loaded in taken)
+    short = decode_pool._hand_over(loads, "kiln-test-")
+    os.truncate(decode_pool.SHM_FOLDER / short[0].handed_over, 1000)
+    with pytest.raises(ValueError, match="cut short"):  # never bytes that are not the JPEG's
+        decode_pool._take_over(short)
+    assert _handed_over_files() == before
     monkeypatch.setattr(decode_pool, "SHM_FOLDER", Path("/nonexistent-shm"))
-    assert decode_pool._hand_over(loads) == loads
+    assert decode_pool._hand_over(loads, "kiln-test-") == loads
 
 
 def test_images_whose_handed_over_file_is_gone_fail_alone(tmp_path):
@@ -386,14 +391,12 @@ def test_images_whose_handed_over_file_is_gone_fail_alone(tmp_path):
     /dev/shm) fails those images with `internal` and gives their slots back; the load's other
     images go on."""
     from concurrent.futures import Future
-    from multiprocessing import resource_tracker
 
     policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
     pool = DecodePool(1, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=2, policy=policy)
     try:
         header = read_header(SAMPLES.joinpath("coffee.jpg").read_bytes(), DEFAULT_MAX_PIXELS)
         name = f"kiln-gone-{os.getpid()}"
-        resource_tracker.register(f"/{name}", "shared_memory")  # as the process that wrote it did
         done: Future = Future()
         done.set_result([Loaded(header=header, handed_over=name, encoded_bytes=10), Loaded(decode_ms=1.0)])
         result: Future = Future()
@@ -464,6 +467,38 @@ def test_decode_pool_survives_a_dead_process(pool, photos):
         time.sleep(0.05)
     slots = [pool.submit(photos["chelsea"]).result(timeout=120) for _ in range(3)]
     pool.release(slots)
+
+
+def test_a_dead_decode_process_takes_its_pools_other_processes_and_their_files_with_it(tmp_path, photos):
+    """When a decode process dies, the executor fails every load in flight, but the others ignore
+    SIGTERM: each finished its load and handed over a file that no one would take over, left in
+    /dev/shm for the worker's life. They are killed now, and the broken pool's files swept."""
+    policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
+    pool = DecodePool(2, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=8, policy=policy)
+    small = tmp_path / "coffee.jpg"
+    small.write_bytes(photos["coffee"])
+    try:
+        futures = [pool.load([str(small)], gpu=True) for _ in range(2)]
+        for future in futures:
+            pool.release([loaded.slot for loaded in future.result(timeout=120)])
+        processes = list(pool._executor._processes.values())
+        assert len(processes) == 2
+        left = decode_pool.SHM_FOLDER / f"{pool._handover_prefix}left"  # as a survivor's would be
+        left.write_bytes(b"\xff" * 1000)
+        os.kill(processes[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not pool._executor._broken:
+            assert time.monotonic() < deadline, "the executor never saw its process die"
+            time.sleep(0.05)
+        loads = pool.load([str(small)], gpu=True).result(timeout=120)  # restarts the pool
+        assert loads[0].error is None
+        pool.release([loads[0].slot])
+        while (left.exists() or processes[1].is_alive()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not processes[1].is_alive() and not left.exists()
+        assert not pool._handover_prefix.startswith(left.name[:-4])  # the new pool's files are named apart
+    finally:
+        pool.close()
 
 
 # -- routing in the pipeline ----------------------------------------------------------------------------

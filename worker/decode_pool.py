@@ -51,7 +51,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -94,34 +94,29 @@ class Loaded:
 SHM_FOLDER = Path("/dev/shm")  # where Linux keeps POSIX shared memory (shm_overview(7))
 
 
-def _hand_over(loads: list[Loaded]) -> list[Loaded]:
+def _hand_over(loads: list[Loaded], prefix: str) -> list[Loaded]:
     """In a pool process: the JPEGs of `loads` that came back in `data` (too large for their slot),
-    written into one shared-memory file, for `_take_over` in the worker: each of them then holds
-    the file's name, and its offset and length there. Unchanged where the file could not be
-    written (no /dev/shm, or no room left in it: `os.write` says ENOSPC where a mapping's write
-    would have been SIGBUS). One file a load: each open, write, map and unlink gives up the GIL,
-    and the worker's thread that takes it over waits for it again behind the pipeline's.
-    The resource tracker unlinks the file should the worker die before taking it over."""
+    written into one shared-memory file named `prefix` + a random part, for `_take_over` in the
+    worker: each of them then holds the file's name, and its offset and length there. Unchanged
+    where the file could not be written (no /dev/shm, or no room left in it: `os.write` says ENOSPC
+    where a mapping's write would have been SIGBUS). One file a load: each open, write, map and
+    unlink gives up the GIL, and the worker's thread that takes it over waits for it again behind
+    the pipeline's. A file that no one takes over is swept by its prefix (`_sweep`)."""
     large = [i for i, loaded in enumerate(loads) if loaded.data is not None]
     if not large:
         return loads
-    name = f"kiln-{secrets.token_hex(8)}"
-    try:
-        descriptor = os.open(SHM_FOLDER / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except OSError:
-        return loads
-    resource_tracker.register(f"/{name}", "shared_memory")
+    name = prefix + secrets.token_hex(8)
     handed = list(loads)
     offset = 0
     try:
-        with open(descriptor, "wb") as file:
+        with open(SHM_FOLDER / name, "xb") as file:
             for i in large:
                 data = loads[i].data
                 file.write(data)
                 handed[i] = replace(loads[i], data=None, handed_over=name, offset=offset, encoded_bytes=len(data))
                 offset += len(data)
     except OSError:
-        _forget(name)
+        _remove(name)
         return loads
     return handed
 
@@ -129,7 +124,8 @@ def _hand_over(loads: list[Loaded]) -> list[Loaded]:
 def _take_over(loads: list[Loaded]) -> list[Loaded]:
     """In the worker: `loads` with the JPEGs a pool process handed over in a shared-memory file
     (`_hand_over`) in `data`, as uint8 arrays mapping it. The file's name is unlinked at once; its
-    memory goes with the last of those arrays. Raises OSError where the file is gone."""
+    memory goes with the last of those arrays. Raises OSError where the file is gone, ValueError
+    where it is shorter than the JPEGs it should hold."""
     names = {loaded.handed_over for loaded in loads} - {None}
     if not names:
         return loads
@@ -138,8 +134,10 @@ def _take_over(loads: list[Loaded]) -> list[Loaded]:
         with open(SHM_FOLDER / name, "r+b") as file:
             mapped = mmap.mmap(file.fileno(), 0)  # writable: torch.frombuffer warns on read-only memory
     finally:
-        _forget(name)
+        _remove(name)
     memory = np.frombuffer(mapped, np.uint8)
+    if max(loaded.offset + loaded.encoded_bytes for loaded in loads if loaded.handed_over) > len(memory):
+        raise ValueError(f"{name} was cut short")
     return [
         loaded
         if loaded.handed_over is None
@@ -154,10 +152,27 @@ def _take_over(loads: list[Loaded]) -> list[Loaded]:
     ]
 
 
-def _forget(name: str) -> None:
+def _remove(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(SHM_FOLDER / name)
-    resource_tracker.unregister(f"/{name}", "shared_memory")
+        (SHM_FOLDER / name).unlink()
+
+
+def _sweep(prefix: str) -> None:
+    """Unlink the shared-memory files whose names start with `prefix`."""
+    for path in SHM_FOLDER.glob(f"{prefix}*"):
+        _remove(path.name)
+
+
+def _retire(processes: list[multiprocessing.Process], prefix: str) -> None:
+    """After a decode process died: end the broken pool's other processes, whose work has been
+    failed already (they ignore SIGTERM, and would finish their loads for no one), then sweep
+    the files they handed over that no one will take over."""
+    for process in processes:
+        with contextlib.suppress(Exception):  # gone already
+            process.kill()
+    for process in processes:
+        process.join(timeout=30)
+    _sweep(prefix)
 
 
 def _attach(
@@ -169,11 +184,16 @@ def _attach(
     policy: FetchPolicy | None,
     backlog: ctypes.c_longlong,
     gpu_busy: GpuBusy,
+    handover_prefix: str,
 ) -> None:
     # A worker killed with SIGKILL (or ended by `os._exit` after a CUDA fault) cannot stop its pool:
     # each process leaves on its own once its parent is gone, so neither it nor the shared memory
-    # it holds outlives the worker.
-    when_parent_exits(lambda: os._exit(0))
+    # it holds outlives the worker, nor the JPEGs the pool handed over that no one took over.
+    def leave() -> None:
+        _sweep(handover_prefix)
+        os._exit(0)
+
+    when_parent_exits(leave)
     # Ctrl-C or a service manager signals the whole process group: the worker's warm shutdown
     # finishes the images these processes hold, so they must not die of it first (each image they
     # held would be recorded as failed); after Ctrl-\ (SIGQUIT, a cold shutdown) the worker gives
@@ -186,6 +206,7 @@ def _attach(
     memory = shared_memory.SharedMemory(name=name)
     _child.update(memory=memory, pixels=np.ndarray(shape, np.uint8, memory.buf), prep=prep)
     _child.update(max_pixels=max_pixels, formats=formats, policy=policy, backlog=backlog, gpu_busy=gpu_busy)
+    _child.update(handover_prefix=handover_prefix)
 
 
 def _decode_into(slot: int, data: bytes) -> tuple[str, str] | None:
@@ -237,7 +258,7 @@ def _load_into(slots: list[int], refs: list[str], gpu: bool) -> list[Loaded]:
         failure = _decode_into(slot, data)
         decode_ms = (time.perf_counter() - fetched) * 1e3
         loads.append(Loaded(slot=slot, error=failure, fetch_ms=fetch_ms, decode_ms=decode_ms))
-    return _hand_over(loads)
+    return _hand_over(loads, _child["handover_prefix"])
 
 
 def _start_resource_tracker() -> None:
@@ -322,11 +343,14 @@ class DecodePool:
         self._executor = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
+        # Each start's processes name the files they hand over apart, so that those of a broken
+        # pool can be swept while the new one hands over its own.
+        self._handover_prefix = f"kiln-{os.getpid()}-{secrets.token_hex(4)}-"
         return ProcessPoolExecutor(
             self.processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_attach,
-            initargs=self._init_args,
+            initargs=(*self._init_args, self._handover_prefix),
         )
 
     def submit(self, data: bytes) -> Future[int]:
@@ -419,8 +443,11 @@ class DecodePool:
             if self._closed or not getattr(self._executor, "_broken", False):
                 return
             log.error("a decoding process died: restarting the decode pool")
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            broken, prefix = self._executor, self._handover_prefix
+            processes = list((broken._processes or {}).values())
+            broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._start()
+        threading.Thread(target=_retire, args=(processes, prefix), name="kiln-decode-retire", daemon=True).start()
 
     def pixels(self, slot: int) -> np.ndarray:
         """The decoded `crop x crop x 3` uint8 image in `slot` (a view: copy it before release)."""
