@@ -779,7 +779,8 @@ def test_close_with_images_in_flight_ends_the_callers(lite0_runtime, mixed_folde
 
 def test_decode_processes_and_their_memory_go_with_a_killed_worker(tmp_path):
     """SIGKILL (or os._exit after a CUDA fault) gives the pool no chance to stop: its processes
-    notice their parent is gone, exit, and the shared memory goes with the last of them."""
+    notice their parent is gone, exit, and the shared memory goes with the last of them, with the
+    files of JPEGs they handed over that the worker never took over."""
     import subprocess
     import sys
 
@@ -791,14 +792,16 @@ def test_decode_processes_and_their_memory_go_with_a_killed_worker(tmp_path):
         "if __name__ == '__main__':\n"
         "    pool = DecodePool(2, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=4)\n"
         "    pool.submit(open(sys.argv[1], 'rb').read()).result(timeout=120)\n"
-        "    print(pool._memory.name, *[p for p in pool._executor._processes], flush=True)\n"
+        "    unclaimed = f'/dev/shm/{pool._handover_prefix}unclaimed'\n"
+        "    open(unclaimed, 'wb').write(b'jpeg')\n"
+        "    print(pool._memory.name, unclaimed, *[p for p in pool._executor._processes], flush=True)\n"
         "    sys.stdin.read()\n"
     )
     owner = subprocess.Popen(
         [sys.executable, "-c", script, str(SAMPLES / "coffee.jpg")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=SAMPLES.parent,
     )  # fmt: skip
-    name, *children = owner.stdout.readline().split()
+    name, unclaimed, *children = owner.stdout.readline().split()
     os.kill(owner.pid, signal.SIGKILL)
     owner.wait()
     deadline = time.monotonic() + 30
@@ -814,3 +817,4 @@ def test_decode_processes_and_their_memory_go_with_a_killed_worker(tmp_path):
     while os.path.exists(f"/dev/shm/{name.lstrip('/')}") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not os.path.exists(f"/dev/shm/{name.lstrip('/')}")
+    assert not os.path.exists(unclaimed)

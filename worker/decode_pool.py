@@ -21,7 +21,7 @@ crop's slot 150 kB): reading them from the result pipe was a fifth of the worker
 ~1 MB) comes back in a shared-memory file, one a load, which the worker maps and unlinks at once:
 through the pipe, the worker's thread that reads it takes the GIL back for every 64 kB, and behind
 three busy threads a load of 16 camera photos took 2.6 s to come back on the H200 (42 ms idle;
-bench/results/gpu-h200-camera-handover.json); in one file, 0.17 s on the 2-core VM
+bench/results/gpu-h200-camera-handover.json); in one file, 0.16 s on the 2-core VM
 (vm-camera-handover.json). End to end, camera photos went from 1.2x to 1.36x the GPU decoder's
 ceiling (gpu-h200.json).
 A process routes each image when it has read it, not when the load was queued: the worker
