@@ -31,7 +31,7 @@ from producer.sources import Expansion, SourceError, inputs_job_id, iter_items, 
 from worker.argtypes import at_least, program, seconds
 from worker.contract import Record
 from worker.manifest import PackageError, read_manifest
-from worker.settings import mask_url, settings_error, unknown_variables
+from worker.settings import mask_url, setting_variables, settings_error, unknown_variables
 from worker.store import JobCounts
 
 EPILOG = """\
@@ -245,6 +245,13 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                     else "run the same `kiln label` again to go on from there"
                 )
                 raise _after_timeout(e, submitted.id, args.timeout, then) from None
+            except KeyboardInterrupt:
+                if check is None:  # running the same `label` again would enqueue the queued images twice
+                    raise KeyboardInterrupt(
+                        f"the workers go on with job {submitted.id}: `kiln wait {submitted.id}` follows it, "
+                        f"`kiln export {submitted.id} --out PATH` writes its records"
+                    ) from None
+                raise
             bar.close()
             try:
                 written = kiln.export(submitted, args.out, args.topk)
@@ -389,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"error: {settings_error(e)}", file=sys.stderr)
         return 2
-    for line in unknown_variables(os.environ):
+    for line in unknown_variables(setting_variables()):
         print(f"note: {line}", file=sys.stderr)
     try:
         if args.command == "label":
@@ -450,8 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, EmbeddedError, PackageError, ValueError, OSError, TimeoutError, ListingStopped) as e:
         print(f"error: {mask_url(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if args.command == "wait":
+    except KeyboardInterrupt as e:
+        if e.args:  # said where it was caught
+            print(f"interrupted: {e.args[0]}", file=sys.stderr)
+        elif args.command == "wait":
             print(f"interrupted: the workers go on with job {args.job}; `kiln wait {args.job}` follows it again",
                   file=sys.stderr)  # fmt: skip
         else:

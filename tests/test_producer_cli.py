@@ -146,6 +146,26 @@ def test_wait_follows_a_submitted_job_and_gives_up_at_its_timeout(private_redis_
     assert "`kiln wait queued` again" in waited.stderr
 
 
+def test_ctrl_c_on_a_remote_label_says_the_workers_go_on(private_redis_url, tmp_path):
+    """Ctrl-C while a remote `label` waits: the workers go on with the job, so it says how to
+    follow it and export it. It said "run the same command again to resume", and doing so
+    enqueued the images still queued a second time (a new user's finding)."""
+    labelling = subprocess.Popen(
+        [PYTHON, "-m", "producer", "label", str(SAMPLES), "--job", "stopped", "--out", str(tmp_path / "x.csv"),
+         "--no-progress"],
+        env=python_env(KILN_REDIS_URL=private_redis_url), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert labelling.stderr.readline().startswith("job stopped: 6 images")  # submitted: now it waits
+        labelling.send_signal(signal.SIGINT)
+        err = labelling.communicate(timeout=60)[1]
+    finally:
+        labelling.kill()
+    assert labelling.returncode == 130, err
+    assert "interrupted: the workers go on with job stopped: `kiln wait stopped` follows it" in err
+    assert "run the same command again" not in err
+
+
 def test_wait_notices_a_job_that_disappears(private_redis_url):
     """The job's keys deleted (or expired, or Redis restarted without its data) while `wait`
     follows it: it says so and exits 2, instead of waiting for ever."""

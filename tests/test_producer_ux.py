@@ -289,6 +289,17 @@ def test_a_misspelt_setting_is_named_with_the_one_meant(private_redis_url, lite0
     assert done.returncode == 2 and "no job named 'nojob'" in done.stderr, done.stderr
     notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
     assert notes == ["note: KILN_BATCH_SZE is not a kiln setting and is ignored (did you mean KILN_BATCH_SIZE?)"]
+    # The same in the .env file that settings are read from, as a new user's typo was, and went unsaid
+    (tmp_path / ".env").write_text(f"KILN_REDIS_URL={private_redis_url}\nKILN_CHUNK_SZE=12\nKILN_MAX_PENDING_CHUNKS=8\n")
+    environment = python_env()
+    environment.pop("KILN_REDIS_URL", None)
+    done = subprocess.run([PYTHON, "-m", "producer", "status", "nojob"], capture_output=True, text=True,
+                          env=environment, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "no job named 'nojob'" in done.stderr, done.stderr  # .env's Redis, used
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: KILN_CHUNK_SZE (in .env) is not a kiln setting and is ignored (did you mean KILN_CHUNK_SIZE?)"
+    ]
     worker = LocalWorker(lite0_package, private_redis_url, tmp_path / "w.log", [], ["--threads", "1"],
                          env=python_env(KILN_BTACH_SIZE="64", KILN_CHUNK_SIZE="16"))  # fmt: skip
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from typing import TYPE_CHECKING, get_args
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from worker.eviction import EvictingRedis
     from worker.manifest import PackageError, read_manifest
-    from worker.settings import settings_error, unknown_variables
+    from worker.settings import setting_variables, settings_error, unknown_variables
 
     if args.parent_pid is not None:  # a parent killed while this process starts stops it too
         from worker.supervisor import stop_with_parent
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_cxx_runtime(settings.model)  # may restart this process with the C++ runtime preloaded
     if args.worker_index is None:  # said once, by the process the user started
-        for line in unknown_variables(os.environ):
+        for line in unknown_variables(setting_variables()):
             logging.getLogger("worker").warning("%s", line)
         said, *notes = roots_notes(settings.allowed_roots)
         logging.getLogger("worker").log(logging.INFO if settings.allowed_roots else logging.WARNING, "%s", said)

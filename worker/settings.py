@@ -60,11 +60,24 @@ OTHER_VARIABLES = frozenset({"KILN_CXX_PRELOAD"})
 OTHER_PREFIXES = ("KILN_TEST_", "KILN_BENCH_")
 
 
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """One line for each `KILN_*` variable in `environ` that no part of kiln reads, with the
-    setting it may have meant: pydantic-settings ignores what it does not know, so a misspelt
-    setting (`KILN_BATCH_SZE=64`) used to be dropped in silence. Producer and worker settings
-    both count as known, since one environment often serves both."""
+ENV_FILE = ".env"  # in the current folder, as every settings class reads it (CommonSettings)
+
+
+def setting_variables() -> dict[str, str]:
+    """The variables settings are read from, each with where it was set: `.env` or the
+    environment (which wins where both set one)."""
+    from dotenv import dotenv_values  # pydantic-settings' own reader of .env files
+
+    found = {name: ENV_FILE for name in dotenv_values(ENV_FILE)} if os.path.isfile(ENV_FILE) else {}
+    found.update((name, "the environment") for name in os.environ)
+    return found
+
+
+def unknown_variables(variables: Mapping[str, str]) -> list[str]:
+    """One line for each `KILN_*` name in `variables` (name: where it was set, `setting_variables`)
+    that no part of kiln reads, with the setting it may have meant: pydantic-settings ignores what
+    it does not know, so a misspelt setting (`KILN_BATCH_SZE=64`) used to be dropped in silence.
+    Producer and worker settings both count as known, since one environment often serves both."""
     from producer.settings import ProducerSettings  # here: producer.settings imports this module
 
     known = set(OTHER_VARIABLES)
@@ -74,16 +87,19 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
             if isinstance(field.validation_alias, AliasChoices):
                 known.update(str(choice).upper() for choice in field.validation_alias.choices)
     lines = []
-    for name in sorted(n for n in environ if n.upper().startswith("KILN_")):
+    for name in sorted(n for n in variables if n.upper().startswith("KILN_")):
         if name.upper() in known or name.upper().startswith(OTHER_PREFIXES):
             continue
         close = difflib.get_close_matches(name.upper(), known, n=1)
-        lines.append(f"{name} is not a kiln setting and is ignored" + (f" (did you mean {close[0]}?)" if close else ""))
+        where = f" (in {ENV_FILE})" if variables[name] == ENV_FILE else ""
+        lines.append(
+            f"{name}{where} is not a kiln setting and is ignored" + (f" (did you mean {close[0]}?)" if close else "")
+        )
     return lines
 
 
 class CommonSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KILN_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="KILN_", env_file=ENV_FILE, extra="ignore")
 
     redis_url: str | None = Field(
         default=None,
