@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from worker.argtypes import at_least, finite, program
+from worker.argtypes import at_least, finite, parse_command_line, program
 from worker.manifest import PackageError, Preprocess, read_manifest
 
 EPILOG = """\
@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
         help="list the model names `build` accepts",
         description="List the model names `build` accepts: kiln's own and torchvision's classifiers.",
     )
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)  # for parse_command_line
     return parser
 
 
@@ -189,7 +191,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_command_line(_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "inspect":
         try:

@@ -28,7 +28,7 @@ from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, inputs_job_id, iter_items, local_roots, object_roots, one_line
-from worker.argtypes import at_least, program, seconds
+from worker.argtypes import at_least, parse_command_line, program, seconds
 from worker.contract import Record
 from worker.manifest import PackageError, read_manifest
 from worker.settings import mask_url, setting_variables, settings_error, unknown_variables
@@ -152,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("image", help="an image file (sent inline) or a URL the workers can fetch")
     classify.add_argument("--topk", type=at_least(1), default=5, help="labels to return [default: 5]")
     classify.add_argument("--timeout", type=seconds, help="seconds to wait for the answer [KILN_ONLINE_TIMEOUT_S]")
+    for command in commands.choices.values():
+        command.set_defaults(command_parser=command)  # for parse_command_line
     return parser
 
 
@@ -390,7 +392,7 @@ def _export_topk(kiln: Kiln, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_command_line(_parser(), argv)
     try:
         settings = ProducerSettings()
     except ValidationError as e:

@@ -38,7 +38,7 @@ from producer.export import write_results, write_shards
 from producer.faults import retrying
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings
-from producer.sources import Expansion, default_job_id, inputs_job_id, iter_items
+from producer.sources import Expansion, SourceError, default_job_id, inputs_job_id, iter_items
 from worker.celery_app import make_app
 from worker.contract import (
     BULK_QUEUE,
@@ -126,7 +126,7 @@ class SubmittedJob:
     enqueued: int  # images sent to workers now; the rest already had a record (resume)
     failed_before: int = 0  # of those, records of a failure, left as they are (no `retry_failed`)
     job_total: int = 0  # images the job holds, this submission's and any other's
-    keys: tuple[str, ...] | None = ()
+    keys: tuple[str, ...] | None = field(default=(), repr=False)  # a wall of text in a log line
     skipped: Counter[str] = field(default_factory=Counter)  # files left out of folders, by extension
     out_dir: str | None = None  # sharded mode: where the workers write the job's shards
 
@@ -142,7 +142,10 @@ class Kiln:
             except ValidationError as e:
                 raise ValueError(settings_error(e, "Kiln(redis_url=...)")) from None
         if not settings.redis_url:
-            raise ValueError("no Redis: pass redis_url or set KILN_REDIS_URL")
+            raise ValueError(
+                "no Redis: set KILN_REDIS_URL (in Python, or Kiln(redis_url=...)); a job `kiln label` ran in the "
+                "embedded mode lives in its own Redis: run that `kiln label` again to resume or export it"
+            )
         self.settings = settings
         # No retries inside redis-py: `_redis` retries under the caller's deadline instead.
         client = redis.Redis.from_url(
@@ -186,7 +189,7 @@ class Kiln:
 
     def submit(
         self,
-        sources: Iterable[str | Path] | Iterable[Item] | Expansion,
+        sources: str | Path | Iterable[str | Path] | Iterable[Item] | Expansion,
         job: str | None = None,
         topk: int = 5,
         retry_failed: bool = False,
@@ -194,8 +197,9 @@ class Kiln:
         progress: bool | JobProgress = False,
         timeout_s: float | None = None,
     ) -> SubmittedJob:
-        """Enqueue every image of the sources (folders, globs, files, URLs, CSV/JSONL manifests,
-        `Item`s, a stream of Items, or an `expand` result) that has no record in the job yet.
+        """Enqueue every image of the sources (one or a list of folders, globs, files, URLs,
+        CSV/JSONL manifests; `Item`s, a stream of Items, or an `expand` result) that has no record
+        in the job yet.
 
         The sources are listed lazily and cut into chunks of KILN_CHUNK_SIZE as they are listed;
         each chunk is enqueued as soon as it is formed, and the call pauses while the bulk queue
@@ -221,7 +225,10 @@ class Kiln:
         items, skipped, default, identity = _source_items(sources)
         job = checked_job_name(job or default())
         if out_dir is not None and retry_failed:
-            raise ValueError("retry_failed applies to the Redis result store; in sharded mode a chunk runs once")
+            raise ValueError(
+                "retrying failed images (--retry-failed, retry_failed=True) applies to the Redis result store; "
+                "in sharded mode (--out-dir) a chunk runs once: label the failed images as a new job"
+            )
         if out_dir is not None:
             out_dir = local_out_dir(str(out_dir))
         bar = progress if isinstance(progress, JobProgress) else JobProgress(progress)
@@ -556,12 +563,15 @@ class _Follow:
 
 
 def _source_items(
-    sources: Iterable[str | Path] | Iterable[Item] | Expansion,
+    sources: str | Path | Iterable[str | Path] | Iterable[Item] | Expansion,
 ) -> tuple[Iterator[Item], Counter[str], Callable[[], str], str | None]:
-    """The items of `sources` as a lazy iterator, the skipped-files counter the listing fills,
-    how to make the default job id (from the keys of a list of Items, else from the inputs), and
-    the submission's identity in the job's listing where the inputs give one (folders, globs,
-    manifests: a grown folder is the same submission), else None (its first chunk names it)."""
+    """The items of `sources` (one input, or several) as a lazy iterator, the skipped-files
+    counter the listing fills, how to make the default job id (from the keys of a list of Items,
+    else from the inputs), and the submission's identity in the job's listing where the inputs
+    give one (folders, globs, manifests: a grown folder is the same submission), else None (its
+    first chunk names it). Raises SourceError where there is no input at all."""
+    if isinstance(sources, str | os.PathLike):  # one input: iterated, a string was its characters
+        sources = [sources]
     if isinstance(sources, Expansion):
         return iter(sources.items), sources.skipped, lambda: default_job_id(sources.items), None
     if isinstance(sources, Sequence) and sources and all(isinstance(s, Item) for s in sources):
@@ -574,7 +584,9 @@ def _source_items(
             raise ValueError("a stream of Items has no default job id: name the job")
 
         return itertools.chain([first], stream), Counter(), unnamed, None
-    inputs = [] if first is None else [first, *stream]  # the inputs themselves: a few names
+    if first is None:
+        raise SourceError("no inputs given: name folders, files, globs, URLs or manifests, or give Items")
+    inputs = [first, *stream]  # the inputs themselves: a few names
     skipped: Counter[str] = Counter()
     identity = inputs_job_id(inputs)
     return iter_items(inputs, skipped), skipped, lambda: identity, identity

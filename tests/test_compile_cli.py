@@ -97,6 +97,7 @@ def test_a_fixed_batch_with_an_explicit_tune_batch_fails_cleanly(tmp_path, capsy
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA host builds it"),
         ),
         (["factories:tiny", "-o", "/proc/kiln/model.pt2"], 2, "cannot write /proc/kiln/model.pt2"),
+        (["factories:tiny", "--max-bacth", "8"], 2, "build [-h] [-o OUTPUT]"),  # build's usage, not the top's
         # The build: exit 1.
         (["factories:tiny", "--labels", "LABELS"], 1, "4 outputs but 2 labels"),
     ],

@@ -102,6 +102,8 @@ def test_remote_mode_status_and_export(lite0_worker, tmp_path):
         (["label", "/no/such/folder", "--out", "r.csv"], "no such file, folder"),
         (["status", "never-ran"], "no job named 'never-ran'"),
         (["wait", "never-ran"], "no job named 'never-ran'"),
+        # a mistyped option: its command's usage, which lists the options (the top level's listed commands)
+        (["label", "samples", "--tpok", "3", "--out", "r.csv"], "label [-h] [--topk TOPK]"),
     ],
 )
 def test_clear_errors(lite0_worker, args, message):

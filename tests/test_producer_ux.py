@@ -18,6 +18,7 @@ from test_producer_cli import producer
 from producer import JobNotFound, Kiln
 from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
+from producer.sources import SourceError
 
 
 def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path):
@@ -280,6 +281,18 @@ def test_export_of_an_unfinished_job_says_so(private_redis_url, tmp_path):
     assert "error: job early was not finished when the export began (0 of 1 images had records then)" in exported.stderr
 
 
+def test_submit_takes_one_source_as_it_takes_a_list(private_redis_url):
+    """`kiln.submit("folder")`: one source as given, not its characters (a new user's "m: no such
+    file"); no source at all says so; a submission's repr does not list its images' keys."""
+    with Kiln(private_redis_url) as kiln:
+        one = kiln.submit(str(SAMPLES), job="one-source")
+        assert one.total == len(list(SAMPLES.glob("*.jpg")))
+        assert kiln.submit(SAMPLES, job="one-source").total == one.total  # a Path, the same submission
+        with pytest.raises(SourceError, match="no inputs given"):
+            kiln.submit([], job="none")
+        assert "keys" not in repr(one) and "one-source" in repr(one)
+
+
 def test_a_misspelt_setting_is_named_with_the_one_meant(private_redis_url, lite0_package, tmp_path):
     """pydantic-settings ignores a `KILN_*` variable it does not know: a misspelt setting used to
     be dropped in silence. The producer and the worker name it, with the closest real one; a
@@ -290,7 +303,8 @@ def test_a_misspelt_setting_is_named_with_the_one_meant(private_redis_url, lite0
     notes = [line for line in done.stderr.splitlines() if line.startswith("note:")]
     assert notes == ["note: KILN_BATCH_SZE is not a kiln setting and is ignored (did you mean KILN_BATCH_SIZE?)"]
     # The same in the .env file that settings are read from, as a new user's typo was, and went unsaid
-    (tmp_path / ".env").write_text(f"KILN_REDIS_URL={private_redis_url}\nKILN_CHUNK_SZE=12\nKILN_MAX_PENDING_CHUNKS=8\n")
+    settings = f"KILN_REDIS_URL={private_redis_url}\nKILN_CHUNK_SZE=12\nKILN_MAX_PENDING_CHUNKS=8\n"
+    (tmp_path / ".env").write_text(settings)
     environment = python_env()
     environment.pop("KILN_REDIS_URL", None)
     done = subprocess.run([PYTHON, "-m", "producer", "status", "nojob"], capture_output=True, text=True,

@@ -1,6 +1,7 @@
 """argparse types that the command lines share (`python -m compile`, `python -m producer`): each
 refuses what the command could not use, in words argparse prefixes with the option's name
-(`argument --topk: 0 is less than 1`, exit status 2); and the name each command goes by."""
+(`argument --topk: 0 is less than 1`, exit status 2); the name each command goes by; and the
+parsing of a command line of subcommands."""
 
 from __future__ import annotations
 
@@ -55,3 +56,14 @@ def program(module: str, under_kiln: str = "kiln") -> str:
     names itself in sys.argv[0]: `kiln label --help` says `usage: kiln label ...`), else
     `python -m MODULE`."""
     return under_kiln if os.path.basename(sys.argv[0]) == "kiln" else f"python -m {module}"
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args(argv)` for a command line of subcommands, each with itself as its
+    `command_parser` default: an argument the subcommand does not know is refused with that
+    subcommand's usage, which lists its options (exit status 2). argparse refused it with the top
+    level's, which lists only the subcommands (a new user's `kiln label --tpok 3`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args

@@ -431,7 +431,7 @@ class ResultStore:
         if verdict == "sharded":
             raise JobConflict(
                 f"job {job} writes its records as Parquet shards to {answer[1].decode()}, not to Redis; "
-                "submit to it with that out_dir, or use a new job name"
+                "submit to it with that output folder (--out-dir, out_dir=), or use a new job name"
             )
         return [key.decode() for key in answer[1]]
 
