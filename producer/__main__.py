@@ -87,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     label.add_argument("--no-progress", action="store_true", help="no progress bar")
     label.add_argument(
-        "--show", type=int, default=20, help="print a table of each image's labels when the job has at most this many"
+        "--show",
+        type=int,
+        default=20,
+        help="print a table of each image's labels when the job has at most this many [default: 20]",
     )
     submit = commands.add_parser(
         "submit",

@@ -89,6 +89,10 @@ def retrying(call: Callable[[], T], url: str, budget_s: float, deadline: float |
             if not transient(error) or time.monotonic() + delay > give_up:
                 raise RedisUnavailable(describe(error, url)) from error
             if attempt == 1:  # once per outage: the retries themselves would flood the terminal
-                left = "until the deadline" if budget_s == float("inf") else f"for up to {budget_s:g} s"
+                left = (
+                    "until the command's timeout"
+                    if budget_s == float("inf")
+                    else f"for up to {budget_s:g} s (KILN_REDIS_RETRY_S)"
+                )
                 log.warning("Redis at %s: %s; retrying %s", mask_url(url), mask_url(str(error)), left)
             time.sleep(delay)
