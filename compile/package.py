@@ -159,6 +159,7 @@ def _build_once(spec: ModelSpec, out: Path, options: BuildOptions) -> Manifest:
         configs = {"aot_inductor.metadata": {MANIFEST_KEY: manifest.model_dump_json()}}
         if options.max_autotune:
             configs["max_autotune"] = True
+        log.info("compiling with AOTInductor (silent for a minute or more: it generates and builds C++)")
         started = time.perf_counter()
         try:
             torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=configs)
