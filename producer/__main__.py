@@ -219,6 +219,8 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 raise ValueError("--model only applies to the embedded mode: with KILN_REDIS_URL, the workers choose")
         else:
             model = args.model or settings.model or ensure_default_model(default_model_path())
+            if not Path(model).is_file():  # before Redis and the worker start, and say they did
+                raise ValueError(f"{Path(model).absolute()}: no such package (--model, KILN_MODEL)")
             url = stack.enter_context(embedded_redis(settings.data_dir))
             # Listing passes first, for the folders and prefixes the local worker may read: each
             # holds one entry per folder, not per image.

@@ -66,6 +66,19 @@ def test_classify_refuses_a_missing_path_or_a_folder_locally(lite0_worker, tmp_p
     assert message in done.stderr and str(tmp_path) in done.stderr and not done.stdout
 
 
+def test_label_refuses_a_missing_package_before_the_embedded_mode_starts(tmp_path):
+    """A --model that names nothing: one error line, before Redis and a worker start and before
+    "embedded mode: ..." says they did (it said so, then the worker's exit status 2)."""
+    environment = python_env(KILN_DATA_DIR=str(tmp_path / "d"))
+    environment.pop("KILN_REDIS_URL", None)  # the embedded mode
+    done = subprocess.run(
+        [PYTHON, "-m", "producer", "label", str(SAMPLES), "--model", "nosuch.pt2", "--out", "r.csv"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=environment,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: {tmp_path / 'nosuch.pt2'}: no such package (--model, KILN_MODEL)\n"
+
+
 def test_classify_exits_non_zero_on_an_error_record(lite0_worker, tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"no image here")
