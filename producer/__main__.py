@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import redis
@@ -195,9 +196,11 @@ def _out(text: str) -> None:
 
 
 def print_table(records: list[Record], topk: int = 5) -> None:
-    """Top-k per image, one line each, sorted by key."""
+    """Top-k per image, one line each, sorted by key, named by the end of its key: its last part,
+    and as many parts before it as tell it apart from the others' (`a/img.jpg`, `b/img.jpg`)."""
+    names = _short_names([record.key for record in records])
     for record in sorted(records, key=lambda r: r.key):
-        name = one_line(record.key.rstrip("/").rsplit("/", 1)[-1] or record.key)  # a path's or URL's last part
+        name = one_line(names[record.key] or record.key)
         if len(name) > 28:  # its end tells images apart: the start gives way
             name = "…" + name[-27:]
         if record.status == "ok":
@@ -205,6 +208,20 @@ def print_table(records: list[Record], topk: int = 5) -> None:
         else:
             text = f"ERROR {record.error.kind}: {record.error.message}"
         _out(f"{name:28s} {one_line(text)}")
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """Each key's last `/`-separated parts, as few as make it unique among `keys`."""
+    parts = {key: key.rstrip("/").split("/") for key in keys}
+    depth = dict.fromkeys(keys, 1)
+    while True:
+        names = {key: "/".join(parts[key][-depth[key] :]) for key in keys}
+        seen = Counter(names.values())
+        clashing = [key for key in keys if seen[names[key]] > 1 and depth[key] < len(parts[key])]
+        if not clashing:
+            return names
+        for key in clashing:
+            depth[key] += 1
 
 
 def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:

@@ -407,6 +407,18 @@ def test_the_table_names_images_by_their_ends(capsys):
     assert lines == ["…026-photo-number-000123.jpg ERROR unreadable: x", f"{'img04.jpg':28s} ERROR unreadable: x"]
 
 
+def test_the_table_tells_images_of_one_name_apart(capsys):
+    """Two images of one file name in different folders: named by as many of the folders as
+    tell them apart (the table showed `img.jpg` twice, a new user's finding)."""
+    from producer.__main__ import print_table
+    from worker.contract import Record
+
+    keys = ["/data/mixed/a/sub/img.jpg", "/data/mixed/b/sub/img.jpg", "/data/mixed/c.jpg", "/data/mixed/img.jpg"]
+    print_table([Record.failure("j", key, "unreadable", "x") for key in keys])
+    names = [line.split(" ERROR")[0].strip() for line in capsys.readouterr().out.splitlines()]
+    assert names == ["a/sub/img.jpg", "b/sub/img.jpg", "c.jpg", "mixed/img.jpg"]
+
+
 def test_export_of_an_unfinished_sharded_job_by_its_out_dir_says_so(private_redis_url, tmp_path):
     """`export JOB --out-dir URL`, the README's form for sharded jobs, reads the shards without
     Redis; while Redis still holds the job, an unfinished one exits 2 there too (a hostile
