@@ -356,14 +356,23 @@ def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
             )
             raise _after_timeout(e, args.job, args.timeout, then) from None
     _out(f"{args.job}: complete, {counts.done} done, {counts.failed} failed, {counts.total} in all")
-    _why_failed(args.job, counts.failed)
+    _why_failed(kiln, args.job, counts.failed)
     return 0 if counts.failed == 0 else 1
 
 
-def _why_failed(job: str, failed: int) -> None:
-    """Where to read why images failed: their records say, one by one (the counters do not)."""
-    if failed:
-        print(f"the failed images' records say why: `kiln export {job} --out FILE`", file=sys.stderr)
+def _why_failed(kiln: Kiln, job: str, failed: int) -> None:
+    """Why images failed, by error kind (from the records of the first thousand: the counters do
+    not say), where to read each one's reason, and how to run them again."""
+    if not failed:
+        return
+    kinds = kiln.failure_kinds(job)
+    if kinds:  # a Redis-store job
+        read = sum(kinds.values())
+        of = "" if read == failed else f" (the first {read})"
+        print(f"failed{of}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()), file=sys.stderr)
+    print(f"the failed images' records say why: `kiln export {job} --out FILE`", file=sys.stderr)
+    if kinds:
+        print(f"once the cause is fixed, `kiln submit ... --job {job} --retry-failed` runs them again", file=sys.stderr)
 
 
 def _after_timeout(error: JobTimeout, job: str, timeout: float, then: str) -> JobTimeout:
@@ -446,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
                     else "running"
                 )  # fmt: skip
                 _out(f"{args.job}: {state}, {counts.done} done, {counts.failed} failed, {counts.total} in all")
-                _why_failed(args.job, counts.failed)
+                _why_failed(kiln, args.job, counts.failed)
                 for note in job_notes(args.job, counts):
                     _out(note)
             elif args.command == "export":

@@ -251,6 +251,12 @@ class Kiln:
     def exists(self, job: str) -> bool:
         return self._redis(lambda: self.store.exists(job))
 
+    def failure_kinds(self, job: str, limit: int = 1000) -> Counter[str]:
+        """How many of a job's failed images failed of each error kind (`forbidden`,
+        `unreadable`, ...), from the records of the first `limit` found; empty for a sharded job,
+        whose records are in its shards."""
+        return self._redis(lambda: self.store.failure_kinds(job, limit))
+
     def job_topk(self, job: str) -> int | None:
         """The labels per image a job was created with; None for no such job."""
         return self._redis(lambda: self.store.output(job))[1]

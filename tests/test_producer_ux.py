@@ -34,9 +34,14 @@ def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path
     )
     assert first.returncode == 1, first.stderr
     assert "1 labelled, 1 failed" in first.stderr
-    for command in ("status", "wait"):  # the counters do not say why: where to read it
+    for command in ("status", "wait"):  # the counters do not say why: the records' kinds, where to read more
         said = producer(command, "retry", **env)
+        assert "failed: 1 not_an_image\n" in said.stderr, said.stderr
         assert "the failed images' records say why: `kiln export retry --out FILE`" in said.stderr, said.stderr
+        assert "`kiln submit ... --job retry --retry-failed` runs them again" in said.stderr, said.stderr
+    with Kiln(lite0_worker.redis_url) as kiln:
+        assert kiln.failure_kinds("retry") == {"not_an_image": 1}
+        assert kiln.failure_kinds("retry", limit=0) == {}
 
     shutil.copy(SAMPLES / "coffee.jpg", folder / "late.jpg")  # fixed in place: the same key and reference
     plain = producer("label", str(folder), "--job", "retry", "--out", str(tmp_path / "plain.jsonl"), "--no-progress",

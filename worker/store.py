@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -626,6 +626,18 @@ class ResultStore:
             for key, status in self.redis.hscan_iter(_key(job, "status"), count=1000)
             if include_failed or status == b"ok"
         }
+
+    def failure_kinds(self, job: str, limit: int) -> Counter[str]:
+        """Error kinds of the first `limit` failed images found in a Redis-store job (empty for a
+        sharded job: its records are in its shards). Reads their records only, not the job's."""
+        failed = []
+        for key, status in self.redis.hscan_iter(_key(job, "status"), count=1000):
+            if len(failed) >= limit:
+                break
+            if status == b"error":
+                failed.append(key)
+        raws = self.redis.hmget(_key(job, "records"), failed) if failed else []
+        return Counter(json.loads(raw)["error"]["kind"] for raw in raws if raw is not None)
 
     def records(self, job: str) -> Iterator[Record]:
         for _, raw in self.redis.hscan_iter(_key(job, "records"), count=1000):
