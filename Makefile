@@ -35,10 +35,10 @@ $(MODEL): $(INSTALLED)
 	path = default_model_path(); path.parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(sys.argv[1], path)" $@
 
 ## Label the sample photos through Redis and a worker (both started here); writes out/samples.csv.
-# The embedded mode whatever the shell exports: with KILN_REDIS_URL set (the README's worker
-# section sets it), `label` would wait for remote workers instead.
+# The embedded mode whatever the shell exports or .env says: an empty KILN_REDIS_URL wins over
+# both, and with one set (the README's worker section sets it) `label` would wait for remote workers.
 demo: $(MODEL)
-	env -u KILN_REDIS_URL KILN_MODEL=$(MODEL) $(PY) -m producer label samples --out out/samples.csv
+	KILN_REDIS_URL= KILN_MODEL=$(MODEL) $(PY) -m producer label samples --out out/samples.csv
 
 ## The whole test suite, against a real redis-server and real worker processes.
 test: $(INSTALLED) system-deps docker-engine

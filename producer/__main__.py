@@ -269,13 +269,6 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                     else "run the same `kiln label` again to go on from there"
                 )
                 raise _after_timeout(e, submitted.id, args.timeout, then) from None
-            except KeyboardInterrupt:
-                if check is None:  # running the same `label` again would enqueue the queued images twice
-                    raise KeyboardInterrupt(
-                        f"the workers go on with job {submitted.id}: `kiln wait {submitted.id}` follows it, "
-                        f"`kiln export {submitted.id} --out PATH` writes its records"
-                    ) from None
-                raise
             bar.close()
             try:
                 written = kiln.export(submitted, args.out, args.topk)
@@ -292,6 +285,13 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
                 f"wrote {_count(written, 'record')} to {args.out}"
             )
             print(done, file=sys.stderr)
+        except KeyboardInterrupt:  # while it waits or exports
+            if check is None:  # running the same `label` again would enqueue the queued images twice
+                raise KeyboardInterrupt(
+                    f"the workers go on with job {submitted.id}: `kiln wait {submitted.id}` follows it, "
+                    f"`kiln export {submitted.id} --out PATH` writes its records"
+                ) from None
+            raise
         finally:  # also after a timeout, Ctrl-C or a failed export: what the listing left out
             bar.close()
             if submitted.skipped:

@@ -568,6 +568,9 @@ class _Follow:
         return JobCounts(len(self.keys), statuses["ok"], statuses["error"])
 
 
+_NOTHING = object()  # an empty iterable's first element
+
+
 def _source_items(
     sources: str | Path | Iterable[str | Path] | Iterable[Item] | Expansion,
 ) -> tuple[Iterator[Item], Counter[str], Callable[[], str], str | None]:
@@ -579,18 +582,20 @@ def _source_items(
     if isinstance(sources, str | os.PathLike):  # one input: iterated, a string was its characters
         sources = [sources]
     if isinstance(sources, Expansion):
+        if not sources.items:
+            raise SourceError("no images to submit: the expansion holds none")
         return iter(sources.items), sources.skipped, lambda: default_job_id(sources.items), None
     if isinstance(sources, Sequence) and sources and all(isinstance(s, Item) for s in sources):
         return iter(sources), Counter(), lambda: default_job_id(sources), None
     stream = iter(sources)
-    first = next(stream, None)
+    first = next(stream, _NOTHING)
     if isinstance(first, Item):
 
         def unnamed() -> str:
             raise ValueError("a stream of Items has no default job id: name the job")
 
         return itertools.chain([first], stream), Counter(), unnamed, None
-    if first is None:
+    if first is _NOTHING:
         raise SourceError("no inputs given: name folders, files, globs, URLs or manifests, or give Items")
     inputs = [first, *stream]  # the inputs themselves: a few names
     skipped: Counter[str] = Counter()

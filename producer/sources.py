@@ -95,24 +95,45 @@ class _Skips:
         self.counts[os.path.splitext(path)[1].lower()] += 1
 
 
-def iter_items(inputs: Iterable[str | Path], skipped: Counter[str] | None = None) -> Iterator[Item]:
-    """Items for every image the inputs name, lazily, in a stable order.
+def iter_items(
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], skipped: Counter[str] | None = None
+) -> Iterator[Item]:
+    """Items for every image the inputs (one, or several) name, lazily, in a stable order.
 
     `skipped` (if given) counts, as the listing goes, the files that folders and globs left out,
     by lower-case extension. Every input is checked before the first item comes (a missing path
     fails before anything is listed). Duplicates are not looked for: that needs every key (see
-    `expand`). Raises SourceError for an input that names nothing, an unreadable folder or
+    `expand`). Raises SourceError for an input that names nothing (`input_names`), an unreadable folder or
     manifest (`file:line: reason`), and, once the listing ends, for inputs that named no image."""
     for item, _ in _listing(inputs, Counter() if skipped is None else skipped):
         yield item
 
 
-def _listing(inputs: Iterable[str | Path], skipped: Counter[str]) -> Iterator[tuple[Item, str]]:
+def input_names(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+    """The names of `inputs`, one input or several (iterated, a lone string was its characters).
+    Raises SourceError for an empty name, which meant the current folder, listed whole (an unset
+    `$DIR` in `kiln label "$DIR"`), and for what is no name (bytes, an Item among names)."""
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    names = []
+    for source in inputs:
+        name = os.fspath(source) if isinstance(source, str | os.PathLike) else None
+        if not isinstance(name, str):
+            raise SourceError(f"{source!r} is not an input: give folders, files, globs, URLs or manifests by name")
+        if not name.strip():
+            raise SourceError("an empty input name: name a folder (`.` for this one), file, glob, URL or manifest")
+        names.append(name)
+    return names
+
+
+def _listing(
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], skipped: Counter[str]
+) -> Iterator[tuple[Item, str]]:
     """(item, where it came from) for every image of the inputs; an input given twice (`a a`, or
     `photos photos/`) is listed once."""
     unique: dict[str, str] = {}
-    for source in inputs:
-        unique.setdefault(_identity(str(source)), str(source))
+    for source in input_names(inputs):
+        unique.setdefault(_identity(source), source)
     inputs = list(unique.values())
     skips = _Skips(skipped, len(inputs) > 1)
     sources = [_expand_one(source, skips) for source in inputs]  # each checks its input now
@@ -125,7 +146,7 @@ def _listing(inputs: Iterable[str | Path], skipped: Counter[str]) -> Iterator[tu
         raise SourceError("no images found in " + ", ".join(inputs) + (f" ({detail})" if detail else ""))
 
 
-def expand(inputs: Iterable[str | Path]) -> Expansion:
+def expand(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> Expansion:
     """Items for every image the inputs name, in `iter_items` order, without duplicates: for small
     jobs and callers that need the whole list (it holds every item).
 
@@ -374,7 +395,7 @@ def inputs_job_id(inputs: Iterable[str | Path]) -> str:
     """A job id derived from the inputs as given (folders, globs and manifests made absolute,
     URLs as they are), not from the images: a streamed listing has no key set until it ends. The
     same inputs again resume the same job, a grown folder included."""
-    return _job_digest([_absolute(str(source)) for source in inputs])
+    return _job_digest([_absolute(source) for source in input_names(inputs)])
 
 
 def _absolute(source: str) -> str:

@@ -18,7 +18,7 @@ from test_producer_cli import producer
 from producer import JobNotFound, Kiln
 from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
-from producer.sources import SourceError
+from producer.sources import Expansion, SourceError
 
 
 def test_retry_failed_waits_for_the_new_records(lite0_worker, work_dir, tmp_path):
@@ -306,8 +306,13 @@ def test_submit_takes_one_source_as_it_takes_a_list(private_redis_url):
         one = kiln.submit(str(SAMPLES), job="one-source")
         assert one.total == len(list(SAMPLES.glob("*.jpg")))
         assert kiln.submit(SAMPLES, job="one-source").total == one.total  # a Path, the same submission
-        with pytest.raises(SourceError, match="no inputs given"):
-            kiln.submit([], job="none")
+        for nothing in ([], iter(()), ()):
+            with pytest.raises(SourceError, match="no inputs given"):
+                kiln.submit(nothing, job="none")
+        with pytest.raises(SourceError, match="the expansion holds none"):  # it waited for ever on 0 of 0
+            kiln.submit(Expansion([]), job="none")
+        with pytest.raises(SourceError, match="is not an input"):
+            kiln.submit([None, str(SAMPLES)], job="none")
         assert "keys" not in repr(one) and "one-source" in repr(one)
 
 

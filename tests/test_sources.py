@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from producer.sources import SourceError, default_job_id, expand, local_roots
+from producer.sources import SourceError, default_job_id, expand, inputs_job_id, local_roots
 from worker.contract import Item
 
 
@@ -121,6 +121,21 @@ def test_bad_inputs_say_what_is_wrong(tree):
         expand([tree / "missing"])
     with pytest.raises(SourceError, match="no images found"):
         expand([str(tree / "*.gif")])
+
+
+def test_one_input_is_a_list_of_one_and_an_empty_name_is_refused(tree, monkeypatch):
+    """A lone name is one input, not its characters ("w: no such file"); an empty name (an unset
+    `$DIR`) meant the current folder, listed whole: refused, as what is no name at all is."""
+    assert keys(str(tree / "a")) == keys([tree / "a"]) == keys(tree / "a")
+    monkeypatch.chdir(tree)
+    for empty in ("", "  ", [""], [str(tree / "b.jpg"), ""]):
+        with pytest.raises(SourceError, match="an empty input name"):
+            expand(empty)
+    for no_name in ([b"/data"], [Item(key="k", ref="/x.jpg")], [None]):
+        with pytest.raises(SourceError, match="is not an input"):
+            expand(no_name)
+    with pytest.raises(SourceError, match="an empty input name"):
+        inputs_job_id([""])
 
 
 def test_job_ids_and_roots(tree):
