@@ -98,7 +98,7 @@ def _hand_over(loads: list[Loaded], prefix: str) -> list[Loaded]:
     """In a pool process: the JPEGs of `loads` that came back in `data` (too large for their slot),
     written into one shared-memory file named `prefix` + a random part, for `_take_over` in the
     worker: each of them then holds the file's name, and its offset and length there. Unchanged
-    where the file could not be written (no /dev/shm, or no room left in it: `os.write` says ENOSPC
+    where the file could not be written (no /dev/shm, or no room left in it: a write says ENOSPC
     where a mapping's write would have been SIGBUS). One file a load: each open, write, map and
     unlink gives up the GIL, and the worker's thread that takes it over waits for it again behind
     the pipeline's. A file that no one takes over is swept by its prefix (`_sweep`)."""

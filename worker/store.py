@@ -637,7 +637,7 @@ class ResultStore:
             if status == b"error":
                 failed.append(key)
         raws = self.redis.hmget(_key(job, "records"), failed) if failed else []
-        return Counter(json.loads(raw)["error"]["kind"] for raw in raws if raw is not None)
+        return Counter(Record.model_validate_json(raw).error.kind for raw in raws if raw is not None)
 
     def records(self, job: str) -> Iterator[Record]:
         for _, raw in self.redis.hscan_iter(_key(job, "records"), count=1000):
