@@ -256,8 +256,9 @@ def _label(args: argparse.Namespace, settings: ProducerSettings) -> int:
         bar = JobProgress(not args.no_progress)
         stack.callback(bar.close)
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
-        submitted = _submit(kiln, args, bar, say_skipped=False)  # said once, at the end
-        try:
+        submitted = _submit(kiln, args, bar)
+        try:  # from the job's line on, Ctrl-C says what it means for the job (a test sends it then)
+            _say_submitted(submitted, bar, say_skipped=False)  # skipped files: said once, at the end
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 counts = kiln.wait(submitted, timeout_s=left, progress=bar, check=check)
@@ -312,10 +313,9 @@ def _check_job_model(kiln: Kiln, job: str, package: Path) -> None:
         )
 
 
-def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped: bool = True) -> SubmittedJob:
-    """Enqueue the inputs (streamed, with backpressure), drawing on `bar`; say what was enqueued
-    and, with `say_skipped`, which files the listing left out."""
-    submitted = kiln.submit(
+def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress) -> SubmittedJob:
+    """Enqueue the inputs (streamed, with backpressure), drawing on `bar`."""
+    return kiln.submit(
         args.inputs,
         job=args.job,
         topk=args.topk,
@@ -324,6 +324,10 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
         progress=bar,
         timeout_s=args.timeout,
     )
+
+
+def _say_submitted(submitted: SubmittedJob, bar: JobProgress, say_skipped: bool = True) -> None:
+    """Say what was enqueued and, with `say_skipped`, which files the listing left out."""
     resumed = submitted.total - submitted.enqueued
     others = submitted.job_total - submitted.total if submitted.out_dir is None else 0
     bar.write(
@@ -339,7 +343,6 @@ def _submit(kiln: Kiln, args: argparse.Namespace, bar: JobProgress, say_skipped:
     )
     if say_skipped and submitted.skipped:
         bar.write(Expansion([], submitted.skipped).skipped_summary())
-    return submitted
 
 
 def _wait(kiln: Kiln, args: argparse.Namespace) -> int:
@@ -442,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar = JobProgress(not args.no_progress)
                 with contextlib.closing(bar):
                     submitted = _submit(kiln, args, bar)
+                    _say_submitted(submitted, bar)
                 _out(submitted.id)
             if args.command == "wait":
                 return _wait(kiln, args)

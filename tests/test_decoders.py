@@ -501,6 +501,35 @@ def test_a_dead_decode_process_takes_its_pools_other_processes_and_their_files_w
         pool.close()
 
 
+def test_close_returns_once_the_processes_are_gone_and_a_broken_pools_files_swept(tmp_path, photos):
+    """It returned at once, leaving the pool's manager thread to end the processes: the worker's
+    exit then raced that thread closing its wake-up pipe (on Python 3.11, an EBADF traceback from
+    concurrent.futures after Ctrl-\\ in CI), and killed the thread sweeping a pool that broke
+    just before, leaving its files in /dev/shm."""
+    policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
+    pool = DecodePool(2, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=8, policy=policy)
+    small = tmp_path / "coffee.jpg"
+    small.write_bytes(photos["coffee"])
+    try:
+        for future in [pool.load([str(small)], gpu=True) for _ in range(2)]:
+            pool.release([loaded.slot for loaded in future.result(timeout=120)])
+        broken = list(pool._executor._processes.values())
+        left = decode_pool.SHM_FOLDER / f"{pool._handover_prefix}left"  # as a survivor's would be
+        left.write_bytes(b"\xff" * 1000)
+        os.kill(broken[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not pool._executor._broken:
+            assert time.monotonic() < deadline, "the executor never saw its process die"
+            time.sleep(0.05)
+        pool.release([loaded.slot for loaded in pool.load([str(small)], gpu=True).result(timeout=120)])
+        manager = pool._executor._executor_manager_thread
+        processes = [*broken, *pool._executor._processes.values()]
+    finally:
+        pool.close()
+    assert not manager.is_alive() and not any(process.is_alive() for process in processes)
+    assert not left.exists()
+
+
 # -- routing in the pipeline ----------------------------------------------------------------------------
 
 

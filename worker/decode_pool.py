@@ -325,6 +325,7 @@ class DecodePool:
             self._free.put(slot)
         self._closed = False
         self._lock = threading.Lock()
+        self._retiring: list[threading.Thread] = []
         self.fetches = policy is not None
         context = multiprocessing.get_context("spawn")
         # One word the worker writes and the processes read per image; a stale read only routes
@@ -447,7 +448,9 @@ class DecodePool:
             processes = list((broken._processes or {}).values())
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._start()
-        threading.Thread(target=_retire, args=(processes, prefix), name="kiln-decode-retire", daemon=True).start()
+            retiring = threading.Thread(target=_retire, args=(processes, prefix), name="kiln-retire", daemon=True)
+            self._retiring = [thread for thread in self._retiring if thread.is_alive()] + [retiring]
+        retiring.start()
 
     def pixels(self, slot: int) -> np.ndarray:
         """The decoded `crop x crop x 3` uint8 image in `slot` (a view: copy it before release)."""
@@ -471,6 +474,11 @@ class DecodePool:
             if self._closed:
                 return
             self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        # Waits for the loads under way: the interpreter's exit would wait for them anyway, and
+        # on Python 3.11 an exit while the pool's manager thread closes its wake-up pipe races it
+        # (an EBADF traceback from concurrent.futures' _python_exit; CPython gh-125451, fixed in 3.12).
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for thread in self._retiring:  # a daemon thread: killed mid-sweep by an exit, it leaves files
+            thread.join(timeout=60)
         with contextlib.suppress(FileNotFoundError):
             self._memory.unlink()  # the name goes now; the memory once the last view is gone
