@@ -32,7 +32,7 @@ from producer.sources import Expansion, SourceError, inputs_job_id, iter_items, 
 from worker.argtypes import at_least, parse_command_line, program, seconds
 from worker.contract import Record
 from worker.manifest import PackageError, read_manifest
-from worker.settings import mask_url, setting_variables, settings_error, unknown_variables
+from worker.settings import EnvFileError, mask_url, setting_variables, settings_error, unknown_variables
 from worker.store import JobCounts
 
 EPILOG = """\
@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = ProducerSettings()
     except ValidationError as e:
         print(f"error: {settings_error(e)}", file=sys.stderr)
+        return 2
+    except EnvFileError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     for line in unknown_variables(setting_variables()):
         print(f"note: {line}", file=sys.stderr)

@@ -178,6 +178,41 @@ def test_an_invalid_setting_is_one_line_and_exit_2(tmp_path, command, variable):
     assert variable in lines[0] and "Traceback" not in done.stderr
 
 
+ENTRY_POINTS = [
+    [PYTHON, "-m", "producer", "status", "x"],
+    [PYTHON, str(ROOT / "kiln_cli.py"), "label", "x", "--out", "r.csv"],
+    [PYTHON, "-m", "worker", "--model", "m.pt2"],
+    [PYTHON, "-m", "worker.health"],
+]
+
+
+@pytest.mark.parametrize("command", ENTRY_POINTS)
+@pytest.mark.parametrize(
+    "text", ["KILN_CHUNK_SIZE=8\n".encode("utf-16"), "KILN_JOB=café\n".encode("latin-1"), b"\x00\xc3(\n"]
+)
+def test_a_env_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, command, text):
+    """UTF-16 as Windows' editors save it, Latin-1, binary: pydantic-settings' UnicodeDecodeError
+    traceback came out of every CLI (a hostile tester's finding)."""
+    (tmp_path / ".env").write_bytes(text)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=python_env(), timeout=120)
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+    assert f"{tmp_path / '.env'} is not UTF-8 text (byte " in done.stderr and "save it as UTF-8" in done.stderr
+
+
+def test_a_env_file_the_user_cannot_read_is_one_line_naming_it(tmp_path):
+    """A .env only its owner may read (a deployment's secrets), read by another user: here root
+    without the capability to read what it does not own (util-linux's setpriv)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv, to run the CLI without the right to read any file")
+    (tmp_path / ".env").write_text("KILN_CHUNK_SIZE=8\n")
+    (tmp_path / ".env").chmod(0)
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    command = [*unprivileged, PYTHON, "-m", "producer", "status", "x"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=python_env(), timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: cannot read {tmp_path / '.env'}: Permission denied"), done.stderr
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [

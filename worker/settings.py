@@ -98,8 +98,29 @@ def unknown_variables(variables: Mapping[str, str]) -> list[str]:
     return lines
 
 
+class EnvFileError(ValueError):
+    """`.env` exists and cannot be read as settings: not UTF-8 text, or not readable."""
+
+
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", env_file=ENV_FILE, extra="ignore")
+
+    def __init__(self, **values: object) -> None:
+        """Raises `EnvFileError` where `.env` cannot be read (pydantic-settings raised the
+        decoder's or the file system's traceback, a hostile tester's finding), and pydantic's
+        ValidationError for invalid settings (`settings_error` says it in a line)."""
+        try:
+            super().__init__(**values)
+        except UnicodeDecodeError as e:
+            raise EnvFileError(
+                f"{os.path.abspath(ENV_FILE)} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): "
+                "save it as UTF-8, or move it out of this folder, from which kiln reads its KILN_* settings"
+            ) from None
+        except OSError as e:
+            raise EnvFileError(
+                f"cannot read {os.path.abspath(ENV_FILE)}: {e.strerror or e}; kiln reads its KILN_* settings from a "
+                ".env in the current folder: make it readable, or move it out of this folder"
+            ) from None
 
     redis_url: str | None = Field(
         default=None,
