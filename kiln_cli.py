@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
+        named = next((arg for arg in argv if arg in COMMANDS), None)
+        if argv[0].startswith("-") and named is not None:  # `kiln --no-progress label ...`
+            options = argv[: argv.index(named)]
+            print(f"kiln: options go after the command: kiln {named} {' '.join(options)} ...", file=sys.stderr)
+            return 2
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command

@@ -64,6 +64,24 @@ def test_an_unknown_command_is_refused():
     assert done.returncode == 2 and "unknown command 'bulid'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ([sys.executable, "-m", "kiln_cli", "--no-progress", "label", "x", "--out", "r.csv"],
+         "kiln: options go after the command: kiln label --no-progress ..."),
+        ([sys.executable, "-m", "producer", "--no-progress", "--topk=3", "label", "x", "--out", "r.csv"],
+         "error: options go after the command: python -m producer label --no-progress --topk=3 ..."),
+        ([sys.executable, "-m", "compile", "--channels-last", "build", "resnet18"],
+         "error: options go after the command: python -m compile build --channels-last ..."),
+    ],
+)  # fmt: skip
+def test_an_option_before_the_command_is_said_to_go_after_it(command, says):
+    """It was blamed on the command that takes it (`label: unrecognized arguments: --no-progress`),
+    or taken for an unknown command (a hostile tester's finding)."""
+    done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+
+
 def test_version():
     done = kiln("--version")
     assert done.returncode == 0 and done.stdout.startswith("kiln "), done

@@ -62,8 +62,17 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     """`parser.parse_args(argv)` for a command line of subcommands, each with itself as its
     `command_parser` default: an argument the subcommand does not know is refused with that
     subcommand's usage, which lists its options (exit status 2). argparse refused it with the top
-    level's, which lists only the subcommands (a new user's `kiln label --tpok 3`)."""
+    level's, which lists only the subcommands (a new user's `kiln label --tpok 3`). One given
+    before the subcommand is said to go after it: it was refused as unknown to the subcommand
+    that takes it (`python -m producer --no-progress label`, a hostile tester's finding)."""
+    argv = sys.argv[1:] if argv is None else argv
     args, extra = parser.parse_known_args(argv)
     if extra:
+        first = argv.index(args.command) if args.command in argv else len(argv)
+        before = [arg for arg in argv[:first] if arg in extra]
+        if before:  # `kiln --no-progress label`: the subcommand's own option, in the top level's place
+            args.command_parser.error(
+                f"options go after the command: {args.command_parser.prog} {' '.join(before)} ..."
+            )
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
