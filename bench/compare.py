@@ -58,6 +58,9 @@ BATCH = 64  # the packages' largest batch (kiln's CPU default), the batch of eve
 FETCH_THREADS = 2
 RAY_VENV = ROOT / "bench" / ".venv-ray"
 RAY_REQUIREMENT = "ray[data]==2.60.0"
+# Ray's model actors as Ray runs them (glibc's default malloc), with the memory kiln's CPU workers
+# keep (worker/malloc.py, which the actor then calls too: "ray xN kept"), or both.
+RAY_MEMORY = {"default": (False,), "kept": (True,), "both": (False, True)}
 PREFIX = "compare:"  # lines of the child protocol on stdout; anything else there is the child's own
 SAMPLE_S = 0.2
 KILN_CHUNK = 128  # the producer's default chunk size
@@ -104,7 +107,8 @@ class TreeMeter:
                     key = (proc.pid, proc.create_time())
                     times = proc.cpu_times()
                     rss += proc.memory_info().rss
-                    self.names.setdefault(key, proc.name())
+                    if key not in self.names:
+                        self.names[key] = _role(proc)
             except psutil.NoSuchProcess:
                 continue
             self._cpu_last[key] = times.user + times.system
@@ -131,10 +135,32 @@ class TreeMeter:
     def cpu_used_s(self) -> float:
         return sum(cpu - self._cpu_start.get(key, 0.0) for key, cpu in self._cpu_last.items())
 
+    def cpu_s_by_role(self) -> dict[str, float]:
+        """CPU seconds in the window by `_role`, for finding where a contender's CPU goes."""
+        by_role: dict[str, float] = {}
+        for key, cpu in self._cpu_last.items():
+            by_role[self.names[key]] = by_role.get(self.names[key], 0.0) + cpu - self._cpu_start.get(key, 0.0)
+        return by_role
+
     @property
     def others_cpu_s(self) -> float:
         """CPU seconds the whole host spent outside these trees meanwhile: other work's load."""
         return max(0.0, self.host_end - self.host_start - self.cpu_used_s)
+
+
+def _role(proc) -> str:
+    """A process's name, or for Python its module (`-m worker`), its script, or `spawned` for a
+    multiprocessing child (kiln's decode processes, Ray's are named by Ray)."""
+    name = proc.name()
+    if not name.startswith("python"):
+        return name
+    args = proc.cmdline()[1:]
+    if "-m" in args[:-1]:
+        return args[args.index("-m") + 1]
+    if "-c" in args and any("multiprocessing" in arg for arg in args):
+        return "spawned"
+    script = next((arg for arg in args if not arg.startswith("-")), name)
+    return Path(script).name
 
 
 def _host_busy_s() -> float:
@@ -202,7 +228,7 @@ def child_in_process(spec: dict) -> None:
 
     package = Path(spec["package"])
     runtime = eager_runtime(package, spec["model"]) if spec["kind"] == "eager" else None
-    ceiling = Ceiling(package, [Path(f) for f in spec["folders"]], FETCH_THREADS, runtime)
+    ceiling = Ceiling(package, [Path(f) for f in spec["folders"]], FETCH_THREADS, runtime, spec["batch"])
     ceiling.run(_files(spec["folders"][0])[: 2 * BATCH], spec["threads"])  # warm-up
     for folder in spec["folders"]:
         _say("ready")
@@ -250,13 +276,16 @@ def child_kiln(spec: dict) -> None:
 class RayClassifier:
     """The Ray actor: the package loaded once, uint8 N x 3 x H x W batches -> top-k labels."""
 
-    def __init__(self, package: str, threads: int) -> None:
+    def __init__(self, package: str, threads: int, keep_freed_memory: bool) -> None:
         import torch
 
+        from worker.malloc import keep_freed_memory as keep
         from worker.runtime import load_runtime
 
         torch.set_num_threads(threads)
         self.runtime = load_runtime(package)
+        if keep_freed_memory and (why_not := keep()) is not None:
+            raise RuntimeError(f"cannot keep freed memory in the actor: {why_not}")
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -292,12 +321,16 @@ def child_ray(spec: dict) -> None:
         started = time.perf_counter()
         dataset = (
             ray.data.read_binary_files([str(p) for p in paths], include_paths=True)
-            .map_batches(ray_decode, fn_kwargs={"prep": prep}, batch_size=BATCH, num_cpus=spec["decode_cpus"])
+            .map_batches(ray_decode, fn_kwargs={"prep": prep}, batch_size=spec["batch"], num_cpus=spec["decode_cpus"])
             .map_batches(
                 RayClassifier,
-                fn_constructor_kwargs={"package": spec["package"], "threads": threads},
+                fn_constructor_kwargs={
+                    "package": spec["package"],
+                    "threads": threads,
+                    "keep_freed_memory": spec["keep_freed_memory"],
+                },
                 concurrency=actors,
-                batch_size=BATCH,
+                batch_size=spec["batch"],
                 num_cpus=spec["actor_cpus"],
             )
         )
@@ -384,6 +417,7 @@ def measure_jobs(child: Child, roots: list[int], folders: list[Path], label: str
                 "peak_rss_mb": meter.peak_rss / 2**20,
                 "processes": len(meter.names),
                 "process_names": sorted(set(meter.names.values())),
+                "cpu_s_per_1k_by_role": {role: 1000 * cpu / images for role, cpu in meter.cpu_s_by_role().items()},
                 "load_1m_before": load,
                 "others_cpu_share": meter.others_cpu_s / (result["seconds"] * (os.cpu_count() or 1)),
             }
@@ -404,6 +438,7 @@ def run_model(args, model: str, package: Path, folders: list[Path], url: str, re
     cores = os.cpu_count() or 1
     me = sys.executable
     base = {"model": model, "package": str(package), "folders": [str(f) for f in folders], "cores": cores}
+    base["batch"] = args.batch
     rows: dict[str, list[dict]] = {}
 
     def logfile(name: str) -> Path:
@@ -415,7 +450,7 @@ def run_model(args, model: str, package: Path, folders: list[Path], url: str, re
         rows[kind] = measure_jobs(child, [], jobs, kind)
     for processes in args.kiln_processes:
         name = f"kiln x{processes}"
-        workers = Workers(name, processes, "solo", max(1, cores // processes))
+        workers = Workers(name, processes, "solo", max(1, cores // processes), batch_size=args.batch)
         workers.start(package, url, folders, FETCH_THREADS, workdir)
         try:
             warm_up_workers(url, workers, _files(str(folders[0])))
@@ -423,8 +458,9 @@ def run_model(args, model: str, package: Path, folders: list[Path], url: str, re
             rows[name] = measure_jobs(child, [redis_pid, *(p.pid for p in workers.popens)], folders, name)
         finally:
             workers.stop()
-    for actors in args.ray_actors if ray_py else []:
-        name = f"ray x{actors}"
+    ray_runs = [(actors, kept) for actors in args.ray_actors for kept in RAY_MEMORY[args.ray_memory]]
+    for actors, kept in ray_runs if ray_py else []:
+        name = f"ray x{actors}" + (" kept" if kept else "")
         spec = {
             **base,
             "kind": "ray",
@@ -432,6 +468,7 @@ def run_model(args, model: str, package: Path, folders: list[Path], url: str, re
             "threads": max(1, cores // actors),
             "actor_cpus": args.ray_actor_cpus,
             "decode_cpus": args.ray_decode_cpus,
+            "keep_freed_memory": kept,
         }
         try:
             rows[name] = measure_jobs(Child(ray_py, spec, logfile(name)), [], folders, name)
@@ -570,6 +607,13 @@ def main() -> None:
     parser.add_argument("--install-ray", action="store_true", help=f"create {RAY_VENV} even with --quick")
     parser.add_argument("--kiln-processes", default="1,2", help="worker processes of each kiln run")
     parser.add_argument("--ray-actors", default="1,2", help="actors of each Ray Data run")
+    parser.add_argument(
+        "--ray-memory",
+        choices=sorted(RAY_MEMORY),
+        default="both",
+        help="Ray's actors with glibc's default malloc, with the freed memory kept as kiln's CPU workers keep "
+        "it (worker/malloc.py), or both",
+    )
     parser.add_argument("--ray-actor-cpus", type=float, default=0.5, help="Ray logical CPUs per model actor")
     parser.add_argument("--ray-decode-cpus", type=float, default=0.5, help="Ray logical CPUs per decode task")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one kiln job may take")
@@ -579,6 +623,9 @@ def main() -> None:
         default=10**9,
         metavar="IMAGES",
         help="run eager PyTorch only on jobs of at most this many images (it is 5-10x slower, and no target is on it)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help=f"the model's batch in every contender, at most {BATCH}"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare.json")
     parser.add_argument(
@@ -618,7 +665,7 @@ def main() -> None:
         "host": platform.node(),
         "cores": cores,
         "sizes": sizes,
-        "batch": BATCH,
+        "batch": args.batch,
         "ray": ray_note if ray_py else None,
         "ray_unavailable": None if ray_py else ray_note,
         "load_avg_at_start": os.getloadavg(),

@@ -141,10 +141,12 @@ def make_dataset(folder: Path, count: int, size: tuple[int, int], seed: int) -> 
 # -- processes ------------------------------------------------------------------------------------
 
 
-def _worker_env(fetch_threads: int) -> dict[str, str]:
+def _worker_env(fetch_threads: int, batch_size: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["KILN_FETCH_THREADS"] = str(fetch_threads)
+    if batch_size is not None:
+        env["KILN_BATCH_SIZE"] = str(batch_size)
     return env
 
 
@@ -158,6 +160,7 @@ class Workers:
     pool: str  # "solo" | "parent"
     threads: int
     options: tuple[str, ...] = ()  # more `python -m worker` options
+    batch_size: int | None = None  # KILN_BATCH_SIZE; None: the worker's default
     instances: list[LocalWorker] = field(default_factory=list)
 
     @property
@@ -169,7 +172,9 @@ class Workers:
         options = ["--concurrency", str(concurrency), "--threads", str(self.threads), *self.options]
         for i in range(count):
             log = logdir / f"worker-{self.label.replace(' ', '_')}-{i}.log"
-            self.instances.append(LocalWorker(package, url, log, roots, options, env=_worker_env(fetch_threads)))
+            self.instances.append(
+                LocalWorker(package, url, log, roots, options, env=_worker_env(fetch_threads, self.batch_size))
+            )
 
     def check(self) -> None:
         for worker in self.instances:
@@ -235,22 +240,29 @@ def self_cpu_s() -> float:
 class Ceiling:
     """The worker's decode + model loop, in this process, over the whole data set as one stream."""
 
-    def __init__(self, package: Path, roots: list[Path], fetch_threads: int, runtime=None) -> None:
+    def __init__(
+        self, package: Path, roots: list[Path], fetch_threads: int, runtime=None, batch_size: int | None = None
+    ) -> None:
         """`runtime`: a `worker.runtime.ModelRuntime` to run instead of the package (bench/compare.py
-        passes one around the eager model); default: the package, loaded here."""
+        passes one around the eager model); default: the package, loaded here. `batch_size`: the
+        model's batch; default: the worker's."""
         from worker.fetch import FetchPolicy
+        from worker.malloc import keep_freed_memory
         from worker.pipeline import Pipeline, PipelineConfig
         from worker.runtime import load_runtime
         from worker.settings import WorkerSettings
 
         defaults = WorkerSettings(_env_file=None)
         runtime = runtime or load_runtime(package)
+        if runtime.device.type == "cpu" and defaults.keep_freed_memory:  # as the worker does (worker/tasks.py)
+            keep_freed_memory()
         policy = FetchPolicy.create([str(r) for r in roots], defaults.max_image_bytes, defaults.fetch_timeout_s)
         config = PipelineConfig(
             policy=policy,
             max_pixels=defaults.max_image_pixels,
             max_inline_bytes=defaults.max_image_bytes,
             fetch_threads=fetch_threads,
+            batch_size=batch_size,
         )
         self.pipeline = Pipeline(runtime, config)
 

@@ -238,6 +238,12 @@ class WorkerSettings(CommonSettings):
         "wait for a chunk boundary; default: 8 with a GPU, else 2",
     )
     batch_size: int | None = Field(default=None, ge=1, description="images per model call; default: the package's max")
+    keep_freed_memory: bool = Field(
+        default=True,
+        description="with a CPU package, keep the memory the model frees for its next batch rather than hand it "
+        "back to the kernel (glibc's mmap and trim thresholds at their top): without it a CPU worker spent about "
+        "as much system time faulting fresh pages in as it spent computing; false lets an idle worker shrink",
+    )
     queues: Annotated[list[str], NoDecode] = Field(
         default=["kiln.bulk", "kiln.online"], description="queues to consume, comma-separated"
     )

@@ -45,6 +45,7 @@ from worker.contract import (
 from worker.fetch import FetchPolicy
 from worker.gpu_wait import block_while_waiting
 from worker.lease import Heartbeat, holder_running
+from worker.malloc import keep_freed_memory
 from worker.pipeline import Pipeline, PipelineConfig, Work
 from worker.plan import DataPathPlan, plan_data_path
 from worker.retry import RedisUnavailable, Unavailable, is_transient, shutting_down, with_retries
@@ -96,6 +97,8 @@ def init_process(settings: WorkerSettings, device: str | None, processes: int) -
     ):
         log.warning("KILN_GPU_WAIT=block not applied, so threads spin while they wait for the GPU: %s", why_not)
     runtime = load_runtime(settings.model, device)
+    if runtime.device.type == "cpu" and settings.keep_freed_memory and (why_not := keep_freed_memory()) is not None:
+        log.warning("KILN_KEEP_FREED_MEMORY not applied, so each batch faults its memory in afresh: %s", why_not)
     plan = plan_data_path(settings, runtime.device, runtime.batch_max, processes)
     torch.set_num_threads(plan.torch_threads)
     log.info("%s", plan.describe())

@@ -1,0 +1,43 @@
+"""Keep the memory a CPU model frees for its next batch, instead of handing it back to the kernel.
+
+An AOTInductor package allocates its activations afresh at each call: for EfficientNet-Lite0 at
+batch 64, buffers of tens to hundreds of MB. glibc's malloc serves a block above its mmap threshold
+(128 kB, rising to at most 32 MB as freed blocks teach it) with a fresh mmap and unmaps it on
+free, and it trims the top of the heap once 128 kB are free there: so every batch faulted its
+pages in again and the kernel zeroed each one. On the 2-core VM that was 13-16 ms of system time
+per image beside 16 ms of user time; with both thresholds at their top, system time falls to
+nothing and user time stays (bench/diagnose/cpu_malloc.py, bench/results/cpu-malloc.json).
+PyTorch's CPU performance tuning guide gives the same cause, and jemalloc or tcmalloc as its cure;
+glibc's own `mallopt` does it here with nothing to install or preload.
+
+The cost: a worker's resident memory stays at its peak between batches, as memory kept for the
+next batch is meant to. `KILN_KEEP_FREED_MEMORY=false` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+# From glibc's malloc.h.
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+LARGEST = 2**31 - 1  # mallopt takes an int
+
+
+def keep_freed_memory() -> str | None:
+    """Set glibc malloc's mmap and trim thresholds to their largest, for this process's allocations
+    from now on. Returns None once done, else why not (not glibc, such as musl; or refused)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return "no C library found"
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return f"{name} is not glibc, whose mallopt this sets"
+    for option, label in ((M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"), (M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD")):
+        if libc.mallopt(ctypes.c_int(option), ctypes.c_int(LARGEST)) != 1:
+            return f"glibc refused mallopt({label}, {LARGEST})"
+    return None
