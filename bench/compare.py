@@ -23,6 +23,11 @@ bench/pipeline.py:make_dataset (cached under build/ by bench/gpu.py:dataset):
              `worker.runtime.load_runtime`, top-5 labels per image, streamed back to the driver. The
              Ray cluster (`ray.init`) is up and one small job has run before the timed job, as kiln's
              workers are running; the actor pool starts within each job, as Ray Data runs it.
+             `ray xN kept`: the same, with each actor keeping the memory its model frees as kiln's
+             CPU workers do (worker/malloc.py), so that the setting's gain is not counted as
+             kiln's over Ray (`--ray-memory`).
+
+`--batch` sets every contender's model batch (default 64, the packages' largest and kiln's default).
 
 Each contender's client runs in a child process; this process only starts them and measures. For
 each job it reports images/s (wall time seen by the client, from the submit to the last result),
