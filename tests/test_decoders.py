@@ -469,63 +469,61 @@ def test_decode_pool_survives_a_dead_process(pool, photos):
     pool.release(slots)
 
 
-def test_a_dead_decode_process_takes_its_pools_other_processes_and_their_files_with_it(tmp_path, photos):
-    """When a decode process dies, the executor fails every load in flight, but the others ignore
-    SIGTERM: each finished its load and handed over a file that no one would take over, left in
-    /dev/shm for the worker's life. They are killed now, and the broken pool's files swept."""
+@pytest.fixture
+def fetching_pool(tmp_path, photos):
+    """A pool of two processes that fetch, with a small JPEG they may read: (pool, its path)."""
     policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
     pool = DecodePool(2, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=8, policy=policy)
     small = tmp_path / "coffee.jpg"
     small.write_bytes(photos["coffee"])
-    try:
-        futures = [pool.load([str(small)], gpu=True) for _ in range(2)]
-        for future in futures:
-            pool.release([loaded.slot for loaded in future.result(timeout=120)])
-        processes = list(pool._executor._processes.values())
-        assert len(processes) == 2
-        left = decode_pool.SHM_FOLDER / f"{pool._handover_prefix}left"  # as a survivor's would be
-        left.write_bytes(b"\xff" * 1000)
-        os.kill(processes[0].pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while not pool._executor._broken:
-            assert time.monotonic() < deadline, "the executor never saw its process die"
-            time.sleep(0.05)
-        loads = pool.load([str(small)], gpu=True).result(timeout=120)  # restarts the pool
-        assert loads[0].error is None
-        pool.release([loads[0].slot])
-        while (left.exists() or processes[1].is_alive()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not processes[1].is_alive() and not left.exists()
-        assert not pool._handover_prefix.startswith(left.name[:-4])  # the new pool's files are named apart
-    finally:
-        pool.close()
+    yield pool, small
+    pool.close()
 
 
-def test_close_returns_once_the_processes_are_gone_and_a_broken_pools_files_swept(tmp_path, photos):
+def _kill_one_after_a_handover(pool: DecodePool, jpeg: Path) -> tuple[list, Path]:
+    """Two loads of `jpeg` for the GPU (both processes started), a file named as a survivor's
+    handover would be, then one process killed and the pool seen broken: (its processes, the file)."""
+    for future in [pool.load([str(jpeg)], gpu=True) for _ in range(2)]:
+        pool.release([loaded.slot for loaded in future.result(timeout=120)])
+    processes = list(pool._executor._processes.values())
+    left = decode_pool.SHM_FOLDER / f"{pool._handover_prefix}left"
+    left.write_bytes(b"\xff" * 1000)
+    os.kill(processes[0].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not pool._executor._broken:
+        assert time.monotonic() < deadline, "the executor never saw its process die"
+        time.sleep(0.05)
+    return processes, left
+
+
+def test_a_dead_decode_process_takes_its_pools_other_processes_and_their_files_with_it(fetching_pool):
+    """When a decode process dies, the executor fails every load in flight, but the others ignore
+    SIGTERM: each finished its load and handed over a file that no one would take over, left in
+    /dev/shm for the worker's life. They are killed now, and the broken pool's files swept."""
+    pool, small = fetching_pool
+    processes, left = _kill_one_after_a_handover(pool, small)
+    assert len(processes) == 2
+    deadline = time.monotonic() + 60
+    loads = pool.load([str(small)], gpu=True).result(timeout=120)  # restarts the pool
+    assert loads[0].error is None
+    pool.release([loads[0].slot])
+    while (left.exists() or processes[1].is_alive()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes[1].is_alive() and not left.exists()
+    assert not pool._handover_prefix.startswith(left.name[:-4])  # the new pool's files are named apart
+
+
+def test_close_returns_once_the_processes_are_gone_and_a_broken_pools_files_swept(fetching_pool):
     """It returned at once, leaving the pool's manager thread to end the processes: the worker's
     exit then raced that thread closing its wake-up pipe (on Python 3.11, an EBADF traceback from
     concurrent.futures after Ctrl-\\ in CI), and killed the thread sweeping a pool that broke
     just before, leaving its files in /dev/shm."""
-    policy = FetchPolicy.create([str(tmp_path)], 10**8, 10)
-    pool = DecodePool(2, IMAGENET_PREPROCESS, 10**7, DEFAULT_FORMATS, slots=8, policy=policy)
-    small = tmp_path / "coffee.jpg"
-    small.write_bytes(photos["coffee"])
-    try:
-        for future in [pool.load([str(small)], gpu=True) for _ in range(2)]:
-            pool.release([loaded.slot for loaded in future.result(timeout=120)])
-        broken = list(pool._executor._processes.values())
-        left = decode_pool.SHM_FOLDER / f"{pool._handover_prefix}left"  # as a survivor's would be
-        left.write_bytes(b"\xff" * 1000)
-        os.kill(broken[0].pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while not pool._executor._broken:
-            assert time.monotonic() < deadline, "the executor never saw its process die"
-            time.sleep(0.05)
-        pool.release([loaded.slot for loaded in pool.load([str(small)], gpu=True).result(timeout=120)])
-        manager = pool._executor._executor_manager_thread
-        processes = [*broken, *pool._executor._processes.values()]
-    finally:
-        pool.close()
+    pool, small = fetching_pool
+    broken, left = _kill_one_after_a_handover(pool, small)
+    pool.release([loaded.slot for loaded in pool.load([str(small)], gpu=True).result(timeout=120)])
+    manager = pool._executor._executor_manager_thread
+    processes = [*broken, *pool._executor._processes.values()]
+    pool.close()
     assert not manager.is_alive() and not any(process.is_alive() for process in processes)
     assert not left.exists()
 
