@@ -476,7 +476,7 @@ class DecodePool:
             self._closed = True
         # Waits for the loads under way: the interpreter's exit would wait for them anyway, and
         # on Python 3.11 an exit while the pool's manager thread closes its wake-up pipe races it
-        # (an EBADF traceback from concurrent.futures' _python_exit; CPython gh-125451, fixed in 3.12).
+        # (an EBADF traceback from concurrent.futures' _python_exit; CPython gh-125451, not fixed in 3.11).
         self._executor.shutdown(wait=True, cancel_futures=True)
         for thread in self._retiring:  # a daemon thread: killed mid-sweep by an exit, it leaves files
             thread.join(timeout=60)

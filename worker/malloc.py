@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
-
-log = logging.getLogger(__name__)
 
 # From glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
