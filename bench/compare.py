@@ -233,7 +233,7 @@ def child_in_process(spec: dict) -> None:
 
     package = Path(spec["package"])
     runtime = eager_runtime(package, spec["model"]) if spec["kind"] == "eager" else None
-    ceiling = Ceiling(package, [Path(f) for f in spec["folders"]], FETCH_THREADS, runtime, spec["batch"])
+    ceiling = Ceiling(package, [Path(f) for f in spec["folders"]], FETCH_THREADS, runtime, spec["batch"], True)
     ceiling.run(_files(spec["folders"][0])[: 2 * BATCH], spec["threads"])  # warm-up
     for folder in spec["folders"]:
         _say("ready")
@@ -455,7 +455,9 @@ def run_model(args, model: str, package: Path, folders: list[Path], url: str, re
         rows[kind] = measure_jobs(child, [], jobs, kind)
     for processes in args.kiln_processes:
         name = f"kiln x{processes}"
-        workers = Workers(name, processes, "solo", max(1, cores // processes), batch_size=args.batch)
+        workers = Workers(
+            name, processes, "solo", max(1, cores // processes), batch_size=args.batch, keep_freed_memory=True
+        )
         workers.start(package, url, folders, FETCH_THREADS, workdir)
         try:
             warm_up_workers(url, workers, _files(str(folders[0])))

@@ -141,12 +141,13 @@ def make_dataset(folder: Path, count: int, size: tuple[int, int], seed: int) -> 
 # -- processes ------------------------------------------------------------------------------------
 
 
-def _worker_env(fetch_threads: int, batch_size: int | None = None) -> dict[str, str]:
+def _worker_env(fetch_threads: int, batch_size: int | None = None, keep_freed_memory: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["KILN_FETCH_THREADS"] = str(fetch_threads)
     if batch_size is not None:
         env["KILN_BATCH_SIZE"] = str(batch_size)
+    env["KILN_KEEP_FREED_MEMORY"] = str(keep_freed_memory).lower()
     return env
 
 
@@ -161,6 +162,7 @@ class Workers:
     threads: int
     options: tuple[str, ...] = ()  # more `python -m worker` options
     batch_size: int | None = None  # KILN_BATCH_SIZE; None: the worker's default
+    keep_freed_memory: bool = False  # KILN_KEEP_FREED_MEMORY
     instances: list[LocalWorker] = field(default_factory=list)
 
     @property
@@ -170,11 +172,10 @@ class Workers:
     def start(self, package: Path, url: str, roots: list[Path], fetch_threads: int, logdir: Path) -> None:
         count, concurrency = (1, self.processes) if self.pool == "parent" else (self.processes, 1)
         options = ["--concurrency", str(concurrency), "--threads", str(self.threads), *self.options]
+        env = _worker_env(fetch_threads, self.batch_size, self.keep_freed_memory)
         for i in range(count):
             log = logdir / f"worker-{self.label.replace(' ', '_')}-{i}.log"
-            self.instances.append(
-                LocalWorker(package, url, log, roots, options, env=_worker_env(fetch_threads, self.batch_size))
-            )
+            self.instances.append(LocalWorker(package, url, log, roots, options, env=env))
 
     def check(self) -> None:
         for worker in self.instances:
@@ -241,21 +242,27 @@ class Ceiling:
     """The worker's decode + model loop, in this process, over the whole data set as one stream."""
 
     def __init__(
-        self, package: Path, roots: list[Path], fetch_threads: int, runtime=None, batch_size: int | None = None
+        self,
+        package: Path,
+        roots: list[Path],
+        fetch_threads: int,
+        runtime=None,
+        batch_size: int | None = None,
+        keep_freed_memory: bool = False,
     ) -> None:
         """`runtime`: a `worker.runtime.ModelRuntime` to run instead of the package (bench/compare.py
         passes one around the eager model); default: the package, loaded here. `batch_size`: the
-        model's batch; default: the worker's."""
+        model's batch; default: the worker's. `keep_freed_memory`: as KILN_KEEP_FREED_MEMORY."""
         from worker.fetch import FetchPolicy
-        from worker.malloc import keep_freed_memory
+        from worker.malloc import keep_freed_memory as keep
         from worker.pipeline import Pipeline, PipelineConfig
         from worker.runtime import load_runtime
         from worker.settings import WorkerSettings
 
         defaults = WorkerSettings(_env_file=None)
         runtime = runtime or load_runtime(package)
-        if runtime.device.type == "cpu" and defaults.keep_freed_memory:  # as the worker does (worker/tasks.py)
-            keep_freed_memory()
+        if runtime.device.type == "cpu" and keep_freed_memory:  # as the worker does (worker/tasks.py)
+            keep()
         policy = FetchPolicy.create([str(r) for r in roots], defaults.max_image_bytes, defaults.fetch_timeout_s)
         config = PipelineConfig(
             policy=policy,

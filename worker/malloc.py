@@ -11,7 +11,9 @@ PyTorch's CPU performance tuning guide gives the same cause, and jemalloc or tcm
 glibc's own `mallopt` does it here with nothing to install or preload.
 
 The cost: a worker's resident memory stays at its peak between batches, as memory kept for the
-next batch is meant to. `KILN_KEEP_FREED_MEMORY=false` turns it off.
+next batch is meant to, and after a job too, since freed decode buffers are kept as well; so it
+is off unless `KILN_KEEP_FREED_MEMORY=true` (tests/test_worker_memory.py holds the default to
+its memory returning to idle after a job). bench/compare.py turns it on.
 """
 
 from __future__ import annotations

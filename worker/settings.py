@@ -239,10 +239,11 @@ class WorkerSettings(CommonSettings):
     )
     batch_size: int | None = Field(default=None, ge=1, description="images per model call; default: the package's max")
     keep_freed_memory: bool = Field(
-        default=True,
+        default=False,
         description="with a CPU package, keep the memory the model frees for its next batch rather than hand it "
         "back to the kernel (glibc's mmap and trim thresholds at their top): without it a CPU worker spent about "
-        "as much system time faulting fresh pages in as it spent computing; false lets an idle worker shrink",
+        "as much system time faulting fresh pages in as it spent computing. Off by default: it keeps freed decode "
+        "buffers too, so a worker's memory no longer returns to its idle size after a job",
     )
     queues: Annotated[list[str], NoDecode] = Field(
         default=["kiln.bulk", "kiln.online"], description="queues to consume, comma-separated"
