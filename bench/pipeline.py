@@ -261,8 +261,9 @@ class Ceiling:
 
         defaults = WorkerSettings(_env_file=None)
         runtime = runtime or load_runtime(package)
-        if runtime.device.type == "cpu" and keep_freed_memory:  # as the worker does (worker/tasks.py)
-            keep()
+        # As the worker does (worker/tasks.py); a setting not applied would be a ceiling mislabelled.
+        if runtime.device.type == "cpu" and keep_freed_memory and (why_not := keep()) is not None:
+            raise RuntimeError(f"cannot keep freed memory in the ceiling: {why_not}")
         policy = FetchPolicy.create([str(r) for r in roots], defaults.max_image_bytes, defaults.fetch_timeout_s)
         config = PipelineConfig(
             policy=policy,
