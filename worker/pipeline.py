@@ -564,7 +564,7 @@ class Pipeline:
         by_request: dict[int, list[tuple[Work, Record]]] = {}
         for image, row_scores, row_indices in zip(images, scores.tolist(), indices.tolist(), strict=True):
             topk = [
-                Label.model_construct(label=labels[i], index=i, score=s)
+                Label(label=labels[i], index=i, score=s)
                 for s, i in zip(row_scores[: image.request.topk], row_indices, strict=False)
             ]
             record = self._record(image, status="ok", topk=topk, timings_ms={**image.timings_ms, "infer": infer_ms})
@@ -577,8 +577,9 @@ class Pipeline:
 
     def _record(self, image: _Image, **fields: object) -> Record:
         manifest = self.runtime.manifest
-        # Built from values kiln made itself: validating them again costs more than the model.
-        return Record.model_construct(
+        # Validated, though kiln made every value: pydantic-core's validation (4.2 us a record of
+        # five labels, 1.1 a label) is faster than `model_construct`, which is Python (7.1, 2.2).
+        return Record(
             job=image.work.job,
             key=image.work.key,
             ref=image.work.ref,
