@@ -18,7 +18,7 @@ import logging
 import warnings
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -154,7 +154,7 @@ class JpegBatchDecoder:
         plan = self._plans.pop(key, None)
         if plan is None:
             plan = crop_plan(height, width, self.prep)
-            plan = plan.to(self.device)
+            plan = replace(plan, wy=plan.wy.to(self.device), wx=plan.wx.to(self.device))
             if len(self._plans) >= PLANS_KEPT:
                 self._plans.popitem(last=False)
         self._plans[key] = plan

@@ -9,13 +9,6 @@ no per-image kernel launches, and the same pixels as the CPU path up to rounding
 rounds to uint8 as Pillow does; Pillow's 22-bit fixed-point weights against float32 here differ
 by at most one level per pass).
 
-The products run on float16 tensor cores with float32 sums, at float32's precision: pixels
-0..255 are exact in float16, and each weight is split into two float16 parts (w = hi + lo, off
-by 2^-22 of w), so a pass is one product against [hi; lo] and a sum of its halves, the way
-cuBLAS emulates float32 GEMMs on lower-precision units. Against float32 products (TF32 off),
-cuBLAS's float32 GEMM kept four H200 processes of kiln's GPU decoder at 18.8k img/s where
-nvImageCodec alone decoded 29.6k (bench/results/gpu-h200-decode-scaling.json).
-
     plan = crop_plan(height, width, prep)          # which input rows/columns, and the weights
     out = resample(images, plan)                   # uint8 N x C x H x W -> uint8 N x C x crop x crop
 """
@@ -104,20 +97,6 @@ class CropPlan:
     left: int
     wy: torch.Tensor  # crop x rows, float32
     wx: torch.Tensor  # crop x columns, float32
-    wy_halves: torch.Tensor  # 2 crop x rows, float16: `split_halves(wy)`
-    wx_halves: torch.Tensor  # 2 crop x columns, float16
-
-    def to(self, device: torch.device) -> CropPlan:
-        weights = (self.wy, self.wx, self.wy_halves, self.wx_halves)
-        return CropPlan(self.top, self.left, *(w.to(device) for w in weights))
-
-
-def split_halves(weights: torch.Tensor) -> torch.Tensor:
-    """P x K float weights -> 2P x K float16: the rows' float16 values, then what they miss, also
-    in float16. Row i plus row P + i is the weight to within 2^-22 of it (float16 keeps 11
-    significant bits of each part; parts under 2^-14 keep fewer, which costs under 1e-4 of a level)."""
-    hi = weights.half()
-    return torch.cat([hi, (weights - hi.to(weights.dtype)).half()])
 
 
 @lru_cache(maxsize=256)
@@ -130,47 +109,23 @@ def crop_plan(height: int, width: int, prep: Preprocess) -> CropPlan:
     left, top = (width - side) / 2, (height - side) / 2
     x0, wx = axis_weights(width, left, left + side, prep.crop, prep.interpolation)
     y0, wy = axis_weights(height, top, top + side, prep.crop, prep.interpolation)
-    return CropPlan(y0, x0, wy.float(), wx.float(), split_halves(wy), split_halves(wx))
+    return CropPlan(y0, x0, wy.float(), wx.float())
 
 
 def resample(images: torch.Tensor, plan: CropPlan, chroma: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """uint8 N x C x H x W (one size, any device) -> uint8 N x C x crop x crop, on that device.
 
-    The horizontal pass runs first and is rounded to uint8, as in Pillow. Each pass is a product
-    in float32 precision (module docstring): TF32 or plain float16/bfloat16 would cost a few
-    levels. `chroma` (across, down), one of `worker.chroma.FANCY`: RGB images whose decoder
-    replicated their chroma over such blocks get it interpolated as libjpeg does, in the region
-    read only (not whole levels, so that pass weighs them in float32)."""
-    n, c = images.shape[:2]
-    crop, rows, cols = plan.wy.shape[0], plan.wy.shape[1], plan.wx.shape[1]
+    The horizontal pass runs first and is rounded to uint8, as in Pillow. Float32 throughout, as
+    torch's default keeps CUDA matmuls (TF32 off): TF32 or bf16 would cost a few levels.
+    `chroma` (across, down), one of `worker.chroma.FANCY`: RGB images whose decoder replicated
+    their chroma over such blocks get it interpolated as libjpeg does, in the region read only."""
+    rows, cols = plan.wy.shape[1], plan.wx.shape[1]
     row_span, col_span = slice(plan.top, plan.top + rows), slice(plan.left, plan.left + cols)
     if chroma in FANCY:
-        region = fancy_region(images, chroma, row_span, col_span).reshape(n * c * rows, cols)
-        horizontal = torch.matmul(region, plan.wx.to(images.device).T)
+        region = fancy_region(images, chroma, row_span, col_span)
     else:
-        region = images[:, :, row_span, col_span].reshape(n * c * rows, cols)
-        horizontal = _summed_halves(_times(region, plan.wx_halves.to(images.device).T), dim=-1)
-    levels = _rounded(horizontal).view(n * c, rows, crop)
-    weights = plan.wy_halves.to(images.device).expand(n * c, 2 * crop, rows)
-    vertical = _rounded(_summed_halves(_times(weights, levels), dim=-2))
-    return vertical.to(torch.uint8).view(n, c, crop, crop)
-
-
-def _times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b (2-D, or batched 3-D) for float16-exact operands, summed in float32: on CUDA on
-    tensor cores (`out_dtype`), elsewhere in float32, which gives the same products."""
-    product = torch.bmm if a.dim() == 3 else torch.mm
-    if a.is_cuda:
-        return product(a.half(), b.half(), out_dtype=torch.float32)
-    return product(a.float(), b.float())
-
-
-def _summed_halves(product: torch.Tensor, dim: int) -> torch.Tensor:
-    """A product with [hi; lo] weights -> the product with their sum: its two halves along `dim`
-    (the weights' side) added."""
-    hi, lo = product.chunk(2, dim=dim)
-    return hi + lo
-
-
-def _rounded(values: torch.Tensor) -> torch.Tensor:
-    return values.add_(0.5).floor_().clamp_(0, 255)
+        region = images[:, :, row_span, col_span].float()
+    wx, wy = plan.wx.to(images.device), plan.wy.to(images.device)  # no copy where the plan is there already
+    horizontal = torch.matmul(region, wx.T).add_(0.5).floor_().clamp_(0, 255)
+    vertical = torch.matmul(wy, horizontal).add_(0.5).floor_().clamp_(0, 255)
+    return vertical.to(torch.uint8)
