@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
+
+from worker.argtypes import options_moved_after_command
 
 # subcommand -> (module whose main() runs it, arguments put first, one-line summary)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -44,13 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         except PackageNotFoundError:
             print("kiln (not installed: run from a checkout)")
         return 0
+    moved = options_moved_after_command(argv, COMMANDS)
+    if moved is not None:  # `kiln --topk 3 label x`
+        module, first, _ = COMMANDS[moved[0]]
+        if not first:  # a command with no subcommands of its own: nothing else could check the line
+            print(f"kiln: options go after the command: kiln {shlex.join(moved)}", file=sys.stderr)
+            return 2
+        # The owning module's parser refuses the line, saying where they go or why its command
+        # would refuse them: it is handed the options before its own subcommand.
+        index = argv.index(moved[0])
+        sys.argv[0] = "kiln"
+        return importlib.import_module(module).main([*argv[:index], *first, *argv[index + 1 :]])
     command = COMMANDS.get(argv[0])
     if command is None:
-        named = next((arg for arg in argv if arg in COMMANDS), None)
-        if argv[0].startswith("-") and named is not None:  # `kiln --no-progress label ...`
-            options = argv[: argv.index(named)]
-            print(f"kiln: options go after the command: kiln {named} {' '.join(options)} ...", file=sys.stderr)
-            return 2
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -62,17 +63,33 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     """`parser.parse_args(argv)` for a command line of subcommands, each with itself as its
     `command_parser` default: an argument the subcommand does not know is refused with that
     subcommand's usage, which lists its options (exit status 2). argparse refused it with the top
-    level's, which lists only the subcommands (a new user's `kiln label --tpok 3`). One given
-    before the subcommand is said to go after it: it was refused as unknown to the subcommand
-    that takes it (`python -m producer --no-progress label`, a hostile tester's finding)."""
+    level's, which lists only the subcommands (a new user's `kiln label --tpok 3`).
+
+    Options given before the subcommand are refused with the command line they belong in
+    (`--topk 3 label x` -> `label --topk 3 x`), once the subcommand has parsed that line: an
+    option it does not take gets its own error instead (hostile testers' findings: argparse took
+    `3` for a subcommand, and a hint named options the subcommand would refuse)."""
     argv = sys.argv[1:] if argv is None else argv
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    moved = options_moved_after_command(argv, subcommands)
+    if moved is not None:
+        command_parser = parse_command_line(parser, moved).command_parser  # exits on the line's own errors
+        command_parser.error(f"options go after the command: {command_parser.prog} {shlex.join(moved[1:])}")
     args, extra = parser.parse_known_args(argv)
     if extra:
-        first = argv.index(args.command) if args.command in argv else len(argv)
-        before = [arg for arg in argv[:first] if arg in extra]
-        if before:  # `kiln --no-progress label`: the subcommand's own option, in the top level's place
-            args.command_parser.error(
-                f"options go after the command: {args.command_parser.prog} {' '.join(before)} ..."
-            )
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def options_moved_after_command(argv: list[str], commands: Iterable[str]) -> list[str] | None:
+    """`argv` with the options before its first word in `commands` moved after that word
+    (`--job label label x` -> `label --job label x`: the first word that names a command is the
+    command, as a value before it names none), or None where `argv` does not start with an
+    option or names no command. `--` starts nothing: after it every word is an argument."""
+    if not argv or not argv[0].startswith("-") or argv[0] == "--":
+        return None
+    words = argv[: argv.index("--")] if "--" in argv else argv
+    index = next((i for i, word in enumerate(words) if word in commands), None)
+    if index is None:
+        return None
+    return [argv[index], *argv[:index], *argv[index + 1 :]]
