@@ -6,9 +6,11 @@ from producer.faults import RedisUnavailable
 from producer.progress import JobProgress
 from producer.sources import Expansion, SourceError, expand, iter_items
 from worker.contract import Item, Record
+from worker.settings import EnvFileError
 from worker.store import JobConflict
 
 __all__ = [
+    "EnvFileError",
     "Expansion",
     "Item",
     "JobConflict",

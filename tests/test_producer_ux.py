@@ -199,6 +199,16 @@ def test_a_env_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, command, te
     assert f"{tmp_path / '.env'} is not UTF-8 text (byte " in done.stderr and "save it as UTF-8" in done.stderr
 
 
+@pytest.mark.parametrize("command", ENTRY_POINTS)
+def test_a_env_file_of_utf16_without_a_byte_order_mark_is_one_line_naming_it(tmp_path, command):
+    """It decodes as UTF-8 with a NUL after each letter, so no name in it was a setting's: it was
+    ignored without a word (a hostile tester's finding)."""
+    (tmp_path / ".env").write_bytes("KILN_CHUNK_SIZE=8\n".encode("utf-16-le"))
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=python_env(), timeout=120)
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: {tmp_path / '.env'} holds NUL bytes, as UTF-16 text does"), done.stderr
+
+
 def test_a_env_file_the_user_cannot_read_is_one_line_naming_it(tmp_path):
     """A .env only its owner may read (a deployment's secrets), read by another user: here root
     without the capability to read what it does not own (util-linux's setpriv)."""

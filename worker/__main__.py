@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("no Redis: pass --redis-url or set KILN_REDIS_URL (e.g. redis://localhost:6379/0)")
         manifest = read_manifest(settings.model)
     except ValidationError as e:
-        print(f"error: {settings_error(e, 'its option, the environment or .env')}", file=sys.stderr)
+        print(f"error: {settings_error(e, 'the command line, the environment or .env')}", file=sys.stderr)
         return 2
     except (ValueError, PackageError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -246,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready", action="store_true", help="only readiness")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     args = parser.parse_args(argv)
+    # A settings error is the probe's own, said as one, but still exit status 1: Docker's
+    # HEALTHCHECK reserves 2.
     try:
         port = args.port or endpoint_port(WorkerSettings())
     except ValidationError as e:
-        print(f"unhealthy: {settings_error(e)}", file=sys.stderr)
+        print(f"error: {settings_error(e)}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:
-        print(f"unhealthy: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     both = not (args.live or args.ready)
     paths = [path for path, asked in (("/livez", args.live), ("/readyz", args.ready)) if asked or both]

@@ -6,6 +6,7 @@ module imports no torch, so producers can use it.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import ipaddress
 import os
@@ -99,7 +100,8 @@ def unknown_variables(variables: Mapping[str, str]) -> list[str]:
 
 
 class EnvFileError(ValueError):
-    """`.env` exists and cannot be read as settings: not UTF-8 text, or not readable."""
+    """`.env` exists and cannot be read as settings: not UTF-8 text (or UTF-8 with NUL bytes, as
+    UTF-16 text decodes), or not readable."""
 
 
 class CommonSettings(BaseSettings):
@@ -121,6 +123,14 @@ class CommonSettings(BaseSettings):
                 f"cannot read {os.path.abspath(ENV_FILE)}: {e.strerror or e}; kiln reads its KILN_* settings from a "
                 ".env in the current folder: make it readable, or move it out of this folder"
             ) from None
+        # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after each letter: no name
+        # in it is a setting's, so it was ignored without a word (a hostile tester's finding).
+        with contextlib.suppress(OSError), open(ENV_FILE, "rb") as env_file:
+            if b"\0" in env_file.read():
+                raise EnvFileError(
+                    f"{os.path.abspath(ENV_FILE)} holds NUL bytes, as UTF-16 text does: save it as UTF-8, or move it "
+                    "out of this folder, from which kiln reads its KILN_* settings"
+                )
 
     redis_url: str | None = Field(
         default=None,
