@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import pytest
 from conftest import SAMPLES, python_env
 from hostile import tiff_in_one_tile
 from PIL import Image
@@ -73,12 +74,15 @@ def test_hostile_images_leave_a_workers_memory_as_it_was(private_redis_url, lite
         worker.stop()
 
 
-def test_decoder_buffers_share_the_decode_budget(private_redis_url, lite0_package, tmp_path):
+@pytest.mark.parametrize("keep_freed_memory", ["false", "true"])
+def test_decoder_buffers_share_the_decode_budget(private_redis_url, lite0_package, tmp_path, keep_freed_memory):
     """Images whose decoders hold more than their pixels, under the limit that refuses them: a
     64x64 TIFF in one 7000x7000 tile (libtiff decodes the whole tile, 147 MB) and a 4500x4500
     progressive CMYK JPEG (155 MB of coefficients at any draft scale). Two decode threads share
     KILN_DECODE_MEMORY_MB, which now counts those buffers: the worker peaks under 300 MB above
-    idle with two of each in one job (it counted 12 KB and 2 MB: +1.5 GB for two tile bombs)."""
+    idle with two of each in one job (it counted 12 KB and 2 MB: +1.5 GB for two tile bombs).
+    Where freed memory is kept for the model (KILN_KEEP_FREED_MEMORY), too: each decode's buffers
+    are handed back after it (+414 MB without)."""
     folder = tmp_path / "images"
     folder.mkdir()
     Image.new("CMYK", (4500, 4500), (10, 200, 30, 0)).save(
@@ -90,7 +94,7 @@ def test_decoder_buffers_share_the_decode_budget(private_redis_url, lite0_packag
     shutil.copy(SAMPLES / "coffee.jpg", tmp_path / "coffee.jpg")
     worker = LocalWorker(
         lite0_package, private_redis_url, tmp_path / "worker.log", [folder, tmp_path], ["--queues", "kiln.bulk"],
-        python_env(),
+        python_env(KILN_KEEP_FREED_MEMORY=keep_freed_memory),
     )  # fmt: skip
     try:
         with Kiln(settings=ProducerSettings(redis_url=private_redis_url, chunk_size=16)) as kiln:

@@ -11,15 +11,19 @@ PyTorch's CPU performance tuning guide gives the same cause, and jemalloc or tcm
 glibc's own `mallopt` does it here with nothing to install or preload.
 
 The cost: a worker's resident memory stays at its peak between batches, as memory kept for the
-next batch is meant to, and after a job too, since freed decode buffers are kept as well; so it
-is off unless `KILN_KEEP_FREED_MEMORY=true` (tests/test_worker_memory.py holds the default to
-its memory returning to idle after a job). bench/compare.py turns it on.
+next batch is meant to, and after a job too: the model's working set at the largest batch it ran,
+and other freed blocks, such as an online request's bytes. So it is off unless
+`KILN_KEEP_FREED_MEMORY=true` (tests/test_worker_memory.py holds the default to its memory
+returning to idle after a job). bench/compare.py turns it on. A decode's own buffers are handed
+back after it either way (`release_freed_memory`): kept, two camera-size decodes took a worker to
+300 MB above idle, past the decode budget's bound.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 
 # From glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
@@ -30,13 +34,35 @@ LARGEST = 2**31 - 1  # mallopt takes an int
 def keep_freed_memory() -> str | None:
     """Set glibc malloc's mmap and trim thresholds to their largest, for this process's allocations
     from now on. Returns None once done, else why not (not glibc, such as musl; or refused)."""
+    libc = _glibc()
+    if isinstance(libc, str):
+        return libc
+    for option, label in ((M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"), (M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD")):
+        if libc.mallopt(ctypes.c_int(option), ctypes.c_int(LARGEST)) != 1:
+            return f"glibc refused mallopt({label}, {LARGEST})"
+    return None
+
+
+def release_freed_memory() -> None:
+    """Hand every page malloc holds free, in every arena, back to the kernel (glibc's
+    `malloc_trim(0)`); nothing where the C library is not glibc. Called after a decode of more
+    than `LARGE_BLOCK` bytes: blocks that large glibc would have unmapped on free by default, and
+    kept, an image's buffers would stay in the worker for good."""
+    libc = _glibc()
+    if not isinstance(libc, str):
+        libc.malloc_trim(ctypes.c_size_t(0))
+
+
+LARGE_BLOCK = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit hosts
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | str:
+    """glibc, or why it is not this process's C library."""
     name = ctypes.util.find_library("c")
     if name is None:
         return "no C library found"
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "gnu_get_libc_version"):
         return f"{name} is not glibc, whose mallopt this sets"
-    for option, label in ((M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"), (M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD")):
-        if libc.mallopt(ctypes.c_int(option), ctypes.c_int(LARGEST)) != 1:
-            return f"glibc refused mallopt({label}, {LARGEST})"
-    return None
+    return libc

@@ -21,6 +21,7 @@ from PIL import Image
 
 from worker.budget import MemoryBudget
 from worker.contract import InputError
+from worker.malloc import LARGE_BLOCK, release_freed_memory
 from worker.manifest import Preprocess
 from worker.metadata import without_metadata
 from worker.probe import CORRUPT_ERRORS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, open_image, orientation, pixel_cap
@@ -112,6 +113,8 @@ def _decode(data: bytes, prep: Preprocess, formats: Iterable[str], budget: Memor
             image.load()
             small = _reduce_centre(image, prep)
             upright = orientation(image)
+    if decoded_bytes > LARGE_BLOCK:  # its buffers are free now; the kept ones are the model's
+        release_freed_memory()
     method = _TRANSPOSE.get(upright)
     if method is not None:  # the centre square turns onto itself: turn the small result instead
         small = small.transpose(method)

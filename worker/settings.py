@@ -252,8 +252,9 @@ class WorkerSettings(CommonSettings):
         default=False,
         description="with a CPU package, keep the memory the model frees for its next batch rather than hand it "
         "back to the kernel (glibc's mmap and trim thresholds at their top): without it a CPU worker spent about "
-        "as much system time faulting fresh pages in as it spent computing. Off by default: it keeps freed decode "
-        "buffers too, so a worker's memory no longer returns to its idle size after a job",
+        "as much system time faulting fresh pages in as it spent computing. Off by default: what the model used at its "
+        "largest batch stays resident, and other freed blocks (an online request's bytes), so a worker's memory no "
+        "longer returns to its idle size after a job. A decode's buffers above 32 MB are handed back either way",
     )
     queues: Annotated[list[str], NoDecode] = Field(
         default=["kiln.bulk", "kiln.online"], description="queues to consume, comma-separated"
