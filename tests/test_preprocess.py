@@ -114,3 +114,25 @@ def test_tiny_images_are_upscaled():
 def test_crop_larger_than_resize_is_rejected_in_the_manifest():
     with pytest.raises(ValueError, match="must not exceed"):
         Preprocess(resize=100, crop=200, mean=(0, 0, 0), std=(1, 1, 1))
+
+
+def test_a_refused_image_leaves_no_reference_cycle():
+    """The error held the frame that held the error (and the image's bytes): each refused image
+    waited for the garbage collector, +6.4 MB a truncated camera PNG (a hostile tester's finding)."""
+    import gc
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (10, 20, 30)).save(buffer, "PNG")
+    truncated = buffer.getvalue()[:200]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            try:
+                decode_image(truncated, LITE0_PREPROCESS)
+            except InputError as e:
+                assert e.kind == "unreadable"
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0

@@ -1,4 +1,7 @@
-"""Keep the memory a CPU model frees for its next batch, instead of handing it back to the kernel.
+"""glibc malloc's policy in kiln's processes: decoded images' memory handed back to the kernel when
+freed (`return_freed_images`, the default of every process that decodes), or the memory a CPU
+model frees kept for its next batch (`keep_freed_memory`, KILN_KEEP_FREED_MEMORY), with a large
+decode's buffers still handed back after it (`release_freed_memory`).
 
 An AOTInductor package allocates its activations afresh at each call: for EfficientNet-Lite0 at
 batch 64, buffers of tens to hundreds of MB. glibc's malloc serves a block above its mmap threshold
@@ -31,25 +34,43 @@ M_MMAP_THRESHOLD = -3
 LARGEST = 2**31 - 1  # mallopt takes an int
 
 
+IMAGE_BLOCK = 4 * 2**20
+_kept = False  # keep_freed_memory() has run: return_freed_images() must not undo it
+
+
+def return_freed_images() -> None:
+    """The default: have glibc serve every allocation of `IMAGE_BLOCK` or more (Pillow allocates
+    decoded images in blocks of up to 16 MB) from its own mapping, unmapped when freed. By default
+    glibc raises this threshold after the first large free, and later images then come from
+    per-thread heaps that keep their pages: a worker's RSS grew by the size of its largest images
+    and stayed there. Nothing after `keep_freed_memory`, whichever ran first (a hostile tester's
+    finding: importing `worker.preprocess` undid it), nor where the C library is not glibc."""
+    libc = _glibc()
+    if not _kept and not isinstance(libc, str):
+        libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(IMAGE_BLOCK))
+
+
 def keep_freed_memory() -> str | None:
     """Set glibc malloc's mmap and trim thresholds to their largest, for this process's allocations
     from now on. Returns None once done, else why not (not glibc, such as musl; or refused)."""
+    global _kept
     libc = _glibc()
     if isinstance(libc, str):
         return libc
     for option, label in ((M_MMAP_THRESHOLD, "M_MMAP_THRESHOLD"), (M_TRIM_THRESHOLD, "M_TRIM_THRESHOLD")):
         if libc.mallopt(ctypes.c_int(option), ctypes.c_int(LARGEST)) != 1:
             return f"glibc refused mallopt({label}, {LARGEST})"
+    _kept = True
     return None
 
 
 def release_freed_memory() -> None:
-    """Hand every page malloc holds free, in every arena, back to the kernel (glibc's
-    `malloc_trim(0)`); nothing where the C library is not glibc. Called after a decode of more
-    than `LARGE_BLOCK` bytes: blocks that large glibc would have unmapped on free by default, and
-    kept, an image's buffers would stay in the worker for good."""
+    """After `keep_freed_memory`, hand every page malloc holds free, in every arena, back to the
+    kernel (glibc's `malloc_trim(0)`); else nothing, as glibc then unmaps large blocks itself.
+    Called after a decode of more than `LARGE_BLOCK` bytes, and after a failed one: kept, an
+    image's buffers would stay in the worker for good."""
     libc = _glibc()
-    if not isinstance(libc, str):
+    if _kept and not isinstance(libc, str):
         libc.malloc_trim(ctypes.c_size_t(0))
 
 

@@ -12,7 +12,6 @@ for transparent images, on its own), then resampled and turned upright at the ou
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 from collections.abc import Iterable
 
@@ -21,7 +20,7 @@ from PIL import Image
 
 from worker.budget import MemoryBudget
 from worker.contract import InputError
-from worker.malloc import LARGE_BLOCK, release_freed_memory
+from worker.malloc import LARGE_BLOCK, release_freed_memory, return_freed_images
 from worker.manifest import Preprocess
 from worker.metadata import without_metadata
 from worker.probe import CORRUPT_ERRORS, DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, open_image, orientation, pixel_cap
@@ -49,23 +48,7 @@ _TRANSPOSE = {
 REDUCING_GAP = 3.0
 STRIP_PIXELS = 1 << 20  # source pixels converted at a time: 4 MB of RGBA
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 4 * 2**20
-
-
-def _return_freed_images_to_the_os() -> None:
-    """Have glibc serve every allocation of 4 MB or more (Pillow allocates decoded images in blocks
-    of up to 16 MB) from its own mapping, unmapped when freed. By default glibc raises this
-    threshold after the first large free, and later images then come from per-thread heaps that
-    keep their pages: a worker's RSS grew by the size of its largest images and stayed there."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-_return_freed_images_to_the_os()
+return_freed_images()  # every process that decodes: see worker.malloc
 
 _BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "RGB": 3}
 
@@ -90,16 +73,23 @@ def decode_image(
         except InputError as e:
             if e.kind != "unreadable":
                 raise
-            error = e
+            error = e.with_traceback(None)  # its frames would keep the decoder's buffers
         except Image.DecompressionBombError as e:
             raise InputError("too_large", str(e)) from None
         except CORRUPT_ERRORS as e:
             error = InputError("unreadable", f"corrupt or truncated image: {e}")
+        release_freed_memory()  # what the failed decode held is free now
         stripped = without_metadata(data)
         if stripped is not None and stripped != data:
             with contextlib.suppress(InputError, *CORRUPT_ERRORS):
                 return _decode(stripped, prep, formats, budget)
-        raise error
+        try:
+            raise error
+        finally:
+            # Its traceback holds this frame: were the frame to hold it too, both (and `data`)
+            # would wait for the garbage collector, +6.4 MB a truncated camera PNG (a hostile
+            # tester's finding).
+            del error
 
 
 def _decode(data: bytes, prep: Preprocess, formats: Iterable[str], budget: MemoryBudget | None) -> np.ndarray:
@@ -113,7 +103,8 @@ def _decode(data: bytes, prep: Preprocess, formats: Iterable[str], budget: Memor
             image.load()
             small = _reduce_centre(image, prep)
             upright = orientation(image)
-    if decoded_bytes > LARGE_BLOCK:  # its buffers are free now; the kept ones are the model's
+    del image  # its pixels go with it (leaving `with` closes the file only), before they are handed back
+    if decoded_bytes > LARGE_BLOCK:  # where freed memory is kept for the model, not this image's
         release_freed_memory()
     method = _TRANSPOSE.get(upright)
     if method is not None:  # the centre square turns onto itself: turn the small result instead
