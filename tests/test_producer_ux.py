@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -206,7 +207,34 @@ def test_a_env_file_of_utf16_without_a_byte_order_mark_is_one_line_naming_it(tmp
     (tmp_path / ".env").write_bytes("KILN_CHUNK_SIZE=8\n".encode("utf-16-le"))
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=python_env(), timeout=120)
     assert done.returncode in (1, 2) and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith(f"error: {tmp_path / '.env'} holds NUL bytes, as UTF-16 text does"), done.stderr
+    assert done.stderr.startswith(f"error: {tmp_path / '.env'} holds NUL bytes (UTF-16 or UTF-32 text"), done.stderr
+
+
+def test_a_env_file_that_is_a_pipe_is_read_once(tmp_path):
+    """Settings from a named pipe written once (a secrets manager's way): the NUL check opened it
+    a second time and waited for a writer for ever (a hostile tester's finding)."""
+    os.mkfifo(tmp_path / ".env")
+
+    def write_once() -> None:
+        with open(tmp_path / ".env", "w") as pipe:  # waits for the reader
+            pipe.write("KILN_REDIS_URL=redis://127.0.0.1:9/0\nKILN_REDIS_RETRY_S=0.1\n")
+
+    writer = threading.Thread(target=write_once, daemon=True)
+    writer.start()
+    command = [PYTHON, "-m", "producer", "status", "x"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=python_env(), timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "127.0.0.1:9" in done.stderr, done.stderr  # the pipe's settings were read, and used
+
+
+def test_settings_told_to_read_no_env_file_read_none(tmp_path, monkeypatch):
+    """`_env_file=None` (as the benchmarks and tests construct settings) reads no .env: a bad one in
+    the current folder is not theirs to refuse."""
+    from worker.settings import WorkerSettings
+
+    (tmp_path / ".env").write_bytes("KILN_CHUNK_SIZE=8\n".encode("utf-16-le"))
+    monkeypatch.chdir(tmp_path)
+    assert WorkerSettings(_env_file=None).model is None
 
 
 def test_a_env_file_the_user_cannot_read_is_one_line_naming_it(tmp_path):

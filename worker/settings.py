@@ -108,29 +108,33 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", env_file=ENV_FILE, extra="ignore")
 
     def __init__(self, **values: object) -> None:
-        """Raises `EnvFileError` where `.env` cannot be read (pydantic-settings raised the
-        decoder's or the file system's traceback, a hostile tester's finding), and pydantic's
-        ValidationError for invalid settings (`settings_error` says it in a line)."""
+        """Raises `EnvFileError` where `.env` (or `_env_file`) cannot be read (pydantic-settings
+        raised the decoder's or the file system's traceback, a hostile tester's finding), and
+        pydantic's ValidationError for invalid settings (`settings_error` says it in a line)."""
+        env_file = values.get("_env_file", ENV_FILE)
+        path = os.path.abspath(env_file) if isinstance(env_file, str | os.PathLike) else None
         try:
             super().__init__(**values)
         except UnicodeDecodeError as e:
             raise EnvFileError(
-                f"{os.path.abspath(ENV_FILE)} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): "
+                f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}): "
                 "save it as UTF-8, or move it out of this folder, from which kiln reads its KILN_* settings"
             ) from None
         except OSError as e:
             raise EnvFileError(
-                f"cannot read {os.path.abspath(ENV_FILE)}: {e.strerror or e}; kiln reads its KILN_* settings from a "
+                f"cannot read {path}: {e.strerror or e}; kiln reads its KILN_* settings from a "
                 ".env in the current folder: make it readable, or move it out of this folder"
             ) from None
         # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after each letter: no name
         # in it is a setting's, so it was ignored without a word (a hostile tester's finding).
-        with contextlib.suppress(OSError), open(ENV_FILE, "rb") as env_file:
-            if b"\0" in env_file.read():
-                raise EnvFileError(
-                    f"{os.path.abspath(ENV_FILE)} holds NUL bytes, as UTF-16 text does: save it as UTF-8, or move it "
-                    "out of this folder, from which kiln reads its KILN_* settings"
-                )
+        # Regular files only: a pipe read again would wait for a writer for ever.
+        if path is not None and os.path.isfile(path):
+            with contextlib.suppress(OSError), open(path, "rb") as text:
+                if b"\0" in text.read():
+                    raise EnvFileError(
+                        f"{path} holds NUL bytes (UTF-16 or UTF-32 text, or not text): save it as UTF-8 text, or "
+                        "move it out of this folder, from which kiln reads its KILN_* settings"
+                    )
 
     redis_url: str | None = Field(
         default=None,
