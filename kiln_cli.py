@@ -13,7 +13,7 @@ import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from worker.argtypes import options_moved_after_command
+from worker.argtypes import options_moved_after_command, takes
 
 # subcommand -> (module whose main() runs it, arguments put first, one-line summary)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -47,23 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         except PackageNotFoundError:
             print("kiln (not installed: run from a checkout)")
         return 0
-    moved = options_moved_after_command(argv, COMMANDS)
-    if moved is not None:  # `kiln --topk 3 label x`
-        module, first, _ = COMMANDS[moved[0]]
-        if not first:  # a command with no subcommands of its own: nothing else could check the line
+    sys.argv[0] = "kiln"  # each module's usage lines then say `kiln label`, not `python -m producer label`
+    moved = options_moved_after_command(argv, COMMANDS, _accepted)
+    if moved is not None:  # `kiln --topk 3 label x`: nothing runs
+        if _accepted(moved):
             print(f"kiln: options go after the command: kiln {shlex.join(moved)}", file=sys.stderr)
             return 2
-        # The owning module's parser refuses the line, saying where they go or why its command
-        # would refuse them: it is handed the options before its own subcommand.
-        index = argv.index(moved[0])
-        sys.argv[0] = "kiln"
-        return importlib.import_module(module).main([*argv[:index], *first, *argv[index + 1 :]])
+        module, first, _ = COMMANDS[moved[0]]
+        return importlib.import_module(module).main([*first, *moved[1:]])  # its parser says what is wrong
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command
-    sys.argv[0] = "kiln"  # each module's usage lines then say `kiln label`, not `python -m producer label`
     try:
         return importlib.import_module(module).main([*first, *argv[1:]])
     except BrokenPipeError:
@@ -71,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         # traceback flushing stdout at exit, so stdout is pointed at nothing first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _accepted(line: list[str]) -> bool:
+    """Whether the module owning the command `line` starts with takes that line."""
+    module, first, _ = COMMANDS[line[0]]
+    return takes(importlib.import_module(module).parser(), [*first, *line[1:]])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """This command's argument parser (the `kiln` launcher also tries command lines on it)."""
     parser = argparse.ArgumentParser(
         prog=program("compile"),
         description="Compile an image classifier into an AOTInductor package (.pt2) that kiln workers "
@@ -191,7 +192,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_command_line(_parser(), argv)
+    args = parse_command_line(parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "inspect":
         try:

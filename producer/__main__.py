@@ -61,7 +61,8 @@ examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """This command's argument parser (the `kiln` launcher also tries command lines on it)."""
     parser = argparse.ArgumentParser(
         prog=program("producer"),
         description="Enqueue image-classification jobs for kiln workers and collect their results.",
@@ -426,7 +427,7 @@ def _export_topk(kiln: Kiln, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_command_line(_parser(), argv)
+    args = parse_command_line(parser(), argv)
     try:
         settings = ProducerSettings()
     except ValidationError as e:

@@ -25,7 +25,8 @@ examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """This command's argument parser (the `kiln` launcher also tries command lines on it)."""
     from worker.argtypes import program
     from worker.settings import WorkerSettings
 
@@ -165,7 +166,7 @@ def _check_redis(settings: WorkerSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     hold_until_ready()  # first, before any thread starts and before the slow imports
     exit_on_stop_until_ready()  # no default action ends it from here on
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
 
     from pydantic import ValidationError
 

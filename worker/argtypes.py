@@ -6,6 +6,8 @@ parsing of a command line of subcommands."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import shlex
@@ -71,7 +73,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     `3` for a subcommand, and a hint named options the subcommand would refuse)."""
     argv = sys.argv[1:] if argv is None else argv
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    moved = options_moved_after_command(argv, subcommands)
+    moved = options_moved_after_command(argv, subcommands, lambda line: takes(parser, line))
     if moved is not None:
         command_parser = parse_command_line(parser, moved).command_parser  # exits on the line's own errors
         command_parser.error(f"options go after the command: {command_parser.prog} {shlex.join(moved[1:])}")
@@ -81,15 +83,29 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return args
 
 
-def options_moved_after_command(argv: list[str], commands: Iterable[str]) -> list[str] | None:
-    """`argv` with the options before its first word in `commands` moved after that word
-    (`--job label label x` -> `label --job label x`: the first word that names a command is the
-    command, as a value before it names none), or None where `argv` does not start with an
-    option or names no command. `--` starts nothing: after it every word is an argument."""
+def options_moved_after_command(
+    argv: list[str], commands: Iterable[str], accepted: Callable[[list[str]], bool]
+) -> list[str] | None:
+    """`argv` with the options before its command moved after it (`--topk 3 label x` ->
+    `label --topk 3 x`), or None where `argv` does not start with an option or names no command.
+    The command is the first word in `commands` whose line `accepted` takes, as an option's value
+    may name another (`--job status label x`: a hostile tester's finding); where no line is
+    taken, the first such word, whose parser then says what is wrong. `--` starts nothing: after
+    it every word is an argument."""
     if not argv or not argv[0].startswith("-") or argv[0] == "--":
         return None
     words = argv[: argv.index("--")] if "--" in argv else argv
-    index = next((i for i, word in enumerate(words) if word in commands), None)
-    if index is None:
+    lines = [[word, *argv[:i], *argv[i + 1 :]] for i, word in enumerate(words) if word in commands]
+    if not lines:
         return None
-    return [argv[index], *argv[:index], *argv[index + 1 :]]
+    return next((line for line in lines if accepted(line)), lines[0])
+
+
+def takes(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
+    """Whether `parser` parses `argv` whole (help counts), printing nothing."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            _, extra = parser.parse_known_args(argv)
+        except SystemExit as e:
+            return e.code == 0
+    return not extra
