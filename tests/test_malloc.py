@@ -79,15 +79,19 @@ def test_freed_memory_kept_for_the_model_is_handed_back_on_release():
     assert kept - released > 90 * 1024, (kept, released)
 
 
-# A 7000x7000 PNG (147 MB decoded) made with glibc's defaults; then freed memory kept, as a CPU
-# worker keeps it (after importing the decoder, as a worker does); resident kB before the
-# decodes, after two, and after two truncated copies failed.
+# A 7000x7000 PNG (147 MB decoded) and a 4000x4000 one (48 MB) made with glibc's defaults; then
+# freed memory kept, as a CPU worker keeps it (after importing the decoder, as a worker does);
+# resident kB before the decodes, after two of the first, and after two truncated copies of the
+# second failed.
 _DECODES = """
-import io
+import io, os
 from PIL import Image
 buffer = io.BytesIO()
 Image.new("RGB", (7000, 7000), (10, 20, 30)).save(buffer, "PNG")
 data = buffer.getvalue()
+buffer = io.BytesIO()  # noise, so that its pixels are in the file and a truncated copy fails late
+Image.frombytes("RGB", (4000, 4000), os.urandom(4000 * 4000 * 3)).save(buffer, "PNG", compress_level=0)
+truncated = buffer.getvalue()[: len(buffer.getvalue()) * 9 // 10]
 del buffer
 from worker.contract import InputError
 from worker.malloc import keep_freed_memory
@@ -100,7 +104,7 @@ for _ in range(2):
 decoded = resident_kb()
 for _ in range(2):
     try:
-        decode_image(data[: len(data) // 2], IMAGENET_PREPROCESS)
+        decode_image(truncated, IMAGENET_PREPROCESS)
     except InputError:
         pass
 print(idle, decoded, resident_kb())

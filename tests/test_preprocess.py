@@ -116,14 +116,23 @@ def test_crop_larger_than_resize_is_rejected_in_the_manifest():
         Preprocess(resize=100, crop=200, mean=(0, 0, 0), std=(1, 1, 1))
 
 
-def test_a_refused_image_leaves_no_reference_cycle():
-    """The error held the frame that held the error (and the image's bytes): each refused image
-    waited for the garbage collector, +6.4 MB a truncated camera PNG (a hostile tester's finding)."""
+def test_refused_images_and_retried_ones_leave_no_reference_cycle():
+    """The error held the frame that held the error (and the image's bytes), and Pillow's chained
+    errors hold their frames: each refused image waited for the garbage collector, +6.4 MB a
+    truncated camera PNG, and +190 MB a 97 MB PNG whose retry without its metadata succeeded
+    (hostile testers' findings)."""
     import gc
+
+    from PIL import PngImagePlugin
 
     buffer = io.BytesIO()
     Image.new("RGB", (640, 480), (10, 20, 30)).save(buffer, "PNG")
     truncated = buffer.getvalue()[:200]
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)  # Pillow refuses it
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (10, 20, 30)).save(buffer, "PNG", pnginfo=text)
+    too_much_text = buffer.getvalue()
     gc.collect()
     gc.disable()
     try:
@@ -132,6 +141,7 @@ def test_a_refused_image_leaves_no_reference_cycle():
                 decode_image(truncated, LITE0_PREPROCESS)
             except InputError as e:
                 assert e.kind == "unreadable"
+            assert decode_image(too_much_text, LITE0_PREPROCESS).shape == (224, 224, 3)  # without its text
         unreachable = gc.collect()
     finally:
         gc.enable()

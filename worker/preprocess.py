@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import traceback
 from collections.abc import Iterable
 
 import numpy as np
@@ -68,28 +69,46 @@ def decode_image(
     exist. Broken metadata is dropped, not fatal. Raises InputError: `format_refused`, `too_large`,
     `not_an_image`, `unreadable`."""
     with pixel_cap(max_pixels):
-        try:
-            return _decode(data, prep, formats, budget)
-        except InputError as e:
-            if e.kind != "unreadable":
-                raise
-            error = e.with_traceback(None)  # its frames would keep the decoder's buffers
-        except Image.DecompressionBombError as e:
-            raise InputError("too_large", str(e)) from None
-        except CORRUPT_ERRORS as e:
-            error = InputError("unreadable", f"corrupt or truncated image: {e}")
-        release_freed_memory()  # what the failed decode held is free now
-        stripped = without_metadata(data)
-        if stripped is not None and stripped != data:
-            with contextlib.suppress(InputError, *CORRUPT_ERRORS):
-                return _decode(stripped, prep, formats, budget)
-        try:
-            raise error
-        finally:
-            # Its traceback holds this frame: were the frame to hold it too, both (and `data`)
-            # would wait for the garbage collector, +6.4 MB a truncated camera PNG (a hostile
-            # tester's finding).
-            del error
+        result = _attempt(data, prep, formats, budget)
+        if isinstance(result, InputError):
+            stripped = without_metadata(data)
+            if stripped is not None and stripped != data:
+                try:
+                    retried = _attempt(stripped, prep, formats, budget)
+                except InputError as e:  # refused another way: the first error says what is wrong
+                    traceback.clear_frames(e.__traceback__)
+                    retried = result
+                result = retried if isinstance(retried, np.ndarray) else result
+            del stripped
+            release_freed_memory()  # what the failed decodes held is free now
+    if isinstance(result, np.ndarray):
+        return result
+    try:
+        raise result
+    finally:
+        del result  # its traceback holds this frame: the frame must not hold it too
+
+
+def _attempt(
+    data: bytes, prep: Preprocess, formats: Iterable[str], budget: MemoryBudget | None
+) -> np.ndarray | InputError:
+    """`_decode`, or the `unreadable` InputError it failed with (others are raised). A failure's
+    frames are cleared first: they held the image's bytes and buffers, and Pillow's chained
+    exceptions hold their frames, so until the garbage collector ran each refused image stayed
+    in memory (+6.4 MB a truncated camera PNG, +190 MB a 97 MB PNG whose retry without its
+    metadata succeeded: hostile testers' findings)."""
+    try:
+        return _decode(data, prep, formats, budget)
+    except InputError as e:
+        if e.kind != "unreadable":
+            raise
+        traceback.clear_frames(e.__traceback__)
+        return e.with_traceback(None)
+    except Image.DecompressionBombError as e:
+        raise InputError("too_large", str(e)) from None
+    except CORRUPT_ERRORS as e:
+        traceback.clear_frames(e.__traceback__)
+        return InputError("unreadable", f"corrupt or truncated image: {e}")
 
 
 def _decode(data: bytes, prep: Preprocess, formats: Iterable[str], budget: MemoryBudget | None) -> np.ndarray:
