@@ -80,6 +80,10 @@ KILN = [sys.executable, "-m", "kiln_cli"]
          "kiln: options go after the command: kiln label --job status x --out r.csv"),
         ([*KILN, "--model", "worker", "label", "x", "--out", "r.csv"],  # of another module
          "kiln: options go after the command: kiln label --model worker x --out r.csv"),
+        ([*KILN, "--out", "build", "label", "x"],  # `build --out label x` would parse too
+         "kiln: options go after the command: kiln label --out build x"),
+        ([*KILN, "--out", "label", "export", "build"],
+         "kiln: options go after the command: kiln export --out label build"),
         ([*KILN, "--concurrency", "2", "worker", "--model", "m.pt2"],
          "kiln: options go after the command: kiln worker --concurrency 2 --model m.pt2"),
         ([sys.executable, "-m", "producer", "--no-progress", "--topk=3", "label", "x", "--out", "r.csv"],

@@ -237,6 +237,18 @@ def test_settings_told_to_read_no_env_file_read_none(tmp_path, monkeypatch):
     assert WorkerSettings(_env_file=None).model is None
 
 
+def test_env_files_named_to_the_settings_are_checked_as_dot_env_is(tmp_path):
+    """A list of files, a file in another encoding asked for by name (hostile testers' findings:
+    a list was not checked, and an error then named `None`)."""
+    from worker.settings import EnvFileError, WorkerSettings
+
+    utf16 = tmp_path / "settings.env"
+    utf16.write_bytes("KILN_FETCH_THREADS=3\n".encode("utf-16-le"))
+    with pytest.raises(EnvFileError, match=f"{utf16} holds NUL bytes"):
+        WorkerSettings(_env_file=[str(tmp_path / "absent.env"), str(utf16)])
+    assert WorkerSettings(_env_file=utf16, _env_file_encoding="utf-16-le").fetch_threads == 3
+
+
 def test_a_env_file_the_user_cannot_read_is_one_line_naming_it(tmp_path):
     """A .env only its owner may read (a deployment's secrets), read by another user: here root
     without the capability to read what it does not own (util-linux's setpriv)."""

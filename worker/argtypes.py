@@ -88,17 +88,22 @@ def options_moved_after_command(
 ) -> list[str] | None:
     """`argv` with the options before its command moved after it (`--topk 3 label x` ->
     `label --topk 3 x`), or None where `argv` does not start with an option or names no command.
-    The command is the first word in `commands` whose line `accepted` takes, as an option's value
-    may name another (`--job status label x`: a hostile tester's finding); where no line is
-    taken, the first such word, whose parser then says what is wrong. `--` starts nothing: after
-    it every word is an argument."""
+
+    An option's value may name a command too (`--job status label x`, `--out build label x`:
+    hostile testers' findings), so the command is the first word in `commands` whose line
+    `accepted` takes and that follows no `--option` (whose value it would be), else the first
+    whose line is taken; where no line is taken, the first such word, whose parser then says what
+    is wrong. `--` starts nothing: after it every word is an argument."""
     if not argv or not argv[0].startswith("-") or argv[0] == "--":
         return None
     words = argv[: argv.index("--")] if "--" in argv else argv
-    lines = [[word, *argv[:i], *argv[i + 1 :]] for i, word in enumerate(words) if word in commands]
-    if not lines:
+    found = [i for i, word in enumerate(words) if word in commands]
+    if not found:
         return None
-    return next((line for line in lines if accepted(line)), lines[0])
+    lines = {i: [argv[i], *argv[:i], *argv[i + 1 :]] for i in found}
+    taken = [i for i in found if accepted(lines[i])]
+    after_a_value = [i for i in taken if not (argv[i - 1].startswith("-") and "=" not in argv[i - 1])]
+    return lines[(after_a_value or taken or found)[0]]
 
 
 def takes(parser: argparse.ArgumentParser, argv: list[str]) -> bool:

@@ -112,7 +112,9 @@ class CommonSettings(BaseSettings):
         raised the decoder's or the file system's traceback, a hostile tester's finding), and
         pydantic's ValidationError for invalid settings (`settings_error` says it in a line)."""
         env_file = values.get("_env_file", ENV_FILE)
-        path = os.path.abspath(env_file) if isinstance(env_file, str | os.PathLike) else None
+        files = env_file if isinstance(env_file, list | tuple) else [] if env_file is None else [env_file]
+        paths = [os.path.abspath(os.path.expanduser(file)) for file in files]
+        path = " or ".join(paths)  # where a decoding error came from
         try:
             super().__init__(**values)
         except UnicodeDecodeError as e:
@@ -128,11 +130,13 @@ class CommonSettings(BaseSettings):
         # UTF-16 without a byte-order mark decodes as UTF-8 with a NUL after each letter: no name
         # in it is a setting's, so it was ignored without a word (a hostile tester's finding).
         # Regular files only: a pipe read again would wait for a writer for ever.
-        if path is not None and os.path.isfile(path):
-            with contextlib.suppress(OSError), open(path, "rb") as text:
+        if values.get("_env_file_encoding") not in (None, "utf-8", "utf8"):
+            return  # text in another encoding was asked for, and read so
+        for file in filter(os.path.isfile, paths):
+            with contextlib.suppress(OSError), open(file, "rb") as text:
                 if b"\0" in text.read():
                     raise EnvFileError(
-                        f"{path} holds NUL bytes (UTF-16 or UTF-32 text, or not text): save it as UTF-8 text, or "
+                        f"{file} holds NUL bytes (UTF-16 or UTF-32 text, or not text): save it as UTF-8 text, or "
                         "move it out of this folder, from which kiln reads its KILN_* settings"
                     )
 
