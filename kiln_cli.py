@@ -13,7 +13,7 @@ import shlex
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from worker.argtypes import options_moved_after_command, takes
+from worker.argtypes import asks_for_help, options_moved_after_command, takes
 
 # subcommand -> (module whose main() runs it, arguments put first, one-line summary)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -37,7 +37,17 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the command's own handling starts (while torch imports, say): each module
+        # says what an interrupt leaves once it runs; here nothing has started, and a traceback
+        # through importlib says nothing to a user.
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if argv else 2
@@ -50,11 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[0] = "kiln"  # each module's usage lines then say `kiln label`, not `python -m producer label`
     moved = options_moved_after_command(argv, COMMANDS, _accepted)
     if moved is not None:  # `kiln --topk 3 label x`: nothing runs
-        if _accepted(moved):
+        module, first, _ = COMMANDS[moved[0]]
+        line = [*first, *moved[1:]]
+        parser = importlib.import_module(module).parser()
+        if takes(parser, line) and not asks_for_help(parser, line):
             print(f"kiln: options go after the command: kiln {shlex.join(moved)}", file=sys.stderr)
             return 2
-        module, first, _ = COMMANDS[moved[0]]
-        return importlib.import_module(module).main([*first, *moved[1:]])  # its parser says what is wrong
+        # Its parser prints the help asked for (as `python -m producer --no-progress label -h`
+        # does), or says what is wrong with the line.
+        return importlib.import_module(module).main(line)
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)

@@ -121,6 +121,41 @@ def test_an_option_before_a_command_that_does_not_take_it_gets_that_commands_err
     assert says in done.stderr and "go after" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        [*KILN, "--no-progress", "label", "-h"],
+        [*KILN, "--topk", "3", "label", "--help"],
+        [sys.executable, "-m", "producer", "--no-progress", "label", "-h"],
+    ],
+)
+def test_help_asked_with_an_option_before_the_command_is_shown(command):
+    """The user asked for help: both launchers show the command's (`kiln` refused the line with
+    status 2 where `python -m producer` printed the help: a hostile tester's finding)."""
+    done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "label [-h]" in done.stdout and "--out" in done.stdout, done
+
+
+def test_ctrl_c_before_the_command_starts_ends_quietly():
+    """An interrupt while the command's module is still importing (torch takes seconds) ends with
+    one line and status 130, not a traceback through importlib. The interrupt is raised where a
+    Ctrl-C lands then: at the import of the producer's first dependency."""
+    script = """
+import sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "redis":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+import kiln_cli
+sys.exit(kiln_cli.main(["label", "x", "--out", "r.csv"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and done.stderr == "kiln: interrupted\n", done
+
+
 def test_version():
     done = kiln("--version")
     assert done.returncode == 0 and done.stdout.startswith("kiln "), done
