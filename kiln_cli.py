@@ -11,9 +11,6 @@ import importlib
 import os
 import shlex
 import sys
-from importlib.metadata import PackageNotFoundError, version
-
-from worker.argtypes import asks_for_help, options_moved_after_command, takes
 
 # subcommand -> (module whose main() runs it, arguments put first, one-line summary)
 COMMANDS: dict[str, tuple[str, list[str], str]] = {
@@ -37,21 +34,36 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # What this module imports is imported in here, under the handlers: a Ctrl-C or a reader gone
+    # while it loads is met the same way.
     try:
-        return _run(sys.argv[1:] if argv is None else argv)
+        try:
+            return _run(sys.argv[1:] if argv is None else argv)
+        finally:  # argparse's help exits: flushed here, not at exit, a reader gone early is caught below
+            sys.stdout.flush()
     except KeyboardInterrupt:
         # Ctrl-C before the command's own handling starts (while torch imports, say): each module
         # says what an interrupt leaves once it runs; here nothing has started, and a traceback
         # through importlib says nothing to a user.
         print("kiln: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`kiln models | head -n 0`): not an error of kiln's. Python would
+        # print a traceback flushing stdout at exit, so stdout is pointed at nothing first (the
+        # recipe of Python's library/signal docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _run(argv: list[str]) -> int:
+    from worker.argtypes import asks_for_help, options_moved_after_command, takes
+
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] in ("-V", "--version", "version"):
+        from importlib.metadata import PackageNotFoundError, version
+
         try:
             print(f"kiln {version('kiln')}")
         except PackageNotFoundError:
@@ -74,17 +86,13 @@ def _run(argv: list[str]) -> int:
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command
-    try:
-        return importlib.import_module(module).main([*first, *argv[1:]])
-    except BrokenPipeError:
-        # The reader went away (`kiln models | head`): not an error of kiln's. Python would print a
-        # traceback flushing stdout at exit, so stdout is pointed at nothing first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return importlib.import_module(module).main([*first, *argv[1:]])
 
 
 def _accepted(line: list[str]) -> bool:
     """Whether the module owning the command `line` starts with takes that line."""
+    from worker.argtypes import takes
+
     module, first, _ = COMMANDS[line[0]]
     return takes(importlib.import_module(module).parser(), [*first, *line[1:]])
 
