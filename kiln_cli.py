@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    from worker.argtypes import asks_for_help, options_moved_after_command, takes
+    from worker.argtypes import options_moved_after_command, trial_parse
 
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
@@ -74,13 +74,13 @@ def _run(argv: list[str]) -> int:
     if moved is not None:  # `kiln --topk 3 label x`: nothing runs
         module, first, _ = COMMANDS[moved[0]]
         line = [*first, *moved[1:]]
-        parser = importlib.import_module(module).parser()
-        if takes(parser, line) and not asks_for_help(parser, line):
+        owner = importlib.import_module(module)
+        if trial_parse(owner.parser(), line) == "parsed":
             print(f"kiln: options go after the command: kiln {shlex.join(moved)}", file=sys.stderr)
             return 2
         # Its parser prints the help asked for (as `python -m producer --no-progress label -h`
         # does), or says what is wrong with the line.
-        return importlib.import_module(module).main(line)
+        return owner.main(line)
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)

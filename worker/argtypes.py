@@ -108,18 +108,13 @@ def options_moved_after_command(
 
 def takes(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
     """Whether `parser` parses `argv` whole (help counts), printing nothing."""
-    return _trial_parse(parser, argv) in ("parsed", "help")
+    return trial_parse(parser, argv) in ("parsed", "help")
 
 
-def asks_for_help(parser: argparse.ArgumentParser, argv: list[str]) -> bool:
-    """Whether `argv` asks `parser` for its help (`-h`, `--help`, or an abbreviation argparse
-    takes for it), printing nothing."""
-    return _trial_parse(parser, argv) == "help"
-
-
-def _trial_parse(parser: argparse.ArgumentParser, argv: list[str]) -> str:
-    """How `parser` takes `argv` ("parsed", "help" or "refused"), its output thrown away. argparse
-    exits with status 0 only after printing help (kiln's parsers have no `version` action)."""
+def trial_parse(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """How `parser` takes `argv`, its output thrown away: "parsed", "help" (`-h`, `--help`, or an
+    abbreviation argparse takes for it) or "refused". argparse exits with status 0 only after
+    printing help (kiln's parsers have no `version` action)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
             _, extra = parser.parse_known_args(argv)
