@@ -28,7 +28,6 @@ from common import Results, mps_daemon, resnet18_on_640x480
 from gpu_e2e_profile import summarise
 
 from bench.gpu import _worker, plan_line, warm, worker_processes
-from bench.pipeline import _proc_table, proc_cmdline
 
 R = Results(sys.argv[1])
 WANTED = set(filter(None, os.environ.get("HOST_BUDGET_VARIANTS", "").split(",")))  # default: all
@@ -36,6 +35,8 @@ WANTED = set(filter(None, os.environ.get("HOST_BUDGET_VARIANTS", "").split(","))
 
 def processes() -> dict[int, tuple[int, str, float]]:
     """pid -> (ppid, command line, CPU seconds) of every process on the host."""
+    from bench.pipeline import _proc_table, proc_cmdline  # after the wheels are installed: it imports redis
+
     return {pid: (ppid, proc_cmdline(pid), cpu) for pid, (ppid, cpu) in _proc_table().items()}
 
 
