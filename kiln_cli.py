@@ -8,7 +8,6 @@ exit codes are theirs: `kiln build ...` is `python -m compile build ...`, `kiln 
 from __future__ import annotations
 
 import importlib
-import os
 import shlex
 import sys
 
@@ -34,34 +33,42 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # What this module imports is imported in here, under the handlers: a Ctrl-C or a reader gone
-    # while it loads is met the same way.
+    # What this module imports is imported in here, under the handler: a Ctrl-C while it loads is
+    # met the same way.
     try:
-        try:
-            return _run(sys.argv[1:] if argv is None else argv)
-        finally:  # argparse's help exits: flushed here, not at exit, a reader gone early is caught below
-            sys.stdout.flush()
+        from worker.argtypes import run_main
+
+        return run_main(lambda: _run(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
         # Ctrl-C before the command's own handling starts (while torch imports, say): each module
         # says what an interrupt leaves once it runs; here nothing has started, and a traceback
         # through importlib says nothing to a user.
         print("kiln: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # The reader went away (`kiln models | head -n 0`): not an error of kiln's. Python would
-        # print a traceback flushing stdout at exit, so stdout is pointed at nothing first (the
-        # recipe of Python's library/signal docs, "Note on SIGPIPE").
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+
+
+HELP = ("-h", "--help", "help")
+VERSION = ("-V", "--version", "version")
+
+
+def _asks(word: str, names: tuple[str, str, str]) -> bool:
+    """Whether `word` is one of `names` (short, long, word), or an abbreviation argparse would
+    take for the long one (`--hel`), as the modules' own parsers do."""
+    return word in names or (len(word) > 2 and word.startswith("--") and names[1].startswith(word))
 
 
 def _run(argv: list[str]) -> int:
     from worker.argtypes import options_moved_after_command, trial_parse
 
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version", "version"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if _asks(argv[0], HELP):
+        if len(argv) < 2 or argv[1] not in COMMANDS:
+            print(usage())
+            return 0
+        argv = [argv[1], "--help"]  # `kiln help label` is `kiln label --help`, as `python -m producer -h label`
+    if _asks(argv[0], VERSION):
         from importlib.metadata import PackageNotFoundError, version
 
         try:
@@ -70,11 +77,11 @@ def _run(argv: list[str]) -> int:
             print("kiln (not installed: run from a checkout)")
         return 0
     sys.argv[0] = "kiln"  # each module's usage lines then say `kiln label`, not `python -m producer label`
-    moved = options_moved_after_command(argv, COMMANDS, _accepted)
+    moved = options_moved_after_command(argv, COMMANDS, _accepted, _takes_value)
     if moved is not None:  # `kiln --topk 3 label x`: nothing runs
         module, first, _ = COMMANDS[moved[0]]
         line = [*first, *moved[1:]]
-        owner = importlib.import_module(module)
+        owner = _module(module)
         if trial_parse(owner.parser(), line) == "parsed":
             print(f"kiln: options go after the command: kiln {shlex.join(moved)}", file=sys.stderr)
             return 2
@@ -86,7 +93,16 @@ def _run(argv: list[str]) -> int:
         print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command
-    return importlib.import_module(module).main([*first, *argv[1:]])
+    return _module(module).main([*first, *argv[1:]])
+
+
+def _module(name: str):
+    """The module that runs a command, imported with a Ctrl-C held until the import ends (torch's
+    and numpy's imports lose one, or turn it into an ImportError)."""
+    from worker.process_signals import interrupts_held
+
+    with interrupts_held():
+        return importlib.import_module(name)
 
 
 def _accepted(line: list[str]) -> bool:
@@ -94,7 +110,16 @@ def _accepted(line: list[str]) -> bool:
     from worker.argtypes import takes
 
     module, first, _ = COMMANDS[line[0]]
-    return takes(importlib.import_module(module).parser(), [*first, *line[1:]])
+    return takes(_module(module).parser(), [*first, *line[1:]])
+
+
+def _takes_value(command: str, option: str) -> bool:
+    """Whether `option` takes a value in `command`'s parser (the module's, or its subcommand's)."""
+    from worker.argtypes import option_takes_value, subcommands
+
+    module, first, _ = COMMANDS[command]
+    owner = _module(module).parser()
+    return option_takes_value(subcommands(owner)[first[0]] if first else owner, option)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from worker.argtypes import at_least, finite, parse_command_line, program
+from worker.argtypes import at_least, finite, parse_command_line, program, run_main
 from worker.manifest import PackageError, Preprocess, read_manifest
+from worker.process_signals import interrupts_held
 
 EPILOG = """\
 examples:
@@ -143,11 +143,12 @@ def _check_output(output: Path) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    import torch
+    with interrupts_held():  # torch's import would lose a Ctrl-C, or turn it into an ImportError
+        import torch
 
-    from compile.models import ModelError, resolve_model
-    from compile.package import BuildOptions, build_package
-    from compile.verify import BuildError
+        from compile.models import ModelError, resolve_model
+        from compile.package import BuildOptions, build_package
+        from compile.verify import BuildError
 
     options = BuildOptions(
         device=args.device,
@@ -203,22 +204,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
-    if args.command == "models":
-        from compile.models import DEFAULT_MODEL, torchvision_classifiers
-
-        print("\n".join([DEFAULT_MODEL, *torchvision_classifiers()]))
-        return 0
     try:
+        if args.command == "models":
+            with interrupts_held():  # torch's import would lose a Ctrl-C, or turn it into an ImportError
+                from compile.models import DEFAULT_MODEL, torchvision_classifiers
+
+            print("\n".join([DEFAULT_MODEL, *torchvision_classifiers()]))
+            return 0
         return _build(args)
     except KeyboardInterrupt:  # Ctrl-C: torch's traceback from deep in the export says nothing more
-        print("interrupted: no package written", file=sys.stderr)
+        print("interrupted" + (": no package written" if args.command == "build" else ""), file=sys.stderr)
         return 130
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `python -m compile inspect X | head`: the reader left; nothing to report
-        # Python's documented recipe (library/signal, "Note on SIGPIPE"): no second error at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    sys.exit(run_main(main))

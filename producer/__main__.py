@@ -29,7 +29,7 @@ from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, inputs_job_id, iter_items, local_roots, object_roots, one_line
-from worker.argtypes import at_least, parse_command_line, program, seconds
+from worker.argtypes import at_least, parse_command_line, program, run_main, seconds
 from worker.contract import Record
 from worker.manifest import PackageError, read_manifest
 from worker.settings import EnvFileError, mask_url, setting_variables, settings_error, unknown_variables
@@ -511,4 +511,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

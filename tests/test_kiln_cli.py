@@ -86,6 +86,14 @@ KILN = [sys.executable, "-m", "kiln_cli"]
          "kiln: options go after the command: kiln export --out label build"),
         ([*KILN, "--concurrency", "2", "worker", "--model", "m.pt2"],
          "kiln: options go after the command: kiln worker --concurrency 2 --model m.pt2"),
+        ([*KILN, "--no-progress", "wait", "submit"],  # a flag has no value: `submit` is wait's job
+         "kiln: options go after the command: kiln wait --no-progress submit"),
+        ([*KILN, "--no-prog", "wait", "submit"],  # as argparse abbreviates it
+         "kiln: options go after the command: kiln wait --no-prog submit"),
+        ([*KILN, "--timeout=5", "wait", "submit"],  # the value is in the word
+         "kiln: options go after the command: kiln wait --timeout=5 submit"),
+        ([sys.executable, "-m", "producer", "--no-progress", "wait", "submit"],
+         "error: options go after the command: python -m producer wait --no-progress submit"),
         ([sys.executable, "-m", "producer", "--no-progress", "--topk=3", "label", "x", "--out", "r.csv"],
          "error: options go after the command: python -m producer label --no-progress --topk=3 x --out r.csv"),
         ([sys.executable, "-m", "producer", "--out", "r.csv", "export", "job1"],
@@ -136,6 +144,59 @@ def test_help_asked_with_an_option_before_the_command_is_shown(command):
     assert done.returncode == 0 and "label [-h]" in done.stdout and "--out" in done.stdout, done
 
 
+@pytest.mark.parametrize(
+    "args", [["-h", "label"], ["help", "label"], ["--hel", "label"], ["--help", "label", "x", "--topk", "3"]]
+)
+def test_help_before_a_command_is_that_commands_help(args):
+    """`kiln -h label` is `kiln label --help`, as `python -m producer -h label` is (it printed
+    kiln's list of commands: a hostile tester's finding)."""
+    done = kiln(*args)
+    assert done.returncode == 0 and done.stdout.startswith("usage: kiln label [-h]"), done
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--hel"], "usage: kiln COMMAND"), (["--vers"], "kiln ")])
+def test_the_launchers_own_options_abbreviate_as_argparse_options_do(args, says):
+    done = kiln(*args)
+    assert done.returncode == 0 and done.stdout.startswith(says), done
+
+
+SWALLOWED_CTRL_C = """
+import os, signal, sys, time
+
+class SwallowsCtrlC:
+    # As numpy's and torch's imports may: the Ctrl-C lands while torchvision loads, and is caught.
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # Python's handler runs here
+            except KeyboardInterrupt:
+                pass
+
+sys.meta_path.insert(0, SwallowsCtrlC())
+from {module} import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "says"),
+    [
+        ("kiln_cli", ["models"], "interrupted\n"),
+        ("compile.__main__", ["models"], "interrupted\n"),
+        ("kiln_cli", ["build", "resnet18", "-o", "/dev/null/r18.pt2"], "interrupted: no package written\n"),
+    ],
+)
+def test_ctrl_c_while_torch_imports_is_not_lost(module, argv, says):
+    """Held until the import ends, then the command stops (status 130): a Ctrl-C caught inside
+    torch's or numpy's import was lost (the command ran on: here `build` would fail on its output
+    path with status 2) or became numpy's `ImportError: cannot load module more than once`."""
+    script = SWALLOWED_CTRL_C.format(module=module, argv=argv)
+    done = subprocess.run([sys.executable, "-c", script], env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and done.stdout == "" and done.stderr.endswith(says), done
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_ctrl_c_before_the_command_starts_ends_quietly():
     """An interrupt while the command's module is still importing (torch takes seconds) ends with
     one line and status 130, not a traceback through importlib. The interrupt is raised where a
@@ -162,11 +223,25 @@ def test_version():
 
 
 @pytest.mark.parametrize("unbuffered", ["1", ""])
-@pytest.mark.parametrize("args", [["inspect", "PACKAGE"], ["--help"], ["--version"], ["label", "-h"], ["models"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["kiln_cli", "inspect", "PACKAGE"],
+        ["kiln_cli", "--help"],
+        ["kiln_cli", "--version"],
+        ["kiln_cli", "label", "-h"],
+        ["kiln_cli", "models"],
+        ["compile", "models"],
+        ["compile", "inspect", "PACKAGE"],
+        ["producer", "--help"],
+        ["worker", "--help"],
+    ],
+)
 def test_output_piped_into_a_reader_that_stops_early_is_no_error(lite0_package, args, unbuffered):
     """`kiln inspect x.pt2 | head -n 0`: the reader has closed the pipe; no traceback and no
     "Exception ignored" line, status 0, whether stdout is unbuffered (as in the worker image) or
-    written only at exit (small output: a hostile tester's finding, status 120)."""
+    written only at exit (small output: a hostile tester's finding, status 120), under `kiln`
+    and `python -m` alike (`python -m compile models` ended with status 1)."""
     import os
 
     args = [str(lite0_package) if arg == "PACKAGE" else arg for arg in args]
@@ -174,7 +249,7 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_error(lite0_package, 
     os.close(read_end)  # the reader is gone before the first write: that write fails with EPIPE
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "kiln_cli", *args], env=python_env(PYTHONUNBUFFERED=unbuffered),
+            [sys.executable, "-m", *args], env=python_env(PYTHONUNBUFFERED=unbuffered),
             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
         )  # fmt: skip
     finally:

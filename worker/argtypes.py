@@ -1,7 +1,7 @@
 """argparse types that the command lines share (`python -m compile`, `python -m producer`): each
 refuses what the command could not use, in words argparse prefixes with the option's name
-(`argument --topk: 0 is less than 1`, exit status 2); the name each command goes by; and the
-parsing of a command line of subcommands."""
+(`argument --topk: 0 is less than 1`, exit status 2); the name each command goes by; the
+parsing of a command line of subcommands; and how a command ends when its reader goes away."""
 
 from __future__ import annotations
 
@@ -61,6 +61,22 @@ def program(module: str, under_kiln: str = "kiln") -> str:
     return under_kiln if os.path.basename(sys.argv[0]) == "kiln" else f"python -m {module}"
 
 
+def run_main(main: Callable[[], int]) -> int:
+    """`main()`'s exit status, its output flushed before it returns. A reader of stdout gone early
+    (`kiln models | head -n 0`) is not an error of the command's: status 0, and no traceback or
+    "Exception ignored" line with status 120 when Python flushes stdout at exit (hostile testers'
+    findings). Python's documented recipe (library/signal, "Note on SIGPIPE"): stdout is pointed
+    at nothing, so that the flush at exit has nowhere to fail."""
+    try:
+        try:
+            return main()
+        finally:  # argparse's help exits too: flushed here, where a reader gone is caught below
+            sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """`parser.parse_args(argv)` for a command line of subcommands, each with itself as its
     `command_parser` default: an argument the subcommand does not know is refused with that
@@ -72,8 +88,13 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     option it does not take gets its own error instead (hostile testers' findings: argparse took
     `3` for a subcommand, and a hint named options the subcommand would refuse)."""
     argv = sys.argv[1:] if argv is None else argv
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    moved = options_moved_after_command(argv, subcommands, lambda line: takes(parser, line))
+    commands = subcommands(parser)
+    moved = options_moved_after_command(
+        argv,
+        commands,
+        accepted=lambda line: takes(parser, line),
+        takes_value=lambda command, option: option_takes_value(commands[command], option),
+    )
     if moved is not None:
         command_parser = parse_command_line(parser, moved).command_parser  # exits on the line's own errors
         command_parser.error(f"options go after the command: {command_parser.prog} {shlex.join(moved[1:])}")
@@ -83,17 +104,26 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     return args
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parser of each subcommand of `parser`, by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
 def options_moved_after_command(
-    argv: list[str], commands: Iterable[str], accepted: Callable[[list[str]], bool]
+    argv: list[str],
+    commands: Iterable[str],
+    accepted: Callable[[list[str]], bool],
+    takes_value: Callable[[str, str], bool],
 ) -> list[str] | None:
     """`argv` with the options before its command moved after it (`--topk 3 label x` ->
     `label --topk 3 x`), or None where `argv` does not start with an option or names no command.
 
     An option's value may name a command too (`--job status label x`, `--out build label x`:
     hostile testers' findings), so the command is the first word in `commands` whose line
-    `accepted` takes and that follows no `--option` (whose value it would be), else the first
-    whose line is taken; where no line is taken, the first such word, whose parser then says what
-    is wrong. `--` starts nothing: after it every word is an argument."""
+    `accepted` takes and that is not the value of the option before it (`takes_value(command,
+    option)`: a flag such as `--no-progress` takes none), else the first whose line is taken;
+    where no line is taken, the first such word, whose parser then says what is wrong. `--`
+    starts nothing: after it every word is an argument."""
     if not argv or not argv[0].startswith("-") or argv[0] == "--":
         return None
     words = argv[: argv.index("--")] if "--" in argv else argv
@@ -102,8 +132,22 @@ def options_moved_after_command(
         return None
     lines = {i: [argv[i], *argv[:i], *argv[i + 1 :]] for i in found}
     taken = [i for i in found if accepted(lines[i])]
-    after_a_value = [i for i in taken if not (argv[i - 1].startswith("-") and "=" not in argv[i - 1])]
-    return lines[(after_a_value or taken or found)[0]]
+    not_a_value = [i for i in taken if not (argv[i - 1].startswith("-") and takes_value(argv[i], argv[i - 1]))]
+    return lines[(not_a_value or taken or found)[0]]
+
+
+def option_takes_value(parser: argparse.ArgumentParser, option: str) -> bool:
+    """Whether the word after `option` (as typed: `--out`, `-o`, an abbreviation argparse takes
+    such as `--ou`, or `--out=x`) may be its value under `parser`: not after a flag, nor after
+    `--option=value`; an option `parser` does not know may take one."""
+    if "=" in option:
+        return False
+    actions = parser._option_string_actions
+    action = actions.get(option)
+    if action is None and option.startswith("--") and parser.allow_abbrev:
+        matches = {a for name, a in actions.items() if name.startswith(option)}
+        action = matches.pop() if len(matches) == 1 else None
+    return action is None or action.nargs != 0
 
 
 def takes(parser: argparse.ArgumentParser, argv: list[str]) -> bool:

@@ -45,6 +45,28 @@ def blocked(signals: Iterable[signal.Signals]) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) inside the block raises KeyboardInterrupt where the block ends, not inside
+    it: for imports, since torch's and numpy's catch an interrupt raised while they load, or turn
+    it into numpy's `ImportError: cannot load module more than once per process` (a hostile
+    tester's Ctrl-C during `kiln models`). Only where Python's own Ctrl-C handler is in place, in
+    the main thread; elsewhere the block runs as it would."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 def hold_until_ready() -> None:
     """In the main thread, before any other starts: SIGUSR1 is blocked in every thread (threads
     inherit the mask of the thread that starts them), and one thread of its own takes it and logs
