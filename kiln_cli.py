@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, list[str], str]] = {
     "classify": ("producer.__main__", ["classify"], "classify one image now, online (python -m producer classify)"),
 }
 
+# The launcher's own options: short, long, and as a word (`kiln help`).
+HELP = ("-h", "--help", "help")
+VERSION = ("-V", "--version", "version")
+
 
 def usage() -> str:
     lines = ["usage: kiln COMMAND [ARGS...]   (kiln COMMAND --help explains each; kiln --version)", "", "commands:"]
@@ -45,10 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         # through importlib says nothing to a user.
         print("kiln: interrupted", file=sys.stderr)
         return 130
-
-
-HELP = ("-h", "--help", "help")
-VERSION = ("-V", "--version", "version")
 
 
 def _asks(word: str, names: tuple[str, str, str]) -> bool:
