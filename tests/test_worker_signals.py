@@ -19,6 +19,7 @@ from producer.embedded import LocalWorker
 from producer.settings import ProducerSettings
 from worker.decode_pool import DecodePool
 from worker.manifest import IMAGENET_PREPROCESS
+from worker.process_signals import interrupts_held
 from worker.settings import DEFAULT_FORMATS
 
 TWO = ["--concurrency", "2", "--threads", "1", "--loglevel", "INFO"]
@@ -372,3 +373,25 @@ os.execv(sys.executable, [sys.executable, "-c", {new_image!r}])
     done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.stdout.splitlines() == ["['SIGINT', 'SIGQUIT', 'SIGTERM']"], (done.stdout, done.stderr)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_ctrl_c_inside_a_held_block_is_raised_where_it_ends():
+    """What the `kiln` launcher and `python -m compile` import torch under (tests/test_kiln_cli.py
+    runs the commands)."""
+    went_on = False
+    with pytest.raises(KeyboardInterrupt), interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs here, and holds it
+        went_on = True
+    assert went_on
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_inside_a_held_block_is_not_held():
+    with pytest.raises(KeyboardInterrupt), interrupts_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # interrupted here
+        pytest.fail("the second Ctrl-C was held too")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -50,15 +50,22 @@ def interrupts_held() -> Iterator[None]:
     """A Ctrl-C (SIGINT) inside the block raises KeyboardInterrupt where the block ends, not inside
     it: for imports, since torch's and numpy's catch an interrupt raised while they load, or turn
     it into numpy's `ImportError: cannot load module more than once per process` (a hostile
-    tester's Ctrl-C during `kiln models`). Only where Python's own Ctrl-C handler is in place, in
-    the main thread; elsewhere the block runs as it would."""
+    tester's Ctrl-C during `kiln models`). A second Ctrl-C raises at once: whoever presses it
+    again will not wait (an import stuck on a network file system, say). Only where Python's own
+    Ctrl-C handler is in place, in the main thread; elsewhere the block runs as it would."""
     if threading.current_thread() is not threading.main_thread() or (
         signal.getsignal(signal.SIGINT) is not signal.default_int_handler
     ):
         yield
         return
     held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, _: held.append(signum))
+
+    def hold(signum: int, _: object) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
