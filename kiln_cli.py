@@ -64,7 +64,7 @@ def _run(argv: list[str]) -> int:
         print(usage(), file=sys.stderr)
         return 2
     if _asks(argv[0], HELP):
-        if len(argv) < 2 or argv[1] not in COMMANDS:
+        if len(argv) < 2 or argv[1].startswith("-"):
             print(usage())
             return 0
         argv = [argv[1], "--help"]  # `kiln help label` is `kiln label --help`, as `python -m producer -h label`
@@ -90,7 +90,9 @@ def _run(argv: list[str]) -> int:
         return owner.main(line)
     command = COMMANDS.get(argv[0])
     if command is None:
-        print(f"kiln: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        # `kiln --topk 3 lable x`: no command named at all, rather than an unknown command '--topk'
+        problem = "the command comes first, its options after it" if argv[0].startswith("-") else None
+        print(f"kiln: {problem or f'unknown command {argv[0]!r}'}\n\n{usage()}", file=sys.stderr)
         return 2
     module, first, _ = command
     return _module(module).main([*first, *argv[1:]])

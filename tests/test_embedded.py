@@ -148,3 +148,24 @@ def test_no_second_redis_server_while_a_killed_producers_one_lives(tmp_path, lit
     done = subprocess.run(_label(SAMPLES, tmp_path / "done.csv"), env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0 and "6 labelled, 0 failed" in done.stderr, done.stderr
+
+
+def test_ctrl_c_once_label_has_written_its_records_changes_nothing(tmp_path, lite0_package):
+    """A Ctrl-C while the embedded worker and Redis stop, the records written and said so: status
+    0, not "interrupted: ... run the same command again to resume" (a hostile tester's finding)."""
+    out = tmp_path / "r.csv"
+    labelling = subprocess.Popen(_label(SAMPLES, out), env=_embedded_env(tmp_path / "data", lite0_package),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        said = []
+        for line in labelling.stderr:
+            said.append(line)
+            if " labelled, " in line:  # the records are in r.csv; the worker and Redis stop next
+                labelling.send_signal(signal.SIGINT)
+                break
+        said.append(labelling.communicate(timeout=120)[1])
+    finally:
+        labelling.kill()
+    err = "".join(said)
+    assert labelling.returncode == 0 and "interrupted" not in err, err
+    assert "6 labelled, 0 failed" in err and len(out.read_text().splitlines()) == 7  # a header and 6 records

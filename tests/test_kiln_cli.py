@@ -120,10 +120,16 @@ def test_an_option_before_the_command_is_said_to_go_after_it(command, says):
         ([sys.executable, "-m", "producer", "--no-progress", "status", "job1"],
          "status: error: unrecognized arguments: --no-progress"),
         ([*KILN, "--bogus", "worker", "--model", "m.pt2"], "worker: error: unrecognized arguments: --bogus"),
+        # `build` is the value of the option before it, not the command (a hostile tester's finding)
+        ([*KILN, "--ou", "build", "label", "x"], "label: error: ambiguous option: --ou could match"),
+        ([sys.executable, "-m", "producer", "--ou", "build", "label", "x"], "ambiguous option: --ou could match"),
+        ([*KILN, "-o", "build", "inspect", "x"], "inspect: error: unrecognized arguments: -o"),
+        ([sys.executable, "-m", "compile", "-o", "build", "inspect", "x"], "unrecognized arguments: -o"),
     ],
 )  # fmt: skip
 def test_an_option_before_a_command_that_does_not_take_it_gets_that_commands_error(command, says):
-    """Not a hint to put `--no-progress` after `status`, which would refuse it in turn."""
+    """Not a hint to put `--no-progress` after `status`, which would refuse it in turn; nor a line
+    where an option's value has become the command (`kiln build --ou label x`)."""
     done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     assert says in done.stderr and "go after" not in done.stderr, done.stderr
@@ -142,6 +148,25 @@ def test_help_asked_with_an_option_before_the_command_is_shown(command):
     status 2 where `python -m producer` printed the help: a hostile tester's finding)."""
     done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "label [-h]" in done.stdout and "--out" in done.stdout, done
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ([*KILN, "--topk", "3", "lable", "x", "--out", "r.csv"], "kiln: the command comes first, its options after it"),
+        ([*KILN, "--topk"], "kiln: the command comes first, its options after it"),
+        ([*KILN, "help", "lable"], "kiln: unknown command 'lable'"),
+        ([sys.executable, "-m", "producer", "--topk", "3", "lable", "x", "--out", "r.csv"],
+         "error: the command comes first, its options after it; the commands: label, submit"),
+        ([sys.executable, "-m", "compile", "-o", "x.pt2", "biuld"],
+         "error: the command comes first, its options after it; the commands: build, inspect, models"),
+    ],
+)  # fmt: skip
+def test_options_and_no_command_are_refused_as_such(command, says):
+    """argparse named the option's value as an unknown command (`invalid choice: '3'`), and
+    `kiln` the option itself (`unknown command '--topk'`): hostile testers' findings."""
+    done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
@@ -255,6 +280,55 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_error(lite0_package, 
     finally:
         os.close(write_end)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["kiln_cli", "inspect", "/nonexistent.pt2"],
+        ["kiln_cli", "--topk", "3", "label", "x", "--out", "r.csv"],
+        ["kiln_cli", "nosuch"],
+        ["compile", "inspect", "/nonexistent.pt2"],
+        ["producer", "status", "somejob"],
+    ],
+)
+def test_a_failing_command_keeps_its_status_when_its_messages_find_no_reader(args):
+    """`kiln inspect x.pt2 2>&1 | true`: the error line cannot be written, and the command still
+    fails (it ended with status 0: a hostile tester's finding)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", *args], env=python_env(KILN_REDIS_URL="redis://127.0.0.1:1/0"),
+            stdout=write_end, stderr=write_end, timeout=300,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 2
+
+
+@pytest.mark.parametrize("module", ["kiln_cli", "compile"])
+def test_ctrl_c_once_the_output_is_written_changes_nothing(module):
+    """A Ctrl-C while Python unloads torch after `kiln models` printed its list (about a second)
+    killed it by the signal, status 130 in a shell and no message (a hostile tester's finding):
+    the command is done, status 0."""
+    import signal
+
+    from compile.models import DEFAULT_MODEL, torchvision_classifiers
+
+    expected = [DEFAULT_MODEL, *torchvision_classifiers()]
+    listing = subprocess.Popen([sys.executable, "-m", module, "models"], env=python_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines = [listing.stdout.readline().strip() for _ in expected]  # all of it: the command is done
+        listing.send_signal(signal.SIGINT)
+        _, err = listing.communicate(timeout=120)
+    finally:
+        listing.kill()
+    assert lines == expected
+    assert listing.returncode == 0 and "Traceback" not in err, err
 
 
 def test_kiln_alone_prints_its_usage_as_an_error():

@@ -11,8 +11,11 @@ import io
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
+from typing import TextIO
 
 
 def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -64,17 +67,50 @@ def program(module: str, under_kiln: str = "kiln") -> str:
 def run_main(main: Callable[[], int]) -> int:
     """`main()`'s exit status, its output flushed before it returns. A reader of stdout gone early
     (`kiln models | head -n 0`) is not an error of the command's: status 0, and no traceback or
-    "Exception ignored" line with status 120 when Python flushes stdout at exit (hostile testers'
-    findings). Python's documented recipe (library/signal, "Note on SIGPIPE"): stdout is pointed
-    at nothing, so that the flush at exit has nowhere to fail."""
+    "Exception ignored" line with status 120 when Python flushes stdout at exit. A reader of
+    stderr gone early costs the messages only: a failing command keeps its status (hostile
+    testers' findings). A gone reader's stream is pointed at nothing, so that the flush at exit
+    has nowhere to fail (Python's documented recipe: library/signal, "Note on SIGPIPE"). Once
+    `main` has returned, a Ctrl-C has nothing left to stop: it is ignored while Python exits
+    (unloading torch takes a second, and Python's own Ctrl-C handler is gone by then)."""
+    sys.stderr = _LosesMessagesOnly(sys.stderr)
     try:
         try:
             return main()
         finally:  # argparse's help exits too: flushed here, where a reader gone is caught below
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # before the output can be seen whole
             sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _point_at_nothing(sys.stdout)
         return 0
+
+
+class _LosesMessagesOnly:
+    """A text stream whose writes to a reader gone away go nowhere instead of raising."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            _point_at_nothing(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            _point_at_nothing(self._stream)
+
+    def __getattr__(self, name: str) -> object:  # fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
+def _point_at_nothing(stream: TextIO) -> None:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -98,6 +134,9 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) 
     if moved is not None:
         command_parser = parse_command_line(parser, moved).command_parser  # exits on the line's own errors
         command_parser.error(f"options go after the command: {command_parser.prog} {shlex.join(moved[1:])}")
+    if argv and argv[0].startswith("-") and not set(argv) & set(commands) and trial_parse(parser, argv) != "help":
+        # argparse would name the option's value as an unknown command (`--topk 3 lable`: '3')
+        parser.error(f"the command comes first, its options after it; the commands: {', '.join(commands)}")
     args, extra = parser.parse_known_args(argv)
     if extra:
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -119,11 +158,12 @@ def options_moved_after_command(
     `label --topk 3 x`), or None where `argv` does not start with an option or names no command.
 
     An option's value may name a command too (`--job status label x`, `--out build label x`:
-    hostile testers' findings), so the command is the first word in `commands` whose line
-    `accepted` takes and that is not the value of the option before it (`takes_value(command,
-    option)`: a flag such as `--no-progress` takes none), else the first whose line is taken;
-    where no line is taken, the first such word, whose parser then says what is wrong. `--`
-    starts nothing: after it every word is an argument."""
+    hostile testers' findings), so the command is the first word in `commands` that is not the
+    value of the option before it (`takes_value(command, option)`: a flag such as
+    `--no-progress` takes none) and whose line `accepted` takes; else the first that is not such
+    a value, whose parser then says what is wrong with its line (`--ou build label x`: `--ou` is
+    ambiguous under `label`); else the first whose line is taken, else the first. `--` starts
+    nothing: after it every word is an argument."""
     if not argv or not argv[0].startswith("-") or argv[0] == "--":
         return None
     words = argv[: argv.index("--")] if "--" in argv else argv
@@ -132,8 +172,8 @@ def options_moved_after_command(
         return None
     lines = {i: [argv[i], *argv[:i], *argv[i + 1 :]] for i in found}
     taken = [i for i in found if accepted(lines[i])]
-    not_a_value = [i for i in taken if not (argv[i - 1].startswith("-") and takes_value(argv[i], argv[i - 1]))]
-    return lines[(not_a_value or taken or found)[0]]
+    not_a_value = [i for i in found if not (argv[i - 1].startswith("-") and takes_value(argv[i], argv[i - 1]))]
+    return lines[([i for i in not_a_value if i in taken] or not_a_value or taken or found)[0]]
 
 
 def option_takes_value(parser: argparse.ArgumentParser, option: str) -> bool:
