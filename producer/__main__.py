@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -30,7 +29,7 @@ from producer.faults import describe
 from producer.progress import JobProgress
 from producer.settings import ProducerSettings, default_model_path
 from producer.sources import Expansion, SourceError, inputs_job_id, iter_items, local_roots, object_roots, one_line
-from worker.argtypes import at_least, parse_command_line, program, run_main, seconds
+from worker.argtypes import at_least, parse_command_line, point_at_nothing, program, run_main, seconds
 from worker.contract import Record
 from worker.manifest import PackageError, read_manifest
 from worker.settings import EnvFileError, mask_url, setting_variables, settings_error, unknown_variables
@@ -194,7 +193,7 @@ def _out(text: str) -> None:
     try:
         print(text, flush=True)
     except BrokenPipeError:  # and no second error when Python flushes stdout at exit
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        point_at_nothing(sys.stdout)
 
 
 def print_table(records: list[Record], topk: int = 5) -> None:

@@ -82,7 +82,7 @@ def run_main(main: Callable[[], int]) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # before the output can be seen whole
             sys.stdout.flush()
     except BrokenPipeError:
-        _point_at_nothing(sys.stdout)
+        point_at_nothing(sys.stdout)
         return 0
 
 
@@ -96,20 +96,22 @@ class _LosesMessagesOnly:
         try:
             return self._stream.write(text)
         except BrokenPipeError:
-            _point_at_nothing(self._stream)
+            point_at_nothing(self._stream)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except BrokenPipeError:
-            _point_at_nothing(self._stream)
+            point_at_nothing(self._stream)
 
     def __getattr__(self, name: str) -> object:  # fileno, isatty, encoding, ...
         return getattr(self._stream, name)
 
 
-def _point_at_nothing(stream: TextIO) -> None:
+def point_at_nothing(stream: TextIO) -> None:
+    """Point `stream`'s file descriptor at /dev/null: after its reader went away, what is left to
+    write (Python's flush at exit included) goes nowhere instead of failing."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
